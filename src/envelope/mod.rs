@@ -1,0 +1,282 @@
+//! The ciphertext format: seal and open, with a per-message key.
+//!
+//! Pure functions: no I/O, no async, no knowledge of where keys come from.
+//! docs/FORMAT.md is the specification; this module is one implementation of
+//! it and tests/reference/ holds another.
+//!
+//! ```text
+//! offset  size  field
+//! 0       1     format version          0x01
+//! 1       1     algorithm suite         0x01 = AES-256-GCM, per-message key by
+//!                                              SP 800-108 counter-mode KDF with AES-256-CMAC
+//! 2       1     key reference kind      0x01 = tenant key, 0x02 = subject key
+//! 3       4     tenant key version      (kind 0x01), u32 big-endian
+//!   or    16+4  subject key id, subject key version (kind 0x02)
+//! ..      16    salt                    random; input to the KDF
+//! ..      12    nonce                   random; AES-GCM nonce
+//! ..      n     ciphertext
+//! ..      16    tag
+//! ```
+//!
+//! The header is everything before the ciphertext. The associated data is the
+//! header, then the tenant id and the caller's context, encoded canonically
+//! (see [`associated_data`]), so a ciphertext moved to another tenant, field or
+//! record fails to authenticate.
+
+mod kdf;
+
+use std::collections::BTreeMap;
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit, Nonce, Tag,
+    aead::{AeadInPlace, generic_array::GenericArray},
+};
+use thiserror::Error;
+
+pub use kdf::MessageKeyDeriver;
+
+/// The caller's context map. A `BTreeMap` iterates in byte order of the keys,
+/// which is the canonical order of the associated-data encoding.
+pub type Context = BTreeMap<String, String>;
+
+/// Format version byte of this layout.
+pub const FORMAT_V1: u8 = 0x01;
+/// AES-256-GCM with a per-message key from SP 800-108 counter mode, AES-256-CMAC.
+pub const SUITE_AES256GCM_CMAC_KDF: u8 = 0x01;
+const KIND_TENANT: u8 = 0x01;
+const KIND_SUBJECT: u8 = 0x02;
+
+/// Bytes of random salt per message (the KDF's context input).
+pub const SALT_LEN: usize = 16;
+/// Bytes of the AES-GCM nonce.
+pub const NONCE_LEN: usize = 12;
+/// Bytes of the AES-GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes of a subject key id.
+pub const SUBJECT_KEY_ID_LEN: usize = 16;
+/// Overhead of a tenant-key ciphertext over its plaintext.
+pub const TENANT_OVERHEAD: usize = 3 + 4 + SALT_LEN + NONCE_LEN + TAG_LEN;
+/// Overhead of a subject-key ciphertext over its plaintext.
+pub const SUBJECT_OVERHEAD: usize = 3 + SUBJECT_KEY_ID_LEN + 4 + SALT_LEN + NONCE_LEN + TAG_LEN;
+
+/// Which key a ciphertext was sealed under. Never a tenant id or subject id:
+/// a subject key id is a keyed hash that only the tenant's index key can make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    /// A version of the tenant key.
+    Tenant { version: u32 },
+    /// A data subject's key.
+    Subject {
+        id: [u8; SUBJECT_KEY_ID_LEN],
+        version: u32,
+    },
+}
+
+/// A ciphertext that fails to parse or to authenticate, for any reason. It
+/// carries nothing, so every such failure reads the same to the caller.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+#[error("ciphertext does not authenticate")]
+pub struct Undecryptable;
+
+/// Sealing failed before any ciphertext existed.
+#[derive(Debug, Error)]
+pub enum SealError {
+    /// The operating system's random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+    /// The plaintext is longer than AES-GCM can seal in one message.
+    #[error("plaintext too long for one message")]
+    TooLong,
+}
+
+/// The parsed, not yet authenticated, parts of a ciphertext.
+#[derive(Clone, Copy)]
+pub struct Parsed<'a> {
+    /// The key the ciphertext claims to be sealed under.
+    pub key_ref: KeyRef,
+    header: &'a [u8],
+    body: &'a [u8],
+    tag: &'a [u8],
+}
+
+impl std::fmt::Debug for Parsed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parsed")
+            .field("key_ref", &self.key_ref)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seals `plaintext` for `tenant` and `context` under the key `deriver`
+/// stands for, which `key_ref` names. Salt and nonce come from the OS CSPRNG.
+pub fn seal(
+    deriver: &MessageKeyDeriver,
+    key_ref: KeyRef,
+    tenant: &str,
+    context: &Context,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let mut random = [0u8; SALT_LEN + NONCE_LEN];
+    getrandom::fill(&mut random).map_err(|_| SealError::Random)?;
+    let (salt, nonce) = random.split_at(SALT_LEN);
+    seal_with(
+        deriver,
+        key_ref,
+        tenant,
+        context,
+        plaintext,
+        salt.try_into().expect("split at SALT_LEN"),
+        nonce.try_into().expect("rest is NONCE_LEN"),
+    )
+}
+
+/// [`seal`] with a given salt and nonce: for test vectors only. Reusing a
+/// salt and nonce pair under one key breaks AES-GCM; production code calls
+/// [`seal`].
+pub fn seal_with(
+    deriver: &MessageKeyDeriver,
+    key_ref: KeyRef,
+    tenant: &str,
+    context: &Context,
+    plaintext: &[u8],
+    salt: &[u8; SALT_LEN],
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, SealError> {
+    let overhead = match key_ref {
+        KeyRef::Tenant { .. } => TENANT_OVERHEAD,
+        KeyRef::Subject { .. } => SUBJECT_OVERHEAD,
+    };
+    let mut out = Vec::with_capacity(overhead + plaintext.len());
+    out.extend_from_slice(&[FORMAT_V1, SUITE_AES256GCM_CMAC_KDF]);
+    match key_ref {
+        KeyRef::Tenant { version } => {
+            out.push(KIND_TENANT);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+        KeyRef::Subject { id, version } => {
+            out.push(KIND_SUBJECT);
+            out.extend_from_slice(&id);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(salt);
+    out.extend_from_slice(nonce);
+    let header_len = out.len();
+    let aad = associated_data(&out, tenant, context);
+    out.extend_from_slice(plaintext);
+
+    let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut out[header_len..])
+        .map_err(|_| SealError::TooLong)?;
+    out.extend_from_slice(&tag);
+    Ok(out)
+}
+
+/// Reads the header of a ciphertext, to learn which key it needs. Nothing is
+/// authenticated yet: a caller must not act on the key reference beyond
+/// looking the key up.
+pub fn parse(ciphertext: &[u8]) -> Result<Parsed<'_>, Undecryptable> {
+    let [version, suite, kind, rest @ ..] = ciphertext else {
+        return Err(Undecryptable);
+    };
+    if *version != FORMAT_V1 || *suite != SUITE_AES256GCM_CMAC_KDF {
+        return Err(Undecryptable);
+    }
+    let (key_ref, rest) = match *kind {
+        KIND_TENANT => {
+            let (version, rest) = split_u32(rest)?;
+            (KeyRef::Tenant { version }, rest)
+        }
+        KIND_SUBJECT => {
+            let (id, rest) = rest
+                .split_first_chunk::<SUBJECT_KEY_ID_LEN>()
+                .ok_or(Undecryptable)?;
+            let (version, rest) = split_u32(rest)?;
+            (KeyRef::Subject { id: *id, version }, rest)
+        }
+        _ => return Err(Undecryptable),
+    };
+    if rest.len() < SALT_LEN + NONCE_LEN + TAG_LEN {
+        return Err(Undecryptable);
+    }
+    let header_len = ciphertext.len() - rest.len() + SALT_LEN + NONCE_LEN;
+    let (header, sealed) = ciphertext.split_at(header_len);
+    let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+    Ok(Parsed {
+        key_ref,
+        header,
+        body,
+        tag,
+    })
+}
+
+/// Authenticates and decrypts a parsed ciphertext with the key its
+/// [`Parsed::key_ref`] names.
+pub fn open(
+    deriver: &MessageKeyDeriver,
+    parsed: &Parsed<'_>,
+    tenant: &str,
+    context: &Context,
+) -> Result<Vec<u8>, Undecryptable> {
+    let salt_at = parsed.header.len() - SALT_LEN - NONCE_LEN;
+    let salt: &[u8; SALT_LEN] = parsed.header[salt_at..salt_at + SALT_LEN]
+        .try_into()
+        .expect("header ends with salt and nonce");
+    let nonce = &parsed.header[salt_at + SALT_LEN..];
+    let aad = associated_data(parsed.header, tenant, context);
+    let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
+    let mut plaintext = parsed.body.to_vec();
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(nonce),
+            &aad,
+            &mut plaintext,
+            Tag::from_slice(parsed.tag),
+        )
+        .map_err(|_| Undecryptable)?;
+    Ok(plaintext)
+}
+
+/// The associated data: `header || enc(tenant) || u32(count) || enc(k1) ||
+/// enc(v1) || ...` with the context's entries in byte order of their keys and
+/// `enc(s) = u32 big-endian byte length || bytes`. Lengths make the encoding
+/// injective: no two (tenant, context) pairs encode alike.
+pub fn associated_data(header: &[u8], tenant: &str, context: &Context) -> Vec<u8> {
+    let len = header.len()
+        + 8
+        + tenant.len()
+        + context
+            .iter()
+            .map(|(k, v)| 8 + k.len() + v.len())
+            .sum::<usize>();
+    let mut aad = Vec::with_capacity(len);
+    aad.extend_from_slice(header);
+    push_str(&mut aad, tenant);
+    aad.extend_from_slice(&length(context.len()));
+    for (key, value) in context {
+        push_str(&mut aad, key);
+        push_str(&mut aad, value);
+    }
+    aad
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&length(s.len()));
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Lengths are bounded far below 4 GiB by the request limits; a longer one
+/// would be a bug, so it saturates rather than wrapping into a collision.
+fn length(n: usize) -> [u8; 4] {
+    u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+fn split_u32(bytes: &[u8]) -> Result<(u32, &[u8]), Undecryptable> {
+    let (head, rest) = bytes.split_first_chunk::<4>().ok_or(Undecryptable)?;
+    Ok((u32::from_be_bytes(*head), rest))
+}
+
+#[cfg(test)]
+mod tests;

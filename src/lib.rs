@@ -1,0 +1,8 @@
+//! keywarden: per-tenant envelope encryption with crypto-shredding, as a
+//! sidecar. See DESIGN.md's components: `envelope` (the format), `keys` (the
+//! hierarchy and its cache), `kms` (the root key), `store` (wrapped keys and
+//! tombstones), `api` (gRPC), plus `config`, `server` and `cli` to run it.
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod secret;

@@ -1,0 +1,68 @@
+//! Secret key material.
+//!
+//! Every 256-bit key keywarden holds in memory (an unwrapped tenant key, a
+//! subject key, a subject-index key, the local root key) is a [`Key256`]. It
+//! zeroizes its bytes when dropped, cannot be cloned, compared, serialized or
+//! printed: its `Debug` is `Key256([REDACTED])`. The only way to the bytes is
+//! [`Key256::expose`], which a reviewer can grep for.
+
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
+use std::fmt;
+
+/// Length in bytes of every key in the hierarchy.
+pub const KEY_LEN: usize = 32;
+
+/// A 256-bit secret key that zeroizes on drop and never prints.
+pub struct Key256(SecretBox<[u8; KEY_LEN]>);
+
+impl Key256 {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut key = Self(SecretBox::new(Box::new([0u8; KEY_LEN])));
+        getrandom::fill(key.0.expose_secret_mut())?;
+        Ok(key)
+    }
+
+    /// Copies a key out of a slice that must be exactly 32 bytes long. The
+    /// caller remains responsible for zeroizing its own copy.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let array: &[u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(Self(SecretBox::new(Box::new(*array))))
+    }
+
+    /// The key bytes. Call only to hand them to a cipher.
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Key256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key256([REDACTED])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_key_bytes() {
+        let key = Key256::from_slice(&[0xAB; KEY_LEN]).unwrap();
+        let printed = format!("{key:?} {key:#?}");
+        assert_eq!(printed, "Key256([REDACTED]) Key256([REDACTED])");
+    }
+
+    #[test]
+    fn from_slice_refuses_wrong_lengths() {
+        assert!(Key256::from_slice(&[0u8; 31]).is_none());
+        assert!(Key256::from_slice(&[0u8; 33]).is_none());
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        let a = Key256::generate().unwrap();
+        let b = Key256::generate().unwrap();
+        assert_ne!(a.expose(), b.expose());
+    }
+}
