@@ -2,15 +2,23 @@
 //! keywarden needs no system `protoc`. The descriptor set is kept for gRPC
 //! server reflection.
 
-use std::{env, path::PathBuf};
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/keywarden/v1/keywarden.proto";
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out.join("keywarden_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("keywarden_descriptor.bin"))
+        // Context maps as BTreeMap: iterated in byte order of the keys, the
+        // canonical order the envelope binds them in.
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

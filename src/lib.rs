@@ -4,5 +4,15 @@
 //! tombstones), `api` (gRPC), plus `config`, `server` and `cli` to run it.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
 pub mod envelope;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod kms;
 pub mod secret;
+pub mod server;
+pub mod store;

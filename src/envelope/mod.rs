@@ -24,6 +24,7 @@
 //! record fails to authenticate.
 
 mod kdf;
+pub mod text;
 
 use std::collections::BTreeMap;
 
@@ -134,6 +135,7 @@ pub fn seal(
 /// [`seal`] with a given salt and nonce: for test vectors only. Reusing a
 /// salt and nonce pair under one key breaks AES-GCM; production code calls
 /// [`seal`].
+#[doc(hidden)]
 pub fn seal_with(
     deriver: &MessageKeyDeriver,
     key_ref: KeyRef,
@@ -163,7 +165,7 @@ pub fn seal_with(
     out.extend_from_slice(salt);
     out.extend_from_slice(nonce);
     let header_len = out.len();
-    let aad = associated_data(&out, tenant, context);
+    let aad = associated_data(&out, tenant, context).ok_or(SealError::TooLong)?;
     out.extend_from_slice(plaintext);
 
     let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
@@ -225,7 +227,7 @@ pub fn open(
         .try_into()
         .expect("header ends with salt and nonce");
     let nonce = &parsed.header[salt_at + SALT_LEN..];
-    let aad = associated_data(parsed.header, tenant, context);
+    let aad = associated_data(parsed.header, tenant, context).ok_or(Undecryptable)?;
     let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
     let mut plaintext = parsed.body.to_vec();
     cipher
@@ -242,8 +244,10 @@ pub fn open(
 /// The associated data: `header || enc(tenant) || u32(count) || enc(k1) ||
 /// enc(v1) || ...` with the context's entries in byte order of their keys and
 /// `enc(s) = u32 big-endian byte length || bytes`. Lengths make the encoding
-/// injective: no two (tenant, context) pairs encode alike.
-pub fn associated_data(header: &[u8], tenant: &str, context: &Context) -> Vec<u8> {
+/// injective: no two (tenant, context) pairs encode alike. `None` when a
+/// length does not fit in 32 bits (far beyond any request limit), rather than
+/// an encoding that could collide.
+pub fn associated_data(header: &[u8], tenant: &str, context: &Context) -> Option<Vec<u8>> {
     let len = header.len()
         + 8
         + tenant.len()
@@ -253,24 +257,23 @@ pub fn associated_data(header: &[u8], tenant: &str, context: &Context) -> Vec<u8
             .sum::<usize>();
     let mut aad = Vec::with_capacity(len);
     aad.extend_from_slice(header);
-    push_str(&mut aad, tenant);
-    aad.extend_from_slice(&length(context.len()));
+    push_str(&mut aad, tenant)?;
+    aad.extend_from_slice(&length(context.len())?);
     for (key, value) in context {
-        push_str(&mut aad, key);
-        push_str(&mut aad, value);
+        push_str(&mut aad, key)?;
+        push_str(&mut aad, value)?;
     }
-    aad
+    Some(aad)
 }
 
-fn push_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&length(s.len()));
+fn push_str(out: &mut Vec<u8>, s: &str) -> Option<()> {
+    out.extend_from_slice(&length(s.len())?);
     out.extend_from_slice(s.as_bytes());
+    Some(())
 }
 
-/// Lengths are bounded far below 4 GiB by the request limits; a longer one
-/// would be a bug, so it saturates rather than wrapping into a collision.
-fn length(n: usize) -> [u8; 4] {
-    u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes()
+fn length(n: usize) -> Option<[u8; 4]> {
+    u32::try_from(n).ok().map(u32::to_be_bytes)
 }
 
 fn split_u32(bytes: &[u8]) -> Result<(u32, &[u8]), Undecryptable> {

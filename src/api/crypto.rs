@@ -1,0 +1,164 @@
+//! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap.
+
+use tonic::{Request, Response, Status};
+
+use super::{Shared, check_context, pb, status};
+use crate::{
+    envelope::Context,
+    error::Error,
+    ids::{SubjectId, TenantId},
+    keys::{ActiveTenant, Opened, Sealed},
+};
+
+pub struct CryptoService {
+    shared: Shared,
+}
+
+impl CryptoService {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+
+    async fn encrypt_one(
+        &self,
+        tenant: &ActiveTenant,
+        subject_id: &str,
+        context: &Context,
+        plaintext: &[u8],
+    ) -> Result<Sealed, Error> {
+        let subject = match subject_id {
+            "" => None,
+            raw => Some(SubjectId::parse("subject_id", raw)?),
+        };
+        check_context(context)?;
+        self.shared.check_plaintext("plaintext", plaintext)?;
+        self.shared
+            .keys
+            .encrypt(tenant, subject.as_ref(), context, plaintext)
+            .await
+    }
+
+    async fn decrypt_one(
+        &self,
+        tenant: &ActiveTenant,
+        context: &Context,
+        ciphertext: &[u8],
+    ) -> Result<Opened, Error> {
+        check_context(context)?;
+        self.shared.keys.decrypt(tenant, context, ciphertext).await
+    }
+
+    async fn tenant(&self, raw: &str) -> Result<ActiveTenant, Error> {
+        let id = TenantId::parse("tenant_id", raw)?;
+        self.shared.keys.active_tenant(&id).await
+    }
+}
+
+fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
+    pb::EncryptResponse {
+        ciphertext: sealed.ciphertext,
+        key_version: sealed.key_version,
+    }
+}
+
+fn decrypted(opened: Opened) -> pb::DecryptResponse {
+    pb::DecryptResponse {
+        plaintext: opened.plaintext.to_vec(),
+        key_version: opened.key_version,
+    }
+}
+
+fn item_error(error: Error) -> pb::ItemError {
+    pb::ItemError {
+        code: status::code(&error) as i32,
+        message: error.to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::crypto_server::Crypto for CryptoService {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = self.tenant(&r.tenant_id).await?;
+        let sealed = self
+            .encrypt_one(&tenant, &r.subject_id, &r.context, &r.plaintext)
+            .await?;
+        Ok(Response::new(encrypted(sealed)))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = self.tenant(&r.tenant_id).await?;
+        let opened = self.decrypt_one(&tenant, &r.context, &r.ciphertext).await?;
+        Ok(Response::new(decrypted(opened)))
+    }
+
+    async fn encrypt_batch(
+        &self,
+        request: Request<pb::EncryptBatchRequest>,
+    ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = self.tenant(&r.tenant_id).await?;
+        self.shared.check_batch(r.items.len())?;
+        let mut results = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let outcome = self
+                .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
+                .await;
+            results.push(pb::EncryptResult {
+                result: Some(match outcome {
+                    Ok(sealed) => pb::encrypt_result::Result::Ok(encrypted(sealed)),
+                    Err(e) => pb::encrypt_result::Result::Error(item_error(e)),
+                }),
+            });
+        }
+        Ok(Response::new(pb::EncryptBatchResponse { results }))
+    }
+
+    async fn decrypt_batch(
+        &self,
+        request: Request<pb::DecryptBatchRequest>,
+    ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = self.tenant(&r.tenant_id).await?;
+        self.shared.check_batch(r.items.len())?;
+        let mut results = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let outcome = self
+                .decrypt_one(&tenant, &item.context, &item.ciphertext)
+                .await;
+            results.push(pb::DecryptResult {
+                result: Some(match outcome {
+                    Ok(opened) => pb::decrypt_result::Result::Ok(decrypted(opened)),
+                    Err(e) => pb::decrypt_result::Result::Error(item_error(e)),
+                }),
+            });
+        }
+        Ok(Response::new(pb::DecryptBatchResponse { results }))
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = self.tenant(&r.tenant_id).await?;
+        check_context(&r.context)?;
+        let rewrapped = self
+            .shared
+            .keys
+            .rewrap(&tenant, &r.context, &r.ciphertext)
+            .await?;
+        Ok(Response::new(pb::RewrapResponse {
+            ciphertext: rewrapped.ciphertext,
+            key_version: rewrapped.key_version,
+            previous_key_version: rewrapped.previous_key_version,
+        }))
+    }
+}

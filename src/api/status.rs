@@ -1,0 +1,49 @@
+//! The one mapping from [`Error`] to gRPC status codes. Exhaustive, no
+//! wildcard: a new error variant does not compile until it has a code.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+pub fn code(error: &Error) -> Code {
+    match error {
+        Error::InvalidArgument { .. } | Error::Undecryptable => Code::InvalidArgument,
+        Error::TenantNotFound(_) => Code::NotFound,
+        Error::TenantExists(_) => Code::AlreadyExists,
+        Error::TenantShredded { .. }
+        | Error::SubjectShredded { .. }
+        | Error::KeyVersionGone { .. } => Code::FailedPrecondition,
+        Error::Aborted(_) => Code::Aborted,
+        Error::Unavailable(_) => Code::Unavailable,
+        Error::Internal => Code::Internal,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        Status::new(code(&error), error.to_string())
+    }
+}
+
+/// The canonical upper-case name of a code, as the CLI prints it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,391 @@
+//! The command line: `keywarden serve` runs the sidecar; every other command
+//! is a client of a running sidecar, for people trying things and operators.
+//!
+//! On failure a client command exits 1 and prints the gRPC code's canonical
+//! name and the message on stderr, e.g. `FAILED_PRECONDITION: tenant acme was
+//! shredded at ...`. Usage errors exit 2.
+
+use std::{
+    io::{IsTerminal, Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+use tonic::{Code, Status};
+
+use crate::{
+    api::{pb, status::code_name},
+    client,
+    config::{Config, DEFAULT_LISTEN, ListenAddr},
+    envelope::{Context, text},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "keywarden",
+    version,
+    about = "Per-tenant envelope encryption sidecar with crypto-shredding"
+)]
+pub struct Cli {
+    /// The sidecar to talk to: host:port or unix:/path (client commands).
+    #[arg(long, global = true, env = "KEYWARDEN_ADDR", default_value = DEFAULT_LISTEN)]
+    addr: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (with no options: the embedded default).
+    Serve(ServeArgs),
+    /// Create, inspect, rotate and shred tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Erase one data subject.
+    #[command(subcommand)]
+    Subject(SubjectCommand),
+    /// Encrypt TEXT (or standard input with '-') and print the ciphertext as
+    /// one line: kw1: and base64url.
+    Encrypt(EncryptArgs),
+    /// Decrypt a kw1: ciphertext (or standard input with '-') and print the
+    /// plaintext.
+    Decrypt(DecryptArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the root key and keystore live [default: ./keywarden-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// host:port or unix:/path; repeat for several [default: 127.0.0.1:7400].
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<ListenAddr>,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant with key version 1.
+    Create { id: String },
+    /// Show a tenant, its key versions and state.
+    Show { id: String },
+    /// List every tenant.
+    List {
+        /// Tenants fetched per request.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Add a key version and make it primary.
+    Rotate { id: String },
+    /// Destroy every key of a tenant. Irreversible.
+    Shred {
+        id: String,
+        /// The tenant id again, to confirm.
+        #[arg(long)]
+        confirm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubjectCommand {
+    /// Destroy one data subject's key. Irreversible.
+    Shred {
+        #[arg(long)]
+        tenant: String,
+        subject: String,
+    },
+}
+
+#[derive(Args)]
+struct EncryptArgs {
+    #[arg(long)]
+    tenant: String,
+    /// Encrypt under this data subject's key instead of the tenant key.
+    #[arg(long)]
+    subject: Option<String>,
+    /// key=value bound into the ciphertext; repeat for several.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    context: Vec<(String, String)>,
+    /// The plaintext, or '-' to read standard input.
+    #[arg(default_value = "-")]
+    text: String,
+}
+
+#[derive(Args)]
+struct DecryptArgs {
+    #[arg(long)]
+    tenant: String,
+    /// The same key=value pairs given to encrypt.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    context: Vec<(String, String)>,
+    /// The kw1: ciphertext, or '-' to read standard input.
+    #[arg(default_value = "-")]
+    ciphertext: String,
+}
+
+fn parse_pair(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        command => match runtime.block_on(client_command(&cli.addr, command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(status) => {
+                eprintln!("{}: {}", code_name(status.code()), status.message());
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match load_config(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("keywarden: {e}");
+            // EX_CONFIG from sysexits.h, as linkerd2-proxy does.
+            return ExitCode::from(78);
+        }
+    };
+    match crate::server::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("keywarden: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(args: ServeArgs) -> Result<Config, crate::config::ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config.apply_env(|name| std::env::var(name).ok())?;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
+    let channel = client::connect(addr)
+        .await
+        .map_err(|e| Status::unavailable(e))?;
+    match command {
+        Command::Serve(_) => unreachable!("handled before connecting"),
+        Command::Tenant(command) => tenant_command(client::admin(channel), command).await,
+        Command::Subject(SubjectCommand::Shred { tenant, subject }) => {
+            let r = client::admin(channel)
+                .shred_subject(pb::ShredSubjectRequest {
+                    tenant_id: tenant.clone(),
+                    subject_id: subject,
+                })
+                .await?
+                .into_inner();
+            let at = time(r.shredded_at);
+            if r.already_shredded {
+                println!("the subject was already shredded at {at} in tenant {tenant}");
+            } else if r.key_destroyed {
+                println!("shredded the subject's key in tenant {tenant} at {at}");
+            } else {
+                println!(
+                    "the subject had no key in tenant {tenant}; tombstoned at {at} so it never gets one"
+                );
+            }
+            Ok(())
+        }
+        Command::Encrypt(args) => {
+            let plaintext = input(&args.text)?;
+            let r = client::crypto(channel)
+                .encrypt(pb::EncryptRequest {
+                    tenant_id: args.tenant,
+                    subject_id: args.subject.unwrap_or_default(),
+                    context: context(args.context),
+                    plaintext,
+                })
+                .await?
+                .into_inner();
+            println!("{}", text::encode(&r.ciphertext));
+            Ok(())
+        }
+        Command::Decrypt(args) => {
+            let raw = input(&args.ciphertext)?;
+            let ciphertext = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|t| text::decode(t).ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "the ciphertext is not in the text form {}<base64url>",
+                        text::PREFIX
+                    ))
+                })?;
+            let r = client::crypto(channel)
+                .decrypt(pb::DecryptRequest {
+                    tenant_id: args.tenant,
+                    context: context(args.context),
+                    ciphertext,
+                })
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            let newline: &[u8] = if out.is_terminal() { b"\n" } else { b"" };
+            out.write_all(&r.plaintext)
+                .and_then(|()| out.write_all(newline))
+                .and_then(|()| out.flush())
+                .map_err(|e| Status::new(Code::Unknown, format!("cannot write the plaintext: {e}")))
+        }
+    }
+}
+
+async fn tenant_command(
+    mut admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    command: TenantCommand,
+) -> Result<(), Status> {
+    match command {
+        TenantCommand::Create { id } => {
+            let tenant = admin
+                .create_tenant(pb::CreateTenantRequest { tenant_id: id })
+                .await?;
+            print_tenant(&tenant.into_inner());
+        }
+        TenantCommand::Show { id } => {
+            let tenant = admin
+                .get_tenant(pb::GetTenantRequest { tenant_id: id })
+                .await?;
+            print_tenant(&tenant.into_inner());
+        }
+        TenantCommand::Rotate { id } => {
+            let tenant = admin
+                .rotate_tenant_key(pb::RotateTenantKeyRequest { tenant_id: id })
+                .await?;
+            print_tenant(&tenant.into_inner());
+        }
+        TenantCommand::List { page_size } => {
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_tenants(pb::ListTenantsRequest {
+                        page_size,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                for t in &page.tenants {
+                    match t.state() {
+                        pb::TenantState::Shredded => {
+                            println!("{}\tshredded\t{}", t.tenant_id, time(t.shredded_at))
+                        }
+                        _ => println!("{}\tactive\tv{}", t.tenant_id, t.primary_version),
+                    }
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+        }
+        TenantCommand::Shred { id, confirm } => {
+            let r = admin
+                .shred_tenant(pb::ShredTenantRequest {
+                    tenant_id: id,
+                    confirm,
+                })
+                .await?
+                .into_inner();
+            let at = time(r.shredded_at);
+            if r.already_shredded {
+                println!("tenant {} was already shredded at {at}", r.tenant_id);
+            } else {
+                println!(
+                    "shredded tenant {} at {at}: destroyed {} key version(s) and {} subject key(s)",
+                    r.tenant_id, r.destroyed_key_versions, r.destroyed_subject_keys
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_tenant(t: &pb::Tenant) {
+    println!("tenant:   {}", t.tenant_id);
+    match t.state() {
+        pb::TenantState::Shredded => {
+            println!("state:    shredded at {}", time(t.shredded_at));
+            println!("created:  {}", time(t.created_at));
+        }
+        _ => {
+            println!("state:    active");
+            println!("created:  {}", time(t.created_at));
+            println!("primary:  v{}", t.primary_version);
+            for v in &t.versions {
+                let role = if v.version == t.primary_version {
+                    "primary"
+                } else {
+                    "decrypt only"
+                };
+                println!(
+                    "  v{:<6} {:<13} created {}  root key {}",
+                    v.version,
+                    role,
+                    time(v.created_at),
+                    v.root_key_id
+                );
+            }
+        }
+    }
+}
+
+fn time(ts: Option<prost_types::Timestamp>) -> String {
+    let Some(ts) = ts else { return "-".into() };
+    let millis = ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000);
+    crate::store::UnixMillis(millis).to_string()
+}
+
+fn context(pairs: Vec<(String, String)>) -> Context {
+    pairs.into_iter().collect()
+}
+
+/// The argument itself, or standard input for '-'.
+fn input(arg: &str) -> Result<Vec<u8>, Status> {
+    if arg != "-" {
+        return Ok(arg.as_bytes().to_vec());
+    }
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut buf)
+        .map_err(|e| Status::invalid_argument(format!("cannot read standard input: {e}")))?;
+    Ok(buf)
+}

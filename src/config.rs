@@ -1,0 +1,374 @@
+//! Configuration: built-in defaults, then a TOML file (`--config`), then
+//! `KEYWARDEN_*` environment variables, then command-line flags; each later
+//! source overrides the earlier. An invalid value stops the start with a
+//! message naming the setting (and never echoing a secret value).
+//!
+//! ```toml
+//! data_dir = "./keywarden-data"
+//! listen = ["127.0.0.1:7400", "unix:/run/keywarden/keywarden.sock"]
+//!
+//! [limits]
+//! max_plaintext_bytes = 4194304   # per item
+//! max_batch_items = 10000
+//! max_request_bytes = 16777216    # a whole gRPC message, batches included
+//!
+//! [cache]
+//! ttl_seconds = 300               # an unwrapped key is re-fetched this often
+//! tti_seconds = 60                # and dropped after this long unused
+//! max_keys = 100000
+//! ```
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::keys::cache::CacheLimits;
+
+pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+
+#[derive(Debug, Error)]
+#[error("invalid configuration: {setting}: {reason}")]
+pub struct ConfigError {
+    /// The setting's name as the user wrote it (file key, variable or flag).
+    pub setting: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where the sidecar listens: TCP on loopback, or a unix socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    /// `host:port` (an IP address, or `localhost`) or `unix:/path`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/keywarden.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        let replaced = s
+            .strip_prefix("localhost:")
+            .map(|port| format!("127.0.0.1:{port}"));
+        SocketAddr::from_str(replaced.as_deref().unwrap_or(s))
+            .map(ListenAddr::Tcp)
+            .map_err(|_| {
+                format!("{s:?} is neither host:port (an IP address or localhost) nor unix:/path")
+            })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest plaintext of one Encrypt or batch item, in bytes.
+    pub max_plaintext_bytes: usize,
+    /// Most items in one EncryptBatch or DecryptBatch.
+    pub max_batch_items: usize,
+    /// Largest gRPC request message, in bytes (bounds a whole batch).
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_plaintext_bytes: 4 << 20,
+            max_batch_items: 10_000,
+            max_request_bytes: 16 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub ttl_seconds: u64,
+    pub tti_seconds: u64,
+    pub max_keys: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl_seconds: 300,
+            tti_seconds: 60,
+            max_keys: 100_000,
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn limits(&self) -> CacheLimits {
+        CacheLimits {
+            max_entries: self.max_keys,
+            time_to_live: Duration::from_secs(self.ttl_seconds),
+            time_to_idle: Duration::from_secs(self.tti_seconds),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Holds the root key file (local provider) and the SQLite keystore.
+    pub data_dir: PathBuf,
+    /// Listeners; at least one.
+    pub listen: Vec<ListenAddr>,
+    pub limits: Limits,
+    pub cache: CacheConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
+            limits: Limits::default(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            // toml's message quotes the offending line, which could hold a
+            // secret in later versions of this file; name the place only.
+            let setting = e
+                .span()
+                .map(|span| format!("{} (byte {})", path.display(), span.start))
+                .unwrap_or_else(|| path.display().to_string());
+            ConfigError::new(setting, e.message().to_owned())
+        })
+    }
+
+    /// Applies `KEYWARDEN_*` variables, read through `var` (the process
+    /// environment in production, a map in tests).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("KEYWARDEN_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("KEYWARDEN_LISTEN") {
+            self.listen = v
+                .split(',')
+                .map(|part| part.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|reason| ConfigError::new("KEYWARDEN_LISTEN", reason))?;
+        }
+        let number = |name: &str| -> Result<Option<u64>, ConfigError> {
+            var(name)
+                .map(|v| {
+                    v.trim()
+                        .parse::<u64>()
+                        .map_err(|_| ConfigError::new(name, "must be a whole number"))
+                })
+                .transpose()
+        };
+        let size = |name: &str| -> Result<Option<usize>, ConfigError> {
+            number(name)?
+                .map(|n| usize::try_from(n).map_err(|_| ConfigError::new(name, "is too large")))
+                .transpose()
+        };
+        if let Some(n) = size("KEYWARDEN_MAX_PLAINTEXT_BYTES")? {
+            self.limits.max_plaintext_bytes = n;
+        }
+        if let Some(n) = size("KEYWARDEN_MAX_BATCH_ITEMS")? {
+            self.limits.max_batch_items = n;
+        }
+        if let Some(n) = size("KEYWARDEN_MAX_REQUEST_BYTES")? {
+            self.limits.max_request_bytes = n;
+        }
+        if let Some(n) = number("KEYWARDEN_CACHE_TTL_SECONDS")? {
+            self.cache.ttl_seconds = n;
+        }
+        if let Some(n) = number("KEYWARDEN_CACHE_TTI_SECONDS")? {
+            self.cache.tti_seconds = n;
+        }
+        if let Some(n) = number("KEYWARDEN_CACHE_MAX_KEYS")? {
+            self.cache.max_keys = n;
+        }
+        Ok(())
+    }
+
+    /// Checks what no single field can check alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::new("listen", "at least one address is needed"));
+        }
+        for addr in &self.listen {
+            if let ListenAddr::Tcp(tcp) = addr {
+                if !is_loopback(tcp.ip()) {
+                    return Err(ConfigError::new(
+                        "listen",
+                        format!(
+                            "{tcp} is not a loopback address; a TCP listener beyond loopback needs TLS, \
+                             which this version does not offer yet: use a unix socket or 127.0.0.1"
+                        ),
+                    ));
+                }
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_batch_items == 0 {
+            return Err(ConfigError::new(
+                "limits.max_batch_items",
+                "must be at least 1",
+            ));
+        }
+        if limits.max_request_bytes < limits.max_plaintext_bytes + 64 * 1024 {
+            return Err(ConfigError::new(
+                "limits.max_request_bytes",
+                "must exceed limits.max_plaintext_bytes by at least 64 KiB, or the largest plaintext cannot arrive",
+            ));
+        }
+        if self.cache.ttl_seconds == 0 || self.cache.tti_seconds == 0 {
+            return Err(ConfigError::new(
+                "cache.ttl_seconds / cache.tti_seconds",
+                "must be at least 1 second",
+            ));
+        }
+        if self.cache.max_keys == 0 {
+            return Err(ConfigError::new("cache.max_keys", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_sidecar() {
+        let config = Config::default();
+        assert_eq!(config.data_dir, PathBuf::from("./keywarden-data"));
+        assert_eq!(
+            config.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:7400".parse().unwrap())]
+        );
+        assert_eq!(config.limits.max_plaintext_bytes, 4 * 1024 * 1024);
+        assert_eq!(config.limits.max_batch_items, 10_000);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "listen = [\"unix:/tmp/k.sock\"]\n[limits]\nmax_batch_items = 5\n[cache]\nttl_seconds = 10\n",
+        )
+        .unwrap();
+        let mut config = Config::from_file(&path).unwrap();
+        assert_eq!(config.listen, vec![ListenAddr::Unix("/tmp/k.sock".into())]);
+        assert_eq!(config.limits.max_batch_items, 5);
+        assert_eq!(config.cache.ttl_seconds, 10);
+        assert_eq!(config.cache.max_keys, 100_000);
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_LISTEN", "127.0.0.1:1, unix:/x.sock"),
+                ("KEYWARDEN_MAX_BATCH_ITEMS", "7"),
+            ]))
+            .unwrap();
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.limits.max_batch_items, 7);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let mut config = Config::default();
+        let err = config
+            .apply_env(env(&[("KEYWARDEN_CACHE_TTL_SECONDS", "five")]))
+            .unwrap_err();
+        assert_eq!(err.setting, "KEYWARDEN_CACHE_TTL_SECONDS");
+        let err = config
+            .apply_env(env(&[("KEYWARDEN_LISTEN", "nowhere")]))
+            .unwrap_err();
+        assert_eq!(err.setting, "KEYWARDEN_LISTEN");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "[limits]\nmax_batch_itemz = 5\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err();
+        assert!(err.reason.contains("max_batch_itemz"), "{err}");
+    }
+
+    #[test]
+    fn tcp_beyond_loopback_is_refused() {
+        let config = Config {
+            listen: vec!["0.0.0.0:7400".parse().unwrap()],
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.setting, "listen");
+        assert!(
+            err.reason
+                .contains("0.0.0.0:7400 is not a loopback address")
+        );
+        let ok = Config {
+            listen: vec![
+                "[::1]:7400".parse().unwrap(),
+                "localhost:7400".parse().unwrap(),
+            ],
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+    }
+}

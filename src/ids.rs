@@ -1,0 +1,135 @@
+//! Identifiers that cross the API, parsed once at the edge.
+//!
+//! A [`TenantId`] is public (it appears in logs and error messages). A
+//! [`SubjectId`] is personal data: it never prints, never reaches the
+//! keystore, and is turned into a [`SubjectKeyId`] (a keyed hash) at once.
+
+use std::{fmt, sync::Arc};
+
+use crate::error::Error;
+
+/// Longest tenant id, in bytes.
+pub const MAX_TENANT_ID_LEN: usize = 128;
+/// Longest subject id, in bytes.
+pub const MAX_SUBJECT_ID_LEN: usize = 256;
+
+/// A tenant id: 1 to 128 bytes of `[A-Za-z0-9._-]`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(Arc<str>);
+
+impl TenantId {
+    /// Parses a tenant id; the error names the field and the rule broken,
+    /// without echoing the input.
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, Error> {
+        if raw.is_empty() {
+            return Err(Error::invalid(field, "must not be empty"));
+        }
+        if raw.len() > MAX_TENANT_ID_LEN {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "is {} bytes; at most {MAX_TENANT_ID_LEN} are allowed",
+                    raw.len()
+                ),
+            ));
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(Error::invalid(
+                field,
+                "may contain only letters, digits, '.', '_' and '-'",
+            ));
+        }
+        Ok(Self(raw.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantId({:?})", &*self.0)
+    }
+}
+
+/// A data subject's id, as the caller gave it. Personal data: it prints as
+/// `SubjectId([REDACTED])` and is only ever hashed.
+pub struct SubjectId(String);
+
+impl SubjectId {
+    /// Parses a subject id: 1 to 256 bytes.
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, Error> {
+        if raw.is_empty() {
+            return Err(Error::invalid(field, "must not be empty"));
+        }
+        if raw.len() > MAX_SUBJECT_ID_LEN {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "is {} bytes; at most {MAX_SUBJECT_ID_LEN} are allowed",
+                    raw.len()
+                ),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The id's bytes, to be hashed.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for SubjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SubjectId([REDACTED])")
+    }
+}
+
+/// The 128-bit keyed hash that stands for a subject in the keystore and in
+/// ciphertexts (see `keys::subject_key_id`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SubjectKeyId(pub [u8; crate::envelope::SUBJECT_KEY_ID_LEN]);
+
+impl fmt::Debug for SubjectKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SubjectKeyId({})", hex::encode(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids_follow_the_rules() {
+        assert!(TenantId::parse("tenant_id", "acme-corp.eu_1").is_ok());
+        assert!(TenantId::parse("tenant_id", &"a".repeat(128)).is_ok());
+        for bad in ["", "has space", "slash/", "ümlaut", "semi;colon"] {
+            assert!(TenantId::parse("tenant_id", bad).is_err(), "{bad:?}");
+        }
+        let err = TenantId::parse("tenant_id", &"a".repeat(129)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tenant_id: is 129 bytes; at most 128 are allowed"
+        );
+    }
+
+    #[test]
+    fn subject_ids_never_print() {
+        let id = SubjectId::parse("subject_id", "alice@example.com").unwrap();
+        assert_eq!(format!("{id:?}"), "SubjectId([REDACTED])");
+        assert!(SubjectId::parse("subject_id", "").is_err());
+        assert!(SubjectId::parse("subject_id", &"x".repeat(257)).is_err());
+    }
+}

@@ -1,0 +1,652 @@
+//! The key hierarchy: the one place that knows how keys relate.
+//!
+//! ```text
+//! root key (kms)                      never leaves the provider
+//!  +- tenant key vN                   wrapped by the root key; seals the tenant's data
+//!  |   +- subject keys                wrapped by a tenant key version; one per data subject
+//!  +- subject-index key               wrapped by the root key; hashes subject ids into
+//!                                     subject key ids, so the keystore never holds an id
+//! ```
+//!
+//! [`KeyManager`] creates tenants, resolves the key for a request (cache
+//! first), rotates, and shreds tenants and subjects. Unwrapped keys live only
+//! in its caches, as `Arc`s that zeroize when the last reference drops.
+
+pub mod cache;
+
+use std::sync::Arc;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::{
+    envelope::{self, Context, KeyRef, MessageKeyDeriver},
+    error::{Dependency, Error, Result},
+    ids::{SubjectId, SubjectKeyId, TenantId},
+    kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
+    secret::Key256,
+    store::{
+        Keystore, NewTenant, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+        TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+    },
+};
+use cache::{CacheLimits, TtlCache};
+
+/// Subject keys have one version today; the format has room for more.
+pub const SUBJECT_KEY_VERSION: u32 = 1;
+/// HMAC input prefix for subject key ids: names purpose and version.
+const SUBJECT_ID_LABEL: &[u8] = b"keywarden.subject-key-id.v1\x00";
+/// How often a rotation that lost a race to another rotation is retried.
+const ROTATION_ATTEMPTS: usize = 5;
+
+/// A key that seals and opens envelopes: a tenant key version or a subject key.
+pub struct SealingKey {
+    deriver: MessageKeyDeriver,
+    /// The tenant key version: this one, or the one wrapping the subject key.
+    tenant_version: u32,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Slot {
+    TenantVersion(u32),
+    Subject(SubjectKeyId),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct SealingKeyId {
+    tenant: TenantId,
+    slot: Slot,
+}
+
+/// An active tenant, resolved once per request (or per batch).
+#[derive(Clone, Debug)]
+pub struct ActiveTenant {
+    pub id: TenantId,
+    pub primary_version: u32,
+    index_key: WrappedKey,
+}
+
+/// A tenant and its key versions, for the admin API.
+#[derive(Clone, Debug)]
+pub struct TenantInfo {
+    pub record: TenantRecord,
+    /// Oldest first; empty once shredded.
+    pub versions: Vec<TenantKeyRecord>,
+}
+
+#[derive(Debug)]
+pub struct Sealed {
+    pub ciphertext: Vec<u8>,
+    pub key_version: u32,
+}
+
+#[derive(Debug)]
+pub struct Opened {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub key_version: u32,
+}
+
+#[derive(Debug)]
+pub struct Rewrapped {
+    pub ciphertext: Vec<u8>,
+    pub key_version: u32,
+    pub previous_key_version: u32,
+}
+
+pub struct KeyManager {
+    root: Arc<dyn RootKeyProvider>,
+    store: Arc<dyn Keystore>,
+    /// Tenant states (primary version, wrapped index key, or tombstone).
+    tenants: TtlCache<TenantId, TenantState>,
+    /// Unwrapped tenant key versions and subject keys.
+    sealing: TtlCache<SealingKeyId, SealingKey>,
+    /// Unwrapped subject-index keys.
+    index: TtlCache<TenantId, Key256>,
+}
+
+impl KeyManager {
+    pub fn new(
+        root: Arc<dyn RootKeyProvider>,
+        store: Arc<dyn Keystore>,
+        limits: CacheLimits,
+    ) -> Self {
+        Self {
+            root,
+            store,
+            tenants: TtlCache::new(limits),
+            sealing: TtlCache::new(limits),
+            index: TtlCache::new(limits),
+        }
+    }
+
+    /// The root-key provider in use.
+    pub fn root(&self) -> &dyn RootKeyProvider {
+        &*self.root
+    }
+
+    // ---- tenants ---------------------------------------------------------
+
+    /// Creates a tenant: key version 1 and its subject-index key, both made
+    /// and wrapped by the root key. The new keys go straight into the cache.
+    pub async fn create_tenant(&self, id: &TenantId) -> Result<TenantInfo> {
+        let first = self
+            .root
+            .generate_data_key(WrapContext {
+                tenant: id,
+                purpose: Purpose::TenantKey { version: 1 },
+            })
+            .await
+            .map_err(|e| kms_error(id, e))?;
+        let index = self
+            .root
+            .generate_data_key(WrapContext {
+                tenant: id,
+                purpose: Purpose::SubjectIndex,
+            })
+            .await
+            .map_err(|e| kms_error(id, e))?;
+        self.store
+            .create_tenant(NewTenant {
+                id: id.clone(),
+                created_at: UnixMillis::now(),
+                first_key: first.wrapped,
+                index_key: index.wrapped,
+            })
+            .await?;
+        self.sealing
+            .insert(
+                SealingKeyId {
+                    tenant: id.clone(),
+                    slot: Slot::TenantVersion(1),
+                },
+                SealingKey {
+                    deriver: MessageKeyDeriver::new(&first.key),
+                    tenant_version: 1,
+                },
+            )
+            .await;
+        self.index.insert(id.clone(), index.key).await;
+        tracing::info!(tenant = %id, "tenant created");
+        self.tenant_info(id).await
+    }
+
+    /// The tenant and its key versions, read from the keystore (not cached).
+    pub async fn tenant_info(&self, id: &TenantId) -> Result<TenantInfo> {
+        let record = self
+            .store
+            .tenant(id)
+            .await?
+            .ok_or_else(|| Error::TenantNotFound(id.clone()))?;
+        let versions = match record.state {
+            TenantState::Active { .. } => self.store.tenant_keys(id).await?,
+            TenantState::Shredded { .. } => Vec::new(),
+        };
+        Ok(TenantInfo { record, versions })
+    }
+
+    /// A page of tenants in id order (without their versions).
+    pub async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<TenantRecord>> {
+        Ok(self.store.list_tenants(after, limit).await?)
+    }
+
+    /// Resolves a tenant for a data-plane call: it must exist and be active.
+    pub async fn active_tenant(&self, id: &TenantId) -> Result<ActiveTenant> {
+        let state = self
+            .tenants
+            .get_or_load(id, || async {
+                match self.store.tenant(id).await? {
+                    Some(record) => Ok(record.state),
+                    None => Err(Error::TenantNotFound(id.clone())),
+                }
+            })
+            .await?;
+        match &*state {
+            TenantState::Active {
+                primary_version,
+                index_key,
+            } => Ok(ActiveTenant {
+                id: id.clone(),
+                primary_version: *primary_version,
+                index_key: index_key.clone(),
+            }),
+            TenantState::Shredded { at } => Err(Error::TenantShredded {
+                tenant: id.clone(),
+                at: *at,
+            }),
+        }
+    }
+
+    /// Adds a tenant key version and makes it primary. Two rotations racing
+    /// make two consecutive versions, never one version twice.
+    pub async fn rotate(&self, id: &TenantId) -> Result<TenantInfo> {
+        for _ in 0..ROTATION_ATTEMPTS {
+            let record = self
+                .store
+                .tenant(id)
+                .await?
+                .ok_or_else(|| Error::TenantNotFound(id.clone()))?;
+            let primary = match record.state {
+                TenantState::Active {
+                    primary_version, ..
+                } => primary_version,
+                TenantState::Shredded { at } => {
+                    return Err(Error::TenantShredded {
+                        tenant: id.clone(),
+                        at,
+                    });
+                }
+            };
+            let version = primary + 1;
+            let generated = self
+                .root
+                .generate_data_key(WrapContext {
+                    tenant: id,
+                    purpose: Purpose::TenantKey { version },
+                })
+                .await
+                .map_err(|e| kms_error(id, e))?;
+            let added = self
+                .store
+                .add_tenant_key(
+                    id,
+                    primary,
+                    TenantKeyRecord {
+                        version,
+                        wrapped: generated.wrapped,
+                        created_at: UnixMillis::now(),
+                    },
+                )
+                .await;
+            match added {
+                Ok(()) => {
+                    self.tenants.invalidate(id).await;
+                    self.sealing
+                        .insert(
+                            SealingKeyId {
+                                tenant: id.clone(),
+                                slot: Slot::TenantVersion(version),
+                            },
+                            SealingKey {
+                                deriver: MessageKeyDeriver::new(&generated.key),
+                                tenant_version: version,
+                            },
+                        )
+                        .await;
+                    tracing::info!(tenant = %id, version, "tenant key rotated");
+                    return self.tenant_info(id).await;
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Aborted(id.clone()))
+    }
+
+    /// Destroys every key of the tenant, leaves a tombstone, and evicts the
+    /// tenant's keys from this sidecar's cache.
+    pub async fn shred_tenant(&self, id: &TenantId) -> Result<TenantShred> {
+        let result = self.store.shred_tenant(id, UnixMillis::now()).await;
+        // Evict even on error: the transaction may have committed before the
+        // error, and a cache miss costs only a reload.
+        self.evict_tenant(id).await;
+        let shred = result?;
+        if shred.already_shredded {
+            tracing::info!(tenant = %id, at = %shred.at, "tenant was already shredded");
+        } else {
+            tracing::info!(
+                tenant = %id,
+                versions = shred.destroyed_key_versions,
+                subject_keys = shred.destroyed_subject_keys,
+                "tenant shredded"
+            );
+        }
+        Ok(shred)
+    }
+
+    /// Destroys one data subject's key and leaves a tombstone.
+    pub async fn shred_subject(&self, id: &TenantId, subject: &SubjectId) -> Result<SubjectShred> {
+        let tenant = self.active_tenant(id).await?;
+        let subject_key_id = self.subject_key_id(&tenant, subject).await?;
+        let result = self
+            .store
+            .shred_subject(id, subject_key_id, UnixMillis::now())
+            .await;
+        self.sealing
+            .invalidate(&SealingKeyId {
+                tenant: id.clone(),
+                slot: Slot::Subject(subject_key_id),
+            })
+            .await;
+        let shred = result?;
+        tracing::info!(tenant = %id, key_destroyed = shred.key_destroyed, already = shred.already_shredded, "subject shredded");
+        Ok(shred)
+    }
+
+    async fn evict_tenant(&self, id: &TenantId) {
+        self.tenants.invalidate(id).await;
+        self.index.invalidate(id).await;
+        let tenant = id.clone();
+        self.sealing.invalidate_if(move |k| k.tenant == tenant);
+    }
+
+    // ---- data plane ------------------------------------------------------
+
+    /// Seals under the tenant's primary key, or the subject's key.
+    pub async fn encrypt(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+        context: &Context,
+        plaintext: &[u8],
+    ) -> Result<Sealed> {
+        let (key, key_ref) = match subject {
+            None => (
+                self.tenant_key(tenant, tenant.primary_version).await?,
+                KeyRef::Tenant {
+                    version: tenant.primary_version,
+                },
+            ),
+            Some(subject) => {
+                let id = self.subject_key_id(tenant, subject).await?;
+                (
+                    self.subject_key(tenant, id, true).await?,
+                    KeyRef::Subject {
+                        id: id.0,
+                        version: SUBJECT_KEY_VERSION,
+                    },
+                )
+            }
+        };
+        let ciphertext = envelope::seal(
+            &key.deriver,
+            key_ref,
+            tenant.id.as_str(),
+            context,
+            plaintext,
+        )
+        .map_err(Error::internal)?;
+        Ok(Sealed {
+            ciphertext,
+            key_version: key.tenant_version,
+        })
+    }
+
+    /// Opens a ciphertext. Every failure that tampering could cause is
+    /// [`Error::Undecryptable`].
+    pub async fn decrypt(
+        &self,
+        tenant: &ActiveTenant,
+        context: &Context,
+        ciphertext: &[u8],
+    ) -> Result<Opened> {
+        let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
+        let key = self.key_for(tenant, parsed.key_ref).await?;
+        let plaintext = envelope::open(&key.deriver, &parsed, tenant.id.as_str(), context)
+            .map_err(|_| Error::Undecryptable)?;
+        Ok(Opened {
+            plaintext: Zeroizing::new(plaintext),
+            key_version: key.tenant_version,
+        })
+    }
+
+    /// Re-seals a ciphertext with a fresh salt and nonce: a tenant-key
+    /// ciphertext under the primary version; a subject-key ciphertext under
+    /// its subject key (so shredding the subject still erases it).
+    pub async fn rewrap(
+        &self,
+        tenant: &ActiveTenant,
+        context: &Context,
+        ciphertext: &[u8],
+    ) -> Result<Rewrapped> {
+        let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
+        let old_key = self.key_for(tenant, parsed.key_ref).await?;
+        let plaintext = Zeroizing::new(
+            envelope::open(&old_key.deriver, &parsed, tenant.id.as_str(), context)
+                .map_err(|_| Error::Undecryptable)?,
+        );
+        let (new_key, new_ref) = match parsed.key_ref {
+            KeyRef::Tenant { .. } => (
+                self.tenant_key(tenant, tenant.primary_version).await?,
+                KeyRef::Tenant {
+                    version: tenant.primary_version,
+                },
+            ),
+            subject @ KeyRef::Subject { .. } => (old_key.clone(), subject),
+        };
+        let ciphertext = envelope::seal(
+            &new_key.deriver,
+            new_ref,
+            tenant.id.as_str(),
+            context,
+            &plaintext,
+        )
+        .map_err(Error::internal)?;
+        Ok(Rewrapped {
+            ciphertext,
+            key_version: new_key.tenant_version,
+            previous_key_version: old_key.tenant_version,
+        })
+    }
+
+    // ---- key resolution --------------------------------------------------
+
+    async fn key_for(&self, tenant: &ActiveTenant, key_ref: KeyRef) -> Result<Arc<SealingKey>> {
+        match key_ref {
+            KeyRef::Tenant { version: 0 } => Err(Error::Undecryptable),
+            KeyRef::Tenant { version } => self.tenant_key(tenant, version).await,
+            KeyRef::Subject { id, version } if version == SUBJECT_KEY_VERSION => {
+                self.subject_key(tenant, SubjectKeyId(id), false).await
+            }
+            KeyRef::Subject { .. } => Err(Error::Undecryptable),
+        }
+    }
+
+    /// A tenant key version, from the cache or unwrapped by the root key.
+    async fn tenant_key(&self, tenant: &ActiveTenant, version: u32) -> Result<Arc<SealingKey>> {
+        let cache_key = SealingKeyId {
+            tenant: tenant.id.clone(),
+            slot: Slot::TenantVersion(version),
+        };
+        self.sealing
+            .get_or_load(&cache_key, || async {
+                let Some(record) = self.store.tenant_key(&tenant.id, version).await? else {
+                    // A version above the primary never existed: a forged or
+                    // altered reference. One at or below it did, and is gone.
+                    return Err(if version > tenant.primary_version {
+                        Error::Undecryptable
+                    } else {
+                        Error::KeyVersionGone {
+                            tenant: tenant.id.clone(),
+                            version,
+                        }
+                    });
+                };
+                let key = self
+                    .root
+                    .decrypt(
+                        WrapContext {
+                            tenant: &tenant.id,
+                            purpose: Purpose::TenantKey { version },
+                        },
+                        &record.wrapped,
+                    )
+                    .await
+                    .map_err(|e| kms_error(&tenant.id, e))?;
+                Ok(SealingKey {
+                    deriver: MessageKeyDeriver::new(&key),
+                    tenant_version: version,
+                })
+            })
+            .await
+    }
+
+    /// The subject's key id: HMAC-SHA256 under the tenant's subject-index key,
+    /// truncated to 128 bits.
+    async fn subject_key_id(
+        &self,
+        tenant: &ActiveTenant,
+        subject: &SubjectId,
+    ) -> Result<SubjectKeyId> {
+        let index_key = self
+            .index
+            .get_or_load(&tenant.id, || async {
+                self.root
+                    .decrypt(
+                        WrapContext {
+                            tenant: &tenant.id,
+                            purpose: Purpose::SubjectIndex,
+                        },
+                        &tenant.index_key,
+                    )
+                    .await
+                    .map_err(|e| kms_error(&tenant.id, e))
+            })
+            .await?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(index_key.expose())
+            .expect("HMAC takes any key length");
+        mac.update(SUBJECT_ID_LABEL);
+        mac.update(subject.expose());
+        let digest = mac.finalize().into_bytes();
+        let mut id = [0u8; envelope::SUBJECT_KEY_ID_LEN];
+        id.copy_from_slice(&digest[..envelope::SUBJECT_KEY_ID_LEN]);
+        Ok(SubjectKeyId(id))
+    }
+
+    /// A subject key, from the cache or the keystore; made on first use when
+    /// `create` is set (encrypt), never when it is not (decrypt).
+    async fn subject_key(
+        &self,
+        tenant: &ActiveTenant,
+        id: SubjectKeyId,
+        create: bool,
+    ) -> Result<Arc<SealingKey>> {
+        let cache_key = SealingKeyId {
+            tenant: tenant.id.clone(),
+            slot: Slot::Subject(id),
+        };
+        self.sealing
+            .get_or_load(&cache_key, || async {
+                let lookup = match self.store.subject_key(&tenant.id, id).await? {
+                    SubjectLookup::Absent if create => self.create_subject_key(tenant, id).await?,
+                    other => other,
+                };
+                match lookup {
+                    SubjectLookup::Key(record) => {
+                        self.unwrap_subject_key(tenant, id, &record).await
+                    }
+                    SubjectLookup::Shredded { at } => Err(Error::SubjectShredded {
+                        tenant: tenant.id.clone(),
+                        at,
+                    }),
+                    // No key and no tombstone: an altered or forged reference.
+                    SubjectLookup::Absent => Err(Error::Undecryptable),
+                }
+            })
+            .await
+    }
+
+    async fn create_subject_key(
+        &self,
+        tenant: &ActiveTenant,
+        id: SubjectKeyId,
+    ) -> Result<SubjectLookup> {
+        let key = Key256::generate().map_err(Error::internal)?;
+        let wrapping = self.tenant_key(tenant, tenant.primary_version).await?;
+        let wrapped = envelope::seal(
+            &wrapping.deriver,
+            KeyRef::Tenant {
+                version: tenant.primary_version,
+            },
+            tenant.id.as_str(),
+            &subject_wrap_context(id),
+            key.expose(),
+        )
+        .map_err(Error::internal)?;
+        let record = SubjectKeyRecord {
+            wrapped,
+            tenant_version: tenant.primary_version,
+        };
+        // The keystore answers with whatever won a race for this subject.
+        Ok(self
+            .store
+            .insert_subject_key(&tenant.id, id, record, UnixMillis::now())
+            .await?)
+    }
+
+    async fn unwrap_subject_key(
+        &self,
+        tenant: &ActiveTenant,
+        id: SubjectKeyId,
+        record: &SubjectKeyRecord,
+    ) -> Result<SealingKey> {
+        let wrapping = self.tenant_key(tenant, record.tenant_version).await?;
+        let corrupt = || {
+            Error::internal(format!(
+                "subject key of tenant {} does not unwrap",
+                tenant.id
+            ))
+        };
+        let parsed = envelope::parse(&record.wrapped).map_err(|_| corrupt())?;
+        if parsed.key_ref
+            != (KeyRef::Tenant {
+                version: record.tenant_version,
+            })
+        {
+            return Err(corrupt());
+        }
+        let bytes = Zeroizing::new(
+            envelope::open(
+                &wrapping.deriver,
+                &parsed,
+                tenant.id.as_str(),
+                &subject_wrap_context(id),
+            )
+            .map_err(|_| corrupt())?,
+        );
+        let key = Key256::from_slice(&bytes).ok_or_else(corrupt)?;
+        Ok(SealingKey {
+            deriver: MessageKeyDeriver::new(&key),
+            tenant_version: record.tenant_version,
+        })
+    }
+}
+
+/// The context a subject key is sealed with under its tenant key: binds the
+/// wrapped key to its subject, so keystore rows cannot be swapped.
+fn subject_wrap_context(id: SubjectKeyId) -> Context {
+    Context::from([
+        ("keywarden.purpose".to_owned(), "subject-key".to_owned()),
+        ("keywarden.subject".to_owned(), hex::encode(id.0)),
+    ])
+}
+
+fn kms_error(tenant: &TenantId, e: KmsError) -> Error {
+    match e {
+        KmsError::Unavailable(detail) => Error::unavailable(Dependency::RootKey, detail),
+        KmsError::Refused => Error::internal(format!(
+            "the root key refused to unwrap a key of tenant {tenant}: the keystore row is corrupt or was moved"
+        )),
+        KmsError::Failed(detail) => Error::internal(detail),
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TenantNotFound(id) => Error::TenantNotFound(id),
+            StoreError::TenantExists(id) => Error::TenantExists(id),
+            StoreError::TenantShredded { tenant, at } => Error::TenantShredded { tenant, at },
+            StoreError::Conflict => Error::internal("unexpected keystore conflict"),
+            StoreError::Unavailable(detail) => Error::unavailable(Dependency::Keystore, detail),
+            StoreError::Corrupt(detail) => Error::internal(detail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,275 @@
+//! Running the sidecar: open the data directory, build the key manager, bind
+//! the listeners, serve until told to stop, then drain.
+//!
+//! Shutdown is graceful: on SIGTERM or ctrl-c every listener stops accepting,
+//! calls in flight finish (up to [`DRAIN_TIMEOUT`]), and unix socket files are
+//! removed.
+
+use std::{
+    fs, io,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{service::Routes, transport::server::TcpIncoming};
+
+use crate::{
+    api::{Shared, admin::AdminService, crypto::CryptoService, pb},
+    config::{Config, ConfigError, ListenAddr},
+    keys::KeyManager,
+    kms::{
+        RootKeyProvider,
+        local::{LocalRootKey, ROOT_KEY_FILE},
+    },
+    store::{
+        Keystore, StoreError,
+        sqlite::{KEYSTORE_FILE, SqliteKeystore},
+    },
+};
+
+/// How long calls in flight may take to finish after a shutdown signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: io::Error },
+    #[error("root key {path}: {source}")]
+    RootKey { path: PathBuf, source: io::Error },
+    #[error("keystore: {0}")]
+    Keystore(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+}
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The socket and its path, removed at shutdown.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A unix socket path left over from a process that is gone
+    /// is replaced; one that a live process answers on is refused.
+    pub async fn bind(addr: &ListenAddr) -> Result<Self, StartError> {
+        let failed = |source| StartError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(tcp) => {
+                Ok(Listener::Tcp(TcpListener::bind(tcp).await.map_err(failed)?))
+            }
+            ListenAddr::Unix(path) => {
+                if path.exists() {
+                    if tokio::net::UnixStream::connect(path).await.is_ok() {
+                        return Err(failed(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another process is serving on this socket",
+                        )));
+                    }
+                    fs::remove_file(path).map_err(failed)?;
+                }
+                let listener = UnixListener::bind(path).map_err(failed)?;
+                // The app's container shares the socket through a volume; the
+                // group may connect, others may not.
+                fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(failed)?;
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The address actually bound (with the real port for `:0`).
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// Opens the embedded default's parts in `config.data_dir`: the local root
+/// key (created on first start) and the SQLite keystore.
+pub async fn open_local(
+    config: &Config,
+) -> Result<(Arc<dyn RootKeyProvider>, Arc<dyn Keystore>), StartError> {
+    let dir = &config.data_dir;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+    let key_path = dir.join(ROOT_KEY_FILE);
+    let (root, created) =
+        LocalRootKey::load_or_create(&key_path).map_err(|source| StartError::RootKey {
+            path: key_path.clone(),
+            source,
+        })?;
+    if created {
+        tracing::warn!(path = %key_path.display(), root_key = root.id(), "generated a new local root key");
+    }
+    tracing::warn!(
+        root_key = root.id(),
+        "the local root key is for development: anyone who can read {} can unwrap every tenant key, \
+         and a copy of it outlives any shred; use a KMS in production",
+        key_path.display()
+    );
+    let store = SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?;
+    Ok((Arc::new(root), Arc::new(store)))
+}
+
+/// The gRPC routes: Crypto, Admin, health and reflection.
+pub async fn routes(shared: Shared) -> Routes {
+    let max = shared.limits.max_request_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
+        .await;
+    health
+        .set_serving::<pb::admin_server::AdminServer<AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let mut builder = Routes::builder();
+    builder
+        .add_service(
+            pb::crypto_server::CryptoServer::new(CryptoService::new(shared.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(AdminService::new(shared))
+                .max_decoding_message_size(max),
+        )
+        .add_service(health_service)
+        .add_service(reflection);
+    builder.routes()
+}
+
+/// Serves `routes` on every listener until `shutdown` resolves, then drains.
+pub async fn serve(
+    routes: Routes,
+    listeners: Vec<Listener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = JoinSet::new();
+    let mut socket_paths = Vec::new();
+    for listener in listeners {
+        let mut stop = stop_rx.clone();
+        let signal = async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        let server = tonic::transport::Server::builder().add_routes(routes.clone());
+        match listener {
+            Listener::Tcp(l) => {
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
+            }
+            Listener::Unix(l, path) => {
+                socket_paths.push(path);
+                servers
+                    .spawn(server.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal));
+            }
+        }
+    }
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => {}
+        Some(joined) = servers.join_next() => {
+            // A listener failed on its own: stop the others too.
+            result = joined.unwrap_or(Ok(()));
+        }
+    }
+    tracing::info!("shutting down: no new calls; draining calls in flight");
+    let _ = stop_tx.send(true);
+    let started = Instant::now();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(joined) = servers.join_next().await {
+            if let Ok(Err(e)) = joined {
+                tracing::warn!(error = %e, "listener ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "calls still in flight after the drain timeout; stopping anyway");
+    }
+    for path in socket_paths {
+        let _ = fs::remove_file(path);
+    }
+    tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "stopped");
+    result
+}
+
+/// `keywarden serve`: the whole sidecar from a configuration.
+pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    config.validate()?;
+    let started = Instant::now();
+    let (root, store) = open_local(&config).await?;
+    let keys = Arc::new(KeyManager::new(root, store, config.cache.limits()));
+    let shared = Shared {
+        keys,
+        limits: config.limits.clone(),
+    };
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        listeners.push(Listener::bind(addr).await?);
+    }
+    let routes = routes(shared).await;
+    for listener in &listeners {
+        tracing::info!(addr = %listener.local_addr(), "listening");
+    }
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "keywarden serving"
+    );
+    serve(routes, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("ctrl-c received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,209 @@
+//! The keystore: wrapped keys, tenants and tombstones, behind one trait.
+//!
+//! Backends: [`sqlite`] (embedded, the default). PostgreSQL, for many sidecars
+//! sharing one keystore, comes next behind the same trait. Every method that
+//! changes more than one row does so in one transaction; conditional writes
+//! make concurrent rotations and shreds safe.
+
+pub mod sqlite;
+
+use std::{
+    fmt,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::{
+    ids::{SubjectKeyId, TenantId},
+    kms::WrappedKey,
+};
+
+/// A point in time as Unix milliseconds, as the keystore records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UnixMillis(pub i64);
+
+impl UnixMillis {
+    pub fn now() -> Self {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(u64::try_from(self.0).unwrap_or(0))
+    }
+}
+
+impl fmt::Display for UnixMillis {
+    /// RFC 3339 in UTC, e.g. `2026-11-23T06:40:12.345Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.to_system_time())
+        )
+    }
+}
+
+/// A tenant as the keystore holds it.
+#[derive(Clone, Debug)]
+pub struct TenantRecord {
+    pub id: TenantId,
+    pub created_at: UnixMillis,
+    pub state: TenantState,
+}
+
+#[derive(Clone, Debug)]
+pub enum TenantState {
+    Active {
+        /// The version new ciphertexts are made under.
+        primary_version: u32,
+        /// The subject-index key, wrapped by the root key.
+        index_key: WrappedKey,
+    },
+    Shredded {
+        at: UnixMillis,
+    },
+}
+
+/// One tenant key version, wrapped by the root key.
+#[derive(Clone, Debug)]
+pub struct TenantKeyRecord {
+    pub version: u32,
+    pub wrapped: WrappedKey,
+    pub created_at: UnixMillis,
+}
+
+/// What CreateTenant writes.
+#[derive(Debug)]
+pub struct NewTenant {
+    pub id: TenantId,
+    pub created_at: UnixMillis,
+    /// Version 1 of the tenant key.
+    pub first_key: WrappedKey,
+    pub index_key: WrappedKey,
+}
+
+/// A subject key, wrapped by a tenant key version (as a tenant-key envelope).
+#[derive(Clone, Debug)]
+pub struct SubjectKeyRecord {
+    pub wrapped: Vec<u8>,
+    pub tenant_version: u32,
+}
+
+/// What the keystore knows of one subject.
+#[derive(Clone, Debug)]
+pub enum SubjectLookup {
+    Key(SubjectKeyRecord),
+    Shredded { at: UnixMillis },
+    Absent,
+}
+
+/// What a tenant shred did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantShred {
+    /// When it was shredded: now, or the first time.
+    pub at: UnixMillis,
+    pub already_shredded: bool,
+    pub destroyed_key_versions: u32,
+    pub destroyed_subject_keys: u64,
+}
+
+/// What a subject shred did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectShred {
+    pub at: UnixMillis,
+    pub already_shredded: bool,
+    pub key_destroyed: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("tenant {0} does not exist")]
+    TenantNotFound(TenantId),
+    #[error("tenant {0} already exists")]
+    TenantExists(TenantId),
+    #[error("tenant {tenant} was shredded at {at}")]
+    TenantShredded { tenant: TenantId, at: UnixMillis },
+    /// A conditional write lost a race (e.g. two rotations at once).
+    #[error("the tenant changed concurrently")]
+    Conflict,
+    /// The database could not be reached. For the log.
+    #[error("keystore unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered something impossible. For the log.
+    #[error("keystore inconsistent: {0}")]
+    Corrupt(String),
+}
+
+#[async_trait]
+pub trait Keystore: Send + Sync + 'static {
+    /// Creates a tenant with key version 1. Refused when the id exists or was
+    /// shredded.
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError>;
+
+    /// The tenant, active or tombstoned; `None` if it never existed.
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// Tenants in id order, after `after` (exclusive), at most `limit`.
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<TenantRecord>, StoreError>;
+
+    /// One tenant key version; `None` if it does not exist (never made, or
+    /// destroyed).
+    async fn tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+    ) -> Result<Option<TenantKeyRecord>, StoreError>;
+
+    /// Every existing tenant key version, oldest first.
+    async fn tenant_keys(&self, id: &TenantId) -> Result<Vec<TenantKeyRecord>, StoreError>;
+
+    /// Adds `key` as version `expected_primary + 1` and makes it primary, if
+    /// and only if the primary is still `expected_primary`; else
+    /// [`StoreError::Conflict`].
+    async fn add_tenant_key(
+        &self,
+        id: &TenantId,
+        expected_primary: u32,
+        key: TenantKeyRecord,
+    ) -> Result<(), StoreError>;
+
+    /// The subject's key, tombstone, or nothing.
+    async fn subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+    ) -> Result<SubjectLookup, StoreError>;
+
+    /// Stores a new subject key unless one exists or the subject was shredded;
+    /// answers what the keystore holds afterwards (so the loser of a race for
+    /// a new subject uses the winner's key).
+    async fn insert_subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        key: SubjectKeyRecord,
+        created_at: UnixMillis,
+    ) -> Result<SubjectLookup, StoreError>;
+
+    /// Deletes every key of the tenant and leaves its tombstone, in one
+    /// transaction. Shredding a shredded tenant changes nothing and says when
+    /// the first shred was.
+    async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError>;
+
+    /// Deletes the subject's key (if any) and leaves a tombstone.
+    async fn shred_subject(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        at: UnixMillis,
+    ) -> Result<SubjectShred, StoreError>;
+}

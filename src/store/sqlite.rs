@@ -1,0 +1,524 @@
+//! The embedded keystore: one SQLite file, nothing to install.
+//!
+//! Durability matters more than speed here (writes are rare: tenant creation,
+//! rotation, a subject's first key, shreds), so the database runs in WAL mode
+//! with `synchronous = FULL`: a key is on disk before any ciphertext made with
+//! it is returned. `secure_delete` overwrites deleted rows, and every shred
+//! checkpoints the WAL, so a destroyed wrapped key does not linger in free
+//! pages or in the log. Write transactions start with `BEGIN IMMEDIATE`, which
+//! takes the write lock at once and makes each check-then-write atomic.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, str::FromStr, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    Row, Sqlite, SqlitePool, Transaction,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    },
+};
+
+use super::{
+    Keystore, NewTenant, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+    TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+};
+use crate::{
+    ids::{SubjectKeyId, TenantId},
+    kms::WrappedKey,
+};
+
+/// File name of the keystore inside the data directory.
+pub const KEYSTORE_FILE: &str = "keystore.sqlite3";
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteKeystore {
+    pool: SqlitePool,
+}
+
+impl SqliteKeystore {
+    /// Opens (creating if needed) the keystore at `path` and applies pending
+    /// migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(unavailable)?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("secure_delete", "ON");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        // Wrapped keys are useless without the root key, but the keystore is
+        // still nobody else's business; SQLite creates files by the umask.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot restrict {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        MIGRATIONS
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("migrations failed: {e}")))?;
+        Ok(Self { pool })
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(classify)
+    }
+
+    /// Moves the WAL into the database file and truncates it, so deleted key
+    /// material leaves the log. Best effort: a busy reader can postpone it to
+    /// the next automatic checkpoint.
+    async fn checkpoint(&self) {
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint after shred failed");
+        }
+    }
+}
+
+/// Reads the tenant's state inside a write transaction.
+async fn tenant_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+) -> Result<Option<TenantRecord>, StoreError> {
+    sqlx::query(TENANT_COLUMNS_WHERE_ID)
+        .bind(id.as_str())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_from_row(&row))
+        .transpose()
+}
+
+/// Like [`tenant_in`], but the tenant must exist and be active.
+async fn active_tenant_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+) -> Result<(), StoreError> {
+    match tenant_in(tx, id).await? {
+        None => Err(StoreError::TenantNotFound(id.clone())),
+        Some(TenantRecord {
+            state: TenantState::Shredded { at },
+            ..
+        }) => Err(StoreError::TenantShredded {
+            tenant: id.clone(),
+            at,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+const TENANT_COLUMNS: &str = "SELECT tenant_id, created_at_ms, primary_version, shredded_at_ms, \
+     index_key_wrapped, index_key_root FROM tenants";
+const TENANT_COLUMNS_WHERE_ID: &str = "SELECT tenant_id, created_at_ms, primary_version, \
+     shredded_at_ms, index_key_wrapped, index_key_root FROM tenants WHERE tenant_id = ?";
+
+fn tenant_from_row(row: &SqliteRow) -> Result<TenantRecord, StoreError> {
+    let raw_id: String = row.try_get("tenant_id").map_err(corrupt)?;
+    let id = TenantId::parse("tenant_id", &raw_id)
+        .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
+    let created_at = UnixMillis(row.try_get("created_at_ms").map_err(corrupt)?);
+    let shredded: Option<i64> = row.try_get("shredded_at_ms").map_err(corrupt)?;
+    let state = match shredded {
+        Some(at) => TenantState::Shredded { at: UnixMillis(at) },
+        None => TenantState::Active {
+            primary_version: version_from(row.try_get("primary_version").map_err(corrupt)?)?,
+            index_key: WrappedKey {
+                root_key_id: row.try_get("index_key_root").map_err(corrupt)?,
+                ciphertext: row.try_get("index_key_wrapped").map_err(corrupt)?,
+            },
+        },
+    };
+    Ok(TenantRecord {
+        id,
+        created_at,
+        state,
+    })
+}
+
+fn tenant_key_from_row(row: &SqliteRow) -> Result<TenantKeyRecord, StoreError> {
+    Ok(TenantKeyRecord {
+        version: version_from(row.try_get("version").map_err(corrupt)?)?,
+        wrapped: WrappedKey {
+            root_key_id: row.try_get("root_key_id").map_err(corrupt)?,
+            ciphertext: row.try_get("wrapped").map_err(corrupt)?,
+        },
+        created_at: UnixMillis(row.try_get("created_at_ms").map_err(corrupt)?),
+    })
+}
+
+fn version_from(raw: i64) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("key version {raw} out of range")))
+}
+
+async fn subject_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+    subject: SubjectKeyId,
+) -> Result<SubjectLookup, StoreError> {
+    if let Some(row) = sqlx::query(
+        "SELECT shredded_at_ms FROM subject_tombstones WHERE tenant_id = ? AND subject_key_id = ?",
+    )
+    .bind(id.as_str())
+    .bind(&subject.0[..])
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(classify)?
+    {
+        let at = UnixMillis(row.try_get("shredded_at_ms").map_err(corrupt)?);
+        return Ok(SubjectLookup::Shredded { at });
+    }
+    let row = sqlx::query(
+        "SELECT wrapped, tenant_version FROM subject_keys WHERE tenant_id = ? AND subject_key_id = ?",
+    )
+    .bind(id.as_str())
+    .bind(&subject.0[..])
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(classify)?;
+    match row {
+        None => Ok(SubjectLookup::Absent),
+        Some(row) => Ok(SubjectLookup::Key(SubjectKeyRecord {
+            wrapped: row.try_get("wrapped").map_err(corrupt)?,
+            tenant_version: version_from(row.try_get("tenant_version").map_err(corrupt)?)?,
+        })),
+    }
+}
+
+#[async_trait]
+impl Keystore for SqliteKeystore {
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        match tenant_in(&mut tx, &tenant.id).await? {
+            Some(TenantRecord {
+                state: TenantState::Shredded { at },
+                ..
+            }) => {
+                return Err(StoreError::TenantShredded {
+                    tenant: tenant.id,
+                    at,
+                });
+            }
+            Some(_) => return Err(StoreError::TenantExists(tenant.id)),
+            None => {}
+        }
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, created_at_ms, primary_version, index_key_wrapped, \
+             index_key_root) VALUES (?, ?, 1, ?, ?)",
+        )
+        .bind(tenant.id.as_str())
+        .bind(tenant.created_at.0)
+        .bind(&tenant.index_key.ciphertext)
+        .bind(&tenant.index_key.root_key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        insert_tenant_key(
+            &mut tx,
+            &tenant.id,
+            &TenantKeyRecord {
+                version: 1,
+                wrapped: tenant.first_key,
+                created_at: tenant.created_at,
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        sqlx::query(TENANT_COLUMNS_WHERE_ID)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?
+            .map(|row| tenant_from_row(&row))
+            .transpose()
+    }
+
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        let sql = format!("{TENANT_COLUMNS} WHERE tenant_id > ? ORDER BY tenant_id LIMIT ?");
+        sqlx::query(&sql)
+            .bind(after.map_or("", TenantId::as_str))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?
+            .iter()
+            .map(tenant_from_row)
+            .collect()
+    }
+
+    async fn tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+    ) -> Result<Option<TenantKeyRecord>, StoreError> {
+        sqlx::query(
+            "SELECT version, wrapped, root_key_id, created_at_ms FROM tenant_keys \
+             WHERE tenant_id = ? AND version = ?",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_key_from_row(&row))
+        .transpose()
+    }
+
+    async fn tenant_keys(&self, id: &TenantId) -> Result<Vec<TenantKeyRecord>, StoreError> {
+        sqlx::query(
+            "SELECT version, wrapped, root_key_id, created_at_ms FROM tenant_keys \
+             WHERE tenant_id = ? ORDER BY version",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(tenant_key_from_row)
+        .collect()
+    }
+
+    async fn add_tenant_key(
+        &self,
+        id: &TenantId,
+        expected_primary: u32,
+        key: TenantKeyRecord,
+    ) -> Result<(), StoreError> {
+        if key.version != expected_primary + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "new version {} does not follow primary {expected_primary}",
+                key.version
+            )));
+        }
+        let mut tx = self.write().await?;
+        let updated = sqlx::query(
+            "UPDATE tenants SET primary_version = ? \
+             WHERE tenant_id = ? AND primary_version = ? AND shredded_at_ms IS NULL",
+        )
+        .bind(i64::from(key.version))
+        .bind(id.as_str())
+        .bind(i64::from(expected_primary))
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if updated == 0 {
+            active_tenant_in(&mut tx, id).await?;
+            return Err(StoreError::Conflict);
+        }
+        insert_tenant_key(&mut tx, id, &key).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+    ) -> Result<SubjectLookup, StoreError> {
+        // A read transaction gives the two lookups one snapshot.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let lookup = subject_in(&mut tx, id, subject).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(lookup)
+    }
+
+    async fn insert_subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        key: SubjectKeyRecord,
+        created_at: UnixMillis,
+    ) -> Result<SubjectLookup, StoreError> {
+        let mut tx = self.write().await?;
+        active_tenant_in(&mut tx, id).await?;
+        if let SubjectLookup::Absent = subject_in(&mut tx, id, subject).await? {
+            sqlx::query(
+                "INSERT INTO subject_keys (tenant_id, subject_key_id, wrapped, tenant_version, \
+                 created_at_ms) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id.as_str())
+            .bind(&subject.0[..])
+            .bind(&key.wrapped)
+            .bind(i64::from(key.tenant_version))
+            .bind(created_at.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        let lookup = subject_in(&mut tx, id, subject).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(lookup)
+    }
+
+    async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError> {
+        let mut tx = self.write().await?;
+        match tenant_in(&mut tx, id).await? {
+            None => return Err(StoreError::TenantNotFound(id.clone())),
+            Some(TenantRecord {
+                state: TenantState::Shredded { at: first },
+                ..
+            }) => {
+                return Ok(TenantShred {
+                    at: first,
+                    already_shredded: true,
+                    destroyed_key_versions: 0,
+                    destroyed_subject_keys: 0,
+                });
+            }
+            Some(_) => {}
+        }
+        let subjects = delete_where_tenant(&mut tx, "subject_keys", id).await?;
+        delete_where_tenant(&mut tx, "subject_tombstones", id).await?;
+        let versions = delete_where_tenant(&mut tx, "tenant_keys", id).await?;
+        sqlx::query(
+            "UPDATE tenants SET shredded_at_ms = ?, primary_version = 0, \
+             index_key_wrapped = NULL, index_key_root = NULL WHERE tenant_id = ?",
+        )
+        .bind(at.0)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        self.checkpoint().await;
+        Ok(TenantShred {
+            at,
+            already_shredded: false,
+            destroyed_key_versions: u32::try_from(versions).unwrap_or(u32::MAX),
+            destroyed_subject_keys: subjects,
+        })
+    }
+
+    async fn shred_subject(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        at: UnixMillis,
+    ) -> Result<SubjectShred, StoreError> {
+        let mut tx = self.write().await?;
+        active_tenant_in(&mut tx, id).await?;
+        if let SubjectLookup::Shredded { at: first } = subject_in(&mut tx, id, subject).await? {
+            return Ok(SubjectShred {
+                at: first,
+                already_shredded: true,
+                key_destroyed: false,
+            });
+        }
+        let deleted =
+            sqlx::query("DELETE FROM subject_keys WHERE tenant_id = ? AND subject_key_id = ?")
+                .bind(id.as_str())
+                .bind(&subject.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        sqlx::query(
+            "INSERT INTO subject_tombstones (tenant_id, subject_key_id, shredded_at_ms) VALUES (?, ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .bind(at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        self.checkpoint().await;
+        Ok(SubjectShred {
+            at,
+            already_shredded: false,
+            key_destroyed: deleted > 0,
+        })
+    }
+}
+
+async fn insert_tenant_key(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+    key: &TenantKeyRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO tenant_keys (tenant_id, version, wrapped, root_key_id, created_at_ms) \
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id.as_str())
+    .bind(i64::from(key.version))
+    .bind(&key.wrapped.ciphertext)
+    .bind(&key.wrapped.root_key_id)
+    .bind(key.created_at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn delete_where_tenant(
+    tx: &mut Transaction<'static, Sqlite>,
+    table: &'static str,
+    id: &TenantId,
+) -> Result<u64, StoreError> {
+    Ok(
+        sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = ?"))
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?
+            .rows_affected(),
+    )
+}
+
+/// Sorts a database error into "cannot reach or use the database now"
+/// (retryable) and "the database holds or answered something impossible".
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => unavailable(e),
+        sqlx::Error::Database(db)
+            // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN,
+            // and their extended codes (the primary code is the low byte).
+            if db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14)) =>
+        {
+            unavailable(e)
+        }
+        _ => corrupt(e),
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}

@@ -1,0 +1,555 @@
+//! Test vectors for ciphertext format v1 (docs/FORMAT.md).
+//!
+//! A fixed list of cases (key, key reference, tenant, context, plaintext,
+//! salt, nonce) is sealed with `envelope::seal_with` and compared with
+//! tests/data/vectors.json, which also records each message key and the
+//! associated data so that other implementations can debug their KDF and AAD
+//! encoding. tests/reference/decrypt_vectors.py, an independent
+//! implementation written from docs/FORMAT.md, must decrypt every vector.
+//!
+//! To rewrite the file after a deliberate change to the cases (never to the
+//! format: a format change needs a new version byte):
+//!
+//! ```text
+//! KEYWARDEN_REGENERATE_VECTORS=1 cargo test --test vectors
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+
+use base64::Engine as _;
+use keywarden::envelope::{self, Context, KeyRef, MessageKeyDeriver};
+use keywarden::secret::Key256;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Set to `1` to rewrite tests/data/vectors.json instead of comparing.
+const REGENERATE_VAR: &str = "KEYWARDEN_REGENERATE_VECTORS";
+/// The Python interpreter (with `cryptography`) for the reference decryptor.
+const PYTHON_VAR: &str = "KEYWARDEN_TEST_PYTHON";
+
+const TENANT_OVERHEAD: usize = 1 + 1 + 1 + 4 + 16 + 12 + 16;
+const SUBJECT_OVERHEAD: usize = 1 + 1 + 1 + 16 + 4 + 16 + 12 + 16;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn vectors_path() -> PathBuf {
+    repo().join("tests/data/vectors.json")
+}
+
+/// One vector's inputs. The context is kept in the order it is written here,
+/// which is deliberately not byte order in some cases, and is written to the
+/// JSON file in that order: an implementation must sort it itself.
+struct Case {
+    name: &'static str,
+    key: [u8; 32],
+    key_ref: KeyRef,
+    tenant: &'static str,
+    context: Vec<(String, String)>,
+    plaintext: Vec<u8>,
+    salt: [u8; 16],
+    nonce: [u8; 12],
+}
+
+/// `n` bytes `start, start + step, start + 2 * step, ...` (mod 256).
+fn pattern<const N: usize>(start: u8, step: u8) -> [u8; N] {
+    std::array::from_fn(|i| start.wrapping_add((i as u8).wrapping_mul(step)))
+}
+
+fn pairs(entries: &[(&str, &str)]) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The subject key id of the subject-key cases.
+const SUBJECT_KEY_ID: [u8; 16] = [
+    0x5e, 0x1f, 0x0c, 0x9a, 0x27, 0x43, 0xb8, 0x60, 0xd1, 0x7e, 0x02, 0xf4, 0x88, 0x3b, 0xa5, 0x19,
+];
+/// The subject key itself: the key of the subject-key case and the plaintext
+/// of the case that wraps it under a tenant key.
+const SUBJECT_KEY: [u8; 32] = [
+    0x9c, 0x41, 0x07, 0xe2, 0x5b, 0xd8, 0x36, 0xaf, 0x10, 0x7d, 0xc4, 0x69, 0xf3, 0x2e, 0x85, 0x5a,
+    0x01, 0xbe, 0x73, 0x4c, 0xe9, 0x92, 0x2d, 0x68, 0xb7, 0x0f, 0x54, 0xca, 0x3d, 0xa6, 0x18, 0xef,
+];
+
+fn cases() -> Vec<Case> {
+    let tenant_key_1 = pattern::<32>(0x00, 1);
+    vec![
+        Case {
+            name: "tenant-key-empty-plaintext-empty-context",
+            key: tenant_key_1,
+            key_ref: KeyRef::Tenant { version: 1 },
+            tenant: "acme",
+            context: vec![],
+            plaintext: vec![],
+            salt: pattern(0xa0, 1),
+            nonce: pattern(0xc0, 1),
+        },
+        Case {
+            name: "tenant-key-1-byte-plaintext",
+            key: tenant_key_1,
+            key_ref: KeyRef::Tenant { version: 1 },
+            tenant: "acme",
+            context: pairs(&[("column", "ssn")]),
+            plaintext: b"*".to_vec(),
+            salt: pattern(0x10, 0x11),
+            nonce: pattern(0x20, 0x03),
+        },
+        Case {
+            // Written order is not byte order, and differs from UTF-16 order
+            // too: byte order is "zone" < "ＡＢＣ" (EF BC A1 ..) < "🔑" (F0 9F ..),
+            // whereas UTF-16 code units would put "🔑" (D83D ..) before "ＡＢＣ"
+            // (FF21 ..).
+            name: "tenant-key-3-entry-context-unordered-utf8",
+            key: tenant_key_1,
+            key_ref: KeyRef::Tenant { version: 1 },
+            tenant: "acme",
+            context: pairs(&[
+                ("🔑", "Schlüssel"),
+                ("zone", "eu-west-1"),
+                ("ＡＢＣ", "größe ✓"),
+            ]),
+            plaintext: b"field value".to_vec(),
+            salt: pattern(0xf0, 0xfd),
+            nonce: pattern(0x5a, 0x07),
+        },
+        Case {
+            name: "tenant-key-version-7-100-byte-plaintext",
+            key: pattern(0xff, 0xf9),
+            key_ref: KeyRef::Tenant { version: 7 },
+            tenant: "tenant-0042.eu",
+            context: pairs(&[
+                ("table", "patients"),
+                ("column", "diagnosis"),
+                ("row", "8812"),
+            ]),
+            plaintext: b"Diagnosis: seasonal allergic rhinitis; prescribed cetirizine 10 mg once daily for 14 days; GP review"
+                .to_vec(),
+            salt: pattern(0x01, 0x25),
+            nonce: pattern(0xee, 0x13),
+        },
+        Case {
+            name: "subject-key-version-2",
+            key: SUBJECT_KEY,
+            key_ref: KeyRef::Subject {
+                id: SUBJECT_KEY_ID,
+                version: 2,
+            },
+            tenant: "acme",
+            context: pairs(&[("table", "users"), ("column", "email")]),
+            plaintext: b"alice@example.com".to_vec(),
+            salt: pattern(0x33, 0x0b),
+            nonce: pattern(0x44, 0x1d),
+        },
+        Case {
+            // How the subject key above is stored: a tenant-key envelope of
+            // its 32 bytes. Version 0x00000102 checks big-endian order.
+            name: "subject-key-wrapped-by-tenant-key-version-258",
+            key: pattern(0x80, 0x05),
+            key_ref: KeyRef::Tenant { version: 0x0102 },
+            tenant: "acme",
+            context: vec![
+                ("keywarden.subject".to_string(), hex::encode(SUBJECT_KEY_ID)),
+                ("keywarden.purpose".to_string(), "subject-key".to_string()),
+            ],
+            plaintext: SUBJECT_KEY.to_vec(),
+            salt: pattern(0x6d, 0x29),
+            nonce: pattern(0x0f, 0x31),
+        },
+        Case {
+            name: "tenant-key-1-kib-plaintext",
+            key: pattern(0x3c, 0x4b),
+            key_ref: KeyRef::Tenant { version: 1 },
+            tenant: "t",
+            context: pairs(&[("empty", ""), ("", "empty key")]),
+            plaintext: (0..1024u32).map(|i| (i * 7 + 3) as u8).collect(),
+            salt: pattern(0x99, 0x35),
+            nonce: pattern(0x71, 0x0d),
+        },
+        Case {
+            name: "tenant-key-max-version-16-byte-plaintext",
+            key: pattern(0xd2, 0x17),
+            key_ref: KeyRef::Tenant { version: u32::MAX },
+            tenant: "acme-corp.eu_1",
+            context: pairs(&[("k", "v")]),
+            plaintext: b"exactly16 bytes!".to_vec(),
+            salt: [0u8; 16],
+            nonce: [0xff; 12],
+        },
+    ]
+}
+
+/// A context map in the order the case writes it.
+struct WrittenOrder<'a>(&'a [(String, String)]);
+
+impl Serialize for WrittenOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum KeyRefJson {
+    Tenant {
+        version: u32,
+    },
+    Subject {
+        subject_key_id: String,
+        version: u32,
+    },
+}
+
+impl From<KeyRef> for KeyRefJson {
+    fn from(key_ref: KeyRef) -> Self {
+        match key_ref {
+            KeyRef::Tenant { version } => Self::Tenant { version },
+            KeyRef::Subject { id, version } => Self::Subject {
+                subject_key_id: hex::encode(id),
+                version,
+            },
+        }
+    }
+}
+
+/// One entry of tests/data/vectors.json. Byte strings are lowercase hex.
+#[derive(Serialize)]
+struct Vector<'a> {
+    name: &'a str,
+    key: String,
+    key_ref: KeyRefJson,
+    tenant: &'a str,
+    context: WrittenOrder<'a>,
+    plaintext: String,
+    salt: String,
+    nonce: String,
+    /// The KDF output for `key` and `salt`: the AES-256-GCM key.
+    message_key: String,
+    /// Header, tenant and context as the AEAD's associated data.
+    associated_data: String,
+    /// The binary envelope.
+    ciphertext: String,
+    /// The envelope's text form: `kw1:` and unpadded base64url.
+    text: String,
+}
+
+fn context_of(entries: &[(String, String)]) -> Context {
+    let context: Context = entries.iter().cloned().collect();
+    assert_eq!(context.len(), entries.len(), "duplicate context key");
+    context
+}
+
+/// The associated data, encoded here from the specification rather than by
+/// calling the implementation.
+fn spec_associated_data(header: &[u8], tenant: &str, context: &[(String, String)]) -> Vec<u8> {
+    fn enc(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&u32::try_from(s.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut sorted: Vec<&(String, String)> = context.iter().collect();
+    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut aad = header.to_vec();
+    enc(&mut aad, tenant);
+    aad.extend_from_slice(&u32::try_from(sorted.len()).unwrap().to_be_bytes());
+    for (k, v) in sorted {
+        enc(&mut aad, k);
+        enc(&mut aad, v);
+    }
+    aad
+}
+
+fn header_len(key_ref: KeyRef) -> usize {
+    match key_ref {
+        KeyRef::Tenant { .. } => 3 + 4 + 16 + 12,
+        KeyRef::Subject { .. } => 3 + 16 + 4 + 16 + 12,
+    }
+}
+
+fn text_form(ciphertext: &[u8]) -> String {
+    format!(
+        "kw1:{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ciphertext)
+    )
+}
+
+fn seal(case: &Case) -> Vector<'_> {
+    let deriver = MessageKeyDeriver::new(&Key256::from_slice(&case.key).unwrap());
+    let context = context_of(&case.context);
+    let ciphertext = envelope::seal_with(
+        &deriver,
+        case.key_ref,
+        case.tenant,
+        &context,
+        &case.plaintext,
+        &case.salt,
+        &case.nonce,
+    )
+    .unwrap_or_else(|e| panic!("{}: seal failed: {e}", case.name));
+    let overhead = match case.key_ref {
+        KeyRef::Tenant { .. } => TENANT_OVERHEAD,
+        KeyRef::Subject { .. } => SUBJECT_OVERHEAD,
+    };
+    assert_eq!(
+        ciphertext.len(),
+        case.plaintext.len() + overhead,
+        "{}: overhead",
+        case.name
+    );
+    let header = &ciphertext[..header_len(case.key_ref)];
+    let aad = spec_associated_data(header, case.tenant, &case.context);
+    assert_eq!(
+        aad,
+        envelope::associated_data(header, case.tenant, &context).expect("short fields encode"),
+        "{}: the implementation's associated data differs from the specification's",
+        case.name
+    );
+    Vector {
+        name: case.name,
+        key: hex::encode(case.key),
+        key_ref: case.key_ref.into(),
+        tenant: case.tenant,
+        context: WrittenOrder(&case.context),
+        plaintext: hex::encode(&case.plaintext),
+        salt: hex::encode(case.salt),
+        nonce: hex::encode(case.nonce),
+        message_key: hex::encode(*deriver.derive(&case.salt)),
+        associated_data: hex::encode(&aad),
+        text: text_form(&ciphertext),
+        ciphertext: hex::encode(&ciphertext),
+    }
+}
+
+fn regenerating() -> bool {
+    std::env::var(REGENERATE_VAR).is_ok_and(|v| v == "1")
+}
+
+/// The stored vectors, rewritten first (once per test process) when
+/// regenerating, so that every test in this file reads the same file.
+fn stored() -> &'static [Value] {
+    static STORED: OnceLock<Vec<Value>> = OnceLock::new();
+    STORED.get_or_init(|| {
+        let path = vectors_path();
+        if regenerating() {
+            let cases = cases();
+            let vectors: Vec<Vector<'_>> = cases.iter().map(seal).collect();
+            let mut json = serde_json::to_string_pretty(&vectors).unwrap();
+            json.push('\n');
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, json).unwrap();
+            eprintln!("wrote {} vectors to {}", vectors.len(), path.display());
+        }
+        let json = fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}; generate it with {REGENERATE_VAR}=1 cargo test --test vectors",
+                path.display()
+            )
+        });
+        let value: Value = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        match value {
+            Value::Array(vectors) => vectors,
+            _ => panic!("{} is not a JSON array", path.display()),
+        }
+    })
+}
+
+fn field<'a>(vector: &'a Value, name: &str) -> &'a Value {
+    vector
+        .get(name)
+        .unwrap_or_else(|| panic!("vector {vector} has no field {name:?}"))
+}
+
+fn str_field<'a>(vector: &'a Value, name: &str) -> &'a str {
+    field(vector, name)
+        .as_str()
+        .unwrap_or_else(|| panic!("field {name:?} of {vector} is not a string"))
+}
+
+fn hex_field(vector: &Value, name: &str) -> Vec<u8> {
+    hex::decode(str_field(vector, name))
+        .unwrap_or_else(|e| panic!("field {name:?} of {vector} is not hex: {e}"))
+}
+
+fn u32_field(value: &Value, name: &str) -> u32 {
+    field(value, name)
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or_else(|| panic!("field {name:?} of {value} is not a u32"))
+}
+
+fn key_ref_of(vector: &Value) -> KeyRef {
+    let key_ref = field(vector, "key_ref");
+    let version = u32_field(key_ref, "version");
+    match str_field(key_ref, "kind") {
+        "tenant" => KeyRef::Tenant { version },
+        "subject" => KeyRef::Subject {
+            id: hex_field(key_ref, "subject_key_id")
+                .try_into()
+                .expect("16-byte subject key id"),
+            version,
+        },
+        other => panic!("unknown key_ref kind {other:?}"),
+    }
+}
+
+fn context_field(vector: &Value) -> Context {
+    field(vector, "context")
+        .as_object()
+        .expect("context is an object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
+        .collect::<BTreeMap<_, _>>()
+}
+
+#[test]
+fn sealing_reproduces_the_stored_vectors() {
+    let stored = stored();
+    let cases = cases();
+    assert_eq!(
+        stored.len(),
+        cases.len(),
+        "tests/data/vectors.json holds {} vectors, the cases are {}; regenerate with {REGENERATE_VAR}=1",
+        stored.len(),
+        cases.len()
+    );
+    for (case, stored) in cases.iter().zip(stored) {
+        let fresh = serde_json::to_value(seal(case)).unwrap();
+        let fresh = fresh.as_object().unwrap();
+        let stored = stored.as_object().expect("each vector is an object");
+        assert_eq!(
+            stored.keys().collect::<Vec<_>>(),
+            fresh.keys().collect::<Vec<_>>(),
+            "{}: fields",
+            case.name
+        );
+        for (name, value) in fresh {
+            assert_eq!(
+                &stored[name], value,
+                "{}: field {name:?} differs from tests/data/vectors.json",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cases_cover_what_the_format_needs() {
+    let cases = cases();
+    let mut names: Vec<_> = cases.iter().map(|c| c.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), cases.len(), "case names are unique");
+    assert!(
+        cases
+            .iter()
+            .any(|c| c.plaintext.is_empty() && c.context.is_empty())
+    );
+    assert!(cases.iter().any(|c| c.plaintext.len() == 1));
+    assert!(cases.iter().any(|c| c.plaintext.len() >= 1024));
+    assert!(
+        cases
+            .iter()
+            .any(|c| matches!(c.key_ref, KeyRef::Subject { .. }))
+    );
+    assert!(cases.iter().any(
+        |c| matches!(c.key_ref, KeyRef::Tenant { version: 7 }) && c.plaintext.len() == 100
+    ));
+    assert!(cases.iter().any(|c| {
+        let keys: Vec<&[u8]> = c.context.iter().map(|(k, _)| k.as_bytes()).collect();
+        keys.len() == 3 && !keys.is_sorted() && c.context.iter().any(|(k, _)| !k.is_ascii())
+    }));
+}
+
+#[test]
+fn every_stored_vector_parses_and_opens() {
+    for vector in stored() {
+        let name = str_field(vector, "name");
+        let key = Key256::from_slice(&hex_field(vector, "key")).expect("32-byte key");
+        let deriver = MessageKeyDeriver::new(&key);
+        let ciphertext = hex_field(vector, "ciphertext");
+        let tenant = str_field(vector, "tenant");
+        let context = context_field(vector);
+
+        let parsed = envelope::parse(&ciphertext).unwrap_or_else(|_| panic!("{name}: parse"));
+        assert_eq!(parsed.key_ref, key_ref_of(vector), "{name}: key reference");
+        let plaintext = envelope::open(&deriver, &parsed, tenant, &context)
+            .unwrap_or_else(|_| panic!("{name}: open"));
+        assert_eq!(
+            plaintext,
+            hex_field(vector, "plaintext"),
+            "{name}: plaintext"
+        );
+        assert_eq!(
+            hex::encode(*deriver.derive(&hex_field(vector, "salt").try_into().unwrap())),
+            str_field(vector, "message_key"),
+            "{name}: message key"
+        );
+        assert_eq!(
+            str_field(vector, "text"),
+            text_form(&ciphertext),
+            "{name}: text form"
+        );
+
+        // The same ciphertext for another tenant or context does not open.
+        let other_tenant = format!("{tenant}x");
+        assert!(envelope::open(&deriver, &parsed, &other_tenant, &context).is_err());
+        let mut other_context = context.clone();
+        other_context.insert("extra".into(), String::new());
+        assert!(envelope::open(&deriver, &parsed, tenant, &other_context).is_err());
+    }
+}
+
+/// The interpreter for the Python reference: $KEYWARDEN_TEST_PYTHON, else the
+/// repository's .venv. No interpreter is a failure, not a skip: the vectors
+/// are only worth something if a second implementation reads them.
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os(PYTHON_VAR).filter(|p| !p.is_empty()) {
+        return PathBuf::from(python);
+    }
+    let venv = repo().join(".venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    panic!(
+        "no Python interpreter for tests/reference/decrypt_vectors.py: {} does not exist and \
+         {PYTHON_VAR} is not set. Run the README's test command, scripts/test, which creates \
+         .venv with the `cryptography` package, or set {PYTHON_VAR} to a python that has it.",
+        venv.display()
+    );
+}
+
+#[test]
+fn python_reference_decrypts_every_vector() {
+    let expected = stored().len();
+    let python = python();
+    let script = repo().join("tests/reference/decrypt_vectors.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(vectors_path())
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{} {} failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        python.display(),
+        script.display(),
+        output.status
+    );
+    let line = format!("python reference: {expected} vectors decrypted");
+    assert!(
+        stdout.lines().any(|l| l.trim() == line),
+        "expected the line {line:?} from the Python reference; it printed:\n{stdout}{stderr}"
+    );
+}
