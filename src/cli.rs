@@ -201,9 +201,7 @@ fn load_config(args: ServeArgs) -> Result<Config, crate::config::ConfigError> {
 }
 
 async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
-    let channel = client::connect(addr)
-        .await
-        .map_err(|e| Status::unavailable(e))?;
+    let channel = client::connect(addr).await.map_err(Status::unavailable)?;
     match command {
         Command::Serve(_) => unreachable!("handled before connecting"),
         Command::Tenant(command) => tenant_command(client::admin(channel), command).await,

@@ -20,7 +20,7 @@
 
 use std::{
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -238,16 +238,16 @@ impl Config {
             return Err(ConfigError::new("listen", "at least one address is needed"));
         }
         for addr in &self.listen {
-            if let ListenAddr::Tcp(tcp) = addr {
-                if !is_loopback(tcp.ip()) {
-                    return Err(ConfigError::new(
-                        "listen",
-                        format!(
-                            "{tcp} is not a loopback address; a TCP listener beyond loopback needs TLS, \
-                             which this version does not offer yet: use a unix socket or 127.0.0.1"
-                        ),
-                    ));
-                }
+            if let ListenAddr::Tcp(tcp) = addr
+                && !tcp.ip().is_loopback()
+            {
+                return Err(ConfigError::new(
+                    "listen",
+                    format!(
+                        "{tcp} is not a loopback address; a TCP listener beyond loopback needs TLS, \
+                         which this version does not offer yet: use a unix socket or 127.0.0.1"
+                    ),
+                ));
             }
         }
         let limits = &self.limits;
@@ -274,10 +274,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 #[cfg(test)]

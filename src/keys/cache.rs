@@ -87,10 +87,10 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V>>,
     {
-        if let Some(entry) = self.inner.get(key).await {
-            if entry.loaded_at.elapsed() < self.ttl {
-                return Ok(entry.value);
-            }
+        if let Some(entry) = self.inner.get(key).await
+            && entry.loaded_at.elapsed() < self.ttl
+        {
+            return Ok(entry.value);
         }
         let generation = self.generation.load(Ordering::Acquire);
         let ttl = self.ttl;
@@ -98,10 +98,10 @@ where
             .inner
             .entry(key.clone())
             .and_try_compute_with(|existing| async move {
-                if let Some(entry) = existing {
-                    if entry.value().loaded_at.elapsed() < ttl {
-                        return Ok::<_, Error>(Op::Nop);
-                    }
+                if let Some(entry) = existing
+                    && entry.value().loaded_at.elapsed() < ttl
+                {
+                    return Ok::<_, Error>(Op::Nop);
                 }
                 let value = load().await?;
                 Ok(Op::Put(Entry {

@@ -75,23 +75,49 @@ pub struct TenantInfo {
     pub versions: Vec<TenantKeyRecord>,
 }
 
-#[derive(Debug)]
 pub struct Sealed {
     pub ciphertext: Vec<u8>,
     pub key_version: u32,
 }
 
-#[derive(Debug)]
 pub struct Opened {
     pub plaintext: Zeroizing<Vec<u8>>,
     pub key_version: u32,
 }
 
-#[derive(Debug)]
 pub struct Rewrapped {
     pub ciphertext: Vec<u8>,
     pub key_version: u32,
     pub previous_key_version: u32,
+}
+
+// Results print their sizes and versions, never their bytes.
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealed")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("plaintext_len", &self.plaintext.len())
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Rewrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewrapped")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("key_version", &self.key_version)
+            .field("previous_key_version", &self.previous_key_version)
+            .finish()
+    }
 }
 
 pub struct KeyManager {

@@ -1,1 +1,261 @@
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
+use async_trait::async_trait;
+
+use super::*;
+use crate::{
+    kms::{GeneratedKey, local::LocalRootKey},
+    store::sqlite::SqliteKeystore,
+};
+
+/// The real local root key, counting unwraps. (A wrapper, not a double: every
+/// call reaches the real provider.)
+struct Counting {
+    inner: LocalRootKey,
+    decrypts: AtomicUsize,
+}
+
+#[async_trait]
+impl RootKeyProvider for Counting {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
+        self.inner.generate_data_key(ctx).await
+    }
+    async fn decrypt(
+        &self,
+        ctx: WrapContext<'_>,
+        wrapped: &WrappedKey,
+    ) -> Result<Key256, KmsError> {
+        self.decrypts.fetch_add(1, Ordering::SeqCst);
+        self.inner.decrypt(ctx, wrapped).await
+    }
+    async fn health(&self) -> Result<(), KmsError> {
+        Ok(())
+    }
+}
+
+const TTL: Duration = Duration::from_secs(300);
+
+fn limits() -> CacheLimits {
+    CacheLimits {
+        max_entries: 1000,
+        time_to_live: TTL,
+        time_to_idle: Duration::from_secs(3600),
+    }
+}
+
+async fn manager(dir: &tempfile::TempDir) -> (KeyManager, Arc<Counting>, Arc<dyn Keystore>) {
+    let root = Arc::new(Counting {
+        inner: LocalRootKey::load_or_create(&dir.path().join("root.key"))
+            .unwrap()
+            .0,
+        decrypts: AtomicUsize::new(0),
+    });
+    let store: Arc<dyn Keystore> = Arc::new(
+        SqliteKeystore::open(&dir.path().join("keystore.sqlite3"))
+            .await
+            .unwrap(),
+    );
+    (
+        KeyManager::new(root.clone(), store.clone(), limits()),
+        root,
+        store,
+    )
+}
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::parse("tenant_id", id).unwrap()
+}
+
+#[tokio::test]
+async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, root, _) = manager(&dir).await;
+    let id = tenant("acme");
+    keys.create_tenant(&id).await.unwrap();
+    let t = keys.active_tenant(&id).await.unwrap();
+    // Tokio's clock stands still from here and moves only by `advance`.
+    tokio::time::pause();
+
+    // Creation put the new key in the cache: no unwrap yet.
+    keys.encrypt(&t, None, &Context::new(), b"a").await.unwrap();
+    assert_eq!(root.decrypts.load(Ordering::SeqCst), 0);
+
+    tokio::time::advance(TTL - Duration::from_secs(1)).await;
+    keys.encrypt(&t, None, &Context::new(), b"b").await.unwrap();
+    assert_eq!(root.decrypts.load(Ordering::SeqCst), 0);
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    keys.encrypt(&t, None, &Context::new(), b"c").await.unwrap();
+    assert_eq!(root.decrypts.load(Ordering::SeqCst), 1);
+    keys.encrypt(&t, None, &Context::new(), b"d").await.unwrap();
+    assert_eq!(root.decrypts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, _, store) = manager(&dir).await;
+    // A second manager on the same keystore, as a second sidecar would be.
+    let two = KeyManager::new(
+        Arc::new(
+            LocalRootKey::load_or_create(&dir.path().join("root.key"))
+                .unwrap()
+                .0,
+        ),
+        store.clone(),
+        limits(),
+    );
+    let id = tenant("acme");
+    one.create_tenant(&id).await.unwrap();
+    let (t1, t2) = (
+        one.active_tenant(&id).await.unwrap(),
+        two.active_tenant(&id).await.unwrap(),
+    );
+    let context = Context::new();
+    let subject = || SubjectId::parse("subject_id", "alice").unwrap();
+    let (a, b) = tokio::join!(
+        async {
+            one.encrypt(&t1, Some(&subject()), &context, b"from one")
+                .await
+                .unwrap()
+        },
+        async {
+            two.encrypt(&t2, Some(&subject()), &context, b"from two")
+                .await
+                .unwrap()
+        },
+    );
+    // Same subject key id in both headers, and each side opens the other's.
+    assert_eq!(a.ciphertext[3..19], b.ciphertext[3..19]);
+    assert_eq!(
+        &*one
+            .decrypt(&t1, &context, &b.ciphertext)
+            .await
+            .unwrap()
+            .plaintext,
+        b"from two"
+    );
+    assert_eq!(
+        &*two
+            .decrypt(&t2, &context, &a.ciphertext)
+            .await
+            .unwrap()
+            .plaintext,
+        b"from one"
+    );
+    let shred = one.shred_tenant(&id).await.unwrap();
+    assert_eq!(shred.destroyed_subject_keys, 1);
+}
+
+#[tokio::test]
+async fn concurrent_rotations_make_consecutive_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, _, store) = manager(&dir).await;
+    let id = tenant("acme");
+    keys.create_tenant(&id).await.unwrap();
+    let keys = Arc::new(keys);
+    let rotations: Vec<_> = (0..4)
+        .map(|_| {
+            let keys = keys.clone();
+            let id = id.clone();
+            tokio::spawn(async move { keys.rotate(&id).await.map(|info| info.versions.len()) })
+        })
+        .collect();
+    for r in rotations {
+        r.await.unwrap().unwrap();
+    }
+    let versions: Vec<u32> = store
+        .tenant_keys(&id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.version)
+        .collect();
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, _, store) = manager(&dir).await;
+    let id = tenant("acme");
+    keys.create_tenant(&id).await.unwrap();
+    let t = keys.active_tenant(&id).await.unwrap();
+    let plaintext = b"CANARY-PLAINTEXT-0123456789";
+    let subject = SubjectId::parse("subject_id", "subject-canary@example.com").unwrap();
+    let sealed = keys
+        .encrypt(&t, Some(&subject), &Context::new(), plaintext)
+        .await
+        .unwrap();
+    let opened = keys
+        .decrypt(&t, &Context::new(), &sealed.ciphertext)
+        .await
+        .unwrap();
+    let rewrapped = keys
+        .rewrap(&t, &Context::new(), &sealed.ciphertext)
+        .await
+        .unwrap();
+    let generated = LocalRootKey::from_key(&Key256::generate().unwrap())
+        .generate_data_key(WrapContext {
+            tenant: &id,
+            purpose: Purpose::TenantKey { version: 9 },
+        })
+        .await
+        .unwrap();
+    let subject_id = keys.subject_key_id(&t, &subject).await.unwrap();
+    let SubjectLookup::Key(record) = store.subject_key(&id, subject_id).await.unwrap() else {
+        panic!("the subject key exists");
+    };
+    let key_bytes = *generated.key.expose();
+    let deriver = MessageKeyDeriver::new(&generated.key);
+
+    let printed = format!(
+        "{sealed:?} {opened:?} {rewrapped:?} {generated:?} {record:?} {subject:?} {deriver:?} {t:?} {:?} {:?}",
+        keys.tenant_info(&id).await.unwrap(),
+        envelope::parse(&sealed.ciphertext).unwrap(),
+    );
+    let needles: Vec<Vec<u8>> = vec![
+        plaintext.to_vec(),
+        b"subject-canary".to_vec(),
+        hex::encode(key_bytes).into_bytes(),
+        hex::encode_upper(key_bytes).into_bytes(),
+        format!("{:?}", &key_bytes[..4])
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+        hex::encode(&sealed.ciphertext[19..30]).into_bytes(),
+        format!("{:?}", &sealed.ciphertext[19..23])
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+        format!("{:?}", &generated.wrapped.ciphertext[..4])
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+        format!("{:?}", &record.wrapped[19..23])
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+        format!("{:?}", &plaintext[..4])
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+    ];
+    for needle in &needles {
+        assert!(
+            !printed
+                .as_bytes()
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice()),
+            "Debug output contains {:?}:\n{printed}",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    assert!(printed.contains("[REDACTED]"));
+}

@@ -88,10 +88,19 @@ pub struct NewTenant {
 }
 
 /// A subject key, wrapped by a tenant key version (as a tenant-key envelope).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SubjectKeyRecord {
     pub wrapped: Vec<u8>,
     pub tenant_version: u32,
+}
+
+impl fmt::Debug for SubjectKeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubjectKeyRecord")
+            .field("wrapped_len", &self.wrapped.len())
+            .field("tenant_version", &self.tenant_version)
+            .finish()
+    }
 }
 
 /// What the keystore knows of one subject.

@@ -49,8 +49,12 @@ impl SqliteKeystore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
             .pragma("secure_delete", "ON");
+        // Connections to a local file never go stale: no idle or lifetime
+        // reaper (which would also be a background timer in every test).
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options)
             .await
             .map_err(unavailable)?;
@@ -60,13 +64,12 @@ impl SqliteKeystore {
             let mut file = path.as_os_str().to_owned();
             file.push(suffix);
             if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                && e.kind() != std::io::ErrorKind::NotFound
             {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot restrict {}: {e}",
-                        path.display()
-                    )));
-                }
+                return Err(StoreError::Unavailable(format!(
+                    "cannot restrict {}: {e}",
+                    path.display()
+                )));
             }
         }
         MIGRATIONS
