@@ -108,10 +108,21 @@ impl TestSidecar {
     /// A sidecar on an existing data directory (e.g. after another stopped).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, options: Options) -> Self {
         let root = Arc::new(CountingRoot::open(dir.path()));
+        Self::start_with_root(dir, options, root.clone(), root).await
+    }
+
+    /// A sidecar whose root-key calls go through `provider` (a fault
+    /// injector wrapping the real local root key); `root` counts.
+    pub async fn start_with_root(
+        dir: Arc<tempfile::TempDir>,
+        options: Options,
+        root: Arc<CountingRoot>,
+        provider: Arc<dyn RootKeyProvider>,
+    ) -> Self {
         let store = SqliteKeystore::open(&dir.path().join(KEYSTORE_FILE))
             .await
             .unwrap();
-        let keys = KeyManager::new(root.clone(), Arc::new(store), options.cache.limits());
+        let keys = KeyManager::new(provider, Arc::new(store), options.cache.limits());
         let shared = Shared {
             keys: Arc::new(keys),
             limits: options.limits,
@@ -150,11 +161,21 @@ impl TestSidecar {
         client::admin(self.channel().await)
     }
 
-    /// Stops serving and waits until the server has drained.
-    pub async fn stop(mut self) {
+    /// Tells the server to stop (as SIGTERM does) without waiting.
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Whether the server has finished draining.
+    pub fn stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops serving and waits until the server has drained.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }

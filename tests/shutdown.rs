@@ -1,0 +1,104 @@
+//! Graceful shutdown: a call in flight when the stop signal arrives finishes.
+//! The root-key provider is held mid-call by a gate (a fault injector around
+//! the real local root key), so the test does not depend on timing.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use common::{CountingRoot, Options, TestSidecar};
+use keywarden::{
+    api::pb,
+    kms::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey},
+    secret::Key256,
+};
+use tokio::sync::Notify;
+
+struct Gated {
+    inner: Arc<CountingRoot>,
+    entered: Notify,
+    release: Notify,
+}
+
+#[async_trait]
+impl RootKeyProvider for Gated {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
+        self.inner.generate_data_key(ctx).await
+    }
+    async fn decrypt(
+        &self,
+        ctx: WrapContext<'_>,
+        wrapped: &WrappedKey,
+    ) -> Result<Key256, KmsError> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        self.inner.decrypt(ctx, wrapped).await
+    }
+    async fn health(&self) -> Result<(), KmsError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_call_in_flight_when_shutdown_begins_completes() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let first = TestSidecar::start_in(dir.clone(), Options::default()).await;
+    first
+        .admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    first.stop().await;
+
+    // A fresh sidecar: its cache is cold, so Encrypt must unwrap, and waits at the gate.
+    let counting = Arc::new(CountingRoot::open(dir.path()));
+    let gated = Arc::new(Gated {
+        inner: counting.clone(),
+        entered: Notify::new(),
+        release: Notify::new(),
+    });
+    let mut sidecar =
+        TestSidecar::start_with_root(dir, Options::default(), counting, gated.clone()).await;
+    let mut crypto = sidecar.crypto().await;
+    let call = tokio::spawn(async move {
+        crypto
+            .encrypt(pb::EncryptRequest {
+                tenant_id: "acme".into(),
+                plaintext: b"in flight".to_vec(),
+                ..Default::default()
+            })
+            .await
+    });
+    gated.entered.notified().await;
+
+    sidecar.signal_stop();
+    // The server keeps running while the call is held, however long that is.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !sidecar.stopped(),
+        "the server stopped with a call in flight"
+    );
+    assert!(!call.is_finished());
+
+    gated.release.notify_one();
+    let answer = call.await.unwrap().expect("the call in flight succeeds");
+    assert_eq!(answer.into_inner().key_version, 1);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !sidecar.stopped() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the server finishes draining once the call is done");
+    assert!(
+        keywarden::client::connect(&sidecar.addr).await.is_err(),
+        "a stopped sidecar accepts no new connection"
+    );
+}
