@@ -108,6 +108,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.shared.check_batch(r.items.len())?;
         let mut results = Vec::with_capacity(r.items.len());
         for item in &r.items {
+            // Sealing a cached key never waits; without this a large batch
+            // would hold its worker thread until done, stalling other calls.
+            tokio::task::consume_budget().await;
             let outcome = self
                 .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
                 .await;
@@ -130,6 +133,7 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.shared.check_batch(r.items.len())?;
         let mut results = Vec::with_capacity(r.items.len());
         for item in &r.items {
+            tokio::task::consume_budget().await;
             let outcome = self
                 .decrypt_one(&tenant, &item.context, &item.ciphertext)
                 .await;

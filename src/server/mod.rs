@@ -2,8 +2,10 @@
 //! the listeners, serve until told to stop, then drain.
 //!
 //! Shutdown is graceful: on SIGTERM or ctrl-c every listener stops accepting,
-//! calls in flight finish (up to [`DRAIN_TIMEOUT`]), and unix socket files are
-//! removed.
+//! calls in flight finish (up to [`DRAIN_TIMEOUT`]), connections close with a
+//! lingering close (see [`linger`]), and unix socket files are removed.
+
+mod linger;
 
 use std::{
     fs, io,
@@ -19,7 +21,8 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
+use tokio_util::task::TaskTracker;
 use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
@@ -173,6 +176,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let lingering = TaskTracker::new();
     let mut servers = JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
@@ -183,13 +187,18 @@ pub async fn serve(
         let server = tonic::transport::Server::builder().add_routes(routes.clone());
         match listener {
             Listener::Tcp(l) => {
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                let tracker = lingering.clone();
+                let incoming = TcpIncoming::from(l)
+                    .with_nodelay(Some(true))
+                    .map(move |conn| conn.map(|io| linger::Lingering::new(io, tracker.clone())));
                 servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
             }
             Listener::Unix(l, path) => {
                 socket_paths.push(path);
-                servers
-                    .spawn(server.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal));
+                let tracker = lingering.clone();
+                let incoming = UnixListenerStream::new(l)
+                    .map(move |conn| conn.map(|io| linger::Lingering::new(io, tracker.clone())));
+                servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
             }
         }
     }
@@ -215,6 +224,10 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "calls still in flight after the drain timeout; stopping anyway");
     }
+    // Let closed connections finish their lingering close, so clients read
+    // every last frame (each is bounded by LINGER_TIMEOUT).
+    lingering.close();
+    lingering.wait().await;
     for path in socket_paths {
         let _ = fs::remove_file(path);
     }
