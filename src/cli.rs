@@ -70,7 +70,16 @@ struct ServeArgs {
 #[derive(Subcommand)]
 enum TenantCommand {
     /// Create a tenant with key version 1.
-    Create { id: String },
+    Create {
+        id: String,
+        /// "dedicated" for a KMS key of its own, or an existing KMS key id,
+        /// ARN or alias; default: the shared root key of its region.
+        #[arg(long, default_value = "")]
+        root_key: String,
+        /// The region whose root keys wrap its keys; default: the default region.
+        #[arg(long, default_value = "")]
+        region: String,
+    },
     /// Show a tenant, its key versions and state.
     Show { id: String },
     /// List every tenant.
@@ -273,9 +282,17 @@ async fn tenant_command(
     command: TenantCommand,
 ) -> Result<(), Status> {
     match command {
-        TenantCommand::Create { id } => {
+        TenantCommand::Create {
+            id,
+            root_key,
+            region,
+        } => {
             let tenant = admin
-                .create_tenant(pb::CreateTenantRequest { tenant_id: id })
+                .create_tenant(pb::CreateTenantRequest {
+                    tenant_id: id,
+                    root_key,
+                    region,
+                })
                 .await?;
             print_tenant(&tenant.into_inner());
         }
@@ -332,6 +349,13 @@ async fn tenant_command(
                     r.tenant_id, r.destroyed_key_versions, r.destroyed_subject_keys
                 );
             }
+            if r.root_key_deletion_date.is_some() {
+                println!(
+                    "its dedicated root key {} is deleted by KMS at {}",
+                    r.root_key_id,
+                    time(r.root_key_deletion_date)
+                );
+            }
         }
     }
     Ok(())
@@ -339,10 +363,32 @@ async fn tenant_command(
 
 fn print_tenant(t: &pb::Tenant) {
     println!("tenant:   {}", t.tenant_id);
+    let tier = match t.tier() {
+        pb::TenantTier::Dedicated => "dedicated root key",
+        pb::TenantTier::Customer => "customer root key",
+        _ => "shared root key",
+    };
+    let region = if t.region.is_empty() {
+        "default region"
+    } else {
+        &t.region
+    };
+    let root_key = if t.root_key_id.is_empty() {
+        "-"
+    } else {
+        &t.root_key_id
+    };
+    println!("root key: {root_key} ({tier}, {region})");
     match t.state() {
         pb::TenantState::Shredded => {
             println!("state:    shredded at {}", time(t.shredded_at));
             println!("created:  {}", time(t.created_at));
+            if t.root_key_deletion_date.is_some() {
+                println!(
+                    "root key deleted by KMS at {}",
+                    time(t.root_key_deletion_date)
+                );
+            }
         }
         _ => {
             println!("state:    active");

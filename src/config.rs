@@ -16,9 +16,21 @@
 //! ttl_seconds = 300               # an unwrapped key is re-fetched this often
 //! tti_seconds = 60                # and dropped after this long unused
 //! max_keys = 100000
+//!
+//! [kms]
+//! provider = "aws"                # or "local" (the default: a root key file)
+//! region = "eu-west-1"            # the default region
+//! key_id = "alias/keywarden"      # the shared root key of the default region
+//! # endpoint_url = "https://vpce-...kms.eu-west-1.vpce.amazonaws.com"
+//! deletion_waiting_days = 30      # before KMS deletes a shredded tenant's dedicated key
+//! attempt_timeout_ms = 2000
+//! max_attempts = 3
+//! [kms.regions.eu-central-1]
+//! key_id = "alias/keywarden"      # the shared root key of another region
 //! ```
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -29,7 +41,7 @@ use std::{
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::keys::cache::CacheLimits;
+use crate::{keys::cache::CacheLimits, kms::aws::AwsSettings};
 
 pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -43,7 +55,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(setting: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             setting: setting.into(),
             reason: reason.into(),
@@ -145,6 +157,119 @@ impl CacheConfig {
     }
 }
 
+/// Which root-key provider holds the root key.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KmsProvider {
+    /// A root key file in the data directory: development, single host.
+    #[default]
+    Local,
+    /// AWS KMS (or any endpoint speaking its API).
+    Aws,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegionKey {
+    /// The region's shared root key: key id, ARN or alias.
+    pub key_id: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    pub provider: KmsProvider,
+    /// AWS: the default region.
+    pub region: Option<String>,
+    /// AWS: the shared root key of the default region.
+    pub key_id: Option<String>,
+    /// AWS: another endpoint (VPC endpoint, local KMS API server).
+    pub endpoint_url: Option<String>,
+    /// AWS: shared root keys of further regions.
+    pub regions: BTreeMap<String, RegionKey>,
+    /// Days before KMS deletes a shredded tenant's dedicated key (7 to 30).
+    pub deletion_waiting_days: u32,
+    /// Longest wait for one attempt of one KMS call.
+    pub attempt_timeout_ms: u64,
+    /// Attempts per KMS call, the first included.
+    pub max_attempts: u32,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self {
+            provider: KmsProvider::Local,
+            region: None,
+            key_id: None,
+            endpoint_url: None,
+            regions: BTreeMap::new(),
+            deletion_waiting_days: 30,
+            attempt_timeout_ms: 2000,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl KmsConfig {
+    /// The AWS provider's settings (after [`Config::validate`]).
+    pub fn aws_settings(&self) -> Option<AwsSettings> {
+        let region = self.region.clone()?;
+        let mut shared_keys = vec![(region.clone(), self.key_id.clone()?)];
+        shared_keys.extend(
+            self.regions
+                .iter()
+                .map(|(r, k)| (r.clone(), k.key_id.clone())),
+        );
+        Some(AwsSettings {
+            default_region: region,
+            shared_keys,
+            endpoint_url: self.endpoint_url.clone(),
+            attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
+            max_attempts: self.max_attempts,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.provider {
+            KmsProvider::Aws => {
+                if self.region.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::new(
+                        "kms.region",
+                        "is required with provider = \"aws\"",
+                    ));
+                }
+                if self.key_id.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::new(
+                        "kms.key_id",
+                        "is required with provider = \"aws\"",
+                    ));
+                }
+            }
+            KmsProvider::Local => {
+                if self.key_id.is_some() || self.region.is_some() || !self.regions.is_empty() {
+                    return Err(ConfigError::new(
+                        "kms.provider",
+                        "kms.key_id, kms.region and kms.regions need provider = \"aws\"",
+                    ));
+                }
+            }
+        }
+        if !(7..=30).contains(&self.deletion_waiting_days) {
+            return Err(ConfigError::new(
+                "kms.deletion_waiting_days",
+                "must be 7 to 30 (the range KMS accepts)",
+            ));
+        }
+        if self.max_attempts == 0 || self.attempt_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "kms.max_attempts / kms.attempt_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -154,6 +279,7 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     pub limits: Limits,
     pub cache: CacheConfig,
+    pub kms: KmsConfig,
 }
 
 impl Default for Config {
@@ -163,6 +289,7 @@ impl Default for Config {
             listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
             limits: Limits::default(),
             cache: CacheConfig::default(),
+            kms: KmsConfig::default(),
         }
     }
 }
@@ -229,6 +356,61 @@ impl Config {
         if let Some(n) = number("KEYWARDEN_CACHE_MAX_KEYS")? {
             self.cache.max_keys = n;
         }
+        if let Some(v) = var("KEYWARDEN_KMS_PROVIDER") {
+            self.kms.provider = match v.trim() {
+                "local" => KmsProvider::Local,
+                "aws" => KmsProvider::Aws,
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_KMS_PROVIDER",
+                        "must be local or aws",
+                    ));
+                }
+            };
+        }
+        let text = |name: &str| {
+            var(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(v) = text("KEYWARDEN_KMS_REGION") {
+            self.kms.region = Some(v);
+        }
+        if let Some(v) = text("KEYWARDEN_KMS_KEY_ID") {
+            self.kms.key_id = Some(v);
+        }
+        if let Some(v) = text("KEYWARDEN_KMS_ENDPOINT_URL") {
+            self.kms.endpoint_url = Some(v);
+        }
+        if let Some(v) = text("KEYWARDEN_KMS_REGIONS") {
+            // region=key,region=key
+            for pair in v.split(',') {
+                let (region, key) = pair.split_once('=').ok_or_else(|| {
+                    ConfigError::new(
+                        "KEYWARDEN_KMS_REGIONS",
+                        "expected region=key_id[,region=key_id...]",
+                    )
+                })?;
+                self.kms.regions.insert(
+                    region.trim().to_owned(),
+                    RegionKey {
+                        key_id: key.trim().to_owned(),
+                    },
+                );
+            }
+        }
+        if let Some(n) = number("KEYWARDEN_KMS_DELETION_WAITING_DAYS")? {
+            self.kms.deletion_waiting_days = u32::try_from(n).map_err(|_| {
+                ConfigError::new("KEYWARDEN_KMS_DELETION_WAITING_DAYS", "is too large")
+            })?;
+        }
+        if let Some(n) = number("KEYWARDEN_KMS_ATTEMPT_TIMEOUT_MS")? {
+            self.kms.attempt_timeout_ms = n;
+        }
+        if let Some(n) = number("KEYWARDEN_KMS_MAX_ATTEMPTS")? {
+            self.kms.max_attempts = u32::try_from(n)
+                .map_err(|_| ConfigError::new("KEYWARDEN_KMS_MAX_ATTEMPTS", "is too large"))?;
+        }
         Ok(())
     }
 
@@ -272,7 +454,7 @@ impl Config {
         if self.cache.max_keys == 0 {
             return Err(ConfigError::new("cache.max_keys", "must be at least 1"));
         }
-        Ok(())
+        self.kms.validate()
     }
 }
 

@@ -61,6 +61,15 @@ pub enum Error {
     #[error("key version {version} of tenant {tenant} no longer exists")]
     KeyVersionGone { tenant: TenantId, version: u32 },
 
+    /// The root-key provider cannot do what was asked (e.g. the local
+    /// provider has no per-tenant keys).
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A tenant's root key is disabled, missing or pending deletion in KMS.
+    #[error("the root key of tenant {tenant} cannot be used: {detail}")]
+    RootKeyUnusable { tenant: TenantId, detail: String },
+
     /// A change lost too many races to concurrent changes of the same tenant.
     #[error("tenant {0} was changed concurrently too many times; retry")]
     Aborted(TenantId),

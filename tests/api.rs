@@ -1,11 +1,13 @@
-//! The gRPC API as a caller sees it: a real sidecar on loopback, with the
-//! local root key and the SQLite keystore. Each test states one behaviour.
+//! The gRPC API as a caller sees it: a real sidecar on loopback with the
+//! SQLite keystore. Each test states one behaviour and runs twice, once per
+//! root-key provider: `local::` (the local root key) and `aws::` (AWS KMS
+//! through aws-sdk-kms, against moto's KMS API server).
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::{Options, TestSidecar};
+use common::{Kms, Options, TestSidecar};
 use keywarden::{api::pb, config::Limits};
 use tonic::{Code, Status, transport::Channel};
 
@@ -25,6 +27,7 @@ async fn create(admin: &mut Admin, id: &str) -> pb::Tenant {
     admin
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: id.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -79,9 +82,12 @@ fn assert_undecryptable(result: Result<pb::DecryptResponse, Status>) {
     assert_eq!(status.message(), UNDECRYPTABLE);
 }
 
-#[tokio::test]
-async fn round_trips_tenant_and_subject_keys_for_empty_small_and_1_mib_plaintexts() {
-    let sidecar = TestSidecar::start().await;
+async fn round_trips_tenant_and_subject_keys_for_empty_small_and_1_mib_plaintexts(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "acme").await;
     let context = ctx(&[("table", "patients"), ("column", "diagnosis")]);
@@ -106,9 +112,12 @@ async fn round_trips_tenant_and_subject_keys_for_empty_small_and_1_mib_plaintext
     }
 }
 
-#[tokio::test]
-async fn another_tenant_another_context_or_any_flipped_bit_fails_with_one_message() {
-    let sidecar = TestSidecar::start().await;
+async fn another_tenant_another_context_or_any_flipped_bit_fails_with_one_message(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "tenant-a").await;
     create(&mut admin, "tenant-b").await;
@@ -140,9 +149,12 @@ async fn another_tenant_another_context_or_any_flipped_bit_fails_with_one_messag
     }
 }
 
-#[tokio::test]
-async fn rotation_moves_encryption_to_the_new_version_and_old_ciphertexts_still_decrypt() {
-    let sidecar = TestSidecar::start().await;
+async fn rotation_moves_encryption_to_the_new_version_and_old_ciphertexts_still_decrypt(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "acme").await;
     let context = ctx(&[("f", "email")]);
@@ -259,9 +271,12 @@ async fn rotation_moves_encryption_to_the_new_version_and_old_ciphertexts_still_
     assert_status(wrong, Code::InvalidArgument, UNDECRYPTABLE);
 }
 
-#[tokio::test]
-async fn a_shredded_tenant_refuses_everything_and_others_are_untouched() {
-    let sidecar = TestSidecar::start().await;
+async fn a_shredded_tenant_refuses_everything_and_others_are_untouched(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "gone").await;
     create(&mut admin, "stays").await;
@@ -321,6 +336,7 @@ async fn a_shredded_tenant_refuses_everything_and_others_are_untouched() {
         admin
             .create_tenant(pb::CreateTenantRequest {
                 tenant_id: "gone".into(),
+                ..Default::default()
             })
             .await,
         Code::FailedPrecondition,
@@ -365,9 +381,12 @@ async fn a_shredded_tenant_refuses_everything_and_others_are_untouched() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn a_shredded_subject_is_erased_while_the_rest_of_its_tenant_decrypts() {
-    let sidecar = TestSidecar::start().await;
+async fn a_shredded_subject_is_erased_while_the_rest_of_its_tenant_decrypts(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "clinic").await;
     let context = ctx(&[("record", "visit")]);
@@ -453,14 +472,14 @@ async fn a_shredded_subject_is_erased_while_the_rest_of_its_tenant_decrypts() {
     );
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+async fn bad_input_gets_a_clear_error_and_changes_nothing(kms: Kms) {
     let sidecar = TestSidecar::start_with(Options {
         limits: Limits {
             max_plaintext_bytes: 1024,
             max_batch_items: 3,
             ..Limits::default()
         },
+        kms,
         ..Options::default()
     })
     .await;
@@ -521,6 +540,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             admin
                 .create_tenant(pb::CreateTenantRequest {
                     tenant_id: bad_id.clone(),
+                    ..Default::default()
                 })
                 .await,
             Code::InvalidArgument,
@@ -626,6 +646,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         admin
             .create_tenant(pb::CreateTenantRequest {
                 tenant_id: "acme".into(),
+                ..Default::default()
             })
             .await,
         Code::AlreadyExists,
@@ -663,9 +684,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     );
 }
 
-#[tokio::test]
-async fn batches_answer_per_item_so_one_bad_item_fails_alone() {
-    let sidecar = TestSidecar::start().await;
+async fn batches_answer_per_item_so_one_bad_item_fails_alone(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let (mut admin, mut c) = (sidecar.admin().await, sidecar.crypto().await);
     create(&mut admin, "acme").await;
     let items: Vec<pb::EncryptItem> = (0..100)
@@ -754,9 +778,12 @@ async fn batches_answer_per_item_so_one_bad_item_fails_alone() {
     );
 }
 
-#[tokio::test]
-async fn list_tenants_pages_through_every_tenant_in_id_order() {
-    let sidecar = TestSidecar::start().await;
+async fn list_tenants_pages_through_every_tenant_in_id_order(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let mut admin = sidecar.admin().await;
     let mut ids: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
     for id in &ids {
@@ -796,16 +823,29 @@ async fn list_tenants_pages_through_every_tenant_in_id_order() {
     assert_eq!(seen[8].1, pb::TenantState::Active as i32);
 }
 
-#[tokio::test]
-async fn a_hundred_concurrent_first_requests_unwrap_the_tenant_key_once() {
+async fn a_hundred_concurrent_first_requests_unwrap_the_tenant_key_once(kms: Kms) {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     // Create the tenant, then start a fresh sidecar so its cache is cold.
-    let first = TestSidecar::start_in(dir.clone(), Options::default()).await;
+    let first = TestSidecar::start_in(
+        dir.clone(),
+        Options {
+            kms,
+            ..Options::default()
+        },
+    )
+    .await;
     create(&mut first.admin().await, "cold").await;
     first.stop().await;
-    let sidecar = TestSidecar::start_in(dir, Options::default()).await;
+    let sidecar = TestSidecar::start_in(
+        dir,
+        Options {
+            kms,
+            ..Options::default()
+        },
+    )
+    .await;
     let channel = sidecar.channel().await;
-    assert_eq!(sidecar.root.decrypts(), 0);
+    assert_eq!(sidecar.decrypts(), 0);
 
     let calls: Vec<_> = (0..100)
         .map(|i| {
@@ -820,12 +860,15 @@ async fn a_hundred_concurrent_first_requests_unwrap_the_tenant_key_once() {
     for call in calls {
         assert_eq!(call.await.unwrap().key_version, 1);
     }
-    assert_eq!(sidecar.root.decrypts(), 1);
+    assert_eq!(sidecar.decrypts(), 1);
 }
 
-#[tokio::test]
-async fn health_and_reflection_are_served() {
-    let sidecar = TestSidecar::start().await;
+async fn health_and_reflection_are_served(kms: Kms) {
+    let sidecar = TestSidecar::start_with(Options {
+        kms,
+        ..Options::default()
+    })
+    .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(sidecar.channel().await);
     for service in ["keywarden.v1.Crypto", "keywarden.v1.Admin"] {
         let answer = health
@@ -879,3 +922,34 @@ async fn health_and_reflection_are_served() {
         ]
     );
 }
+
+/// Runs each test once per root-key provider.
+macro_rules! for_each_provider {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kms::Local).await
+            })*
+        }
+        mod aws {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kms::Aws).await
+            })*
+        }
+    };
+}
+
+for_each_provider!(
+    round_trips_tenant_and_subject_keys_for_empty_small_and_1_mib_plaintexts,
+    another_tenant_another_context_or_any_flipped_bit_fails_with_one_message,
+    rotation_moves_encryption_to_the_new_version_and_old_ciphertexts_still_decrypt,
+    a_shredded_tenant_refuses_everything_and_others_are_untouched,
+    a_shredded_subject_is_erased_while_the_rest_of_its_tenant_decrypts,
+    bad_input_gets_a_clear_error_and_changes_nothing,
+    batches_answer_per_item_so_one_bad_item_fails_alone,
+    list_tenants_pages_through_every_tenant_in_id_order,
+    a_hundred_concurrent_first_requests_unwrap_the_tenant_key_once,
+    health_and_reflection_are_served,
+);

@@ -541,6 +541,7 @@ async fn sigterm_lets_a_call_in_flight_finish() {
     keywarden::client::admin(channel.clone())
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

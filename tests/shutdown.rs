@@ -7,16 +7,19 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use common::{CountingRoot, Options, TestSidecar};
+use common::{Kms, Options, TestSidecar};
 use keywarden::{
     api::pb,
+    ids::TenantId,
     kms::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
+    store::UnixMillis,
 };
 use tokio::sync::Notify;
 
+/// Delegates to the real provider, but holds every Decrypt at a gate.
 struct Gated {
-    inner: Arc<CountingRoot>,
+    inner: Arc<dyn RootKeyProvider>,
     entered: Notify,
     release: Notify,
 }
@@ -24,10 +27,27 @@ struct Gated {
 #[async_trait]
 impl RootKeyProvider for Gated {
     fn kind(&self) -> &'static str {
-        "local"
+        self.inner.kind()
     }
-    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
-        self.inner.generate_data_key(ctx).await
+    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError> {
+        self.inner.shared_key(region)
+    }
+    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
+        self.inner.resolve_key(key, region).await
+    }
+    async fn create_dedicated_key(
+        &self,
+        tenant: &TenantId,
+        region: Option<&str>,
+    ) -> Result<String, KmsError> {
+        self.inner.create_dedicated_key(tenant, region).await
+    }
+    async fn generate_data_key(
+        &self,
+        root_key_id: &str,
+        ctx: WrapContext<'_>,
+    ) -> Result<GeneratedKey, KmsError> {
+        self.inner.generate_data_key(root_key_id, ctx).await
     }
     async fn decrypt(
         &self,
@@ -38,8 +58,25 @@ impl RootKeyProvider for Gated {
         self.release.notified().await;
         self.inner.decrypt(ctx, wrapped).await
     }
+    async fn re_encrypt(
+        &self,
+        ctx: WrapContext<'_>,
+        wrapped: &WrappedKey,
+        to_root_key_id: &str,
+    ) -> Result<WrappedKey, KmsError> {
+        self.inner.re_encrypt(ctx, wrapped, to_root_key_id).await
+    }
+    async fn schedule_key_deletion(
+        &self,
+        root_key_id: &str,
+        waiting_days: u32,
+    ) -> Result<UnixMillis, KmsError> {
+        self.inner
+            .schedule_key_deletion(root_key_id, waiting_days)
+            .await
+    }
     async fn health(&self) -> Result<(), KmsError> {
-        Ok(())
+        self.inner.health().await
     }
 }
 
@@ -52,20 +89,19 @@ async fn a_call_in_flight_when_shutdown_begins_completes() {
         .await
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: "acme".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
     first.stop().await;
 
     // A fresh sidecar: its cache is cold, so Encrypt must unwrap, and waits at the gate.
-    let counting = Arc::new(CountingRoot::open(dir.path()));
     let gated = Arc::new(Gated {
-        inner: counting.clone(),
+        inner: common::provider(Kms::Local, dir.path(), None).await,
         entered: Notify::new(),
         release: Notify::new(),
     });
-    let mut sidecar =
-        TestSidecar::start_with_root(dir, Options::default(), counting, gated.clone()).await;
+    let mut sidecar = TestSidecar::start_with_root(dir, Options::default(), gated.clone()).await;
     let mut crypto = sidecar.crypto().await;
     let call = tokio::spawn(async move {
         crypto

@@ -7,8 +7,8 @@ use super::{Shared, pb, timestamp};
 use crate::{
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::TenantInfo,
-    store::{TenantRecord, TenantState},
+    keys::{PlacementRequest, RootKeyChoice, TenantInfo},
+    store::{TenantRecord, TenantState, Tier},
 };
 
 /// ListTenants page size when the request says 0, and the most it may ask.
@@ -25,12 +25,24 @@ impl AdminService {
     }
 }
 
-fn tenant_message(record: &TenantRecord, versions: &[crate::store::TenantKeyRecord]) -> pb::Tenant {
-    let (state, primary, shredded_at) = match &record.state {
+fn tenant_message(
+    record: &TenantRecord,
+    root_key_id: String,
+    versions: &[crate::store::TenantKeyRecord],
+) -> pb::Tenant {
+    let (state, primary, shredded_at, deletion) = match &record.state {
         TenantState::Active {
             primary_version, ..
-        } => (pb::TenantState::Active, *primary_version, None),
-        TenantState::Shredded { at } => (pb::TenantState::Shredded, 0, Some(timestamp(*at))),
+        } => (pb::TenantState::Active, *primary_version, None, None),
+        TenantState::Shredded {
+            at,
+            root_key_deletion,
+        } => (
+            pb::TenantState::Shredded,
+            0,
+            Some(timestamp(*at)),
+            root_key_deletion.map(timestamp),
+        ),
     };
     pb::Tenant {
         tenant_id: record.id.to_string(),
@@ -51,11 +63,65 @@ fn tenant_message(record: &TenantRecord, versions: &[crate::store::TenantKeyReco
             })
             .collect(),
         shredded_at,
+        tier: tier(record.placement.tier) as i32,
+        region: record.placement.region.clone().unwrap_or_default(),
+        root_key_id,
+        root_key_deletion_date: deletion,
     }
 }
 
-fn tenant_info(info: TenantInfo) -> pb::Tenant {
-    tenant_message(&info.record, &info.versions)
+fn tier(tier: Tier) -> pb::TenantTier {
+    match tier {
+        Tier::Shared => pb::TenantTier::Shared,
+        Tier::Dedicated => pb::TenantTier::Dedicated,
+        Tier::Customer => pb::TenantTier::Customer,
+    }
+}
+
+impl AdminService {
+    /// The tenant's current root key id, or empty when it cannot be named
+    /// (e.g. its region is no longer configured).
+    fn root_key_id(&self, record: &TenantRecord) -> String {
+        self.shared
+            .keys
+            .root_key_of(&record.id, &record.placement)
+            .unwrap_or_default()
+    }
+
+    fn tenant_info(&self, info: TenantInfo) -> pb::Tenant {
+        let root_key_id = self.root_key_id(&info.record);
+        tenant_message(&info.record, root_key_id, &info.versions)
+    }
+}
+
+/// A region name as AWS spells them: lower-case letters, digits and '-'.
+fn parse_region(raw: &str) -> Result<Option<String>, Error> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    if raw.len() > 32
+        || !raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(Error::invalid(
+            "region",
+            "must be a region name such as eu-central-1 (lower-case letters, digits and '-', at most 32)",
+        ));
+    }
+    Ok(Some(raw.to_owned()))
+}
+
+fn parse_root_key(raw: &str) -> Result<RootKeyChoice, Error> {
+    match raw {
+        "" => Ok(RootKeyChoice::Shared),
+        "dedicated" => Ok(RootKeyChoice::Dedicated),
+        key if key.len() > 2048 || key.chars().any(char::is_whitespace) => Err(Error::invalid(
+            "root_key",
+            "must be empty, \"dedicated\", or a KMS key id, ARN or alias",
+        )),
+        key => Ok(RootKeyChoice::Existing(key.to_owned())),
+    }
 }
 
 /// Page tokens are the last tenant id of the previous page, base64url: opaque
@@ -78,9 +144,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        let info = self.shared.keys.create_tenant(&id).await?;
-        Ok(Response::new(tenant_info(info)))
+        let r = request.get_ref();
+        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+        let placement = PlacementRequest {
+            root_key: parse_root_key(&r.root_key)?,
+            region: parse_region(&r.region)?,
+        };
+        let info = self.shared.keys.create_tenant(&id, &placement).await?;
+        Ok(Response::new(self.tenant_info(info)))
     }
 
     async fn get_tenant(
@@ -89,7 +160,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
         let info = self.shared.keys.tenant_info(&id).await?;
-        Ok(Response::new(tenant_info(info)))
+        Ok(Response::new(self.tenant_info(info)))
     }
 
     async fn list_tenants(
@@ -122,7 +193,10 @@ impl pb::admin_server::Admin for AdminService {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListTenantsResponse {
-            tenants: records.iter().map(|r| tenant_message(r, &[])).collect(),
+            tenants: records
+                .iter()
+                .map(|r| tenant_message(r, self.root_key_id(r), &[]))
+                .collect(),
             next_page_token,
         }))
     }
@@ -133,7 +207,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
         let info = self.shared.keys.rotate(&id).await?;
-        Ok(Response::new(tenant_info(info)))
+        Ok(Response::new(self.tenant_info(info)))
     }
 
     async fn shred_tenant(
@@ -149,13 +223,20 @@ impl pb::admin_server::Admin for AdminService {
             )
             .into());
         }
-        let shred = self.shared.keys.shred_tenant(&id).await?;
+        let report = self.shared.keys.shred_tenant(&id).await?;
+        let shred = &report.shred;
+        let dedicated = report.placement.tier == Tier::Dedicated;
         Ok(Response::new(pb::ShredTenantResponse {
             tenant_id: id.to_string(),
             shredded_at: Some(timestamp(shred.at)),
             already_shredded: shred.already_shredded,
             destroyed_key_versions: shred.destroyed_key_versions,
             destroyed_subject_keys: shred.destroyed_subject_keys,
+            root_key_id: match (&report.placement.root_key, dedicated) {
+                (Some(key), true) => key.clone(),
+                _ => String::new(),
+            },
+            root_key_deletion_date: report.root_key_deletion.map(timestamp),
         }))
     }
 

@@ -12,7 +12,9 @@ pub fn code(error: &Error) -> Code {
         Error::TenantExists(_) => Code::AlreadyExists,
         Error::TenantShredded { .. }
         | Error::SubjectShredded { .. }
-        | Error::KeyVersionGone { .. } => Code::FailedPrecondition,
+        | Error::KeyVersionGone { .. }
+        | Error::Unsupported(_)
+        | Error::RootKeyUnusable { .. } => Code::FailedPrecondition,
         Error::Aborted(_) => Code::Aborted,
         Error::Unavailable(_) => Code::Unavailable,
         Error::Internal => Code::Internal,

@@ -27,8 +27,8 @@ use crate::{
     kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
     store::{
-        Keystore, NewTenant, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
-        TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+        Keystore, NewTenant, Placement, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+        TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier, UnixMillis,
     },
 };
 use cache::{CacheLimits, TtlCache};
@@ -65,6 +65,50 @@ pub struct ActiveTenant {
     pub id: TenantId,
     pub primary_version: u32,
     index_key: WrappedKey,
+}
+
+/// What CreateTenant asks for the tenant's root key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RootKeyChoice {
+    /// The configured shared root key of the tenant's region.
+    #[default]
+    Shared,
+    /// A new KMS key for this tenant alone.
+    Dedicated,
+    /// An existing KMS key (id, ARN or alias) the tenant supplies.
+    Existing(String),
+}
+
+/// Where CreateTenant places a tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlacementRequest {
+    pub root_key: RootKeyChoice,
+    /// `None`: the default region.
+    pub region: Option<String>,
+}
+
+/// What a tenant shred did, keystore and KMS.
+#[derive(Clone, Debug)]
+pub struct ShredReport {
+    pub shred: TenantShred,
+    pub placement: Placement,
+    /// When KMS deletes the tenant's dedicated root key.
+    pub root_key_deletion: Option<UnixMillis>,
+}
+
+/// Settings of the hierarchy beyond the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySettings {
+    /// Days KMS waits before deleting a shredded tenant's dedicated key (7 to 30).
+    pub key_deletion_waiting_days: u32,
+}
+
+impl Default for KeySettings {
+    fn default() -> Self {
+        Self {
+            key_deletion_waiting_days: 30,
+        }
+    }
 }
 
 /// A tenant and its key versions, for the admin API.
@@ -129,6 +173,7 @@ pub struct KeyManager {
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
+    settings: KeySettings,
 }
 
 impl KeyManager {
@@ -136,6 +181,7 @@ impl KeyManager {
         root: Arc<dyn RootKeyProvider>,
         store: Arc<dyn Keystore>,
         limits: CacheLimits,
+        settings: KeySettings,
     ) -> Self {
         Self {
             root,
@@ -143,6 +189,7 @@ impl KeyManager {
             tenants: TtlCache::new(limits),
             sealing: TtlCache::new(limits),
             index: TtlCache::new(limits),
+            settings,
         }
     }
 
@@ -154,28 +201,104 @@ impl KeyManager {
     // ---- tenants ---------------------------------------------------------
 
     /// Creates a tenant: key version 1 and its subject-index key, both made
-    /// and wrapped by the root key. The new keys go straight into the cache.
-    pub async fn create_tenant(&self, id: &TenantId) -> Result<TenantInfo> {
+    /// and wrapped by the tenant's root key. The new keys go straight into the
+    /// cache.
+    pub async fn create_tenant(
+        &self,
+        id: &TenantId,
+        request: &PlacementRequest,
+    ) -> Result<TenantInfo> {
+        // Refuse a known id before anything costs a KMS key.
+        match self.store.tenant(id).await? {
+            Some(TenantRecord {
+                state: TenantState::Shredded { at, .. },
+                ..
+            }) => {
+                return Err(Error::TenantShredded {
+                    tenant: id.clone(),
+                    at,
+                });
+            }
+            Some(_) => return Err(Error::TenantExists(id.clone())),
+            None => {}
+        }
+        let region = request.region.as_deref();
+        let placement = match &request.root_key {
+            RootKeyChoice::Shared => {
+                self.root
+                    .shared_key(region)
+                    .map_err(|e| placement_error("region", e))?;
+                Placement {
+                    tier: Tier::Shared,
+                    region: request.region.clone(),
+                    root_key: None,
+                }
+            }
+            RootKeyChoice::Dedicated => Placement {
+                tier: Tier::Dedicated,
+                region: request.region.clone(),
+                root_key: Some(
+                    self.root
+                        .create_dedicated_key(id, region)
+                        .await
+                        .map_err(|e| placement_error("root_key", e))?,
+                ),
+            },
+            RootKeyChoice::Existing(key) => Placement {
+                tier: Tier::Customer,
+                region: request.region.clone(),
+                root_key: Some(
+                    self.root
+                        .resolve_key(key, region)
+                        .await
+                        .map_err(|e| placement_error("root_key", e))?,
+                ),
+            },
+        };
+        let created = self.create_with(id, placement.clone()).await;
+        if created.is_err()
+            && placement.tier == Tier::Dedicated
+            && let Some(key) = &placement.root_key
+        {
+            // Do not leave an orphan KMS key behind a failed creation.
+            let deletion = self
+                .root
+                .schedule_key_deletion(key, self.settings.key_deletion_waiting_days)
+                .await;
+            tracing::warn!(tenant = %id, root_key = %key, scheduled = deletion.is_ok(), "tenant creation failed; its dedicated root key is scheduled for deletion");
+        }
+        created
+    }
+
+    async fn create_with(&self, id: &TenantId, placement: Placement) -> Result<TenantInfo> {
+        let root_key = self.root_key_of(id, &placement)?;
         let first = self
             .root
-            .generate_data_key(WrapContext {
-                tenant: id,
-                purpose: Purpose::TenantKey { version: 1 },
-            })
+            .generate_data_key(
+                &root_key,
+                WrapContext {
+                    tenant: id,
+                    purpose: Purpose::TenantKey { version: 1 },
+                },
+            )
             .await
             .map_err(|e| kms_error(id, e))?;
         let index = self
             .root
-            .generate_data_key(WrapContext {
-                tenant: id,
-                purpose: Purpose::SubjectIndex,
-            })
+            .generate_data_key(
+                &root_key,
+                WrapContext {
+                    tenant: id,
+                    purpose: Purpose::SubjectIndex,
+                },
+            )
             .await
             .map_err(|e| kms_error(id, e))?;
         self.store
             .create_tenant(NewTenant {
                 id: id.clone(),
                 created_at: UnixMillis::now(),
+                placement: placement.clone(),
                 first_key: first.wrapped,
                 index_key: index.wrapped,
             })
@@ -193,8 +316,20 @@ impl KeyManager {
             )
             .await;
         self.index.insert(id.clone(), index.key).await;
-        tracing::info!(tenant = %id, "tenant created");
+        tracing::info!(tenant = %id, tier = placement.tier.as_str(), region = placement.region.as_deref().unwrap_or("default"), "tenant created");
         self.tenant_info(id).await
+    }
+
+    /// The root key that wraps a tenant's new keys: its own, or the shared
+    /// key of its region as configured now.
+    pub fn root_key_of(&self, id: &TenantId, placement: &Placement) -> Result<String> {
+        match &placement.root_key {
+            Some(key) => Ok(key.clone()),
+            None => self
+                .root
+                .shared_key(placement.region.as_deref())
+                .map_err(|e| kms_error(id, e)),
+        }
     }
 
     /// The tenant and its key versions, read from the keystore (not cached).
@@ -240,7 +375,7 @@ impl KeyManager {
                 primary_version: *primary_version,
                 index_key: index_key.clone(),
             }),
-            TenantState::Shredded { at } => Err(Error::TenantShredded {
+            TenantState::Shredded { at, .. } => Err(Error::TenantShredded {
                 tenant: id.clone(),
                 at: *at,
             }),
@@ -260,7 +395,7 @@ impl KeyManager {
                 TenantState::Active {
                     primary_version, ..
                 } => primary_version,
-                TenantState::Shredded { at } => {
+                TenantState::Shredded { at, .. } => {
                     return Err(Error::TenantShredded {
                         tenant: id.clone(),
                         at,
@@ -268,12 +403,16 @@ impl KeyManager {
                 }
             };
             let version = primary + 1;
+            let root_key = self.root_key_of(id, &record.placement)?;
             let generated = self
                 .root
-                .generate_data_key(WrapContext {
-                    tenant: id,
-                    purpose: Purpose::TenantKey { version },
-                })
+                .generate_data_key(
+                    &root_key,
+                    WrapContext {
+                        tenant: id,
+                        purpose: Purpose::TenantKey { version },
+                    },
+                )
                 .await
                 .map_err(|e| kms_error(id, e))?;
             let added = self
@@ -314,8 +453,15 @@ impl KeyManager {
     }
 
     /// Destroys every key of the tenant, leaves a tombstone, and evicts the
-    /// tenant's keys from this sidecar's cache.
-    pub async fn shred_tenant(&self, id: &TenantId) -> Result<TenantShred> {
+    /// tenant's keys from this sidecar's cache. A dedicated root key is then
+    /// scheduled for deletion in KMS; if KMS cannot be reached for that, the
+    /// call answers UNAVAILABLE and calling again schedules it.
+    pub async fn shred_tenant(&self, id: &TenantId) -> Result<ShredReport> {
+        let record = self
+            .store
+            .tenant(id)
+            .await?
+            .ok_or_else(|| Error::TenantNotFound(id.clone()))?;
         let result = self.store.shred_tenant(id, UnixMillis::now()).await;
         // Evict even on error: the transaction may have committed before the
         // error, and a cache miss costs only a reload.
@@ -331,7 +477,30 @@ impl KeyManager {
                 "tenant shredded"
             );
         }
-        Ok(shred)
+        let mut root_key_deletion = match record.state {
+            TenantState::Shredded {
+                root_key_deletion, ..
+            } => root_key_deletion,
+            TenantState::Active { .. } => None,
+        };
+        if record.placement.tier == Tier::Dedicated
+            && root_key_deletion.is_none()
+            && let Some(key) = &record.placement.root_key
+        {
+            let at = self
+                .root
+                .schedule_key_deletion(key, self.settings.key_deletion_waiting_days)
+                .await
+                .map_err(|e| kms_error(id, e))?;
+            self.store.set_root_key_deletion(id, at).await?;
+            tracing::info!(tenant = %id, root_key = %key, deletion = %at, "dedicated root key scheduled for deletion");
+            root_key_deletion = Some(at);
+        }
+        Ok(ShredReport {
+            shred,
+            placement: record.placement,
+            root_key_deletion,
+        })
     }
 
     /// Destroys one data subject's key and leaves a tombstone.
@@ -657,7 +826,23 @@ fn kms_error(tenant: &TenantId, e: KmsError) -> Error {
         KmsError::Refused => Error::internal(format!(
             "the root key refused to unwrap a key of tenant {tenant}: the keystore row is corrupt or was moved"
         )),
+        KmsError::Unsupported(message) => Error::Unsupported(message),
+        KmsError::KeyNotUsable(detail) => Error::RootKeyUnusable {
+            tenant: tenant.clone(),
+            detail,
+        },
         KmsError::Failed(detail) => Error::internal(detail),
+    }
+}
+
+/// A KMS error while placing a new tenant: a key or region the caller named
+/// is the caller's to fix.
+fn placement_error(field: &'static str, e: KmsError) -> Error {
+    match e {
+        KmsError::KeyNotUsable(reason) => Error::invalid(field, reason),
+        KmsError::Unsupported(message) => Error::Unsupported(message),
+        KmsError::Unavailable(detail) => Error::unavailable(Dependency::RootKey, detail),
+        KmsError::Refused | KmsError::Failed(_) => Error::internal(e),
     }
 }
 

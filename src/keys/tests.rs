@@ -1,43 +1,10 @@
-use std::{
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
-};
-
-use async_trait::async_trait;
+use std::time::Duration;
 
 use super::*;
 use crate::{
-    kms::{GeneratedKey, local::LocalRootKey},
+    kms::{local::LocalRootKey, metered::Metered},
     store::sqlite::SqliteKeystore,
 };
-
-/// The real local root key, counting unwraps. (A wrapper, not a double: every
-/// call reaches the real provider.)
-struct Counting {
-    inner: LocalRootKey,
-    decrypts: AtomicUsize,
-}
-
-#[async_trait]
-impl RootKeyProvider for Counting {
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
-        self.inner.generate_data_key(ctx).await
-    }
-    async fn decrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-    ) -> Result<Key256, KmsError> {
-        self.decrypts.fetch_add(1, Ordering::SeqCst);
-        self.inner.decrypt(ctx, wrapped).await
-    }
-    async fn health(&self) -> Result<(), KmsError> {
-        Ok(())
-    }
-}
 
 const TTL: Duration = Duration::from_secs(300);
 
@@ -49,20 +16,23 @@ fn limits() -> CacheLimits {
     }
 }
 
-async fn manager(dir: &tempfile::TempDir) -> (KeyManager, Arc<Counting>, Arc<dyn Keystore>) {
-    let root = Arc::new(Counting {
-        inner: LocalRootKey::load_or_create(&dir.path().join("root.key"))
-            .unwrap()
-            .0,
-        decrypts: AtomicUsize::new(0),
-    });
+async fn manager(dir: &tempfile::TempDir) -> (KeyManager, Arc<Metered>, Arc<dyn Keystore>) {
+    let local = LocalRootKey::load_or_create(&dir.path().join("root.key"))
+        .unwrap()
+        .0;
+    let root = Arc::new(Metered::new(Arc::new(local)));
     let store: Arc<dyn Keystore> = Arc::new(
         SqliteKeystore::open(&dir.path().join("keystore.sqlite3"))
             .await
             .unwrap(),
     );
     (
-        KeyManager::new(root.clone(), store.clone(), limits()),
+        KeyManager::new(
+            root.clone(),
+            store.clone(),
+            limits(),
+            KeySettings::default(),
+        ),
         root,
         store,
     )
@@ -77,24 +47,32 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, root, _) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id).await.unwrap();
+    keys.create_tenant(&id, &PlacementRequest::default())
+        .await
+        .unwrap();
     let t = keys.active_tenant(&id).await.unwrap();
-    // Tokio's clock stands still from here and moves only by `advance`.
-    tokio::time::pause();
+    // The TTL passes on tokio's clock, moved by `advance`, never by sleeping.
+    // The clock runs between jumps: stopped, it would auto-advance past
+    // sqlx's pool timeouts while a query waits on SQLite's worker thread.
+    let jump = |by: Duration| async move {
+        tokio::time::pause();
+        tokio::time::advance(by).await;
+        tokio::time::resume();
+    };
 
     // Creation put the new key in the cache: no unwrap yet.
     keys.encrypt(&t, None, &Context::new(), b"a").await.unwrap();
-    assert_eq!(root.decrypts.load(Ordering::SeqCst), 0);
+    assert_eq!(root.counts().decrypt, 0);
 
-    tokio::time::advance(TTL - Duration::from_secs(1)).await;
+    jump(TTL - Duration::from_secs(5)).await;
     keys.encrypt(&t, None, &Context::new(), b"b").await.unwrap();
-    assert_eq!(root.decrypts.load(Ordering::SeqCst), 0);
+    assert_eq!(root.counts().decrypt, 0);
 
-    tokio::time::advance(Duration::from_secs(2)).await;
+    jump(Duration::from_secs(10)).await;
     keys.encrypt(&t, None, &Context::new(), b"c").await.unwrap();
-    assert_eq!(root.decrypts.load(Ordering::SeqCst), 1);
+    assert_eq!(root.counts().decrypt, 1);
     keys.encrypt(&t, None, &Context::new(), b"d").await.unwrap();
-    assert_eq!(root.decrypts.load(Ordering::SeqCst), 1);
+    assert_eq!(root.counts().decrypt, 1);
 }
 
 #[tokio::test]
@@ -110,9 +88,12 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
         ),
         store.clone(),
         limits(),
+        KeySettings::default(),
     );
     let id = tenant("acme");
-    one.create_tenant(&id).await.unwrap();
+    one.create_tenant(&id, &PlacementRequest::default())
+        .await
+        .unwrap();
     let (t1, t2) = (
         one.active_tenant(&id).await.unwrap(),
         two.active_tenant(&id).await.unwrap(),
@@ -150,7 +131,7 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
         b"from one"
     );
     let shred = one.shred_tenant(&id).await.unwrap();
-    assert_eq!(shred.destroyed_subject_keys, 1);
+    assert_eq!(shred.shred.destroyed_subject_keys, 1);
 }
 
 #[tokio::test]
@@ -158,7 +139,9 @@ async fn concurrent_rotations_make_consecutive_versions() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, _, store) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id).await.unwrap();
+    keys.create_tenant(&id, &PlacementRequest::default())
+        .await
+        .unwrap();
     let keys = Arc::new(keys);
     let rotations: Vec<_> = (0..4)
         .map(|_| {
@@ -185,7 +168,9 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, _, store) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id).await.unwrap();
+    keys.create_tenant(&id, &PlacementRequest::default())
+        .await
+        .unwrap();
     let t = keys.active_tenant(&id).await.unwrap();
     let plaintext = b"CANARY-PLAINTEXT-0123456789";
     let subject = SubjectId::parse("subject_id", "subject-canary@example.com").unwrap();
@@ -201,11 +186,15 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
         .rewrap(&t, &Context::new(), &sealed.ciphertext)
         .await
         .unwrap();
-    let generated = LocalRootKey::from_key(&Key256::generate().unwrap())
-        .generate_data_key(WrapContext {
-            tenant: &id,
-            purpose: Purpose::TenantKey { version: 9 },
-        })
+    let other_root = LocalRootKey::from_key(&Key256::generate().unwrap());
+    let generated = other_root
+        .generate_data_key(
+            other_root.id(),
+            WrapContext {
+                tenant: &id,
+                purpose: Purpose::TenantKey { version: 9 },
+            },
+        )
         .await
         .unwrap();
     let subject_id = keys.subject_key_id(&t, &subject).await.unwrap();

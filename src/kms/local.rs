@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{envelope::associated_data, secret::Key256};
+use crate::{envelope::associated_data, ids::TenantId, secret::Key256, store::UnixMillis};
 
 /// File name of the root key inside the data directory.
 pub const ROOT_KEY_FILE: &str = "root.key";
@@ -136,7 +136,43 @@ impl RootKeyProvider for LocalRootKey {
         "local"
     }
 
-    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
+    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError> {
+        match region {
+            None => Ok(self.id.clone()),
+            Some(_) => Err(no_regions()),
+        }
+    }
+
+    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
+        if region.is_some() {
+            return Err(no_regions());
+        }
+        if key != self.id {
+            return Err(KmsError::KeyNotUsable(format!(
+                "root key {key} is not this sidecar's local root key ({})",
+                self.id
+            )));
+        }
+        Ok(self.id.clone())
+    }
+
+    async fn create_dedicated_key(
+        &self,
+        _tenant: &TenantId,
+        _region: Option<&str>,
+    ) -> Result<String, KmsError> {
+        Err(KmsError::Unsupported(
+            "the local root-key provider has one root key and cannot create a dedicated one; configure AWS KMS"
+                .into(),
+        ))
+    }
+
+    async fn generate_data_key(
+        &self,
+        root_key_id: &str,
+        ctx: WrapContext<'_>,
+    ) -> Result<GeneratedKey, KmsError> {
+        self.check_id(root_key_id)?;
         let key = Key256::generate().map_err(|e| KmsError::Failed(e.to_string()))?;
         let wrapped = self.wrap(ctx, &key)?;
         Ok(GeneratedKey { key, wrapped })
@@ -166,15 +202,56 @@ impl RootKeyProvider for LocalRootKey {
         Key256::from_slice(&plain).ok_or(KmsError::Refused)
     }
 
+    async fn re_encrypt(
+        &self,
+        ctx: WrapContext<'_>,
+        wrapped: &WrappedKey,
+        to_root_key_id: &str,
+    ) -> Result<WrappedKey, KmsError> {
+        self.check_id(to_root_key_id)?;
+        let key = self.decrypt(ctx, wrapped).await?;
+        self.wrap(ctx, &key)
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        _root_key_id: &str,
+        _waiting_days: u32,
+    ) -> Result<UnixMillis, KmsError> {
+        Err(KmsError::Unsupported(
+            "the local root key cannot be scheduled for deletion; delete its file to erase every tenant".into(),
+        ))
+    }
+
     async fn health(&self) -> Result<(), KmsError> {
         Ok(())
     }
 }
 
+impl LocalRootKey {
+    fn check_id(&self, root_key_id: &str) -> Result<(), KmsError> {
+        if root_key_id == self.id {
+            Ok(())
+        } else {
+            Err(KmsError::KeyNotUsable(format!(
+                "root key {root_key_id} is not this sidecar's local root key ({})",
+                self.id
+            )))
+        }
+    }
+}
+
+fn no_regions() -> KmsError {
+    KmsError::Unsupported(
+        "the local root-key provider has no regions; configure AWS KMS to place tenants in regions"
+            .into(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ids::TenantId, kms::Purpose};
+    use crate::kms::Purpose;
 
     fn ctx(tenant: &TenantId, version: u32) -> WrapContext<'_> {
         WrapContext {
@@ -188,7 +265,7 @@ mod tests {
         let root = LocalRootKey::from_key(&Key256::generate().unwrap());
         let a = TenantId::parse("t", "a").unwrap();
         let b = TenantId::parse("t", "b").unwrap();
-        let made = root.generate_data_key(ctx(&a, 1)).await.unwrap();
+        let made = root.generate_data_key(root.id(), ctx(&a, 1)).await.unwrap();
         let back = root.decrypt(ctx(&a, 1), &made.wrapped).await.unwrap();
         assert_eq!(back.expose(), made.key.expose());
 

@@ -7,12 +7,14 @@
 //! KMS encryption context in AWS), so a wrapped key presented for another
 //! tenant, version or purpose is refused by the provider itself.
 
+pub mod aws;
 pub mod local;
+pub mod metered;
 
 use async_trait::async_trait;
 use thiserror::Error;
 
-use crate::{ids::TenantId, secret::Key256};
+use crate::{ids::TenantId, secret::Key256, store::UnixMillis};
 
 /// What a wrapped key is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,25 +83,75 @@ pub enum KmsError {
     /// by another root key, or is presented for another context.
     #[error("root-key provider refused to unwrap the key for this context")]
     Refused,
+    /// The provider cannot do this at all (e.g. the local provider has no
+    /// regions or per-tenant keys). The string is for the caller.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A root key the caller named is unknown, disabled, or elsewhere than
+    /// required. The string is for the caller (it names only the key).
+    #[error("{0}")]
+    KeyNotUsable(String),
     /// The provider failed for another reason. The string is for the log.
     #[error("root-key provider failed: {0}")]
     Failed(String),
 }
 
-/// The root key. Implementations: [`local::LocalRootKey`]; AWS KMS comes next.
+/// The root key. Implementations: [`local::LocalRootKey`] and
+/// [`aws::AwsKms`].
+///
+/// A root key is named by a provider-specific id: `local:<hash>` for the
+/// local key, a key ARN in AWS KMS. Every wrapped key records the id of the
+/// root key that wrapped it.
 #[async_trait]
 pub trait RootKeyProvider: Send + Sync + 'static {
     /// A short name for logs: "local", "aws".
     fn kind(&self) -> &'static str;
 
-    /// Makes a fresh 256-bit data key and returns it with its wrapped form
-    /// (AWS KMS: GenerateDataKey).
-    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError>;
+    /// The shared root key for tenants placed in `region` (`None`: the
+    /// default region).
+    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError>;
+
+    /// Checks that a root key the caller names (id, ARN or alias) exists, is
+    /// enabled and lives in `region`, and returns its canonical id.
+    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError>;
+
+    /// Creates a root key for one tenant, tagged with its id (AWS KMS:
+    /// CreateKey).
+    async fn create_dedicated_key(
+        &self,
+        tenant: &TenantId,
+        region: Option<&str>,
+    ) -> Result<String, KmsError>;
+
+    /// Makes a fresh 256-bit data key under `root_key_id` and returns it with
+    /// its wrapped form (AWS KMS: GenerateDataKey).
+    async fn generate_data_key(
+        &self,
+        root_key_id: &str,
+        ctx: WrapContext<'_>,
+    ) -> Result<GeneratedKey, KmsError>;
 
     /// Unwraps a key made by `generate_data_key` for the same context (AWS
     /// KMS: Decrypt).
     async fn decrypt(&self, ctx: WrapContext<'_>, wrapped: &WrappedKey)
     -> Result<Key256, KmsError>;
+
+    /// Moves a wrapped key under another root key without revealing it (AWS
+    /// KMS: ReEncrypt).
+    async fn re_encrypt(
+        &self,
+        ctx: WrapContext<'_>,
+        wrapped: &WrappedKey,
+        to_root_key_id: &str,
+    ) -> Result<WrappedKey, KmsError>;
+
+    /// Schedules a root key's deletion after `waiting_days` and answers when
+    /// it will be deleted (AWS KMS: ScheduleKeyDeletion).
+    async fn schedule_key_deletion(
+        &self,
+        root_key_id: &str,
+        waiting_days: u32,
+    ) -> Result<UnixMillis, KmsError>;
 
     /// Answers whether the provider is reachable and its key usable (AWS KMS:
     /// DescribeKey).

@@ -27,11 +27,13 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     api::{Shared, admin::AdminService, crypto::CryptoService, pb},
-    config::{Config, ConfigError, ListenAddr},
-    keys::KeyManager,
+    config::{Config, ConfigError, KmsProvider, ListenAddr},
+    keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
+        aws::AwsKms,
         local::{LocalRootKey, ROOT_KEY_FILE},
+        metered::Metered,
     },
     store::{
         Keystore, StoreError,
@@ -52,6 +54,8 @@ pub enum StartError {
     RootKey { path: PathBuf, source: io::Error },
     #[error("keystore: {0}")]
     Keystore(#[from] StoreError),
+    #[error("root-key provider: {0}")]
+    Kms(#[from] crate::kms::KmsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
 }
@@ -106,11 +110,10 @@ impl Listener {
     }
 }
 
-/// Opens the embedded default's parts in `config.data_dir`: the local root
-/// key (created on first start) and the SQLite keystore.
-pub async fn open_local(
-    config: &Config,
-) -> Result<(Arc<dyn RootKeyProvider>, Arc<dyn Keystore>), StartError> {
+/// Opens the data directory, the root-key provider the configuration names
+/// (the local root key, created on first start, or AWS KMS) and the SQLite
+/// keystore.
+pub async fn open(config: &Config) -> Result<(Arc<Metered>, Arc<dyn Keystore>), StartError> {
     let dir = &config.data_dir;
     fs::DirBuilder::new()
         .recursive(true)
@@ -120,6 +123,22 @@ pub async fn open_local(
             path: dir.clone(),
             source,
         })?;
+    let root: Arc<dyn RootKeyProvider> = match config.kms.provider {
+        KmsProvider::Local => Arc::new(open_local_root(dir)?),
+        KmsProvider::Aws => {
+            let settings = config.kms.aws_settings().ok_or_else(|| {
+                ConfigError::new("kms", "provider = aws needs kms.region and kms.key_id")
+            })?;
+            let kms = AwsKms::connect(&settings, None).await?;
+            tracing::info!(region = %settings.default_region, root_key = %kms.shared_key(None)?, "using AWS KMS");
+            Arc::new(kms)
+        }
+    };
+    let store = SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?;
+    Ok((Arc::new(Metered::new(root)), Arc::new(store)))
+}
+
+fn open_local_root(dir: &std::path::Path) -> Result<LocalRootKey, StartError> {
     let key_path = dir.join(ROOT_KEY_FILE);
     let (root, created) =
         LocalRootKey::load_or_create(&key_path).map_err(|source| StartError::RootKey {
@@ -135,8 +154,7 @@ pub async fn open_local(
          and a copy of it outlives any shred; use a KMS in production",
         key_path.display()
     );
-    let store = SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?;
-    Ok((Arc::new(root), Arc::new(store)))
+    Ok(root)
 }
 
 /// The gRPC routes: Crypto, Admin, health and reflection.
@@ -239,8 +257,15 @@ pub async fn serve(
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let started = Instant::now();
-    let (root, store) = open_local(&config).await?;
-    let keys = Arc::new(KeyManager::new(root, store, config.cache.limits()));
+    let (root, store) = open(&config).await?;
+    let keys = Arc::new(KeyManager::new(
+        root,
+        store,
+        config.cache.limits(),
+        KeySettings {
+            key_deletion_waiting_days: config.kms.deletion_waiting_days,
+        },
+    ));
     let shared = Shared {
         keys,
         limits: config.limits.clone(),

@@ -48,11 +48,64 @@ impl fmt::Display for UnixMillis {
     }
 }
 
+/// Which root key wraps a tenant's keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// The configured shared root key of the tenant's region.
+    Shared,
+    /// A KMS key keywarden created for this tenant alone; shredding the
+    /// tenant schedules its deletion.
+    Dedicated,
+    /// A KMS key the tenant supplied (bring your own key).
+    Customer,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Shared => "shared",
+            Tier::Dedicated => "dedicated",
+            Tier::Customer => "customer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "shared" => Some(Tier::Shared),
+            "dedicated" => Some(Tier::Dedicated),
+            "customer" => Some(Tier::Customer),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tenant's keys are wrapped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub tier: Tier,
+    /// `None`: the default region.
+    pub region: Option<String>,
+    /// The root key of a dedicated or customer tenant; `None` for shared
+    /// tenants, whose root key is the configured one of their region.
+    pub root_key: Option<String>,
+}
+
+impl Placement {
+    pub fn shared() -> Self {
+        Self {
+            tier: Tier::Shared,
+            region: None,
+            root_key: None,
+        }
+    }
+}
+
 /// A tenant as the keystore holds it.
 #[derive(Clone, Debug)]
 pub struct TenantRecord {
     pub id: TenantId,
     pub created_at: UnixMillis,
+    pub placement: Placement,
     pub state: TenantState,
 }
 
@@ -66,6 +119,8 @@ pub enum TenantState {
     },
     Shredded {
         at: UnixMillis,
+        /// When KMS deletes a dedicated root key, once that is scheduled.
+        root_key_deletion: Option<UnixMillis>,
     },
 }
 
@@ -82,6 +137,7 @@ pub struct TenantKeyRecord {
 pub struct NewTenant {
     pub id: TenantId,
     pub created_at: UnixMillis,
+    pub placement: Placement,
     /// Version 1 of the tenant key.
     pub first_key: WrappedKey,
     pub index_key: WrappedKey,
@@ -207,6 +263,9 @@ pub trait Keystore: Send + Sync + 'static {
     /// transaction. Shredding a shredded tenant changes nothing and says when
     /// the first shred was.
     async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError>;
+
+    /// Records when KMS deletes a shredded tenant's dedicated root key.
+    async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError>;
 
     /// Deletes the subject's key (if any) and leaves a tombstone.
     async fn shred_subject(

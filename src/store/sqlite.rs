@@ -19,8 +19,8 @@ use sqlx::{
 };
 
 use super::{
-    Keystore, NewTenant, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
-    TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+    Keystore, NewTenant, Placement, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+    TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier, UnixMillis,
 };
 use crate::{
     ids::{SubjectKeyId, TenantId},
@@ -121,7 +121,7 @@ async fn active_tenant_in(
     match tenant_in(tx, id).await? {
         None => Err(StoreError::TenantNotFound(id.clone())),
         Some(TenantRecord {
-            state: TenantState::Shredded { at },
+            state: TenantState::Shredded { at, .. },
             ..
         }) => Err(StoreError::TenantShredded {
             tenant: id.clone(),
@@ -132,9 +132,10 @@ async fn active_tenant_in(
 }
 
 const TENANT_COLUMNS: &str = "SELECT tenant_id, created_at_ms, primary_version, shredded_at_ms, \
-     index_key_wrapped, index_key_root FROM tenants";
+     index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms FROM tenants";
 const TENANT_COLUMNS_WHERE_ID: &str = "SELECT tenant_id, created_at_ms, primary_version, \
-     shredded_at_ms, index_key_wrapped, index_key_root FROM tenants WHERE tenant_id = ?";
+     shredded_at_ms, index_key_wrapped, index_key_root, tier, region, root_key, \
+     root_key_deletion_at_ms FROM tenants WHERE tenant_id = ?";
 
 fn tenant_from_row(row: &SqliteRow) -> Result<TenantRecord, StoreError> {
     let raw_id: String = row.try_get("tenant_id").map_err(corrupt)?;
@@ -142,8 +143,21 @@ fn tenant_from_row(row: &SqliteRow) -> Result<TenantRecord, StoreError> {
         .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
     let created_at = UnixMillis(row.try_get("created_at_ms").map_err(corrupt)?);
     let shredded: Option<i64> = row.try_get("shredded_at_ms").map_err(corrupt)?;
+    let tier: String = row.try_get("tier").map_err(corrupt)?;
+    let placement = Placement {
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {tier:?}")))?,
+        region: row.try_get("region").map_err(corrupt)?,
+        root_key: row.try_get("root_key").map_err(corrupt)?,
+    };
     let state = match shredded {
-        Some(at) => TenantState::Shredded { at: UnixMillis(at) },
+        Some(at) => TenantState::Shredded {
+            at: UnixMillis(at),
+            root_key_deletion: row
+                .try_get::<Option<i64>, _>("root_key_deletion_at_ms")
+                .map_err(corrupt)?
+                .map(UnixMillis),
+        },
         None => TenantState::Active {
             primary_version: version_from(row.try_get("primary_version").map_err(corrupt)?)?,
             index_key: WrappedKey {
@@ -155,6 +169,7 @@ fn tenant_from_row(row: &SqliteRow) -> Result<TenantRecord, StoreError> {
     Ok(TenantRecord {
         id,
         created_at,
+        placement,
         state,
     })
 }
@@ -214,7 +229,7 @@ impl Keystore for SqliteKeystore {
         let mut tx = self.write().await?;
         match tenant_in(&mut tx, &tenant.id).await? {
             Some(TenantRecord {
-                state: TenantState::Shredded { at },
+                state: TenantState::Shredded { at, .. },
                 ..
             }) => {
                 return Err(StoreError::TenantShredded {
@@ -227,12 +242,15 @@ impl Keystore for SqliteKeystore {
         }
         sqlx::query(
             "INSERT INTO tenants (tenant_id, created_at_ms, primary_version, index_key_wrapped, \
-             index_key_root) VALUES (?, ?, 1, ?, ?)",
+             index_key_root, tier, region, root_key) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
         )
         .bind(tenant.id.as_str())
         .bind(tenant.created_at.0)
         .bind(&tenant.index_key.ciphertext)
         .bind(&tenant.index_key.root_key_id)
+        .bind(tenant.placement.tier.as_str())
+        .bind(&tenant.placement.region)
+        .bind(&tenant.placement.root_key)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -385,7 +403,7 @@ impl Keystore for SqliteKeystore {
         match tenant_in(&mut tx, id).await? {
             None => return Err(StoreError::TenantNotFound(id.clone())),
             Some(TenantRecord {
-                state: TenantState::Shredded { at: first },
+                state: TenantState::Shredded { at: first, .. },
                 ..
             }) => {
                 return Ok(TenantShred {
@@ -417,6 +435,18 @@ impl Keystore for SqliteKeystore {
             destroyed_key_versions: u32::try_from(versions).unwrap_or(u32::MAX),
             destroyed_subject_keys: subjects,
         })
+    }
+
+    async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE tenants SET root_key_deletion_at_ms = ? WHERE tenant_id = ? AND shredded_at_ms IS NOT NULL",
+        )
+        .bind(at.0)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 
     async fn shred_subject(

@@ -3,16 +3,10 @@
 //! test can count the calls that reach the root-key provider.
 #![allow(dead_code)]
 
-use std::{
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+pub mod moto;
 
-use async_trait::async_trait;
+use std::{path::Path, sync::Arc, time::Duration};
+
 use keywarden::{
     api::{
         Shared,
@@ -20,64 +14,67 @@ use keywarden::{
     },
     client,
     config::{CacheConfig, Limits},
-    keys::KeyManager,
+    keys::{KeyManager, KeySettings},
     kms::{
-        GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey,
+        RootKeyProvider,
+        aws::{AwsKms, AwsSettings},
         local::{LocalRootKey, ROOT_KEY_FILE},
+        metered::Metered,
     },
-    secret::Key256,
     server::{self, Listener},
     store::sqlite::{KEYSTORE_FILE, SqliteKeystore},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// The real local root key, with a count of the calls that reach it.
-pub struct CountingRoot {
-    inner: LocalRootKey,
-    pub decrypts: AtomicUsize,
-    pub generates: AtomicUsize,
+/// Which root-key provider a test sidecar uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kms {
+    /// The local root key file in the data directory.
+    #[default]
+    Local,
+    /// AWS KMS through aws-sdk-kms, against moto's KMS API server. The
+    /// shared root key is made on first start in a data directory and
+    /// recorded there, so restarts find it again.
+    Aws,
 }
 
-impl CountingRoot {
-    pub fn open(dir: &Path) -> Self {
-        let (inner, _) = LocalRootKey::load_or_create(&dir.join(ROOT_KEY_FILE)).unwrap();
-        Self {
-            inner,
-            decrypts: AtomicUsize::new(0),
-            generates: AtomicUsize::new(0),
+/// File in a test data directory naming its moto root key.
+const MOTO_KEY_FILE: &str = "moto-root-key";
+
+/// The provider `kms` names for the data directory `dir`, talking to KMS
+/// through `endpoint` (moto's, or a proxy's in front of it).
+pub async fn provider(kms: Kms, dir: &Path, endpoint: Option<&str>) -> Arc<dyn RootKeyProvider> {
+    match kms {
+        Kms::Local => Arc::new(
+            LocalRootKey::load_or_create(&dir.join(ROOT_KEY_FILE))
+                .unwrap()
+                .0,
+        ),
+        Kms::Aws => {
+            let endpoint = endpoint.map_or_else(|| moto::moto().endpoint.clone(), str::to_owned);
+            let key_file = dir.join(MOTO_KEY_FILE);
+            let key = match std::fs::read_to_string(&key_file) {
+                Ok(key) => key,
+                Err(_) => {
+                    let key = moto::create_key("keywarden test root key").await;
+                    std::fs::write(&key_file, &key).unwrap();
+                    key
+                }
+            };
+            let settings = AwsSettings {
+                default_region: moto::REGION.into(),
+                shared_keys: vec![(moto::REGION.into(), key)],
+                endpoint_url: Some(endpoint),
+                attempt_timeout: Duration::from_secs(2),
+                max_attempts: 2,
+            };
+            Arc::new(
+                AwsKms::connect(&settings, Some(moto::credentials()))
+                    .await
+                    .unwrap(),
+            )
         }
-    }
-
-    pub fn decrypts(&self) -> usize {
-        self.decrypts.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl RootKeyProvider for CountingRoot {
-    fn kind(&self) -> &'static str {
-        "local"
-    }
-
-    async fn generate_data_key(&self, ctx: WrapContext<'_>) -> Result<GeneratedKey, KmsError> {
-        self.generates.fetch_add(1, Ordering::SeqCst);
-        self.inner.generate_data_key(ctx).await
-    }
-
-    async fn decrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-    ) -> Result<Key256, KmsError> {
-        self.decrypts.fetch_add(1, Ordering::SeqCst);
-        // Yield so that concurrent requests really overlap with this unwrap.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        self.inner.decrypt(ctx, wrapped).await
-    }
-
-    async fn health(&self) -> Result<(), KmsError> {
-        self.inner.health().await
     }
 }
 
@@ -85,12 +82,14 @@ impl RootKeyProvider for CountingRoot {
 pub struct Options {
     pub limits: Limits,
     pub cache: CacheConfig,
+    pub kms: Kms,
 }
 
 /// A sidecar serving on 127.0.0.1 with a free port.
 pub struct TestSidecar {
     pub addr: String,
-    pub root: Arc<CountingRoot>,
+    /// Counts every call that reaches the root-key provider.
+    pub root: Arc<Metered>,
     pub dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -107,22 +106,29 @@ impl TestSidecar {
 
     /// A sidecar on an existing data directory (e.g. after another stopped).
     pub async fn start_in(dir: Arc<tempfile::TempDir>, options: Options) -> Self {
-        let root = Arc::new(CountingRoot::open(dir.path()));
-        Self::start_with_root(dir, options, root.clone(), root).await
+        let provider = provider(options.kms, dir.path(), None).await;
+        Self::start_with_root(dir, options, provider).await
     }
 
-    /// A sidecar whose root-key calls go through `provider` (a fault
-    /// injector wrapping the real local root key); `root` counts.
+    /// A sidecar whose root-key calls go through `provider` (the real one, or
+    /// a fault injector wrapping it).
     pub async fn start_with_root(
         dir: Arc<tempfile::TempDir>,
         options: Options,
-        root: Arc<CountingRoot>,
         provider: Arc<dyn RootKeyProvider>,
     ) -> Self {
+        let root = Arc::new(Metered::new(provider));
         let store = SqliteKeystore::open(&dir.path().join(KEYSTORE_FILE))
             .await
             .unwrap();
-        let keys = KeyManager::new(provider, Arc::new(store), options.cache.limits());
+        let keys = KeyManager::new(
+            root.clone(),
+            Arc::new(store),
+            options.cache.limits(),
+            KeySettings {
+                key_deletion_waiting_days: 7,
+            },
+        );
         let shared = Shared {
             keys: Arc::new(keys),
             limits: options.limits,
@@ -159,6 +165,11 @@ impl TestSidecar {
 
     pub async fn admin(&self) -> AdminClient<Channel> {
         client::admin(self.channel().await)
+    }
+
+    /// Decrypt calls that reached the root-key provider so far.
+    pub fn decrypts(&self) -> u64 {
+        self.root.counts().decrypt
     }
 
     /// Tells the server to stop (as SIGTERM does) without waiting.
