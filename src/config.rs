@@ -16,6 +16,7 @@
 //! ttl_seconds = 300               # an unwrapped key is re-fetched this often
 //! tti_seconds = 60                # and dropped after this long unused
 //! max_keys = 100000
+//! stale_if_error_seconds = 0      # serve expired keys this long while KMS is down
 //!
 //! [kms]
 //! provider = "aws"                # or "local" (the default: a root key file)
@@ -135,6 +136,9 @@ pub struct CacheConfig {
     pub ttl_seconds: u64,
     pub tti_seconds: u64,
     pub max_keys: u64,
+    /// Seconds past the TTL a cached key keeps serving while the KMS or the
+    /// keystore is unavailable; 0 (the default) turns this off.
+    pub stale_if_error_seconds: u64,
 }
 
 impl Default for CacheConfig {
@@ -143,6 +147,7 @@ impl Default for CacheConfig {
             ttl_seconds: 300,
             tti_seconds: 60,
             max_keys: 100_000,
+            stale_if_error_seconds: 0,
         }
     }
 }
@@ -153,6 +158,7 @@ impl CacheConfig {
             max_entries: self.max_keys,
             time_to_live: Duration::from_secs(self.ttl_seconds),
             time_to_idle: Duration::from_secs(self.tti_seconds),
+            stale_if_error: Duration::from_secs(self.stale_if_error_seconds),
         }
     }
 }
@@ -355,6 +361,9 @@ impl Config {
         }
         if let Some(n) = number("KEYWARDEN_CACHE_MAX_KEYS")? {
             self.cache.max_keys = n;
+        }
+        if let Some(n) = number("KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS")? {
+            self.cache.stale_if_error_seconds = n;
         }
         if let Some(v) = var("KEYWARDEN_KMS_PROVIDER") {
             self.kms.provider = match v.trim() {

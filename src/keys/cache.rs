@@ -7,6 +7,10 @@
 //! - The time to live is also checked against tokio's clock when an entry is
 //!   read, so expiry is exact and testable with paused time. moka's own
 //!   expiry (on its wall clock) frees memory in the background.
+//! - Stale if error: an entry past its time to live that fails to reload
+//!   because a dependency is unavailable keeps serving for a configured
+//!   grace period (`stale_if_error`), so a KMS or keystore outage does not
+//!   take down tenants that were in use. Zero turns this off.
 //! - An invalidation wins over a load that was in flight when it happened: a
 //!   generation counter tells a loader that the keystore may have changed
 //!   under it, and the loader drops what it inserted.
@@ -38,6 +42,9 @@ pub struct CacheLimits {
     pub time_to_live: Duration,
     /// An entry unused this long is evicted (on the wall clock).
     pub time_to_idle: Duration,
+    /// How long past its time to live an entry may still serve while its
+    /// reload fails with [`Error::Unavailable`].
+    pub stale_if_error: Duration,
 }
 
 struct Entry<V> {
@@ -58,6 +65,7 @@ impl<V> Clone for Entry<V> {
 pub struct TtlCache<K, V> {
     inner: Cache<K, Entry<V>>,
     ttl: Duration,
+    stale_if_error: Duration,
     generation: AtomicU64,
 }
 
@@ -69,13 +77,15 @@ where
     pub fn new(limits: CacheLimits) -> Self {
         let inner = Cache::builder()
             .max_capacity(limits.max_entries)
-            .time_to_live(limits.time_to_live)
+            // Kept through the stale-if-error grace; freshness is checked on read.
+            .time_to_live(limits.time_to_live + limits.stale_if_error)
             .time_to_idle(limits.time_to_idle)
             .support_invalidation_closures()
             .build();
         Self {
             inner,
             ttl: limits.time_to_live,
+            stale_if_error: limits.stale_if_error,
             generation: AtomicU64::new(0),
         }
     }
@@ -93,21 +103,28 @@ where
             return Ok(entry.value);
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let ttl = self.ttl;
+        let (ttl, grace) = (self.ttl, self.stale_if_error);
         let computed = self
             .inner
             .entry(key.clone())
             .and_try_compute_with(|existing| async move {
-                if let Some(entry) = existing
-                    && entry.value().loaded_at.elapsed() < ttl
-                {
+                let age = existing.as_ref().map(|e| e.value().loaded_at.elapsed());
+                if age.is_some_and(|age| age < ttl) {
                     return Ok::<_, Error>(Op::Nop);
                 }
-                let value = load().await?;
-                Ok(Op::Put(Entry {
-                    value: Arc::new(value),
-                    loaded_at: Instant::now(),
-                }))
+                match load().await {
+                    Ok(value) => Ok(Op::Put(Entry {
+                        value: Arc::new(value),
+                        loaded_at: Instant::now(),
+                    })),
+                    Err(Error::Unavailable(dependency))
+                        if age.is_some_and(|age| age < ttl + grace) =>
+                    {
+                        tracing::warn!(%dependency, "serving a cached key past its time to live while the reload fails");
+                        Ok(Op::Nop)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await?;
         let value = match computed {
@@ -156,5 +173,125 @@ where
     /// Entries currently held (approximate, for metrics and tests).
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::error::Dependency;
+
+    const TTL: Duration = Duration::from_secs(60);
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn cache() -> TtlCache<u32, u32> {
+        TtlCache::new(CacheLimits {
+            max_entries: 100,
+            time_to_live: TTL,
+            time_to_idle: Duration::from_secs(3600),
+            stale_if_error: GRACE,
+        })
+    }
+
+    fn down() -> Error {
+        Error::Unavailable(Dependency::RootKey)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_entry_serves_through_the_grace_only_while_reloads_are_unavailable() {
+        let cache = cache();
+        assert_eq!(
+            *cache.get_or_load(&1, || async { Ok(10) }).await.unwrap(),
+            10
+        );
+
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        assert_eq!(
+            *cache
+                .get_or_load(&1, || async { Err(down()) })
+                .await
+                .unwrap(),
+            10
+        );
+        // Any other error is not hidden by the stale entry.
+        assert!(matches!(
+            cache
+                .get_or_load(&1, || async { Err(Error::Internal) })
+                .await,
+            Err(Error::Internal)
+        ));
+
+        tokio::time::advance(GRACE).await;
+        assert!(matches!(
+            cache.get_or_load(&1, || async { Err(down()) }).await,
+            Err(Error::Unavailable(_))
+        ));
+        // Once the dependency answers, the entry is fresh again.
+        assert_eq!(
+            *cache.get_or_load(&1, || async { Ok(11) }).await.unwrap(),
+            11
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_make_one_load_and_a_failed_load_caches_nothing() {
+        let cache = Arc::new(cache());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(&7, || async {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            Ok(70)
+                        })
+                        .await
+                        .map(|v| *v)
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap(), 70);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+
+        assert!(
+            cache
+                .get_or_load(&8, || async { Err(down()) })
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            *cache.get_or_load(&8, || async { Ok(80) }).await.unwrap(),
+            80
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidation_drops_a_load_that_was_in_flight() {
+        let cache = Arc::new(cache());
+        let started = Arc::new(tokio::sync::Notify::new());
+        let loader = {
+            let (cache, started) = (cache.clone(), started.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&1, || async move {
+                        started.notify_one();
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Ok(1)
+                    })
+                    .await
+            })
+        };
+        started.notified().await;
+        cache.invalidate(&2).await;
+        // The caller of the racing load gets its value once...
+        assert_eq!(*loader.await.unwrap().unwrap(), 1);
+        // ...but it was not kept: the next read loads again.
+        assert_eq!(*cache.get_or_load(&1, || async { Ok(2) }).await.unwrap(), 2);
     }
 }

@@ -13,6 +13,7 @@ fn limits() -> CacheLimits {
         max_entries: 1000,
         time_to_live: TTL,
         time_to_idle: Duration::from_secs(3600),
+        stale_if_error: Duration::ZERO,
     }
 }
 
