@@ -46,6 +46,9 @@ enum Command {
     /// Erase one data subject.
     #[command(subcommand)]
     Subject(SubjectCommand),
+    /// Operate on root keys.
+    #[command(subcommand)]
+    Root(RootCommand),
     /// Encrypt TEXT (or standard input with '-') and print the ciphertext as
     /// one line: kw1: and base64url.
     Encrypt(EncryptArgs),
@@ -96,6 +99,24 @@ enum TenantCommand {
         /// The tenant id again, to confirm.
         #[arg(long)]
         confirm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Move every key of the shared-tier tenants of a region onto the shared
+    /// root key configured now (set kms.key_id on every sidecar first).
+    /// Resumable: run it again after an interruption.
+    Rotate {
+        /// The key to rotate to, as a safeguard: must be the configured one.
+        #[arg(long, default_value = "")]
+        to: String,
+        /// The region; default: the default region.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Keys per page.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
     },
 }
 
@@ -214,6 +235,11 @@ async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
     match command {
         Command::Serve(_) => unreachable!("handled before connecting"),
         Command::Tenant(command) => tenant_command(client::admin(channel), command).await,
+        Command::Root(RootCommand::Rotate {
+            to,
+            region,
+            page_size,
+        }) => rotate_root(client::admin(channel), to, region, page_size).await,
         Command::Subject(SubjectCommand::Shred { tenant, subject }) => {
             let r = client::admin(channel)
                 .shred_subject(pb::ShredSubjectRequest {
@@ -359,6 +385,63 @@ async fn tenant_command(
         }
     }
     Ok(())
+}
+
+/// Follows a root key rotation with a progress bar (on a terminal) and
+/// prints the outcome.
+async fn rotate_root(
+    mut admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    to: String,
+    region: String,
+    page_size: u32,
+) -> Result<(), Status> {
+    let mut updates = admin
+        .rotate_root_key(pb::RotateRootKeyRequest {
+            region,
+            to,
+            page_size,
+        })
+        .await?
+        .into_inner();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} keys ({eta} left)")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    let mut last = None;
+    while let Some(update) = updates.message().await? {
+        bar.set_length(update.total);
+        bar.set_position(update.already_on_target + update.rewrapped + update.changed_concurrently);
+        bar.set_message(format!("rotating to {}", update.to));
+        last = Some(update);
+    }
+    bar.finish_and_clear();
+    let Some(last) = last else {
+        return Err(Status::unknown(
+            "the sidecar ended the rotation without a word",
+        ));
+    };
+    println!(
+        "{}: {} of {} keys moved to {} now, {} were there already, {} changed concurrently",
+        if last.done {
+            "done"
+        } else {
+            "interrupted (run it again to resume)"
+        },
+        last.rewrapped,
+        last.total,
+        last.to,
+        last.already_on_target,
+        last.changed_concurrently
+    );
+    if last.done {
+        Ok(())
+    } else {
+        Err(Status::aborted(
+            "the rotation stopped before the end; run it again to resume",
+        ))
+    }
 }
 
 fn print_tenant(t: &pb::Tenant) {

@@ -61,10 +61,10 @@ pub enum Error {
     #[error("key version {version} of tenant {tenant} no longer exists")]
     KeyVersionGone { tenant: TenantId, version: u32 },
 
-    /// The root-key provider cannot do what was asked (e.g. the local
-    /// provider has no per-tenant keys).
+    /// The request cannot be carried out in the sidecar's present set-up
+    /// (e.g. the local provider has no per-tenant keys); the message says why.
     #[error("{0}")]
-    Unsupported(String),
+    FailedPrecondition(String),
 
     /// A tenant's root key is disabled, missing or pending deletion in KMS.
     #[error("the root key of tenant {tenant} cannot be used: {detail}")]

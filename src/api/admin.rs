@@ -1,13 +1,15 @@
 //! `keywarden.v1.Admin`: tenants, rotation, shredding.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, pb, timestamp};
 use crate::{
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{PlacementRequest, RootKeyChoice, TenantInfo},
+    keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
     store::{TenantRecord, TenantState, Tier},
 };
 
@@ -138,8 +140,65 @@ fn parse_page_token(token: &str) -> Result<Option<TenantId>, Error> {
         .map_err(|_| invalid())
 }
 
+fn progress_message(p: RootRotationProgress) -> pb::RotateRootKeyProgress {
+    pb::RotateRootKeyProgress {
+        to: p.to,
+        total: p.total,
+        already_on_target: p.already_on_target,
+        rewrapped: p.rewrapped,
+        changed_concurrently: p.changed_concurrently,
+        done: p.done,
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    type RotateRootKeyStream = ReceiverStream<Result<pb::RotateRootKeyProgress, Status>>;
+
+    async fn rotate_root_key(
+        &self,
+        request: Request<pb::RotateRootKeyRequest>,
+    ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
+        let r = request.into_inner();
+        let region = parse_region(&r.region)?;
+        let page_size = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("at most {MAX_PAGE_SIZE} keys per page"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let to = (!r.to.is_empty()).then_some(r.to);
+        let keys = self.shared.keys.clone();
+        let (out, stream) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let (progress, mut updates) = mpsc::channel(4);
+            let forward = {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    while let Some(update) = updates.recv().await {
+                        if out.send(Ok(progress_message(update))).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let result = keys
+                .rotate_root(region.as_deref(), to.as_deref(), page_size, &progress)
+                .await;
+            drop(progress);
+            let _ = forward.await;
+            if let Err(e) = result {
+                let _ = out.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,

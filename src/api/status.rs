@@ -13,7 +13,7 @@ pub fn code(error: &Error) -> Code {
         Error::TenantShredded { .. }
         | Error::SubjectShredded { .. }
         | Error::KeyVersionGone { .. }
-        | Error::Unsupported(_)
+        | Error::FailedPrecondition(_)
         | Error::RootKeyUnusable { .. } => Code::FailedPrecondition,
         Error::Aborted(_) => Code::Aborted,
         Error::Unavailable(_) => Code::Unavailable,

@@ -27,8 +27,9 @@ use crate::{
     kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
     store::{
-        Keystore, NewTenant, Placement, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
-        TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier, UnixMillis,
+        Keystore, NewTenant, Placement, RootWrappedSlot, StoreError, SubjectKeyRecord,
+        SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier,
+        UnixMillis,
     },
 };
 use cache::{CacheLimits, TtlCache};
@@ -94,6 +95,23 @@ pub struct ShredReport {
     pub placement: Placement,
     /// When KMS deletes the tenant's dedicated root key.
     pub root_key_deletion: Option<UnixMillis>,
+}
+
+/// How far a root key rotation has come.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootRotationProgress {
+    /// The root key everything moves to.
+    pub to: String,
+    /// Keys in scope when the rotation started.
+    pub total: u64,
+    /// Of those, already wrapped by `to` (e.g. by an earlier, interrupted run).
+    pub already_on_target: u64,
+    /// Moved to `to` by this run so far.
+    pub rewrapped: u64,
+    /// Shredded or changed by someone else while this run was at them.
+    pub changed_concurrently: u64,
+    /// The whole keystore was walked.
+    pub done: bool,
 }
 
 /// Settings of the hierarchy beyond the cache.
@@ -503,6 +521,108 @@ impl KeyManager {
         })
     }
 
+    /// Moves every key wrapped directly by an old shared root key of `region`
+    /// (tenant key versions and subject-index keys of shared-tier tenants)
+    /// onto the shared root key configured now, with KMS ReEncrypt: the key
+    /// material never leaves KMS. Page by page, one key at a time, each swap
+    /// a compare-and-swap on the old wrapping: at every moment every key is
+    /// wrapped by the old or the new root key, never by nothing. Killed at any
+    /// point, it is resumed by running it again; run twice, the second run
+    /// finds nothing to do. Progress goes to `progress` after every page;
+    /// when nobody listens any more, it stops (and can be resumed).
+    ///
+    /// `to`, when given, must name the configured key: rotating to a key the
+    /// sidecars do not use for new keys would leave new versions behind.
+    pub async fn rotate_root(
+        &self,
+        region: Option<&str>,
+        to: Option<&str>,
+        page_size: u32,
+        progress: &tokio::sync::mpsc::Sender<RootRotationProgress>,
+    ) -> Result<RootRotationProgress> {
+        let target = self
+            .root
+            .shared_key(region)
+            .map_err(|e| placement_error("region", e))?;
+        if let Some(to) = to {
+            let named = self
+                .root
+                .resolve_key(to, region)
+                .await
+                .map_err(|e| placement_error("to", e))?;
+            if named != target {
+                return Err(Error::FailedPrecondition(format!(
+                    "the shared root key configured for this region is {target}, not {named}: \
+                     configure kms.key_id = {named} on every sidecar first, so that new keys are \
+                     wrapped by it too, then rotate"
+                )));
+            }
+        }
+        let (total, already) = self
+            .store
+            .count_shared_root_wrapped(region, &target)
+            .await?;
+        let mut state = RootRotationProgress {
+            to: target.clone(),
+            total,
+            already_on_target: already,
+            rewrapped: 0,
+            changed_concurrently: 0,
+            done: false,
+        };
+        tracing::info!(to = %target, total, already, "root key rotation started");
+        if progress.send(state.clone()).await.is_err() {
+            return Ok(state);
+        }
+        let mut after: Option<(TenantId, RootWrappedSlot)> = None;
+        loop {
+            let page = self
+                .store
+                .shared_root_wrapped(region, after.as_ref().map(|(t, s)| (t, *s)), page_size)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.tenant.clone(), last.slot));
+            for row in page.iter().filter(|row| row.wrapped.root_key_id != target) {
+                let purpose = match row.slot {
+                    RootWrappedSlot::Index => Purpose::SubjectIndex,
+                    RootWrappedSlot::Version(version) => Purpose::TenantKey { version },
+                };
+                let ctx = WrapContext {
+                    tenant: &row.tenant,
+                    purpose,
+                };
+                let rewrapped = self
+                    .root
+                    .re_encrypt(ctx, &row.wrapped, &target)
+                    .await
+                    .map_err(|e| kms_error(&row.tenant, e))?;
+                if self
+                    .store
+                    .replace_root_wrapped(&row.tenant, row.slot, &row.wrapped, &rewrapped)
+                    .await?
+                {
+                    state.rewrapped += 1;
+                    // The cached tenant state holds the old wrapped index key.
+                    self.tenants.invalidate(&row.tenant).await;
+                } else {
+                    // Shredded or rewrapped by someone else meanwhile.
+                    state.changed_concurrently += 1;
+                }
+            }
+            if progress.send(state.clone()).await.is_err() {
+                tracing::warn!(
+                    rewrapped = state.rewrapped,
+                    "root key rotation stopped: nobody follows it; run it again to resume"
+                );
+                return Ok(state);
+            }
+        }
+        state.done = true;
+        tracing::info!(to = %target, rewrapped = state.rewrapped, already = state.already_on_target, "root key rotation done");
+        let _ = progress.send(state.clone()).await;
+        Ok(state)
+    }
+
     /// Destroys one data subject's key and leaves a tombstone.
     pub async fn shred_subject(&self, id: &TenantId, subject: &SubjectId) -> Result<SubjectShred> {
         let tenant = self.active_tenant(id).await?;
@@ -826,7 +946,7 @@ fn kms_error(tenant: &TenantId, e: KmsError) -> Error {
         KmsError::Refused => Error::internal(format!(
             "the root key refused to unwrap a key of tenant {tenant}: the keystore row is corrupt or was moved"
         )),
-        KmsError::Unsupported(message) => Error::Unsupported(message),
+        KmsError::Unsupported(message) => Error::FailedPrecondition(message),
         KmsError::KeyNotUsable(detail) => Error::RootKeyUnusable {
             tenant: tenant.clone(),
             detail,
@@ -840,7 +960,7 @@ fn kms_error(tenant: &TenantId, e: KmsError) -> Error {
 fn placement_error(field: &'static str, e: KmsError) -> Error {
     match e {
         KmsError::KeyNotUsable(reason) => Error::invalid(field, reason),
-        KmsError::Unsupported(message) => Error::Unsupported(message),
+        KmsError::Unsupported(message) => Error::FailedPrecondition(message),
         KmsError::Unavailable(detail) => Error::unavailable(Dependency::RootKey, detail),
         KmsError::Refused | KmsError::Failed(_) => Error::internal(e),
     }

@@ -167,6 +167,33 @@ pub enum SubjectLookup {
     Absent,
 }
 
+/// Which of a tenant's keys the root key wraps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RootWrappedSlot {
+    /// The subject-index key (sorts first).
+    Index,
+    /// A tenant key version.
+    Version(u32),
+}
+
+impl RootWrappedSlot {
+    /// The slot as one number, for keyset pagination: 0 is the index key.
+    pub fn ordinal(self) -> i64 {
+        match self {
+            RootWrappedSlot::Index => 0,
+            RootWrappedSlot::Version(v) => i64::from(v),
+        }
+    }
+}
+
+/// One key wrapped directly by a root key.
+#[derive(Clone, Debug)]
+pub struct RootWrapped {
+    pub tenant: TenantId,
+    pub slot: RootWrappedSlot,
+    pub wrapped: WrappedKey,
+}
+
 /// What a tenant shred did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantShred {
@@ -263,6 +290,35 @@ pub trait Keystore: Send + Sync + 'static {
     /// transaction. Shredding a shredded tenant changes nothing and says when
     /// the first shred was.
     async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError>;
+
+    /// The keys wrapped directly by a root key (tenant key versions and
+    /// subject-index keys) of active shared-tier tenants in `region`, in
+    /// (tenant, slot) order, after `after` (exclusive), at most `limit`.
+    async fn shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        after: Option<(&TenantId, RootWrappedSlot)>,
+        limit: u32,
+    ) -> Result<Vec<RootWrapped>, StoreError>;
+
+    /// How many keys [`Keystore::shared_root_wrapped`] would list, and how
+    /// many of them `root_key_id` wraps already.
+    async fn count_shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        root_key_id: &str,
+    ) -> Result<(u64, u64), StoreError>;
+
+    /// Replaces one wrapped key if it is still `old` (compare and swap);
+    /// answers whether it did. The key is never absent: the old wrapping
+    /// stays until the new one is written, in one statement.
+    async fn replace_root_wrapped(
+        &self,
+        tenant: &TenantId,
+        slot: RootWrappedSlot,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> Result<bool, StoreError>;
 
     /// Records when KMS deletes a shredded tenant's dedicated root key.
     async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError>;

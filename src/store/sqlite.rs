@@ -19,8 +19,9 @@ use sqlx::{
 };
 
 use super::{
-    Keystore, NewTenant, Placement, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
-    TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier, UnixMillis,
+    Keystore, NewTenant, Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
+    SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier,
+    UnixMillis,
 };
 use crate::{
     ids::{SubjectKeyId, TenantId},
@@ -435,6 +436,118 @@ impl Keystore for SqliteKeystore {
             destroyed_key_versions: u32::try_from(versions).unwrap_or(u32::MAX),
             destroyed_subject_keys: subjects,
         })
+    }
+
+    async fn shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        after: Option<(&TenantId, RootWrappedSlot)>,
+        limit: u32,
+    ) -> Result<Vec<RootWrapped>, StoreError> {
+        let (after_tenant, after_slot) = after.map_or(("", -1), |(t, s)| (t.as_str(), s.ordinal()));
+        let rows = sqlx::query(
+            "SELECT tenant_id, slot, wrapped, root FROM ( \
+               SELECT tenant_id, 0 AS slot, index_key_wrapped AS wrapped, index_key_root AS root \
+                 FROM tenants WHERE shredded_at_ms IS NULL AND tier = 'shared' AND region IS ? \
+               UNION ALL \
+               SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id FROM tenant_keys k \
+                 JOIN tenants t ON t.tenant_id = k.tenant_id \
+                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' AND t.region IS ? \
+             ) WHERE (tenant_id, slot) > (?, ?) ORDER BY tenant_id, slot LIMIT ?",
+        )
+        .bind(region)
+        .bind(region)
+        .bind(after_tenant)
+        .bind(after_slot)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let raw: String = row.try_get("tenant_id").map_err(corrupt)?;
+                let tenant = TenantId::parse("tenant_id", &raw)
+                    .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
+                let slot = match row.try_get::<i64, _>("slot").map_err(corrupt)? {
+                    0 => RootWrappedSlot::Index,
+                    v => RootWrappedSlot::Version(version_from(v)?),
+                };
+                Ok(RootWrapped {
+                    tenant,
+                    slot,
+                    wrapped: WrappedKey {
+                        root_key_id: row.try_get("root").map_err(corrupt)?,
+                        ciphertext: row.try_get("wrapped").map_err(corrupt)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn count_shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        root_key_id: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS total, coalesce(sum(root = ?), 0) AS done FROM ( \
+               SELECT index_key_root AS root FROM tenants \
+                 WHERE shredded_at_ms IS NULL AND tier = 'shared' AND region IS ? \
+               UNION ALL \
+               SELECT k.root_key_id FROM tenant_keys k JOIN tenants t ON t.tenant_id = k.tenant_id \
+                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' AND t.region IS ? )",
+        )
+        .bind(root_key_id)
+        .bind(region)
+        .bind(region)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        let count = |name| -> Result<u64, StoreError> {
+            u64::try_from(row.try_get::<i64, _>(name).map_err(corrupt)?)
+                .map_err(|_| StoreError::Corrupt("negative count".into()))
+        };
+        Ok((count("total")?, count("done")?))
+    }
+
+    async fn replace_root_wrapped(
+        &self,
+        tenant: &TenantId,
+        slot: RootWrappedSlot,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        let executed = match slot {
+            RootWrappedSlot::Index => {
+                sqlx::query(
+                    "UPDATE tenants SET index_key_wrapped = ?, index_key_root = ? \
+                     WHERE tenant_id = ? AND index_key_wrapped = ? AND index_key_root = ?",
+                )
+                .bind(&new.ciphertext)
+                .bind(&new.root_key_id)
+                .bind(tenant.as_str())
+                .bind(&old.ciphertext)
+                .bind(&old.root_key_id)
+                .execute(&self.pool)
+                .await
+            }
+            RootWrappedSlot::Version(version) => {
+                sqlx::query(
+                    "UPDATE tenant_keys SET wrapped = ?, root_key_id = ? \
+                     WHERE tenant_id = ? AND version = ? AND wrapped = ? AND root_key_id = ?",
+                )
+                .bind(&new.ciphertext)
+                .bind(&new.root_key_id)
+                .bind(tenant.as_str())
+                .bind(i64::from(version))
+                .bind(&old.ciphertext)
+                .bind(&old.root_key_id)
+                .execute(&self.pool)
+                .await
+            }
+        };
+        let updated = executed.map_err(classify)?.rows_affected();
+        Ok(updated == 1)
     }
 
     async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError> {

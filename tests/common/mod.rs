@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod process;
+pub mod proxy;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
