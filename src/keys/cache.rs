@@ -11,6 +11,11 @@
 //!   because a dependency is unavailable keeps serving for a configured
 //!   grace period (`stale_if_error`), so a KMS or keystore outage does not
 //!   take down tenants that were in use. Zero turns this off.
+//! - A failure is shared: when a reload fails because a dependency is
+//!   unavailable, the requests queued behind it for the same key (and any for
+//!   [`FAILURE_BACKOFF`] after) answer at once, stale or UNAVAILABLE, instead
+//!   of each waiting on a failing KMS call of its own. An outage costs one
+//!   call per key per backoff, and queues do not build up.
 //! - An invalidation wins over a load that was in flight when it happened: a
 //!   generation counter tells a loader that the keystore may have changed
 //!   under it, and the loader drops what it inserted.
@@ -31,7 +36,11 @@ use std::{
 use moka::{future::Cache, ops::compute::CompResult, ops::compute::Op};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Dependency, Error, Result};
+
+/// How long a reload that failed for an unavailable dependency stands for the
+/// requests behind it before the next one tries the dependency again.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How a cache is bounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +73,8 @@ impl<V> Clone for Entry<V> {
 
 pub struct TtlCache<K, V> {
     inner: Cache<K, Entry<V>>,
+    /// Keys whose last reload failed, with when and which dependency.
+    failures: Cache<K, (Instant, Dependency)>,
     ttl: Duration,
     stale_if_error: Duration,
     generation: AtomicU64,
@@ -82,8 +93,13 @@ where
             .time_to_idle(limits.time_to_idle)
             .support_invalidation_closures()
             .build();
+        let failures = Cache::builder()
+            .max_capacity(limits.max_entries)
+            .time_to_live(FAILURE_BACKOFF)
+            .build();
         Self {
             inner,
+            failures,
             ttl: limits.time_to_live,
             stale_if_error: limits.stale_if_error,
             generation: AtomicU64::new(0),
@@ -103,7 +119,7 @@ where
             return Ok(entry.value);
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let (ttl, grace) = (self.ttl, self.stale_if_error);
+        let (ttl, grace, failures) = (self.ttl, self.stale_if_error, &self.failures);
         let computed = self
             .inner
             .entry(key.clone())
@@ -112,16 +128,33 @@ where
                 if age.is_some_and(|age| age < ttl) {
                     return Ok::<_, Error>(Op::Nop);
                 }
-                match load().await {
-                    Ok(value) => Ok(Op::Put(Entry {
-                        value: Arc::new(value),
-                        loaded_at: Instant::now(),
-                    })),
-                    Err(Error::Unavailable(dependency))
-                        if age.is_some_and(|age| age < ttl + grace) =>
-                    {
-                        tracing::warn!(%dependency, "serving a cached key past its time to live while the reload fails");
-                        Ok(Op::Nop)
+                let stale_usable = age.is_some_and(|age| age < ttl + grace);
+                let recent_failure = failures
+                    .get(key)
+                    .await
+                    .filter(|(at, _)| at.elapsed() < FAILURE_BACKOFF);
+                let outcome = match recent_failure {
+                    Some((_, dependency)) => Err(Error::Unavailable(dependency)),
+                    None => load().await,
+                };
+                match outcome {
+                    Ok(value) => {
+                        failures.invalidate(key).await;
+                        Ok(Op::Put(Entry {
+                            value: Arc::new(value),
+                            loaded_at: Instant::now(),
+                        }))
+                    }
+                    Err(Error::Unavailable(dependency)) => {
+                        if recent_failure.is_none() {
+                            failures.insert(key.clone(), (Instant::now(), dependency)).await;
+                        }
+                        if stale_usable {
+                            tracing::warn!(%dependency, "serving a cached key past its time to live while the reload fails");
+                            Ok(Op::Nop)
+                        } else {
+                            Err(Error::Unavailable(dependency))
+                        }
                     }
                     Err(e) => Err(e),
                 }
@@ -181,7 +214,6 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
-    use crate::error::Dependency;
 
     const TTL: Duration = Duration::from_secs(60);
     const GRACE: Duration = Duration::from_secs(30);
@@ -215,7 +247,16 @@ mod tests {
                 .unwrap(),
             10
         );
-        // Any other error is not hidden by the stale entry.
+        // Within the failure backoff the stale entry answers without a reload.
+        assert_eq!(
+            *cache
+                .get_or_load(&1, || async { panic!("no reload within the backoff") })
+                .await
+                .unwrap(),
+            10
+        );
+        // After it, any error other than unavailability is not hidden.
+        tokio::time::advance(FAILURE_BACKOFF).await;
         assert!(matches!(
             cache
                 .get_or_load(&1, || async { Err(Error::Internal) })
@@ -229,9 +270,61 @@ mod tests {
             Err(Error::Unavailable(_))
         ));
         // Once the dependency answers, the entry is fresh again.
+        tokio::time::advance(FAILURE_BACKOFF).await;
         assert_eq!(
             *cache.get_or_load(&1, || async { Ok(11) }).await.unwrap(),
             11
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_queued_behind_a_failed_reload_share_its_failure_instead_of_retrying() {
+        let cache = Arc::new(cache());
+        cache.get_or_load(&1, || async { Ok(10) }).await.unwrap();
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        let loads = Arc::new(AtomicUsize::new(0));
+        let run = |key: u32| {
+            let (cache, loads) = (cache.clone(), loads.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&key, || async {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        // A KMS that takes its time to fail.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        Err(down())
+                    })
+                    .await
+                    .map(|v| *v)
+            })
+        };
+        // 20 requests for an expired key: one reload, every one served stale.
+        let started = Instant::now();
+        let warm: Vec<_> = (0..20).map(|_| run(1)).collect();
+        for task in warm {
+            assert_eq!(task.await.unwrap().unwrap(), 10);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // 20 requests for a key never loaded: one load, every one UNAVAILABLE.
+        let cold: Vec<_> = (0..20).map(|_| run(2)).collect();
+        for task in cold {
+            assert!(matches!(task.await.unwrap(), Err(Error::Unavailable(_))));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+
+        // After the backoff the dependency is tried again.
+        tokio::time::advance(FAILURE_BACKOFF).await;
+        assert!(run(2).await.unwrap().is_err());
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
+        tokio::time::advance(FAILURE_BACKOFF).await;
+        assert_eq!(
+            *cache.get_or_load(&2, || async { Ok(20) }).await.unwrap(),
+            20
         );
     }
 
@@ -265,6 +358,7 @@ mod tests {
                 .await
                 .is_err()
         );
+        tokio::time::advance(FAILURE_BACKOFF).await;
         assert_eq!(
             *cache.get_or_load(&8, || async { Ok(80) }).await.unwrap(),
             80

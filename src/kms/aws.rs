@@ -340,10 +340,15 @@ impl RootKeyProvider for AwsKms {
         root_key_id: &str,
         waiting_days: u32,
     ) -> Result<UnixMillis, KmsError> {
+        // The bare key id: the client is already the key's region, and some
+        // KMS API servers (moto 5.2) refuse an ARN here although AWS takes both.
+        let key_id = root_key_id
+            .rsplit_once(":key/")
+            .map_or(root_key_id, |(_, id)| id);
         let out = self
             .client_for_key(root_key_id)?
             .schedule_key_deletion()
-            .key_id(root_key_id)
+            .key_id(key_id)
             .pending_window_in_days(i32::try_from(waiting_days).unwrap_or(30))
             .send()
             .await
