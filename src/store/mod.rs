@@ -231,6 +231,44 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// The keystore's invariants as queries that every backend runs alike: each
+/// names the rule and selects the ids of the tenants that break it.
+pub const INVARIANTS: &[(&str, &str)] = &[
+    (
+        "an active tenant lacks its primary key version",
+        "SELECT t.tenant_id FROM tenants t WHERE t.shredded_at_ms IS NULL AND NOT EXISTS \
+         (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = t.tenant_id AND k.version = t.primary_version)",
+    ),
+    (
+        "an active tenant lacks its subject-index key",
+        "SELECT tenant_id FROM tenants WHERE shredded_at_ms IS NULL \
+         AND (index_key_wrapped IS NULL OR index_key_root IS NULL)",
+    ),
+    (
+        "an active tenant's versions do not run 1..=primary",
+        "SELECT t.tenant_id FROM tenants t JOIN tenant_keys k ON k.tenant_id = t.tenant_id \
+         WHERE t.shredded_at_ms IS NULL GROUP BY t.tenant_id, t.primary_version \
+         HAVING count(*) <> t.primary_version OR min(k.version) <> 1 OR max(k.version) <> t.primary_version",
+    ),
+    (
+        "a shredded tenant still has key material",
+        "SELECT t.tenant_id FROM tenants t WHERE t.shredded_at_ms IS NOT NULL AND (\
+         t.index_key_wrapped IS NOT NULL \
+         OR EXISTS (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = t.tenant_id) \
+         OR EXISTS (SELECT 1 FROM subject_keys s WHERE s.tenant_id = t.tenant_id))",
+    ),
+    (
+        "a subject key is wrapped by a tenant key version that does not exist",
+        "SELECT s.tenant_id FROM subject_keys s WHERE NOT EXISTS \
+         (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = s.tenant_id AND k.version = s.tenant_version)",
+    ),
+    (
+        "a shredded subject still has a key",
+        "SELECT s.tenant_id FROM subject_keys s JOIN subject_tombstones d \
+         ON d.tenant_id = s.tenant_id AND d.subject_key_id = s.subject_key_id",
+    ),
+];
+
 #[async_trait]
 pub trait Keystore: Send + Sync + 'static {
     /// Creates a tenant with key version 1. Refused when the id exists or was
@@ -319,6 +357,14 @@ pub trait Keystore: Send + Sync + 'static {
         old: &WrappedKey,
         new: &WrappedKey,
     ) -> Result<bool, StoreError>;
+
+    /// Checks the keystore's invariants and answers every violation found, in
+    /// words (empty when consistent): an active tenant has its primary version
+    /// and its subject-index key; versions run 1..=primary without gaps or
+    /// duplicates; a shredded tenant has no key left; a subject key belongs to
+    /// an active tenant, is wrapped by a version that exists, and has no
+    /// tombstone. Tests call it after every fault; operators may too.
+    async fn invariant_violations(&self) -> Result<Vec<String>, StoreError>;
 
     /// Records when KMS deletes a shredded tenant's dedicated root key.
     async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError>;

@@ -550,6 +550,17 @@ impl Keystore for SqliteKeystore {
         Ok(updated == 1)
     }
 
+    async fn invariant_violations(&self) -> Result<Vec<String>, StoreError> {
+        let mut violations = Vec::new();
+        for (rule, sql) in super::INVARIANTS {
+            for row in sqlx::query(sql).fetch_all(&self.pool).await.map_err(classify)? {
+                let tenant: String = row.try_get(0).map_err(corrupt)?;
+                violations.push(format!("{rule}: tenant {tenant}"));
+            }
+        }
+        Ok(violations)
+    }
+
     async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE tenants SET root_key_deletion_at_ms = ? WHERE tenant_id = ? AND shredded_at_ms IS NOT NULL",
