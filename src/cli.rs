@@ -68,6 +68,10 @@ struct ServeArgs {
     /// host:port or unix:/path; repeat for several [default: 127.0.0.1:7400].
     #[arg(long = "listen", value_name = "ADDR")]
     listen: Vec<ListenAddr>,
+    /// With the PostgreSQL keystore: only check that its schema is migrated,
+    /// never change it (store.migrate = false).
+    #[arg(long)]
+    check_migrations: bool,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +229,9 @@ fn load_config(args: ServeArgs) -> Result<Config, crate::config::ConfigError> {
     }
     if !args.listen.is_empty() {
         config.listen = args.listen;
+    }
+    if args.check_migrations {
+        config.store.migrate = false;
     }
     config.validate()?;
     Ok(config)

@@ -28,6 +28,12 @@
 //! max_attempts = 3
 //! [kms.regions.eu-central-1]
 //! key_id = "alias/keywarden"      # the shared root key of another region
+//!
+//! [store]
+//! backend = "postgres"            # or "sqlite" (the default: a file in data_dir)
+//! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
+//! max_connections = 8
+//! migrate = true                  # false: only check the schema, never change it
 //! ```
 
 use std::{
@@ -39,6 +45,7 @@ use std::{
     time::Duration,
 };
 
+use secrecy::SecretString;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -276,7 +283,43 @@ impl KmsConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+/// Which keystore holds the wrapped keys.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file in the data directory: one sidecar.
+    #[default]
+    Sqlite,
+    /// PostgreSQL: many sidecars share one keystore.
+    Postgres,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// postgres: the connection URL. A secret (it may hold a password): it
+    /// never prints, and errors name the setting, not the value.
+    pub url: Option<SecretString>,
+    /// postgres: connections per sidecar.
+    pub max_connections: u32,
+    /// postgres: apply pending migrations at start (true), or only check
+    /// that none is pending and refuse to start otherwise (false).
+    pub migrate: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Sqlite,
+            url: None,
+            max_connections: 8,
+            migrate: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Holds the root key file (local provider) and the SQLite keystore.
@@ -286,6 +329,7 @@ pub struct Config {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub kms: KmsConfig,
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -296,6 +340,7 @@ impl Default for Config {
             limits: Limits::default(),
             cache: CacheConfig::default(),
             kms: KmsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -364,6 +409,27 @@ impl Config {
         }
         if let Some(n) = number("KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS")? {
             self.cache.stale_if_error_seconds = n;
+        }
+        if let Some(v) = var("KEYWARDEN_STORE_BACKEND") {
+            self.store.backend = match v.trim() {
+                "sqlite" => StoreBackend::Sqlite,
+                "postgres" => StoreBackend::Postgres,
+                _ => return Err(ConfigError::new("KEYWARDEN_STORE_BACKEND", "must be sqlite or postgres")),
+            };
+        }
+        if let Some(v) = var("KEYWARDEN_DATABASE_URL").filter(|v| !v.trim().is_empty()) {
+            self.store.url = Some(SecretString::from(v.trim().to_owned()));
+        }
+        if let Some(n) = number("KEYWARDEN_STORE_MAX_CONNECTIONS")? {
+            self.store.max_connections = u32::try_from(n)
+                .map_err(|_| ConfigError::new("KEYWARDEN_STORE_MAX_CONNECTIONS", "is too large"))?;
+        }
+        if let Some(v) = var("KEYWARDEN_STORE_MIGRATE") {
+            self.store.migrate = match v.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(ConfigError::new("KEYWARDEN_STORE_MIGRATE", "must be true or false")),
+            };
         }
         if let Some(v) = var("KEYWARDEN_KMS_PROVIDER") {
             self.kms.provider = match v.trim() {
@@ -463,6 +529,21 @@ impl Config {
         if self.cache.max_keys == 0 {
             return Err(ConfigError::new("cache.max_keys", "must be at least 1"));
         }
+        match self.store.backend {
+            StoreBackend::Postgres if self.store.url.is_none() => {
+                return Err(ConfigError::new(
+                    "store.url",
+                    "is required with backend = \"postgres\" (or set KEYWARDEN_DATABASE_URL)",
+                ));
+            }
+            StoreBackend::Sqlite if self.store.url.is_some() => {
+                return Err(ConfigError::new("store.url", "needs backend = \"postgres\""));
+            }
+            _ => {}
+        }
+        if self.store.max_connections == 0 {
+            return Err(ConfigError::new("store.max_connections", "must be at least 1"));
+        }
         self.kms.validate()
     }
 }
@@ -557,5 +638,33 @@ mod tests {
             ..Config::default()
         };
         ok.validate().unwrap();
+    }
+
+    #[test]
+    fn the_database_url_never_prints_and_postgres_needs_one() {
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_STORE_BACKEND", "postgres"),
+                ("KEYWARDEN_DATABASE_URL", "postgres://app:Sup3rS3cret@db/keys"),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("Sup3rS3cret"), "{printed}");
+        assert!(printed.contains("[REDACTED"), "{printed}");
+
+        let missing = Config {
+            store: StoreConfig {
+                backend: StoreBackend::Postgres,
+                ..StoreConfig::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(missing.validate().unwrap_err().setting, "store.url");
+        let err = Config::default()
+            .apply_env(env(&[("KEYWARDEN_STORE_MIGRATE", "maybe")]))
+            .unwrap_err();
+        assert_eq!(err.setting, "KEYWARDEN_STORE_MIGRATE");
     }
 }

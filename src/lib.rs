@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod keys;
 pub mod kms;

@@ -203,6 +203,12 @@ where
         }
     }
 
+    /// Drops every entry, and any load in flight now.
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner.invalidate_all();
+    }
+
     /// Entries currently held (approximate, for metrics and tests).
     pub fn entry_count(&self) -> u64 {
         self.inner.entry_count()

@@ -23,6 +23,7 @@ use zeroize::Zeroizing;
 use crate::{
     envelope::{self, Context, KeyRef, MessageKeyDeriver},
     error::{Dependency, Error, Result},
+    events::Event,
     ids::{SubjectId, SubjectKeyId, TenantId},
     kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
@@ -640,6 +641,30 @@ impl KeyManager {
         let shred = result?;
         tracing::info!(tenant = %id, key_destroyed = shred.key_destroyed, already = shred.already_shredded, "subject shredded");
         Ok(shred)
+    }
+
+    /// Applies a keystore event from another sidecar: evicts what it made
+    /// stale.
+    pub async fn apply_event(&self, event: &Event) {
+        match event {
+            Event::Tenant(id) => self.evict_tenant(id).await,
+            Event::Subject(id, subject) => {
+                self.sealing
+                    .invalidate(&SealingKeyId {
+                        tenant: id.clone(),
+                        slot: Slot::Subject(*subject),
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Drops every cached tenant state and key, e.g. after missing events;
+    /// they reload on demand.
+    pub fn evict_all(&self) {
+        self.tenants.invalidate_all();
+        self.sealing.invalidate_all();
+        self.index.invalidate_all();
     }
 
     async fn evict_tenant(&self, id: &TenantId) {

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -27,7 +28,8 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     api::{Shared, admin::AdminService, crypto::CryptoService, pb},
-    config::{Config, ConfigError, KmsProvider, ListenAddr},
+    config::{Config, ConfigError, KmsProvider, ListenAddr, StoreBackend},
+    events::{self, Signal},
     keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
@@ -37,6 +39,7 @@ use crate::{
     },
     store::{
         Keystore, StoreError,
+        postgres::{PostgresKeystore, PostgresOptions},
         sqlite::{KEYSTORE_FILE, SqliteKeystore},
     },
 };
@@ -110,10 +113,18 @@ impl Listener {
     }
 }
 
+/// What [`open`] opened.
+pub struct Opened {
+    pub root: Arc<Metered>,
+    pub store: Arc<dyn Keystore>,
+    /// The PostgreSQL keystore's URL, to listen for other sidecars' changes.
+    pub events: Option<SecretString>,
+}
+
 /// Opens the data directory, the root-key provider the configuration names
-/// (the local root key, created on first start, or AWS KMS) and the SQLite
-/// keystore.
-pub async fn open(config: &Config) -> Result<(Arc<Metered>, Arc<dyn Keystore>), StartError> {
+/// (the local root key, created on first start, or AWS KMS) and the keystore
+/// (SQLite in the data directory, or PostgreSQL).
+pub async fn open(config: &Config) -> Result<Opened, StartError> {
     let dir = &config.data_dir;
     fs::DirBuilder::new()
         .recursive(true)
@@ -134,8 +145,44 @@ pub async fn open(config: &Config) -> Result<(Arc<Metered>, Arc<dyn Keystore>), 
             Arc::new(kms)
         }
     };
-    let store = SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?;
-    Ok((Arc::new(Metered::new(root)), Arc::new(store)))
+    let (store, events): (Arc<dyn Keystore>, _) = match (&config.store.backend, &config.store.url) {
+        (StoreBackend::Postgres, Some(url)) => {
+            let options = PostgresOptions {
+                max_connections: config.store.max_connections,
+                migrate: config.store.migrate,
+                ..PostgresOptions::default()
+            };
+            let store = PostgresKeystore::connect(url.expose_secret(), options).await?;
+            tracing::info!(migrate = config.store.migrate, "using the PostgreSQL keystore");
+            (Arc::new(store), Some(url.clone()))
+        }
+        (StoreBackend::Postgres, None) => {
+            return Err(ConfigError::new("store.url", "is required with backend = \"postgres\"").into());
+        }
+        (StoreBackend::Sqlite, _) => (Arc::new(SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?), None),
+    };
+    Ok(Opened {
+        root: Arc::new(Metered::new(root)),
+        store,
+        events,
+    })
+}
+
+/// Follows other sidecars' changes to a shared keystore, evicting what they
+/// make stale, for as long as the process runs.
+fn follow_events(url: SecretString, keys: Arc<KeyManager>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(signal) = rx.recv().await {
+            match signal {
+                Signal::Event(event) => keys.apply_event(&event).await,
+                Signal::Resync => keys.evict_all(),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        events::listen(url.expose_secret(), tx, std::future::pending()).await;
+    });
 }
 
 fn open_local_root(dir: &std::path::Path) -> Result<LocalRootKey, StartError> {
@@ -257,15 +304,18 @@ pub async fn serve(
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let started = Instant::now();
-    let (root, store) = open(&config).await?;
+    let opened = open(&config).await?;
     let keys = Arc::new(KeyManager::new(
-        root,
-        store,
+        opened.root,
+        opened.store,
         config.cache.limits(),
         KeySettings {
             key_deletion_waiting_days: config.kms.deletion_waiting_days,
         },
     ));
+    if let Some(url) = opened.events {
+        follow_events(url, keys.clone());
+    }
     let shared = Shared {
         keys,
         limits: config.limits.clone(),

@@ -5,6 +5,8 @@
 //! changes more than one row does so in one transaction; conditional writes
 //! make concurrent rotations and shreds safe.
 
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::{

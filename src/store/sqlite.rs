@@ -13,15 +13,15 @@ use std::{os::unix::fs::PermissionsExt, path::Path, str::FromStr, time::Duration
 use async_trait::async_trait;
 use sqlx::{
     Row, Sqlite, SqlitePool, Transaction,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-    },
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
 use super::{
-    Keystore, NewTenant, Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
-    SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier,
-    UnixMillis,
+    Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, SubjectLookup,
+    SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+    rows::{
+        self, TENANT_COLUMNS, TENANT_KEY_COLUMNS, corrupt, tenant_from_row, tenant_key_from_row,
+    },
 };
 use crate::{
     ids::{SubjectKeyId, TenantId},
@@ -105,13 +105,15 @@ async fn tenant_in(
     tx: &mut Transaction<'static, Sqlite>,
     id: &TenantId,
 ) -> Result<Option<TenantRecord>, StoreError> {
-    sqlx::query(TENANT_COLUMNS_WHERE_ID)
-        .bind(id.as_str())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(classify)?
-        .map(|row| tenant_from_row(&row))
-        .transpose()
+    sqlx::query(&format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(classify)?
+    .map(|row| tenant_from_row(&row))
+    .transpose()
 }
 
 /// Like [`tenant_in`], but the tenant must exist and be active.
@@ -130,64 +132,6 @@ async fn active_tenant_in(
         }),
         Some(_) => Ok(()),
     }
-}
-
-const TENANT_COLUMNS: &str = "SELECT tenant_id, created_at_ms, primary_version, shredded_at_ms, \
-     index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms FROM tenants";
-const TENANT_COLUMNS_WHERE_ID: &str = "SELECT tenant_id, created_at_ms, primary_version, \
-     shredded_at_ms, index_key_wrapped, index_key_root, tier, region, root_key, \
-     root_key_deletion_at_ms FROM tenants WHERE tenant_id = ?";
-
-fn tenant_from_row(row: &SqliteRow) -> Result<TenantRecord, StoreError> {
-    let raw_id: String = row.try_get("tenant_id").map_err(corrupt)?;
-    let id = TenantId::parse("tenant_id", &raw_id)
-        .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
-    let created_at = UnixMillis(row.try_get("created_at_ms").map_err(corrupt)?);
-    let shredded: Option<i64> = row.try_get("shredded_at_ms").map_err(corrupt)?;
-    let tier: String = row.try_get("tier").map_err(corrupt)?;
-    let placement = Placement {
-        tier: Tier::parse(&tier)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {tier:?}")))?,
-        region: row.try_get("region").map_err(corrupt)?,
-        root_key: row.try_get("root_key").map_err(corrupt)?,
-    };
-    let state = match shredded {
-        Some(at) => TenantState::Shredded {
-            at: UnixMillis(at),
-            root_key_deletion: row
-                .try_get::<Option<i64>, _>("root_key_deletion_at_ms")
-                .map_err(corrupt)?
-                .map(UnixMillis),
-        },
-        None => TenantState::Active {
-            primary_version: version_from(row.try_get("primary_version").map_err(corrupt)?)?,
-            index_key: WrappedKey {
-                root_key_id: row.try_get("index_key_root").map_err(corrupt)?,
-                ciphertext: row.try_get("index_key_wrapped").map_err(corrupt)?,
-            },
-        },
-    };
-    Ok(TenantRecord {
-        id,
-        created_at,
-        placement,
-        state,
-    })
-}
-
-fn tenant_key_from_row(row: &SqliteRow) -> Result<TenantKeyRecord, StoreError> {
-    Ok(TenantKeyRecord {
-        version: version_from(row.try_get("version").map_err(corrupt)?)?,
-        wrapped: WrappedKey {
-            root_key_id: row.try_get("root_key_id").map_err(corrupt)?,
-            ciphertext: row.try_get("wrapped").map_err(corrupt)?,
-        },
-        created_at: UnixMillis(row.try_get("created_at_ms").map_err(corrupt)?),
-    })
-}
-
-fn version_from(raw: i64) -> Result<u32, StoreError> {
-    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("key version {raw} out of range")))
 }
 
 async fn subject_in(
@@ -219,7 +163,7 @@ async fn subject_in(
         None => Ok(SubjectLookup::Absent),
         Some(row) => Ok(SubjectLookup::Key(SubjectKeyRecord {
             wrapped: row.try_get("wrapped").map_err(corrupt)?,
-            tenant_version: version_from(row.try_get("tenant_version").map_err(corrupt)?)?,
+            tenant_version: rows::version(row.try_get("tenant_version").map_err(corrupt)?)?,
         })),
     }
 }
@@ -269,13 +213,15 @@ impl Keystore for SqliteKeystore {
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        sqlx::query(TENANT_COLUMNS_WHERE_ID)
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?
-            .map(|row| tenant_from_row(&row))
-            .transpose()
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_from_row(&row))
+        .transpose()
     }
 
     async fn list_tenants(
@@ -283,7 +229,9 @@ impl Keystore for SqliteKeystore {
         after: Option<&TenantId>,
         limit: u32,
     ) -> Result<Vec<TenantRecord>, StoreError> {
-        let sql = format!("{TENANT_COLUMNS} WHERE tenant_id > ? ORDER BY tenant_id LIMIT ?");
+        let sql = format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > ? ORDER BY tenant_id LIMIT ?"
+        );
         sqlx::query(&sql)
             .bind(after.map_or("", TenantId::as_str))
             .bind(i64::from(limit))
@@ -300,10 +248,9 @@ impl Keystore for SqliteKeystore {
         id: &TenantId,
         version: u32,
     ) -> Result<Option<TenantKeyRecord>, StoreError> {
-        sqlx::query(
-            "SELECT version, wrapped, root_key_id, created_at_ms FROM tenant_keys \
-             WHERE tenant_id = ? AND version = ?",
-        )
+        sqlx::query(&format!(
+            "SELECT {TENANT_KEY_COLUMNS} FROM tenant_keys WHERE tenant_id = ? AND version = ?"
+        ))
         .bind(id.as_str())
         .bind(i64::from(version))
         .fetch_optional(&self.pool)
@@ -314,10 +261,9 @@ impl Keystore for SqliteKeystore {
     }
 
     async fn tenant_keys(&self, id: &TenantId) -> Result<Vec<TenantKeyRecord>, StoreError> {
-        sqlx::query(
-            "SELECT version, wrapped, root_key_id, created_at_ms FROM tenant_keys \
-             WHERE tenant_id = ? ORDER BY version",
-        )
+        sqlx::query(&format!(
+            "SELECT {TENANT_KEY_COLUMNS} FROM tenant_keys WHERE tenant_id = ? ORDER BY version"
+        ))
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await
@@ -470,7 +416,7 @@ impl Keystore for SqliteKeystore {
                     .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
                 let slot = match row.try_get::<i64, _>("slot").map_err(corrupt)? {
                     0 => RootWrappedSlot::Index,
-                    v => RootWrappedSlot::Version(version_from(v)?),
+                    v => RootWrappedSlot::Version(rows::version(v)?),
                 };
                 Ok(RootWrapped {
                     tenant,
@@ -553,7 +499,11 @@ impl Keystore for SqliteKeystore {
     async fn invariant_violations(&self) -> Result<Vec<String>, StoreError> {
         let mut violations = Vec::new();
         for (rule, sql) in super::INVARIANTS {
-            for row in sqlx::query(sql).fetch_all(&self.pool).await.map_err(classify)? {
+            for row in sqlx::query(sql)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?
+            {
                 let tenant: String = row.try_get(0).map_err(corrupt)?;
                 violations.push(format!("{rule}: tenant {tenant}"));
             }
@@ -674,8 +624,4 @@ fn classify(e: sqlx::Error) -> StoreError {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-fn corrupt(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(e.to_string())
 }

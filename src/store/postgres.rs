@@ -1,0 +1,663 @@
+//! The shared keystore: PostgreSQL, for the many sidecars of a deployment.
+//!
+//! Concurrency. Every change of more than one row runs in one transaction that
+//! first locks the tenant's row (`SELECT ... FOR UPDATE`): rotations, shreds
+//! and subject-key creation of one tenant are serialized across sidecars, so
+//! two rotations make two consecutive versions and a shred racing a new
+//! subject key never leaves that key behind. Rotation is also a conditional
+//! update (`WHERE primary_version = expected`).
+//!
+//! Events. Changes that make other sidecars' caches stale are published with
+//! `pg_notify` inside the same transaction (see [`crate::events`]).
+//!
+//! Migrations are applied at start, or only checked (`migrate: false`), for
+//! deployments where a separate job with more privileges migrates.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{
+    PgPool, Postgres, Row, Transaction,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use super::{
+    INVARIANTS, Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
+    SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState,
+    UnixMillis,
+    rows::{
+        self, TENANT_COLUMNS, TENANT_KEY_COLUMNS, corrupt, tenant_from_row, tenant_key_from_row,
+    },
+};
+use crate::{
+    events::{CHANNEL, Event},
+    ids::{SubjectKeyId, TenantId},
+    kms::WrappedKey,
+};
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// Connections per sidecar.
+    pub max_connections: u32,
+    /// Apply pending migrations (true), or only check that none is pending.
+    pub migrate: bool,
+    /// Longest wait for a connection from the pool.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            migrate: true,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+pub struct PostgresKeystore {
+    pool: PgPool,
+}
+
+impl PostgresKeystore {
+    /// Connects to `url` and applies (or checks) the migrations.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        let connect: PgConnectOptions = url
+            .parse()
+            .map_err(|_| StoreError::Corrupt("the keystore URL is not a PostgreSQL URL".into()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(classify)?;
+        if options.migrate {
+            MIGRATIONS
+                .run(&pool)
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("migrations failed: {e}")))?;
+        } else {
+            check_migrations(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(classify)
+    }
+}
+
+/// Fails unless every embedded migration has been applied.
+async fn check_migrations(pool: &PgPool) -> Result<(), StoreError> {
+    let applied: Vec<i64> = sqlx::query(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(|e| {
+        StoreError::Corrupt(format!(
+            "the keystore schema is not migrated ({e}); run a sidecar with migrations applied first"
+        ))
+    })?
+    .iter()
+    .map(|row| row.try_get::<i64, _>(0))
+    .collect::<Result<_, _>>()
+    .map_err(corrupt)?;
+    let missing: Vec<i64> = MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "the keystore schema lacks migrations {missing:?}; apply them (store.migrate = true) first"
+        )))
+    }
+}
+
+/// Locks the tenant's row for the rest of the transaction and reads it.
+async fn lock_tenant(
+    tx: &mut Transaction<'static, Postgres>,
+    id: &TenantId,
+) -> Result<Option<TenantRecord>, StoreError> {
+    sqlx::query(&format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1 FOR UPDATE"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(classify)?
+    .map(|row| tenant_from_row(&row))
+    .transpose()
+}
+
+/// Locks the tenant's row; it must exist and be active.
+async fn lock_active_tenant(
+    tx: &mut Transaction<'static, Postgres>,
+    id: &TenantId,
+) -> Result<(), StoreError> {
+    match lock_tenant(tx, id).await? {
+        None => Err(StoreError::TenantNotFound(id.clone())),
+        Some(TenantRecord {
+            state: TenantState::Shredded { at, .. },
+            ..
+        }) => Err(StoreError::TenantShredded {
+            tenant: id.clone(),
+            at,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn notify(tx: &mut Transaction<'static, Postgres>, event: &Event) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(event.encode())
+        .execute(&mut **tx)
+        .await
+        .map_err(classify)?;
+    Ok(())
+}
+
+async fn subject_in(
+    executor: &mut sqlx::PgConnection,
+    id: &TenantId,
+    subject: SubjectKeyId,
+) -> Result<SubjectLookup, StoreError> {
+    if let Some(row) = sqlx::query(
+        "SELECT shredded_at_ms FROM subject_tombstones WHERE tenant_id = $1 AND subject_key_id = $2",
+    )
+    .bind(id.as_str())
+    .bind(&subject.0[..])
+    .fetch_optional(&mut *executor)
+    .await
+    .map_err(classify)?
+    {
+        let at = UnixMillis(row.try_get("shredded_at_ms").map_err(corrupt)?);
+        return Ok(SubjectLookup::Shredded { at });
+    }
+    let row = sqlx::query(
+        "SELECT wrapped, tenant_version FROM subject_keys WHERE tenant_id = $1 AND subject_key_id = $2",
+    )
+    .bind(id.as_str())
+    .bind(&subject.0[..])
+    .fetch_optional(&mut *executor)
+    .await
+    .map_err(classify)?;
+    match row {
+        None => Ok(SubjectLookup::Absent),
+        Some(row) => Ok(SubjectLookup::Key(SubjectKeyRecord {
+            wrapped: row.try_get("wrapped").map_err(corrupt)?,
+            tenant_version: rows::version(row.try_get("tenant_version").map_err(corrupt)?)?,
+        })),
+    }
+}
+
+async fn insert_tenant_key(
+    tx: &mut Transaction<'static, Postgres>,
+    id: &TenantId,
+    key: &TenantKeyRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO tenant_keys (tenant_id, version, wrapped, root_key_id, created_at_ms) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id.as_str())
+    .bind(i64::from(key.version))
+    .bind(&key.wrapped.ciphertext)
+    .bind(&key.wrapped.root_key_id)
+    .bind(key.created_at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(classify)?;
+    Ok(())
+}
+
+async fn delete_where_tenant(
+    tx: &mut Transaction<'static, Postgres>,
+    table: &'static str,
+    id: &TenantId,
+) -> Result<u64, StoreError> {
+    Ok(
+        sqlx::query(&format!("DELETE FROM {table} WHERE tenant_id = $1"))
+            .bind(id.as_str())
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?
+            .rows_affected(),
+    )
+}
+
+#[async_trait]
+impl Keystore for PostgresKeystore {
+    async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO tenants (tenant_id, created_at_ms, primary_version, index_key_wrapped, \
+             index_key_root, tier, region, root_key) VALUES ($1, $2, 1, $3, $4, $5, $6, $7) \
+             ON CONFLICT (tenant_id) DO NOTHING",
+        )
+        .bind(tenant.id.as_str())
+        .bind(tenant.created_at.0)
+        .bind(&tenant.index_key.ciphertext)
+        .bind(&tenant.index_key.root_key_id)
+        .bind(tenant.placement.tier.as_str())
+        .bind(&tenant.placement.region)
+        .bind(&tenant.placement.root_key)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if inserted == 0 {
+            return match lock_tenant(&mut tx, &tenant.id).await? {
+                Some(TenantRecord {
+                    state: TenantState::Shredded { at, .. },
+                    ..
+                }) => Err(StoreError::TenantShredded {
+                    tenant: tenant.id,
+                    at,
+                }),
+                _ => Err(StoreError::TenantExists(tenant.id)),
+            };
+        }
+        insert_tenant_key(
+            &mut tx,
+            &tenant.id,
+            &TenantKeyRecord {
+                version: 1,
+                wrapped: tenant.first_key,
+                created_at: tenant.created_at,
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_from_row(&row))
+        .transpose()
+    }
+
+    async fn list_tenants(
+        &self,
+        after: Option<&TenantId>,
+        limit: u32,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        sqlx::query(&format!(
+            // Bytewise order, as SQLite's, whatever the database's locale.
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id COLLATE \"C\" > $1 \
+             ORDER BY tenant_id COLLATE \"C\" LIMIT $2"
+        ))
+        .bind(after.map_or("", TenantId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(tenant_from_row)
+        .collect()
+    }
+
+    async fn tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+    ) -> Result<Option<TenantKeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_KEY_COLUMNS} FROM tenant_keys WHERE tenant_id = $1 AND version = $2"
+        ))
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_key_from_row(&row))
+        .transpose()
+    }
+
+    async fn tenant_keys(&self, id: &TenantId) -> Result<Vec<TenantKeyRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_KEY_COLUMNS} FROM tenant_keys WHERE tenant_id = $1 ORDER BY version"
+        ))
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(tenant_key_from_row)
+        .collect()
+    }
+
+    async fn add_tenant_key(
+        &self,
+        id: &TenantId,
+        expected_primary: u32,
+        key: TenantKeyRecord,
+    ) -> Result<(), StoreError> {
+        if key.version != expected_primary + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "new version {} does not follow primary {expected_primary}",
+                key.version
+            )));
+        }
+        let mut tx = self.write().await?;
+        lock_active_tenant(&mut tx, id).await?;
+        let updated = sqlx::query(
+            "UPDATE tenants SET primary_version = $1 \
+             WHERE tenant_id = $2 AND primary_version = $3 AND shredded_at_ms IS NULL",
+        )
+        .bind(i64::from(key.version))
+        .bind(id.as_str())
+        .bind(i64::from(expected_primary))
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?
+        .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::Conflict);
+        }
+        insert_tenant_key(&mut tx, id, &key).await?;
+        notify(&mut tx, &Event::Tenant(id.clone())).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+    ) -> Result<SubjectLookup, StoreError> {
+        // One snapshot for the two lookups.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let lookup = subject_in(&mut tx, id, subject).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(lookup)
+    }
+
+    async fn insert_subject_key(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        key: SubjectKeyRecord,
+        created_at: UnixMillis,
+    ) -> Result<SubjectLookup, StoreError> {
+        let mut tx = self.write().await?;
+        lock_active_tenant(&mut tx, id).await?;
+        if let SubjectLookup::Absent = subject_in(&mut tx, id, subject).await? {
+            sqlx::query(
+                "INSERT INTO subject_keys (tenant_id, subject_key_id, wrapped, tenant_version, \
+                 created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id.as_str())
+            .bind(&subject.0[..])
+            .bind(&key.wrapped)
+            .bind(i64::from(key.tenant_version))
+            .bind(created_at.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        let lookup = subject_in(&mut tx, id, subject).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(lookup)
+    }
+
+    async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError> {
+        let mut tx = self.write().await?;
+        match lock_tenant(&mut tx, id).await? {
+            None => return Err(StoreError::TenantNotFound(id.clone())),
+            Some(TenantRecord {
+                state: TenantState::Shredded { at: first, .. },
+                ..
+            }) => {
+                return Ok(TenantShred {
+                    at: first,
+                    already_shredded: true,
+                    destroyed_key_versions: 0,
+                    destroyed_subject_keys: 0,
+                });
+            }
+            Some(_) => {}
+        }
+        let subjects = delete_where_tenant(&mut tx, "subject_keys", id).await?;
+        delete_where_tenant(&mut tx, "subject_tombstones", id).await?;
+        let versions = delete_where_tenant(&mut tx, "tenant_keys", id).await?;
+        sqlx::query(
+            "UPDATE tenants SET shredded_at_ms = $1, primary_version = 0, \
+             index_key_wrapped = NULL, index_key_root = NULL WHERE tenant_id = $2",
+        )
+        .bind(at.0)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        notify(&mut tx, &Event::Tenant(id.clone())).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(TenantShred {
+            at,
+            already_shredded: false,
+            destroyed_key_versions: u32::try_from(versions).unwrap_or(u32::MAX),
+            destroyed_subject_keys: subjects,
+        })
+    }
+
+    async fn shred_subject(
+        &self,
+        id: &TenantId,
+        subject: SubjectKeyId,
+        at: UnixMillis,
+    ) -> Result<SubjectShred, StoreError> {
+        let mut tx = self.write().await?;
+        lock_active_tenant(&mut tx, id).await?;
+        if let SubjectLookup::Shredded { at: first } = subject_in(&mut tx, id, subject).await? {
+            return Ok(SubjectShred {
+                at: first,
+                already_shredded: true,
+                key_destroyed: false,
+            });
+        }
+        let deleted =
+            sqlx::query("DELETE FROM subject_keys WHERE tenant_id = $1 AND subject_key_id = $2")
+                .bind(id.as_str())
+                .bind(&subject.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        sqlx::query(
+            "INSERT INTO subject_tombstones (tenant_id, subject_key_id, shredded_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .bind(at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        notify(&mut tx, &Event::Subject(id.clone(), subject)).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(SubjectShred {
+            at,
+            already_shredded: false,
+            key_destroyed: deleted > 0,
+        })
+    }
+
+    async fn shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        after: Option<(&TenantId, RootWrappedSlot)>,
+        limit: u32,
+    ) -> Result<Vec<RootWrapped>, StoreError> {
+        let (after_tenant, after_slot) = after.map_or(("", -1), |(t, s)| (t.as_str(), s.ordinal()));
+        let rows = sqlx::query(
+            "SELECT tenant_id, slot, wrapped, root FROM ( \
+               SELECT tenant_id, 0::BIGINT AS slot, index_key_wrapped AS wrapped, index_key_root AS root \
+                 FROM tenants WHERE shredded_at_ms IS NULL AND tier = 'shared' \
+                 AND region IS NOT DISTINCT FROM $1 \
+               UNION ALL \
+               SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id FROM tenant_keys k \
+                 JOIN tenants t ON t.tenant_id = k.tenant_id \
+                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' \
+                 AND t.region IS NOT DISTINCT FROM $1 \
+             ) keys WHERE (tenant_id COLLATE \"C\", slot) > ($2 COLLATE \"C\", $3) \
+             ORDER BY tenant_id COLLATE \"C\", slot LIMIT $4",
+        )
+        .bind(region)
+        .bind(after_tenant)
+        .bind(after_slot)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let slot = match row.try_get::<i64, _>("slot").map_err(corrupt)? {
+                    0 => RootWrappedSlot::Index,
+                    v => RootWrappedSlot::Version(rows::version(v)?),
+                };
+                Ok(RootWrapped {
+                    tenant: rows::tenant_id(
+                        &row.try_get::<String, _>("tenant_id").map_err(corrupt)?,
+                    )?,
+                    slot,
+                    wrapped: WrappedKey {
+                        root_key_id: row.try_get("root").map_err(corrupt)?,
+                        ciphertext: row.try_get("wrapped").map_err(corrupt)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn count_shared_root_wrapped(
+        &self,
+        region: Option<&str>,
+        root_key_id: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT count(*) AS total, count(*) FILTER (WHERE root = $1) AS done FROM ( \
+               SELECT index_key_root AS root FROM tenants \
+                 WHERE shredded_at_ms IS NULL AND tier = 'shared' AND region IS NOT DISTINCT FROM $2 \
+               UNION ALL \
+               SELECT k.root_key_id FROM tenant_keys k JOIN tenants t ON t.tenant_id = k.tenant_id \
+                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' \
+                 AND t.region IS NOT DISTINCT FROM $2 ) keys",
+        )
+        .bind(root_key_id)
+        .bind(region)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        let count = |name| -> Result<u64, StoreError> {
+            u64::try_from(row.try_get::<i64, _>(name).map_err(corrupt)?)
+                .map_err(|_| StoreError::Corrupt("negative count".into()))
+        };
+        Ok((count("total")?, count("done")?))
+    }
+
+    async fn replace_root_wrapped(
+        &self,
+        tenant: &TenantId,
+        slot: RootWrappedSlot,
+        old: &WrappedKey,
+        new: &WrappedKey,
+    ) -> Result<bool, StoreError> {
+        let executed = match slot {
+            RootWrappedSlot::Index => {
+                sqlx::query(
+                    "UPDATE tenants SET index_key_wrapped = $1, index_key_root = $2 \
+                     WHERE tenant_id = $3 AND index_key_wrapped = $4 AND index_key_root = $5",
+                )
+                .bind(&new.ciphertext)
+                .bind(&new.root_key_id)
+                .bind(tenant.as_str())
+                .bind(&old.ciphertext)
+                .bind(&old.root_key_id)
+                .execute(&self.pool)
+                .await
+            }
+            RootWrappedSlot::Version(version) => {
+                sqlx::query(
+                    "UPDATE tenant_keys SET wrapped = $1, root_key_id = $2 \
+                     WHERE tenant_id = $3 AND version = $4 AND wrapped = $5 AND root_key_id = $6",
+                )
+                .bind(&new.ciphertext)
+                .bind(&new.root_key_id)
+                .bind(tenant.as_str())
+                .bind(i64::from(version))
+                .bind(&old.ciphertext)
+                .bind(&old.root_key_id)
+                .execute(&self.pool)
+                .await
+            }
+        };
+        Ok(executed.map_err(classify)?.rows_affected() == 1)
+    }
+
+    async fn invariant_violations(&self) -> Result<Vec<String>, StoreError> {
+        let mut violations = Vec::new();
+        for (rule, sql) in INVARIANTS {
+            for row in sqlx::query(sql)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?
+            {
+                let tenant: String = row.try_get(0).map_err(corrupt)?;
+                violations.push(format!("{rule}: tenant {tenant}"));
+            }
+        }
+        Ok(violations)
+    }
+
+    async fn set_root_key_deletion(&self, id: &TenantId, at: UnixMillis) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE tenants SET root_key_deletion_at_ms = $1 WHERE tenant_id = $2 AND shredded_at_ms IS NOT NULL",
+        )
+        .bind(at.0)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+}
+
+/// Sorts a database error into "cannot reach or use the database now"
+/// (retryable) and "the database holds or answered something impossible".
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        // SQLSTATE classes 08 (connection), 53 (resources), 57 (operator
+        // intervention: shutdown, cannot connect now), 40 (serialization,
+        // deadlock: retry) and 25006 (read-only: a failover in progress).
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|code| {
+                ["08", "53", "57", "40"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+                    || code == "25006"
+            }) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => corrupt(e),
+    }
+}

@@ -1,0 +1,114 @@
+//! Reading keystore rows, for every SQL backend alike: the columns have the
+//! same names and decode to the same Rust types in SQLite and PostgreSQL.
+
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::{Placement, StoreError, TenantKeyRecord, TenantRecord, TenantState, Tier, UnixMillis};
+use crate::{ids::TenantId, kms::WrappedKey};
+
+/// Column list of [`tenant_from_row`].
+pub const TENANT_COLUMNS: &str = "tenant_id, created_at_ms, primary_version, shredded_at_ms, \
+     index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms";
+
+/// Column list of [`tenant_key_from_row`].
+pub const TENANT_KEY_COLUMNS: &str = "version, wrapped, root_key_id, created_at_ms";
+
+/// What a row must be able to decode.
+pub trait KeystoreRow: Row
+where
+    for<'r> &'r str: ColumnIndex<Self>,
+{
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError>;
+}
+
+impl<R> KeystoreRow for R
+where
+    R: Row,
+    for<'r> &'r str: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+    fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+    fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+}
+
+pub fn tenant_id(raw: &str) -> Result<TenantId, StoreError> {
+    TenantId::parse("tenant_id", raw)
+        .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))
+}
+
+pub fn version(raw: i64) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| StoreError::Corrupt(format!("key version {raw} out of range")))
+}
+
+/// A row selected with [`TENANT_COLUMNS`].
+pub fn tenant_from_row<R>(row: &R) -> Result<TenantRecord, StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    let tier = row.text("tier")?;
+    let placement = Placement {
+        tier: Tier::parse(&tier)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown tier {tier:?}")))?,
+        region: row.maybe_text("region")?,
+        root_key: row.maybe_text("root_key")?,
+    };
+    let state = match row.maybe_int("shredded_at_ms")? {
+        Some(at) => TenantState::Shredded {
+            at: UnixMillis(at),
+            root_key_deletion: row.maybe_int("root_key_deletion_at_ms")?.map(UnixMillis),
+        },
+        None => TenantState::Active {
+            primary_version: version(row.int("primary_version")?)?,
+            index_key: WrappedKey {
+                root_key_id: row.text("index_key_root")?,
+                ciphertext: row.bytes("index_key_wrapped")?,
+            },
+        },
+    };
+    Ok(TenantRecord {
+        id: tenant_id(&row.text("tenant_id")?)?,
+        created_at: UnixMillis(row.int("created_at_ms")?),
+        placement,
+        state,
+    })
+}
+
+/// A row selected with [`TENANT_KEY_COLUMNS`].
+pub fn tenant_key_from_row<R>(row: &R) -> Result<TenantKeyRecord, StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    Ok(TenantKeyRecord {
+        version: version(row.int("version")?)?,
+        wrapped: WrappedKey {
+            root_key_id: row.text("root_key_id")?,
+            ciphertext: row.bytes("wrapped")?,
+        },
+        created_at: UnixMillis(row.int("created_at_ms")?),
+    })
+}
+
+pub fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
