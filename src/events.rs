@@ -105,11 +105,14 @@ pub async fn listen(url: &str, out: UnboundedSender<Signal>, stop: impl Future<O
                     Some(event) => apply(event),
                     None => tracing::warn!("ignored a malformed keystore event"),
                 },
-                // The connection was lost; try_recv reconnects on the next call,
-                // but events in between are gone.
+                // The connection was lost. Reconnect through the loop above
+                // (PgListener's own reconnect would wait on a pool while the
+                // database is down), and resynchronize once connected: events
+                // in between are gone. Until then the cache keeps serving, as
+                // in any keystore outage, bounded by its TTL.
                 Ok(None) => {
-                    tracing::warn!("keystore event listener lost its connection; resynchronizing");
-                    resync();
+                    tracing::warn!("keystore event listener lost its connection; reconnecting");
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "keystore event listener failed; reconnecting");
