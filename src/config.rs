@@ -414,7 +414,12 @@ impl Config {
             self.store.backend = match v.trim() {
                 "sqlite" => StoreBackend::Sqlite,
                 "postgres" => StoreBackend::Postgres,
-                _ => return Err(ConfigError::new("KEYWARDEN_STORE_BACKEND", "must be sqlite or postgres")),
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_STORE_BACKEND",
+                        "must be sqlite or postgres",
+                    ));
+                }
             };
         }
         if let Some(v) = var("KEYWARDEN_DATABASE_URL").filter(|v| !v.trim().is_empty()) {
@@ -428,7 +433,12 @@ impl Config {
             self.store.migrate = match v.trim() {
                 "true" | "1" => true,
                 "false" | "0" => false,
-                _ => return Err(ConfigError::new("KEYWARDEN_STORE_MIGRATE", "must be true or false")),
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_STORE_MIGRATE",
+                        "must be true or false",
+                    ));
+                }
             };
         }
         if let Some(v) = var("KEYWARDEN_KMS_PROVIDER") {
@@ -537,12 +547,18 @@ impl Config {
                 ));
             }
             StoreBackend::Sqlite if self.store.url.is_some() => {
-                return Err(ConfigError::new("store.url", "needs backend = \"postgres\""));
+                return Err(ConfigError::new(
+                    "store.url",
+                    "needs backend = \"postgres\"",
+                ));
             }
             _ => {}
         }
         if self.store.max_connections == 0 {
-            return Err(ConfigError::new("store.max_connections", "must be at least 1"));
+            return Err(ConfigError::new(
+                "store.max_connections",
+                "must be at least 1",
+            ));
         }
         self.kms.validate()
     }
@@ -646,7 +662,10 @@ mod tests {
         config
             .apply_env(env(&[
                 ("KEYWARDEN_STORE_BACKEND", "postgres"),
-                ("KEYWARDEN_DATABASE_URL", "postgres://app:Sup3rS3cret@db/keys"),
+                (
+                    "KEYWARDEN_DATABASE_URL",
+                    "postgres://app:Sup3rS3cret@db/keys",
+                ),
             ]))
             .unwrap();
         config.validate().unwrap();

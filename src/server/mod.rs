@@ -153,13 +153,21 @@ pub async fn open(config: &Config) -> Result<Opened, StartError> {
                 ..PostgresOptions::default()
             };
             let store = PostgresKeystore::connect(url.expose_secret(), options).await?;
-            tracing::info!(migrate = config.store.migrate, "using the PostgreSQL keystore");
+            tracing::info!(
+                migrate = config.store.migrate,
+                "using the PostgreSQL keystore"
+            );
             (Arc::new(store), Some(url.clone()))
         }
         (StoreBackend::Postgres, None) => {
-            return Err(ConfigError::new("store.url", "is required with backend = \"postgres\"").into());
+            return Err(
+                ConfigError::new("store.url", "is required with backend = \"postgres\"").into(),
+            );
         }
-        (StoreBackend::Sqlite, _) => (Arc::new(SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?), None),
+        (StoreBackend::Sqlite, _) => (
+            Arc::new(SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?),
+            None,
+        ),
     };
     Ok(Opened {
         root: Arc::new(Metered::new(root)),

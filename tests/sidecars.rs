@@ -1,0 +1,398 @@
+//! Many sidecars, one keystore: separate `keywarden serve` processes sharing
+//! a real PostgreSQL (started by the harness from the system's binaries), with
+//! cache TTLs of 5 minutes, so only LISTEN/NOTIFY can explain what they see.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use common::{postgres, process::Sidecar};
+use keywarden::{
+    api::pb,
+    client,
+    store::{
+        Keystore,
+        postgres::{PostgresKeystore, PostgresOptions},
+    },
+};
+use tonic::{Code, transport::Channel};
+
+/// A sidecar on PostgreSQL at `url`, with the local root key shared through
+/// one data directory (the root key file) and a cache TTL of 5 minutes.
+fn sidecar(root_dir: &Path, name: &str, url: &str) -> Sidecar {
+    let socket = root_dir.join(format!("{name}.sock"));
+    Sidecar::start_with_env(
+        root_dir,
+        &socket,
+        &[
+            ("KEYWARDEN_STORE_BACKEND", "postgres"),
+            ("KEYWARDEN_DATABASE_URL", url),
+            ("KEYWARDEN_CACHE_TTL_SECONDS", "300"),
+            ("KEYWARDEN_CACHE_TTI_SECONDS", "300"),
+        ],
+    )
+}
+
+async fn channel(sidecar: &Sidecar) -> Channel {
+    client::connect(&sidecar.addr()).await.unwrap()
+}
+
+async fn create(channel: &Channel, tenant: &str) {
+    client::admin(channel.clone())
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: tenant.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn encrypt(
+    channel: &Channel,
+    tenant: &str,
+    plaintext: &[u8],
+) -> Result<pb::EncryptResponse, tonic::Status> {
+    client::crypto(channel.clone())
+        .encrypt(pb::EncryptRequest {
+            tenant_id: tenant.into(),
+            plaintext: plaintext.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn decrypt(
+    channel: &Channel,
+    tenant: &str,
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    client::crypto(channel.clone())
+        .decrypt(pb::DecryptRequest {
+            tenant_id: tenant.into(),
+            context: BTreeMap::new(),
+            ciphertext: ciphertext.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().plaintext)
+}
+
+async fn shred(channel: &Channel, tenant: &str) {
+    client::admin(channel.clone())
+        .shred_tenant(pb::ShredTenantRequest {
+            tenant_id: tenant.into(),
+            confirm: tenant.into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Polls Encrypt until the tenant is refused as shredded; answers how long
+/// that took. Fails after `limit`.
+async fn time_until_refused(
+    channel: &Channel,
+    tenant: &str,
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    loop {
+        match encrypt(channel, tenant, b"probe").await {
+            Err(status) if status.code() == Code::FailedPrecondition => return since.elapsed(),
+            Err(status) => panic!("unexpected {status:?}"),
+            Ok(_) => {
+                assert!(
+                    since.elapsed() < limit,
+                    "{tenant} still served {limit:?} after its shred"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+async fn assert_invariants(url: &str) {
+    let store = PostgresKeystore::connect(url, PostgresOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.invariant_violations().await.unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_share_tenants_and_a_shred_reaches_the_others_within_a_second() {
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecars: Vec<Sidecar> = ["one", "two", "three"]
+        .iter()
+        .map(|n| sidecar(dir.path(), n, &url))
+        .collect();
+    let (one, two, three) = (
+        channel(&sidecars[0]).await,
+        channel(&sidecars[1]).await,
+        channel(&sidecars[2]).await,
+    );
+
+    // Created through the first, encrypted through the second, decrypted through the third.
+    create(&one, "shared").await;
+    let sealed = encrypt(&two, "shared", b"across sidecars").await.unwrap();
+    assert_eq!(
+        decrypt(&three, "shared", &sealed.ciphertext).await.unwrap(),
+        b"across sidecars"
+    );
+
+    // 100 shreds through the first; the others had the tenant cached (TTL 5 min).
+    let mut delays = Vec::new();
+    for i in 0..100 {
+        let tenant = format!("shred-{i:03}");
+        create(&one, &tenant).await;
+        encrypt(&two, &tenant, b"warm").await.unwrap();
+        encrypt(&three, &tenant, b"warm").await.unwrap();
+        shred(&one, &tenant).await;
+        let since = Instant::now();
+        let (a, b) = tokio::join!(
+            time_until_refused(&two, &tenant, since, Duration::from_secs(1)),
+            time_until_refused(&three, &tenant, since, Duration::from_secs(1)),
+        );
+        delays.extend([a, b]);
+    }
+    delays.sort();
+    let (p50, p99, max) = (
+        percentile(&delays, 0.50),
+        percentile(&delays, 0.99),
+        delays[delays.len() - 1],
+    );
+    println!(
+        "shred propagation over {} observations (100 shreds x 2 sidecars): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        delays.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
+    assert!(max < Duration::from_secs(1), "max {max:?}");
+    assert_invariants(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_rotating_one_tenant_make_consecutive_versions_and_every_ciphertext_decrypts()
+{
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        sidecar(dir.path(), "a", &url),
+        sidecar(dir.path(), "b", &url),
+    );
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    create(&ca, "busy").await;
+
+    let rotate_50 = |c: Channel| async move {
+        let mut done = 0;
+        while done < 50 {
+            match client::admin(c.clone())
+                .rotate_tenant_key(pb::RotateTenantKeyRequest {
+                    tenant_id: "busy".into(),
+                })
+                .await
+            {
+                Ok(_) => done += 1,
+                // Lost too many races in a row: the caller retries, as documented.
+                Err(status) if status.code() == Code::Aborted => {}
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    };
+    let encrypting = {
+        let (ca, cb) = (ca.clone(), cb.clone());
+        tokio::spawn(async move {
+            let mut made = Vec::new();
+            for i in 0..200 {
+                let c = if i % 2 == 0 { &ca } else { &cb };
+                let plaintext = format!("during rotation {i}").into_bytes();
+                made.push((
+                    plaintext.clone(),
+                    encrypt(c, "busy", &plaintext).await.unwrap().ciphertext,
+                ));
+            }
+            made
+        })
+    };
+    tokio::join!(rotate_50(ca.clone()), rotate_50(cb.clone()));
+    let made = encrypting.await.unwrap();
+
+    let tenant = client::admin(ca.clone())
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: "busy".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let versions: Vec<u32> = tenant.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, (1..=101).collect::<Vec<_>>());
+    assert_eq!(tenant.primary_version, 101);
+    for (plaintext, ciphertext) in &made {
+        assert_eq!(&decrypt(&cb, "busy", ciphertext).await.unwrap(), plaintext);
+        assert_eq!(&decrypt(&ca, "busy", ciphertext).await.unwrap(), plaintext);
+    }
+    assert_invariants(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_postgres_restart_cached_keys_serve_admin_is_unavailable_and_everything_recovers()
+{
+    let server = postgres::dedicated();
+    let url = server.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (s1, s2, s3) = (
+        sidecar(dir.path(), "one", &url),
+        sidecar(dir.path(), "two", &url),
+        sidecar(dir.path(), "three", &url),
+    );
+    let (one, two, three) = (channel(&s1).await, channel(&s2).await, channel(&s3).await);
+    create(&one, "steady").await;
+    create(&one, "later-gone").await;
+    let sealed = encrypt(&two, "steady", b"through the outage")
+        .await
+        .unwrap();
+    for c in [&one, &two, &three] {
+        encrypt(c, "steady", b"warm").await.unwrap();
+    }
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap();
+    // Cached keys keep serving.
+    for c in [&one, &two, &three] {
+        encrypt(c, "steady", b"during").await.unwrap();
+        assert_eq!(
+            decrypt(c, "steady", &sealed.ciphertext).await.unwrap(),
+            b"through the outage"
+        );
+    }
+    // Admin calls need the keystore.
+    let status = client::admin(one.clone())
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "during-outage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert_eq!(status.message(), "the keystore is unavailable; retry later");
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.start();
+        server
+    })
+    .await
+    .unwrap();
+    // Every listener reconnects (and resynchronizes) on its own.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for s in [&s1, &s2, &s3] {
+        while s.log().matches("listening for keystore events").count() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "a listener did not reconnect:\n{}",
+                s.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Admin works again, without a sidecar restart.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client::admin(one.clone())
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: "after-outage".into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    // A shred after the outage reaches the others through the new listeners.
+    encrypt(&two, "later-gone", b"warm").await.unwrap();
+    encrypt(&three, "later-gone", b"warm").await.unwrap();
+    shred(&one, "later-gone").await;
+    let since = Instant::now();
+    time_until_refused(&two, "later-gone", since, Duration::from_secs(1)).await;
+    time_until_refused(&three, "later-gone", since, Duration::from_secs(1)).await;
+    assert_invariants(&url).await;
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_killed_while_rotating_and_shredding_leaves_the_keystore_consistent() {
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let victim = sidecar(dir.path(), "victim", &url);
+    let c = channel(&victim).await;
+    for i in 0..40 {
+        create(&c, &format!("t{i:02}")).await;
+        encrypt(&c, &format!("t{i:02}"), b"x").await.unwrap();
+    }
+    // Rotations, subject keys and shreds in flight from several tasks...
+    let mut work = Vec::new();
+    for i in 0..40 {
+        let c = c.clone();
+        work.push(tokio::spawn(async move {
+            let tenant = format!("t{i:02}");
+            for round in 0..20 {
+                let _ = client::admin(c.clone())
+                    .rotate_tenant_key(pb::RotateTenantKeyRequest {
+                        tenant_id: tenant.clone(),
+                    })
+                    .await;
+                let _ = client::crypto(c.clone())
+                    .encrypt(pb::EncryptRequest {
+                        tenant_id: tenant.clone(),
+                        subject_id: format!("s{round}"),
+                        plaintext: b"y".to_vec(),
+                        ..Default::default()
+                    })
+                    .await;
+                if round == 10 && i % 2 == 0 {
+                    let _ = client::admin(c.clone())
+                        .shred_tenant(pb::ShredTenantRequest {
+                            tenant_id: tenant.clone(),
+                            confirm: tenant.clone(),
+                        })
+                        .await;
+                }
+            }
+        }));
+    }
+    // ...and the sidecar dies mid-way.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    victim.kill();
+    for w in work {
+        let _ = w.await;
+    }
+    assert_invariants(&url).await;
+    // A new sidecar takes over the same keystore and serves.
+    let heir = sidecar(dir.path(), "heir", &url);
+    let c = channel(&heir).await;
+    client::admin(c.clone())
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "t01".into(),
+        })
+        .await
+        .unwrap();
+    assert_invariants(&url).await;
+}
