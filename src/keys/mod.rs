@@ -421,7 +421,9 @@ impl KeyManager {
                     });
                 }
             };
-            let version = primary + 1;
+            let version = primary.checked_add(1).ok_or_else(|| {
+                Error::internal(format!("tenant {id} has used up its key versions"))
+            })?;
             let root_key = self.root_key_of(id, &record.placement)?;
             let generated = self
                 .root
@@ -575,14 +577,15 @@ impl KeyManager {
         if progress.send(state.clone()).await.is_err() {
             return Ok(state);
         }
-        let mut after: Option<(TenantId, RootWrappedSlot)> = None;
+        let mut after: Option<TenantId> = None;
         loop {
+            // A page holds the keys of up to `page_size` tenants.
             let page = self
                 .store
-                .shared_root_wrapped(region, after.as_ref().map(|(t, s)| (t, *s)), page_size)
+                .shared_root_wrapped(region, after.as_ref(), page_size)
                 .await?;
             let Some(last) = page.last() else { break };
-            after = Some((last.tenant.clone(), last.slot));
+            after = Some(last.tenant.clone());
             for row in page.iter().filter(|row| row.wrapped.root_key_id != target) {
                 let purpose = match row.slot {
                     RootWrappedSlot::Index => Purpose::SubjectIndex,

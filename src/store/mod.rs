@@ -178,16 +178,6 @@ pub enum RootWrappedSlot {
     Version(u32),
 }
 
-impl RootWrappedSlot {
-    /// The slot as one number, for keyset pagination: 0 is the index key.
-    pub fn ordinal(self) -> i64 {
-        match self {
-            RootWrappedSlot::Index => 0,
-            RootWrappedSlot::Version(v) => i64::from(v),
-        }
-    }
-}
-
 /// One key wrapped directly by a root key.
 #[derive(Clone, Debug)]
 pub struct RootWrapped {
@@ -331,13 +321,14 @@ pub trait Keystore: Send + Sync + 'static {
     /// the first shred was.
     async fn shred_tenant(&self, id: &TenantId, at: UnixMillis) -> Result<TenantShred, StoreError>;
 
-    /// The keys wrapped directly by a root key (tenant key versions and
-    /// subject-index keys) of active shared-tier tenants in `region`, in
-    /// (tenant, slot) order, after `after` (exclusive), at most `limit`.
+    /// The keys wrapped directly by a root key (the subject-index key, then
+    /// the versions) of the next `limit` active shared-tier tenants in
+    /// `region` after `after` (exclusive), in (tenant, slot) order. Pages by
+    /// tenant, through the primary key's index.
     async fn shared_root_wrapped(
         &self,
         region: Option<&str>,
-        after: Option<(&TenantId, RootWrappedSlot)>,
+        after: Option<&TenantId>,
         limit: u32,
     ) -> Result<Vec<RootWrapped>, StoreError>;
 

@@ -295,9 +295,8 @@ impl Keystore for PostgresKeystore {
         limit: u32,
     ) -> Result<Vec<TenantRecord>, StoreError> {
         sqlx::query(&format!(
-            // Bytewise order, as SQLite's, whatever the database's locale.
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id COLLATE \"C\" > $1 \
-             ORDER BY tenant_id COLLATE \"C\" LIMIT $2"
+            // tenant_id is COLLATE "C": bytewise order, as SQLite's.
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2"
         ))
         .bind(after.map_or("", TenantId::as_str))
         .bind(i64::from(limit))
@@ -345,7 +344,7 @@ impl Keystore for PostgresKeystore {
         expected_primary: u32,
         key: TenantKeyRecord,
     ) -> Result<(), StoreError> {
-        if key.version != expected_primary + 1 {
+        if expected_primary.checked_add(1) != Some(key.version) {
             return Err(StoreError::Corrupt(format!(
                 "new version {} does not follow primary {expected_primary}",
                 key.version
@@ -397,6 +396,19 @@ impl Keystore for PostgresKeystore {
     ) -> Result<SubjectLookup, StoreError> {
         let mut tx = self.write().await?;
         lock_active_tenant(&mut tx, id).await?;
+        let wrapping =
+            sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = $1 AND version = $2")
+                .bind(id.as_str())
+                .bind(i64::from(key.tenant_version))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if wrapping.is_none() {
+            return Err(StoreError::Corrupt(format!(
+                "a subject key of tenant {id} names wrapping version {}, which does not exist",
+                key.tenant_version
+            )));
+        }
         if let SubjectLookup::Absent = subject_in(&mut tx, id, subject).await? {
             sqlx::query(
                 "INSERT INTO subject_keys (tenant_id, subject_key_id, wrapped, tenant_version, \
@@ -499,48 +511,28 @@ impl Keystore for PostgresKeystore {
     async fn shared_root_wrapped(
         &self,
         region: Option<&str>,
-        after: Option<(&TenantId, RootWrappedSlot)>,
+        after: Option<&TenantId>,
         limit: u32,
     ) -> Result<Vec<RootWrapped>, StoreError> {
-        let (after_tenant, after_slot) = after.map_or(("", -1), |(t, s)| (t.as_str(), s.ordinal()));
         let rows = sqlx::query(
-            "SELECT tenant_id, slot, wrapped, root FROM ( \
-               SELECT tenant_id, 0::BIGINT AS slot, index_key_wrapped AS wrapped, index_key_root AS root \
-                 FROM tenants WHERE shredded_at_ms IS NULL AND tier = 'shared' \
-                 AND region IS NOT DISTINCT FROM $1 \
-               UNION ALL \
-               SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id FROM tenant_keys k \
-                 JOIN tenants t ON t.tenant_id = k.tenant_id \
-                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' \
-                 AND t.region IS NOT DISTINCT FROM $1 \
-             ) keys WHERE (tenant_id COLLATE \"C\", slot) > ($2 COLLATE \"C\", $3) \
-             ORDER BY tenant_id COLLATE \"C\", slot LIMIT $4",
+            "WITH page AS ( \
+               SELECT tenant_id, index_key_wrapped, index_key_root FROM tenants \
+               WHERE tenant_id > $1 AND shredded_at_ms IS NULL AND tier = 'shared' \
+                 AND region IS NOT DISTINCT FROM $2 \
+               ORDER BY tenant_id LIMIT $3) \
+             SELECT tenant_id, 0::BIGINT AS slot, index_key_wrapped AS wrapped, index_key_root AS root FROM page \
+             UNION ALL \
+             SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id \
+               FROM tenant_keys k JOIN page p ON p.tenant_id = k.tenant_id \
+             ORDER BY tenant_id, slot",
         )
+        .bind(after.map_or("", TenantId::as_str))
         .bind(region)
-        .bind(after_tenant)
-        .bind(after_slot)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                let slot = match row.try_get::<i64, _>("slot").map_err(corrupt)? {
-                    0 => RootWrappedSlot::Index,
-                    v => RootWrappedSlot::Version(rows::version(v)?),
-                };
-                Ok(RootWrapped {
-                    tenant: rows::tenant_id(
-                        &row.try_get::<String, _>("tenant_id").map_err(corrupt)?,
-                    )?,
-                    slot,
-                    wrapped: WrappedKey {
-                        root_key_id: row.try_get("root").map_err(corrupt)?,
-                        ciphertext: row.try_get("wrapped").map_err(corrupt)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::root_wrapped_from_row).collect()
     }
 
     async fn count_shared_root_wrapped(

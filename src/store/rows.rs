@@ -3,7 +3,10 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{Placement, StoreError, TenantKeyRecord, TenantRecord, TenantState, Tier, UnixMillis};
+use super::{
+    Placement, RootWrapped, RootWrappedSlot, StoreError, TenantKeyRecord, TenantRecord,
+    TenantState, Tier, UnixMillis,
+};
 use crate::{ids::TenantId, kms::WrappedKey};
 
 /// Column list of [`tenant_from_row`].
@@ -106,6 +109,27 @@ where
             ciphertext: row.bytes("wrapped")?,
         },
         created_at: UnixMillis(row.int("created_at_ms")?),
+    })
+}
+
+/// A row of `shared_root_wrapped`: tenant_id, slot (0 for the subject-index
+/// key, else the version), wrapped, root.
+pub fn root_wrapped_from_row<R>(row: &R) -> Result<RootWrapped, StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    let slot = match row.int("slot")? {
+        0 => RootWrappedSlot::Index,
+        v => RootWrappedSlot::Version(version(v)?),
+    };
+    Ok(RootWrapped {
+        tenant: tenant_id(&row.text("tenant_id")?)?,
+        slot,
+        wrapped: WrappedKey {
+            root_key_id: row.text("root")?,
+            ciphertext: row.bytes("wrapped")?,
+        },
     })
 }
 

@@ -279,7 +279,7 @@ impl Keystore for SqliteKeystore {
         expected_primary: u32,
         key: TenantKeyRecord,
     ) -> Result<(), StoreError> {
-        if key.version != expected_primary + 1 {
+        if expected_primary.checked_add(1) != Some(key.version) {
             return Err(StoreError::Corrupt(format!(
                 "new version {} does not follow primary {expected_primary}",
                 key.version
@@ -326,6 +326,18 @@ impl Keystore for SqliteKeystore {
     ) -> Result<SubjectLookup, StoreError> {
         let mut tx = self.write().await?;
         active_tenant_in(&mut tx, id).await?;
+        let wrapping = sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = ? AND version = ?")
+            .bind(id.as_str())
+            .bind(i64::from(key.tenant_version))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if wrapping.is_none() {
+            return Err(StoreError::Corrupt(format!(
+                "a subject key of tenant {id} names wrapping version {}, which does not exist",
+                key.tenant_version
+            )));
+        }
         if let SubjectLookup::Absent = subject_in(&mut tx, id, subject).await? {
             sqlx::query(
                 "INSERT INTO subject_keys (tenant_id, subject_key_id, wrapped, tenant_version, \
@@ -387,47 +399,27 @@ impl Keystore for SqliteKeystore {
     async fn shared_root_wrapped(
         &self,
         region: Option<&str>,
-        after: Option<(&TenantId, RootWrappedSlot)>,
+        after: Option<&TenantId>,
         limit: u32,
     ) -> Result<Vec<RootWrapped>, StoreError> {
-        let (after_tenant, after_slot) = after.map_or(("", -1), |(t, s)| (t.as_str(), s.ordinal()));
         let rows = sqlx::query(
-            "SELECT tenant_id, slot, wrapped, root FROM ( \
-               SELECT tenant_id, 0 AS slot, index_key_wrapped AS wrapped, index_key_root AS root \
-                 FROM tenants WHERE shredded_at_ms IS NULL AND tier = 'shared' AND region IS ? \
-               UNION ALL \
-               SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id FROM tenant_keys k \
-                 JOIN tenants t ON t.tenant_id = k.tenant_id \
-                 WHERE t.shredded_at_ms IS NULL AND t.tier = 'shared' AND t.region IS ? \
-             ) WHERE (tenant_id, slot) > (?, ?) ORDER BY tenant_id, slot LIMIT ?",
+            "WITH page AS ( \
+               SELECT tenant_id, index_key_wrapped, index_key_root FROM tenants \
+               WHERE tenant_id > ? AND shredded_at_ms IS NULL AND tier = 'shared' AND region IS ? \
+               ORDER BY tenant_id LIMIT ?) \
+             SELECT tenant_id, 0 AS slot, index_key_wrapped AS wrapped, index_key_root AS root FROM page \
+             UNION ALL \
+             SELECT k.tenant_id, k.version, k.wrapped, k.root_key_id \
+               FROM tenant_keys k JOIN page p ON p.tenant_id = k.tenant_id \
+             ORDER BY tenant_id, slot",
         )
+        .bind(after.map_or("", TenantId::as_str))
         .bind(region)
-        .bind(region)
-        .bind(after_tenant)
-        .bind(after_slot)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                let raw: String = row.try_get("tenant_id").map_err(corrupt)?;
-                let tenant = TenantId::parse("tenant_id", &raw)
-                    .map_err(|_| StoreError::Corrupt("invalid tenant id in keystore".into()))?;
-                let slot = match row.try_get::<i64, _>("slot").map_err(corrupt)? {
-                    0 => RootWrappedSlot::Index,
-                    v => RootWrappedSlot::Version(rows::version(v)?),
-                };
-                Ok(RootWrapped {
-                    tenant,
-                    slot,
-                    wrapped: WrappedKey {
-                        root_key_id: row.try_get("root").map_err(corrupt)?,
-                        ciphertext: row.try_get("wrapped").map_err(corrupt)?,
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::root_wrapped_from_row).collect()
     }
 
     async fn count_shared_root_wrapped(
