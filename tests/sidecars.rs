@@ -396,3 +396,51 @@ async fn a_sidecar_killed_while_rotating_and_shredding_leaves_the_keystore_consi
         .unwrap();
     assert_invariants(&url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_migrations_refuses_an_unmigrated_keystore_and_changes_nothing() {
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("KEYWARDEN_STORE_BACKEND", "postgres"),
+        ("KEYWARDEN_DATABASE_URL", url.as_str()),
+    ];
+    let output = common::process::keywarden()
+        .envs(env)
+        .args(["serve", "--check-migrations", "--listen"])
+        .arg(format!("unix:{}", dir.path().join("k.sock").display()))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not migrated"), "{stderr}");
+    assert!(
+        !stderr.contains(&url),
+        "the database URL must not be printed: {stderr}"
+    );
+    // Nothing was created: the schema is still absent.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0);
+
+    // Once a sidecar has migrated, a checking sidecar starts.
+    sidecar(dir.path(), "migrator", &url).terminate();
+    let checker = Sidecar::start_with_env(
+        dir.path(),
+        &dir.path().join("checker.sock"),
+        &[
+            ("KEYWARDEN_STORE_BACKEND", "postgres"),
+            ("KEYWARDEN_DATABASE_URL", &url),
+            ("KEYWARDEN_STORE_MIGRATE", "false"),
+        ],
+    );
+    create(&channel(&checker).await, "fine").await;
+}
