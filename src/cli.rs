@@ -49,6 +49,9 @@ enum Command {
     /// Operate on root keys.
     #[command(subcommand)]
     Root(RootCommand),
+    /// Check the audit log (a local file; no sidecar needed).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Encrypt TEXT (or standard input with '-') and print the ciphertext as
     /// one line: kw1: and base64url.
     Encrypt(EncryptArgs),
@@ -103,6 +106,16 @@ enum TenantCommand {
         /// The tenant id again, to confirm.
         #[arg(long)]
         confirm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Walk the hash chain; name the first record that was edited, deleted,
+    /// inserted or moved. Prints the latest hash, to anchor elsewhere.
+    Verify {
+        #[arg(default_value = "./keywarden-data/audit.log")]
+        file: PathBuf,
     },
 }
 
@@ -182,6 +195,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Audit(AuditCommand::Verify { file }) => verify_audit(&file),
         command => match runtime.block_on(client_command(&cli.addr, command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(status) => {
@@ -189,6 +203,29 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn verify_audit(file: &std::path::Path) -> ExitCode {
+    let reader = match std::fs::File::open(file) {
+        Ok(f) => std::io::BufReader::new(f),
+        Err(e) => {
+            eprintln!("cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match crate::audit::verify(reader) {
+        Ok(verified) => {
+            println!(
+                "ok: {} records, chain intact; latest hash {}",
+                verified.records, verified.head
+            );
+            ExitCode::SUCCESS
+        }
+        Err(broken) => {
+            eprintln!("{} is broken at {broken}", file.display());
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -240,7 +277,7 @@ fn load_config(args: ServeArgs) -> Result<Config, crate::config::ConfigError> {
 async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
     let channel = client::connect(addr).await.map_err(Status::unavailable)?;
     match command {
-        Command::Serve(_) => unreachable!("handled before connecting"),
+        Command::Serve(_) | Command::Audit(_) => unreachable!("handled before connecting"),
         Command::Tenant(command) => tenant_command(client::admin(channel), command).await,
         Command::Root(RootCommand::Rotate {
             to,

@@ -17,6 +17,8 @@ pub enum Dependency {
     RootKey,
     /// The keystore (SQLite, or PostgreSQL).
     Keystore,
+    /// The audit log: admin calls are refused while it cannot be written.
+    AuditLog,
 }
 
 impl fmt::Display for Dependency {
@@ -24,6 +26,7 @@ impl fmt::Display for Dependency {
         f.write_str(match self {
             Dependency::RootKey => "the root-key provider (KMS)",
             Dependency::Keystore => "the keystore",
+            Dependency::AuditLog => "the audit log",
         })
     }
 }

@@ -5,9 +5,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, pb, timestamp};
+use super::{Shared, pb, status::code_name, timestamp};
 use crate::{
-    error::Error,
+    audit::Entry,
+    error::{Dependency, Error},
     ids::{SubjectId, TenantId},
     keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
     store::{TenantRecord, TenantState, Tier},
@@ -81,6 +82,54 @@ fn tier(tier: Tier) -> pb::TenantTier {
 }
 
 impl AdminService {
+    /// What the audit log records of a request: the caller (the transport's
+    /// peer until authentication exists), the tenant if its id is valid, and
+    /// the subject id (written only as a keyed hash).
+    fn entry<T>(
+        &self,
+        action: &'static str,
+        request: &Request<T>,
+        tenant: Option<String>,
+        subject: Option<Vec<u8>>,
+    ) -> Entry {
+        Entry {
+            action,
+            caller: request
+                .remote_addr()
+                .map_or_else(|| "unix socket".to_owned(), |addr| format!("tcp {addr}")),
+            tenant: tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok()),
+            subject: subject.filter(|s| !s.is_empty()),
+            ..Entry::default()
+        }
+    }
+
+    /// Records that the call was asked (refusing it if that cannot be
+    /// written), runs it, and records its outcome.
+    async fn audited<T>(
+        &self,
+        entry: Entry,
+        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+    ) -> Result<Response<T>, Status> {
+        if let Err(e) = self.shared.audit.record(entry.clone()).await {
+            return Err(Error::unavailable(Dependency::AuditLog, e).into());
+        }
+        let result = call.await;
+        let outcome = match &result {
+            Ok(_) => "OK",
+            Err(status) => code_name(status.code()),
+        };
+        let answered = Entry {
+            outcome: Some(outcome.to_owned()),
+            ..entry
+        };
+        if let Err(e) = self.shared.audit.record(answered).await {
+            // The change is made; the next call will be refused until the
+            // log can be written again.
+            tracing::error!(error = %e, "the audit log could not record an outcome");
+        }
+        result
+    }
+
     /// The tenant's current root key id, or empty when it cannot be named
     /// (e.g. its region is no longer configured).
     fn root_key_id(&self, record: &TenantRecord) -> String {
@@ -151,14 +200,11 @@ fn progress_message(p: RootRotationProgress) -> pb::RotateRootKeyProgress {
     }
 }
 
-#[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
-    type RotateRootKeyStream = ReceiverStream<Result<pb::RotateRootKeyProgress, Status>>;
-
-    async fn rotate_root_key(
+impl AdminService {
+    async fn handle_rotate_root_key(
         &self,
         request: Request<pb::RotateRootKeyRequest>,
-    ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
+    ) -> Result<Response<RotateRootKeyStream>, Status> {
         let r = request.into_inner();
         let region = parse_region(&r.region)?;
         let page_size = match r.page_size {
@@ -199,7 +245,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 
-    async fn create_tenant(
+    async fn handle_create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
@@ -213,7 +259,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.tenant_info(info)))
     }
 
-    async fn get_tenant(
+    async fn handle_get_tenant(
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
@@ -222,7 +268,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.tenant_info(info)))
     }
 
-    async fn list_tenants(
+    async fn handle_list_tenants(
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
@@ -260,7 +306,7 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn rotate_tenant_key(
+    async fn handle_rotate_tenant_key(
         &self,
         request: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
@@ -269,7 +315,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(self.tenant_info(info)))
     }
 
-    async fn shred_tenant(
+    async fn handle_shred_tenant(
         &self,
         request: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
@@ -299,7 +345,7 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn shred_subject(
+    async fn handle_shred_subject(
         &self,
         request: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
@@ -312,5 +358,83 @@ impl pb::admin_server::Admin for AdminService {
             already_shredded: shred.already_shredded,
             key_destroyed: shred.key_destroyed,
         }))
+    }
+}
+
+/// The stream RotateRootKey answers with.
+type RotateRootKeyStream = ReceiverStream<Result<pb::RotateRootKeyProgress, Status>>;
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    type RotateRootKeyStream = RotateRootKeyStream;
+
+    async fn rotate_root_key(
+        &self,
+        request: Request<pb::RotateRootKeyRequest>,
+    ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
+        let entry = self.entry("RotateRootKey", &request, None, None);
+        self.audited(entry, self.handle_rotate_root_key(request))
+            .await
+    }
+
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let entry = self.entry("CreateTenant", &request, Some(r.tenant_id.clone()), None);
+        self.audited(entry, self.handle_create_tenant(request))
+            .await
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let entry = self.entry("GetTenant", &request, Some(r.tenant_id.clone()), None);
+        self.audited(entry, self.handle_get_tenant(request)).await
+    }
+
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let entry = self.entry("ListTenants", &request, None, None);
+        self.audited(entry, self.handle_list_tenants(request)).await
+    }
+
+    async fn rotate_tenant_key(
+        &self,
+        request: Request<pb::RotateTenantKeyRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.get_ref();
+        let entry = self.entry("RotateTenantKey", &request, Some(r.tenant_id.clone()), None);
+        self.audited(entry, self.handle_rotate_tenant_key(request))
+            .await
+    }
+
+    async fn shred_tenant(
+        &self,
+        request: Request<pb::ShredTenantRequest>,
+    ) -> Result<Response<pb::ShredTenantResponse>, Status> {
+        let r = request.get_ref();
+        let entry = self.entry("ShredTenant", &request, Some(r.tenant_id.clone()), None);
+        self.audited(entry, self.handle_shred_tenant(request)).await
+    }
+
+    async fn shred_subject(
+        &self,
+        request: Request<pb::ShredSubjectRequest>,
+    ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
+        let r = request.get_ref();
+        let entry = self.entry(
+            "ShredSubject",
+            &request,
+            Some(r.tenant_id.clone()),
+            Some(r.subject_id.as_bytes().to_vec()),
+        );
+        self.audited(entry, self.handle_shred_subject(request))
+            .await
     }
 }

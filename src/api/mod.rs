@@ -9,7 +9,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use crate::{config::Limits, envelope::Context, error::Error, keys::KeyManager};
+use crate::{audit::AuditLog, config::Limits, envelope::Context, error::Error, keys::KeyManager};
 
 /// The generated protobuf types and service stubs.
 pub mod pb {
@@ -31,6 +31,8 @@ pub const MAX_CONTEXT_FIELD_BYTES: usize = 1024;
 pub struct Shared {
     pub keys: Arc<KeyManager>,
     pub limits: Limits,
+    /// Every Admin call is recorded here; admin calls fail closed without it.
+    pub audit: Arc<AuditLog>,
 }
 
 impl Shared {

@@ -28,6 +28,7 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     api::{Shared, admin::AdminService, crypto::CryptoService, pb},
+    audit::AuditLog,
     config::{Config, ConfigError, KmsProvider, ListenAddr, StoreBackend},
     events::{self, Signal},
     keys::{KeyManager, KeySettings},
@@ -59,6 +60,8 @@ pub enum StartError {
     Keystore(#[from] StoreError),
     #[error("root-key provider: {0}")]
     Kms(#[from] crate::kms::KmsError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
 }
@@ -324,9 +327,11 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }
+    let audit = AuditLog::open(&config.data_dir)?;
     let shared = Shared {
         keys,
         limits: config.limits.clone(),
+        audit: Arc::new(audit),
     };
     let mut listeners = Vec::new();
     for addr in &config.listen {

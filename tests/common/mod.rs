@@ -15,6 +15,7 @@ use keywarden::{
         Shared,
         pb::{admin_client::AdminClient, crypto_client::CryptoClient},
     },
+    audit::AuditLog,
     client,
     config::{CacheConfig, Limits},
     keys::{KeyManager, KeySettings},
@@ -86,6 +87,8 @@ pub struct Options {
     pub limits: Limits,
     pub cache: CacheConfig,
     pub kms: Kms,
+    /// The audit log; default: `audit.log` in the data directory.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// A sidecar serving on 127.0.0.1 with a free port.
@@ -135,6 +138,9 @@ impl TestSidecar {
         let shared = Shared {
             keys: Arc::new(keys),
             limits: options.limits,
+            audit: options
+                .audit
+                .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap())),
         };
         let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
             .await

@@ -1,0 +1,301 @@
+//! The audit log: append-only, hash-chained JSON lines.
+//!
+//! Every Admin call is recorded twice: when it is asked (before anything
+//! changes; if that record cannot be written the call is refused: the log
+//! fails closed) and when it is answered, with its outcome. Records never hold
+//! plaintext, ciphertext, key bytes or tokens; a subject id appears only as a
+//! keyed hash (HMAC-SHA256 under the sidecar's audit key), so the log can say
+//! "the same subject" without saying who.
+//!
+//! Each record carries `prev`, the hash of the record before (64 zeros for
+//! the first), and `hash`, the SHA-256 of its own fields (all but `hash`, as
+//! serialized). [`verify`] walks a log and names the first line that was
+//! edited, deleted, inserted or moved. A log cut at its end cannot be told
+//! from a shorter log by itself: export the latest hash (`audit verify`
+//! prints it) to somewhere else to anchor it.
+
+use std::{
+    fs,
+    io::{self, BufRead, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::{secret::Key256, store::UnixMillis};
+
+/// File name of the audit log inside the data directory.
+pub const AUDIT_LOG_FILE: &str = "audit.log";
+/// File name of the key that hashes subject ids in audit records.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What a record says, in the order it is serialized and hashed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Body {
+    /// 1 for the first record, one more for each.
+    pub seq: u64,
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
+    /// The gRPC method, e.g. "ShredTenant".
+    pub action: String,
+    /// "asked" or "answered".
+    pub phase: String,
+    /// Who called: the transport's peer (authentication comes later).
+    pub caller: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tenant: Option<String>,
+    /// Keyed hash of the subject id (hex), never the id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subject: Option<String>,
+    /// For "answered": "OK" or the gRPC code's name.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub outcome: Option<String>,
+    /// What changed, in words without secrets (e.g. "version 3").
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+    /// Hash of the record before.
+    pub prev: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    #[serde(flatten)]
+    body: Body,
+    hash: String,
+}
+
+fn hash_of(body: &Body) -> String {
+    hex::encode(Sha256::digest(
+        serde_json::to_vec(body).expect("a record serializes"),
+    ))
+}
+
+/// What to record about one call.
+#[derive(Clone, Debug, Default)]
+pub struct Entry {
+    pub action: &'static str,
+    pub caller: String,
+    pub tenant: Option<String>,
+    /// The subject id as given; only its keyed hash is written.
+    pub subject: Option<Vec<u8>>,
+    pub outcome: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit log {path}: {source}")]
+pub struct AuditError {
+    path: PathBuf,
+    source: io::Error,
+}
+
+struct Chain {
+    file: fs::File,
+    seq: u64,
+    head: String,
+}
+
+/// The audit log file, open for appending.
+pub struct AuditLog {
+    path: PathBuf,
+    subject_key: Key256,
+    chain: Mutex<Chain>,
+}
+
+impl AuditLog {
+    /// Opens (creating, mode 0600) the log and its key in `dir`, and finds the
+    /// chain's head from the last record.
+    pub fn open(dir: &Path) -> Result<Self, AuditError> {
+        let path = dir.join(AUDIT_LOG_FILE);
+        let fail = |source| AuditError {
+            path: path.clone(),
+            source,
+        };
+        let subject_key = load_or_create_key(&dir.join(AUDIT_KEY_FILE)).map_err(fail)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(fail)?;
+        let (seq, head) = match last_line(&path).map_err(fail)? {
+            None => (0, GENESIS.to_owned()),
+            Some(line) => {
+                let parsed: Line = serde_json::from_str(&line).map_err(|e| {
+                    fail(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("last record: {e}"),
+                    ))
+                })?;
+                (parsed.body.seq, parsed.hash)
+            }
+        };
+        Ok(Self {
+            path,
+            subject_key,
+            chain: Mutex::new(Chain { file, seq, head }),
+        })
+    }
+
+    /// A log whose records go to `file` (fault injection: e.g. /dev/full),
+    /// starting a new chain, with its key in `dir`.
+    #[doc(hidden)]
+    pub fn with_file(dir: &Path, file: fs::File) -> Result<Self, AuditError> {
+        let path = dir.join(AUDIT_LOG_FILE);
+        let subject_key =
+            load_or_create_key(&dir.join(AUDIT_KEY_FILE)).map_err(|source| AuditError {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self {
+            path,
+            subject_key,
+            chain: Mutex::new(Chain {
+                file,
+                seq: 0,
+                head: GENESIS.to_owned(),
+            }),
+        })
+    }
+
+    /// Appends one record and syncs it to disk. An error means the record
+    /// is not in the log: callers that must fail closed refuse their call.
+    pub async fn record(&self, entry: Entry) -> Result<String, AuditError> {
+        let subject = entry.subject.as_ref().map(|id| {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.subject_key.expose())
+                .expect("HMAC takes any key length");
+            mac.update(id);
+            hex::encode(mac.finalize().into_bytes())
+        });
+        let mut chain = self.chain.lock().await;
+        let body = Body {
+            seq: chain.seq + 1,
+            time: UnixMillis::now().to_string(),
+            action: entry.action.to_owned(),
+            phase: if entry.outcome.is_some() {
+                "answered"
+            } else {
+                "asked"
+            }
+            .to_owned(),
+            caller: entry.caller,
+            tenant: entry.tenant,
+            subject,
+            outcome: entry.outcome,
+            detail: entry.detail,
+            prev: chain.head.clone(),
+        };
+        let hash = hash_of(&body);
+        let mut line = serde_json::to_vec(&Line {
+            body,
+            hash: hash.clone(),
+        })
+        .expect("a record serializes");
+        line.push(b'\n');
+        let written = chain
+            .file
+            .write_all(&line)
+            .and_then(|()| chain.file.sync_data());
+        written.map_err(|source| AuditError {
+            path: self.path.clone(),
+            source,
+        })?;
+        chain.seq += 1;
+        chain.head = hash.clone();
+        Ok(hash)
+    }
+}
+
+fn load_or_create_key(path: &Path) -> io::Result<Key256> {
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut file) => {
+            let key = Key256::generate().map_err(io::Error::other)?;
+            file.write_all(key.expose())?;
+            file.sync_all()?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let bytes = zeroize::Zeroizing::new(fs::read(path)?);
+            Key256::from_slice(&bytes)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a 32-byte key"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn last_line(path: &Path) -> io::Result<Option<String>> {
+    let file = fs::File::open(path)?;
+    let mut last = None;
+    for line in io::BufReader::new(file).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            last = Some(line);
+        }
+    }
+    Ok(last)
+}
+
+/// A verified log: how many records, and the hash of the last one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub head: String,
+}
+
+/// The first broken record: its line number (from 1) and what is wrong.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {problem}")]
+pub struct Broken {
+    pub line: usize,
+    pub problem: String,
+}
+
+/// Checks a whole log: every line parses, its hash matches its fields, its
+/// sequence number follows, and it names the hash of the line before.
+pub fn verify(reader: impl BufRead) -> Result<Verified, Broken> {
+    let mut head = GENESIS.to_owned();
+    let mut seq = 0;
+    for (index, line) in reader.lines().enumerate() {
+        let number = index + 1;
+        let broken = |problem: String| Broken {
+            line: number,
+            problem,
+        };
+        let line = line.map_err(|e| broken(format!("cannot be read: {e}")))?;
+        let parsed: Line =
+            serde_json::from_str(&line).map_err(|e| broken(format!("is not a record: {e}")))?;
+        if hash_of(&parsed.body) != parsed.hash {
+            return Err(broken(
+                "its content does not match its hash: the record was edited".into(),
+            ));
+        }
+        if parsed.body.seq != seq + 1 {
+            return Err(broken(format!(
+                "is record {} where record {} belongs: records were deleted, inserted or moved",
+                parsed.body.seq,
+                seq + 1
+            )));
+        }
+        if parsed.body.prev != head {
+            return Err(broken(
+                "does not name the hash of the record before it: the chain is broken here".into(),
+            ));
+        }
+        seq = parsed.body.seq;
+        head = parsed.hash;
+    }
+    Ok(Verified { records: seq, head })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,111 @@
+use super::*;
+
+async fn log_with(records: usize) -> (tempfile::TempDir, AuditLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    for i in 0..records {
+        log.record(Entry {
+            action: "RotateTenantKey",
+            caller: "unix".into(),
+            tenant: Some(format!("t{i}")),
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+    (dir, log)
+}
+
+fn lines(dir: &tempfile::TempDir) -> Vec<String> {
+    fs::read_to_string(dir.path().join(AUDIT_LOG_FILE))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check(lines: &[String]) -> Result<Verified, Broken> {
+    verify(io::Cursor::new(lines.join("\n")))
+}
+
+#[tokio::test]
+async fn an_intact_chain_verifies_and_reopening_continues_it() {
+    let (dir, log) = log_with(3).await;
+    drop(log);
+    let reopened = AuditLog::open(dir.path()).unwrap();
+    let head = reopened
+        .record(Entry {
+            action: "ShredTenant",
+            caller: "unix".into(),
+            outcome: Some("OK".into()),
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    let all = lines(&dir);
+    assert_eq!(check(&all), Ok(Verified { records: 4, head }));
+    assert!(all[3].contains(r#""phase":"answered""#) && all[3].contains(r#""outcome":"OK""#));
+}
+
+#[tokio::test]
+async fn an_edited_line_is_named() {
+    let (dir, _log) = log_with(5).await;
+    let mut all = lines(&dir);
+    all[2] = all[2].replace("t2", "t9");
+    assert_eq!(check(&all).unwrap_err().line, 3);
+    // Editing and recomputing the hash breaks the next line's link instead.
+    let mut body: Line = serde_json::from_str(&lines(&dir)[2]).unwrap();
+    body.body.tenant = Some("t9".into());
+    body.hash = hash_of(&body.body);
+    let mut all = lines(&dir);
+    all[2] = serde_json::to_string(&body).unwrap();
+    let broken = check(&all).unwrap_err();
+    assert_eq!(broken.line, 4);
+    assert!(broken.problem.contains("chain is broken"), "{broken}");
+}
+
+#[tokio::test]
+async fn a_deleted_or_moved_line_is_named() {
+    let (dir, _log) = log_with(5).await;
+    let mut deleted = lines(&dir);
+    deleted.remove(1);
+    let broken = check(&deleted).unwrap_err();
+    assert_eq!(broken.line, 2);
+    assert!(
+        broken.problem.contains("record 3 where record 2 belongs"),
+        "{broken}"
+    );
+
+    let mut swapped = lines(&dir);
+    swapped.swap(3, 4);
+    assert_eq!(check(&swapped).unwrap_err().line, 4);
+    let mut garbage = lines(&dir);
+    garbage[0] = "not json".into();
+    assert_eq!(check(&garbage).unwrap_err().line, 1);
+}
+
+#[tokio::test]
+async fn subject_ids_appear_only_as_keyed_hashes() {
+    let (dir, log) = log_with(0).await;
+    for _ in 0..2 {
+        log.record(Entry {
+            action: "ShredSubject",
+            caller: "unix".into(),
+            subject: Some(b"alice@example.com".to_vec()),
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+    let all = lines(&dir);
+    assert!(!all.join("").contains("alice"));
+    let subject = |line: &str| {
+        serde_json::from_str::<Line>(line)
+            .unwrap()
+            .body
+            .subject
+            .unwrap()
+    };
+    assert_eq!(subject(&all[0]), subject(&all[1]));
+    assert_eq!(subject(&all[0]).len(), 64);
+}
