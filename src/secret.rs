@@ -6,8 +6,15 @@
 //! printed: its `Debug` is `Key256([REDACTED])`. The only way to the bytes is
 //! [`Key256::expose`], which a reviewer can grep for.
 
+use std::{
+    fmt, fs,
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
+
 use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
-use std::fmt;
+use zeroize::Zeroizing;
 
 /// Length in bytes of every key in the hierarchy.
 pub const KEY_LEN: usize = 32;
@@ -34,6 +41,46 @@ impl Key256 {
     pub fn expose(&self) -> &[u8; KEY_LEN] {
         self.0.expose_secret()
     }
+}
+
+/// Loads a key from a file of exactly 32 bytes, or creates the file with a
+/// fresh key (mode 0600, never overwriting) when it does not exist. Refuses
+/// a file that other users may read. Answers the key and whether it was made.
+pub fn load_or_create_key_file(path: &Path) -> io::Result<(Key256, bool)> {
+    let created = match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut file) => {
+            let key = Key256::generate().map_err(io::Error::other)?;
+            file.write_all(key.expose())?;
+            file.sync_all()?;
+            true
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e),
+    };
+    let mode = fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is readable by other users (mode {:o}); run chmod 600 on it",
+                path.display(),
+                mode & 0o777
+            ),
+        ));
+    }
+    let bytes = Zeroizing::new(fs::read(path)?);
+    let key = Key256::from_slice(&bytes).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a 32-byte key", path.display()),
+        )
+    })?;
+    Ok((key, created))
 }
 
 impl fmt::Debug for Key256 {

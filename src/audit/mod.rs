@@ -26,7 +26,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::{secret::Key256, store::UnixMillis};
+use crate::{
+    secret::{Key256, load_or_create_key_file},
+    store::UnixMillis,
+};
 
 /// File name of the audit log inside the data directory.
 pub const AUDIT_LOG_FILE: &str = "audit.log";
@@ -116,7 +119,9 @@ impl AuditLog {
             path: path.clone(),
             source,
         };
-        let subject_key = load_or_create_key(&dir.join(AUDIT_KEY_FILE)).map_err(fail)?;
+        let subject_key = load_or_create_key_file(&dir.join(AUDIT_KEY_FILE))
+            .map(|(key, _)| key)
+            .map_err(fail)?;
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -147,8 +152,9 @@ impl AuditLog {
     #[doc(hidden)]
     pub fn with_file(dir: &Path, file: fs::File) -> Result<Self, AuditError> {
         let path = dir.join(AUDIT_LOG_FILE);
-        let subject_key =
-            load_or_create_key(&dir.join(AUDIT_KEY_FILE)).map_err(|source| AuditError {
+        let subject_key = load_or_create_key_file(&dir.join(AUDIT_KEY_FILE))
+            .map(|(key, _)| key)
+            .map_err(|source| AuditError {
                 path: path.clone(),
                 source,
             })?;
@@ -208,28 +214,6 @@ impl AuditLog {
         chain.seq += 1;
         chain.head = hash.clone();
         Ok(hash)
-    }
-}
-
-fn load_or_create_key(path: &Path) -> io::Result<Key256> {
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut file) => {
-            let key = Key256::generate().map_err(io::Error::other)?;
-            file.write_all(key.expose())?;
-            file.sync_all()?;
-            Ok(key)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let bytes = zeroize::Zeroizing::new(fs::read(path)?);
-            Key256::from_slice(&bytes)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a 32-byte key"))
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -7,13 +7,7 @@
 //! (16)`, with the associated data encoding the [`WrapContext`] (tenant,
 //! purpose, version) the same way the envelope encodes a context.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::Path,
-};
+use std::{collections::BTreeMap, io, path::Path};
 
 use aes_gcm::{
     Aes256Gcm, KeyInit, Nonce,
@@ -24,7 +18,12 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{envelope::associated_data, ids::TenantId, secret::Key256, store::UnixMillis};
+use crate::{
+    envelope::associated_data,
+    ids::TenantId,
+    secret::{Key256, load_or_create_key_file},
+    store::UnixMillis,
+};
 
 /// File name of the root key inside the data directory.
 pub const ROOT_KEY_FILE: &str = "root.key";
@@ -43,39 +42,7 @@ impl LocalRootKey {
     /// overwriting) when the file does not exist. Refuses a file that other
     /// users may read, or that is not 32 bytes.
     pub fn load_or_create(path: &Path) -> io::Result<(Self, bool)> {
-        let created = match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut file) => {
-                let key = Key256::generate().map_err(io::Error::other)?;
-                file.write_all(key.expose())?;
-                file.sync_all()?;
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(e),
-        };
-        let mode = fs::metadata(path)?.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} is readable by other users (mode {:o}); run chmod 600 on it",
-                    path.display(),
-                    mode & 0o777
-                ),
-            ));
-        }
-        let bytes = Zeroizing::new(fs::read(path)?);
-        let key = Key256::from_slice(&bytes).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} is not a 32-byte root key", path.display()),
-            )
-        })?;
+        let (key, created) = load_or_create_key_file(path)?;
         Ok((Self::from_key(&key), created))
     }
 
@@ -250,6 +217,8 @@ fn no_regions() -> KmsError {
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, os::unix::fs::PermissionsExt};
+
     use super::*;
     use crate::kms::Purpose;
 
