@@ -387,7 +387,7 @@ fn two_sidecars_cannot_share_one_socket() {
     let mut second = keywarden()
         .arg("serve")
         .arg("--data-dir")
-        .arg(&data)
+        .arg(tmp.path().join("data-of-the-second"))
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .stdin(Stdio::null())
@@ -443,4 +443,29 @@ fn data_dir_and_root_key_are_private() {
 
     let (status, log) = sidecar.terminate();
     assert_eq!(status.code(), Some(0), "{log}");
+}
+
+#[test]
+fn two_sidecars_cannot_share_one_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let first = Sidecar::start(&data, &tmp.path().join("first.sock"));
+    let out = keywarden()
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("unix:{}", tmp.path().join("second.sock").display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("another process writes this audit log")
+            && stderr.contains("give every sidecar its own data directory"),
+        "{stderr}"
+    );
+    let (status, _) = first.terminate();
+    assert!(status.success());
 }

@@ -21,12 +21,23 @@ use keywarden::{
 };
 use tonic::{Code, transport::Channel};
 
-/// A sidecar on PostgreSQL at `url`, with the local root key shared through
-/// one data directory (the root key file) and a cache TTL of 5 minutes.
+/// A sidecar on PostgreSQL at `url`, with a cache TTL of 5 minutes and a data
+/// directory of its own (its audit log) under `root_dir`, holding a copy of
+/// one local root key that every sidecar of the test shares.
 fn sidecar(root_dir: &Path, name: &str, url: &str) -> Sidecar {
+    let shared_key = root_dir.join("root.key");
+    if !shared_key.exists() {
+        keywarden::secret::load_or_create_key_file(&shared_key).unwrap();
+    }
+    let data_dir = root_dir.join(name);
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let key = data_dir.join("root.key");
+    if !key.exists() {
+        std::fs::copy(&shared_key, &key).unwrap();
+    }
     let socket = root_dir.join(format!("{name}.sock"));
     Sidecar::start_with_env(
-        root_dir,
+        &data_dir,
         &socket,
         &[
             ("KEYWARDEN_STORE_BACKEND", "postgres"),

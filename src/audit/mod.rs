@@ -128,6 +128,15 @@ impl AuditLog {
             .mode(0o600)
             .open(&path)
             .map_err(fail)?;
+        // One writer per log: two sidecars appending to one file would each
+        // continue their own chain and break it. (Each sidecar has its own
+        // data directory; the lock makes a shared one an error at start.)
+        file.try_lock().map_err(|e| {
+            fail(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("another process writes this audit log ({e}): give every sidecar its own data directory"),
+            ))
+        })?;
         let (seq, head) = match last_line(&path).map_err(fail)? {
             None => (0, GENESIS.to_owned()),
             Some(line) => {

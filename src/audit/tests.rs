@@ -48,6 +48,19 @@ async fn an_intact_chain_verifies_and_reopening_continues_it() {
 }
 
 #[tokio::test]
+async fn a_second_writer_of_one_log_is_refused() {
+    let (dir, log) = log_with(1).await;
+    let err = AuditLog::open(dir.path()).err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("another process writes this audit log"),
+        "{err}"
+    );
+    drop(log);
+    AuditLog::open(dir.path()).unwrap();
+}
+
+#[tokio::test]
 async fn an_edited_line_is_named() {
     let (dir, _log) = log_with(5).await;
     let mut all = lines(&dir);
