@@ -18,6 +18,7 @@ use aws_config::{BehaviorVersion, Region};
 use common::{Kms, Options, TestSidecar, moto, proxy::Proxy};
 use keywarden::{
     api::pb,
+    audit::AuditLog,
     config::CacheConfig,
     ids::TenantId,
     keys::cache::FAILURE_BACKOFF,
@@ -242,9 +243,13 @@ fn moto_addr() -> SocketAddr {
 /// A sidecar on `dir` whose KMS calls go through `proxy`.
 async fn start_through(proxy: &Proxy, dir: &Arc<TempDir>, cache: CacheConfig) -> TestSidecar {
     let provider = common::provider(Kms::Aws, dir.path(), Some(&proxy.endpoint())).await;
+    // Sidecars sharing this keystore may run at once; an audit log has one
+    // writer, so each gets its own.
+    let audit_dir = tempfile::tempdir_in(dir.path()).unwrap().keep();
     let options = Options {
         kms: Kms::Aws,
         cache,
+        audit: Some(Arc::new(AuditLog::open(&audit_dir).unwrap())),
         ..Options::default()
     };
     TestSidecar::start_with_root(dir.clone(), options, provider).await
