@@ -66,7 +66,21 @@ struct SealingKeyId {
 pub struct ActiveTenant {
     pub id: TenantId,
     pub primary_version: u32,
-    index_key: WrappedKey,
+    /// The cached state it was resolved from (shared, not copied: this is
+    /// made on every request).
+    state: Arc<TenantState>,
+}
+
+impl ActiveTenant {
+    /// The subject-index key, wrapped by the root key.
+    fn wrapped_index_key(&self) -> Result<&WrappedKey> {
+        match &*self.state {
+            TenantState::Active { index_key, .. } => Ok(index_key),
+            TenantState::Shredded { .. } => {
+                Err(Error::internal("an active tenant holds a shredded state"))
+            }
+        }
+    }
 }
 
 /// What CreateTenant asks for the tenant's root key.
@@ -387,12 +401,11 @@ impl KeyManager {
             .await?;
         match &*state {
             TenantState::Active {
-                primary_version,
-                index_key,
+                primary_version, ..
             } => Ok(ActiveTenant {
                 id: id.clone(),
                 primary_version: *primary_version,
-                index_key: index_key.clone(),
+                state: Arc::clone(&state),
             }),
             TenantState::Shredded { at, .. } => Err(Error::TenantShredded {
                 tenant: id.clone(),
@@ -844,7 +857,7 @@ impl KeyManager {
                             tenant: &tenant.id,
                             purpose: Purpose::SubjectIndex,
                         },
-                        &tenant.index_key,
+                        tenant.wrapped_index_key()?,
                     )
                     .await
                     .map_err(|e| kms_error(&tenant.id, e))
