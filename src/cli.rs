@@ -28,12 +28,38 @@ use crate::{
     about = "Per-tenant envelope encryption sidecar with crypto-shredding"
 )]
 pub struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How client commands reach the sidecar.
+#[derive(Args)]
+struct Connection {
     /// The sidecar to talk to: host:port or unix:/path (client commands).
     #[arg(long, global = true, env = "KEYWARDEN_ADDR", default_value = DEFAULT_LISTEN)]
     addr: String,
 
-    #[command(subcommand)]
-    command: Command,
+    /// A file holding the bearer token to send. Without it: KEYWARDEN_TOKEN,
+    /// else the embedded admin token (admin.token in KEYWARDEN_DATA_DIR or
+    /// ./keywarden-data), else no token.
+    #[arg(long, global = true, env = "KEYWARDEN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+
+    /// TLS: the CA certificate (PEM) that signed the sidecar's certificate.
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM).
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this client's private key (PEM).
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TLS: the name the sidecar's certificate carries [default: the address's host].
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_DOMAIN")]
+    tls_domain: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -49,9 +75,15 @@ enum Command {
     /// Operate on root keys.
     #[command(subcommand)]
     Root(RootCommand),
-    /// Check the audit log (a local file; no sidecar needed).
+    /// Check the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Check erasure receipts (no sidecar needed).
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+    /// Static API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Encrypt TEXT (or standard input with '-') and print the ciphertext as
     /// one line: kw1: and base64url.
     Encrypt(EncryptArgs),
@@ -89,6 +121,14 @@ enum TenantCommand {
         /// The region whose root keys wrap its keys; default: the default region.
         #[arg(long, default_value = "")]
         region: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Replace a tenant's policy (unset flags become "not set").
+    Policy {
+        id: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Show a tenant, its key versions and state.
     Show { id: String },
@@ -106,16 +146,80 @@ enum TenantCommand {
         /// The tenant id again, to confirm.
         #[arg(long)]
         confirm: String,
+        /// Write the signed erasure receipt here [default: print it].
+        #[arg(long)]
+        receipt: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Rotate the tenant key automatically this often (e.g. 90d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    rotation_period: Option<std::time::Duration>,
+    /// Destroy key versions this old (e.g. 365d): their data becomes unreadable.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<std::time::Duration>,
+    /// Refuse to decrypt data of key versions older than this.
+    #[arg(long, default_value_t = 0)]
+    min_decrypt_version: u32,
+    /// Items per second on each sidecar (0: the sidecar's default).
+    #[arg(long, default_value_t = 0)]
+    max_items_per_second: u32,
+    /// Items at once above the rate (0: one second's worth).
+    #[arg(long, default_value_t = 0)]
+    burst: u32,
+    /// Largest plaintext per item, in bytes (0: the sidecar's limit).
+    #[arg(long, default_value_t = 0)]
+    max_plaintext_bytes: u64,
+}
+
+impl PolicyArgs {
+    fn message(&self) -> pb::TenantPolicy {
+        pb::TenantPolicy {
+            rotation_period_seconds: self.rotation_period.map_or(0, |d| d.as_secs()),
+            retention_seconds: self.retention.map_or(0, |d| d.as_secs()),
+            min_decrypt_version: self.min_decrypt_version,
+            max_items_per_second: self.max_items_per_second,
+            burst: self.burst,
+            max_plaintext_bytes: self.max_plaintext_bytes,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Walk the hash chain; name the first record that was edited, deleted,
-    /// inserted or moved. Prints the latest hash, to anchor elsewhere.
+    /// Walk the hash chain of a log file; name the first record that was
+    /// edited, deleted, inserted or moved. Prints the latest hash, to anchor
+    /// elsewhere. No sidecar needed.
     Verify {
         #[arg(default_value = "./keywarden-data/audit.log")]
         file: PathBuf,
+    },
+    /// Ask the sidecar for its log's length and latest hash (audit:read).
+    Head,
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Check a receipt's signature against the sidecar's public key and
+    /// print what it says.
+    Verify {
+        /// The receipt file, or '-' for standard input.
+        file: String,
+        /// The public key ("ed25519:..."), or a file holding it.
+        #[arg(long, default_value = "./keywarden-data/receipt.pub")]
+        public_key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a new random API token: prints the token (give it to the caller)
+    /// and the entry to add to the tokens file (only its hash).
+    New {
+        /// The caller's name: its identity becomes token:NAME.
+        name: String,
     },
 }
 
@@ -144,6 +248,9 @@ enum SubjectCommand {
         #[arg(long)]
         tenant: String,
         subject: String,
+        /// Write the signed erasure receipt here [default: print it].
+        #[arg(long)]
+        receipt: Option<PathBuf>,
     },
 }
 
@@ -196,13 +303,84 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Audit(AuditCommand::Verify { file }) => verify_audit(&file),
-        command => match runtime.block_on(client_command(&cli.addr, command)) {
+        Command::Receipt(ReceiptCommand::Verify { file, public_key }) => {
+            verify_receipt(&file, &public_key)
+        }
+        Command::Token(TokenCommand::New { name }) => new_token(&name),
+        command => match runtime.block_on(client_command(&cli.connection, command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(status) => {
                 eprintln!("{}: {}", code_name(status.code()), status.message());
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn verify_receipt(file: &str, public_key: &str) -> ExitCode {
+    let text = match input(file) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(status) => {
+            eprintln!("{}", status.message());
+            return ExitCode::from(2);
+        }
+    };
+    let key = if public_key.starts_with("ed25519:") {
+        public_key.to_owned()
+    } else {
+        match std::fs::read_to_string(public_key) {
+            Ok(key) => key,
+            Err(e) => {
+                eprintln!("cannot read the public key {public_key}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    match crate::receipt::verify(&text, &key) {
+        Ok(receipt) => {
+            println!(
+                "ok: signed by {}\n{}",
+                receipt.signer,
+                serde_json::to_string_pretty(&receipt).expect("a receipt serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("the receipt does not verify: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn new_token(name: &str) -> ExitCode {
+    use secrecy::ExposeSecret;
+    if name.is_empty() || name.len() > 128 || name.contains(char::is_whitespace) {
+        eprintln!("the name must be 1 to 128 characters without spaces");
+        return ExitCode::from(2);
+    }
+    let token = crate::auth::tokens::generate();
+    let hash = hex::encode(crate::auth::tokens::hash(token.expose_secret()));
+    println!("{}", token.expose_secret());
+    eprintln!(
+        "give the line above to the caller (it is shown once), and add this to the tokens file:\n\n\
+         [[token]]\nname = \"{name}\"\nsha256 = \"{hash}\"\n"
+    );
+    ExitCode::SUCCESS
+}
+
+/// Writes a receipt to `file`, or prints it.
+fn save_receipt(receipt: &str, file: Option<PathBuf>) -> Result<(), Status> {
+    match file {
+        Some(path) => std::fs::write(&path, receipt).map_err(|e| {
+            Status::new(
+                Code::Unknown,
+                format!("the shred is done but its receipt could not be written to {}: {e}; the receipt:\n{receipt}", path.display()),
+            )
+        }),
+        None => {
+            print!("{receipt}");
+            Ok(())
+        }
     }
 }
 
@@ -274,18 +452,67 @@ fn load_config(args: ServeArgs) -> Result<Config, crate::config::ConfigError> {
     Ok(config)
 }
 
-async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
-    let channel = client::connect(addr).await.map_err(Status::unavailable)?;
+/// TLS settings from the command line, reading the files they name.
+fn client_tls(cli: &Connection) -> Result<Option<client::ClientTls>, Status> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| Status::invalid_argument(format!("cannot read {}: {e}", path.display())))
+    };
+    let Some(ca) = &cli.tls_ca else {
+        return Ok(None);
+    };
+    let identity = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            read(cert)?,
+            secrecy::SecretString::from(String::from_utf8_lossy(&read(key)?).into_owned()),
+        )),
+        _ => None,
+    };
+    Ok(Some(client::ClientTls {
+        ca: read(ca)?,
+        identity,
+        domain: cli.tls_domain.clone(),
+    }))
+}
+
+async fn client_command(cli: &Connection, command: Command) -> Result<(), Status> {
+    let tls = client_tls(cli)?;
+    let token = client::find_token(&cli.addr, cli.token_file.as_deref(), |name| {
+        std::env::var(name).ok()
+    })
+    .map_err(Status::invalid_argument)?;
+    let bearer = client::Bearer::new(token.as_ref()).map_err(Status::invalid_argument)?;
+    let channel = client::connect(&cli.addr, tls.as_ref())
+        .await
+        .map_err(Status::unavailable)?;
     match command {
-        Command::Serve(_) | Command::Audit(_) => unreachable!("handled before connecting"),
-        Command::Tenant(command) => tenant_command(client::admin(channel), command).await,
+        Command::Serve(_)
+        | Command::Audit(AuditCommand::Verify { .. })
+        | Command::Receipt(_)
+        | Command::Token(_) => unreachable!("handled before connecting"),
+        Command::Audit(AuditCommand::Head) => {
+            let head = client::admin(channel, bearer)
+                .get_audit_head(pb::GetAuditHeadRequest {})
+                .await?
+                .into_inner();
+            println!(
+                "records: {}\nhead:    {}\nreceipt key: {}",
+                head.records, head.head, head.receipt_public_key
+            );
+            Ok(())
+        }
+        Command::Tenant(command) => tenant_command(client::admin(channel, bearer), command).await,
         Command::Root(RootCommand::Rotate {
             to,
             region,
             page_size,
-        }) => rotate_root(client::admin(channel), to, region, page_size).await,
-        Command::Subject(SubjectCommand::Shred { tenant, subject }) => {
-            let r = client::admin(channel)
+        }) => rotate_root(client::admin(channel, bearer), to, region, page_size).await,
+        Command::Subject(SubjectCommand::Shred {
+            tenant,
+            subject,
+            receipt,
+        }) => {
+            let r = client::admin(channel, bearer)
                 .shred_subject(pb::ShredSubjectRequest {
                     tenant_id: tenant.clone(),
                     subject_id: subject,
@@ -302,11 +529,11 @@ async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
                     "the subject had no key in tenant {tenant}; tombstoned at {at} so it never gets one"
                 );
             }
-            Ok(())
+            save_receipt(&r.receipt, receipt)
         }
         Command::Encrypt(args) => {
             let plaintext = input(&args.text)?;
-            let r = client::crypto(channel)
+            let r = client::crypto(channel, bearer.clone())
                 .encrypt(pb::EncryptRequest {
                     tenant_id: args.tenant,
                     subject_id: args.subject.unwrap_or_default(),
@@ -329,7 +556,7 @@ async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
                         text::PREFIX
                     ))
                 })?;
-            let r = client::crypto(channel)
+            let r = client::crypto(channel, bearer.clone())
                 .decrypt(pb::DecryptRequest {
                     tenant_id: args.tenant,
                     context: context(args.context),
@@ -348,7 +575,7 @@ async fn client_command(addr: &str, command: Command) -> Result<(), Status> {
 }
 
 async fn tenant_command(
-    mut admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    mut admin: pb::admin_client::AdminClient<client::Authed>,
     command: TenantCommand,
 ) -> Result<(), Status> {
     match command {
@@ -356,12 +583,23 @@ async fn tenant_command(
             id,
             root_key,
             region,
+            policy,
         } => {
             let tenant = admin
                 .create_tenant(pb::CreateTenantRequest {
                     tenant_id: id,
                     root_key,
                     region,
+                    policy: Some(policy.message()),
+                })
+                .await?;
+            print_tenant(&tenant.into_inner());
+        }
+        TenantCommand::Policy { id, policy } => {
+            let tenant = admin
+                .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+                    tenant_id: id,
+                    policy: Some(policy.message()),
                 })
                 .await?;
             print_tenant(&tenant.into_inner());
@@ -402,7 +640,11 @@ async fn tenant_command(
                 page_token = page.next_page_token;
             }
         }
-        TenantCommand::Shred { id, confirm } => {
+        TenantCommand::Shred {
+            id,
+            confirm,
+            receipt,
+        } => {
             let r = admin
                 .shred_tenant(pb::ShredTenantRequest {
                     tenant_id: id,
@@ -426,6 +668,7 @@ async fn tenant_command(
                     time(r.root_key_deletion_date)
                 );
             }
+            save_receipt(&r.receipt, receipt)?;
         }
     }
     Ok(())
@@ -434,7 +677,7 @@ async fn tenant_command(
 /// Follows a root key rotation with a progress bar (on a terminal) and
 /// prints the outcome.
 async fn rotate_root(
-    mut admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    mut admin: pb::admin_client::AdminClient<client::Authed>,
     to: String,
     region: String,
     page_size: u32,

@@ -1,30 +1,60 @@
-//! Connecting to a sidecar, over TCP or a unix socket. Used by the CLI and by
-//! the tests.
+//! Connecting to a sidecar, over TCP (optionally TLS) or a unix socket, with
+//! a bearer token when there is one. Used by the CLI and by the tests.
+
+use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::{
     api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
-    config::ListenAddr,
+    auth::tokens::ADMIN_TOKEN_FILE,
+    config::{DEFAULT_DATA_DIR, ListenAddr},
 };
 
 /// Largest response a client accepts: a full batch of the largest items.
 pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
-/// Connects to `addr` (`host:port` or `unix:/path`).
-pub async fn connect(addr: &str) -> Result<Channel, String> {
+/// TLS towards a sidecar's TCP listener.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM: the CA that signed the sidecar's certificate.
+    pub ca: Vec<u8>,
+    /// PEM certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, SecretString)>,
+    /// The name the sidecar's certificate must carry; default: the host.
+    pub domain: Option<String>,
+}
+
+/// Connects to `addr` (`host:port` or `unix:/path`), with TLS when given.
+pub async fn connect(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, String> {
     let parsed: ListenAddr = addr.parse()?;
     let failed =
         |e: tonic::transport::Error| format!("cannot connect to {addr}: {}", source_chain(&e));
     match parsed {
-        ListenAddr::Tcp(tcp) => Endpoint::from_shared(format!("http://{tcp}"))
-            .map_err(failed)?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(failed),
+        ListenAddr::Tcp(tcp) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{tcp}"))
+                .map_err(failed)?
+                .tcp_nodelay(true);
+            if let Some(tls) = tls {
+                let mut config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca))
+                    .domain_name(tls.domain.clone().unwrap_or_else(|| tcp.ip().to_string()));
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(Identity::from_pem(cert, key.expose_secret()));
+                }
+                endpoint = endpoint.tls_config(config).map_err(failed)?;
+            }
+            endpoint.connect().await.map_err(failed)
+        }
         ListenAddr::Unix(path) => {
             // The URI is required by the API but unused: the connector decides.
             Endpoint::from_static("http://localhost")
@@ -40,12 +70,85 @@ pub async fn connect(addr: &str) -> Result<Channel, String> {
     }
 }
 
-pub fn crypto(channel: Channel) -> CryptoClient<Channel> {
-    CryptoClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+/// The header value is marked sensitive, so it never prints.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&SecretString>) -> Result<Self, String> {
+        token
+            .map(|t| {
+                let mut value: MetadataValue<Ascii> = format!("Bearer {}", t.expose_secret())
+                    .parse()
+                    .map_err(|_| "the token is not valid header text".to_owned())?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()
+            .map(Bearer)
+    }
 }
 
-pub fn admin(channel: Channel) -> AdminClient<Channel> {
-    AdminClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel that sends the caller's token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+pub fn crypto(channel: Channel, bearer: Bearer) -> CryptoClient<Authed> {
+    CryptoClient::with_interceptor(channel, bearer).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+pub fn admin(channel: Channel, bearer: Bearer) -> AdminClient<Authed> {
+    AdminClient::with_interceptor(channel, bearer).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+/// Where the CLI finds its token, first match wins: `--token-file` (or
+/// KEYWARDEN_TOKEN_FILE), KEYWARDEN_TOKEN, then, only towards a sidecar on
+/// this host (`addr` on loopback or a unix socket), the embedded admin token:
+/// `admin.token` in KEYWARDEN_DATA_DIR or else `./keywarden-data`. With none
+/// of these the call carries no token.
+pub fn find_token(
+    addr: &str,
+    token_file: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<SecretString>, String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|text| SecretString::from(text.trim().to_owned()))
+            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))
+    };
+    if let Some(path) = token_file {
+        return read(path).map(Some);
+    }
+    if let Some(token) = env("KEYWARDEN_TOKEN").filter(|t| !t.trim().is_empty()) {
+        return Ok(Some(SecretString::from(token.trim().to_owned())));
+    }
+    let local = match addr.parse::<ListenAddr>() {
+        Ok(ListenAddr::Tcp(tcp)) => tcp.ip().is_loopback(),
+        Ok(ListenAddr::Unix(_)) => true,
+        Err(_) => false,
+    };
+    if !local {
+        return Ok(None);
+    }
+    let dir = env("KEYWARDEN_DATA_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_DATA_DIR), PathBuf::from);
+    let embedded = dir.join(ADMIN_TOKEN_FILE);
+    if embedded.exists() {
+        return read(&embedded).map(Some);
+    }
+    Ok(None)
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

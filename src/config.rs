@@ -29,11 +29,33 @@
 //! [kms.regions.eu-central-1]
 //! key_id = "alias/keywarden"      # the shared root key of another region
 //!
+//! [auth]
+//! admin_token = true              # make data_dir/admin.token on first start and accept it
+//! tokens_file = "/etc/keywarden/tokens.toml"   # static API tokens (hashes)
+//! policy_file = "/etc/keywarden/policy.toml"   # who may do what; default: see auth::policy
+//! [auth.jwt]
+//! jwks_file = "/etc/keywarden/jwks.json"       # read again when it changes
+//! issuer = "https://idp.example.com/"
+//! audience = "keywarden"
+//! tenants_claim = "tenants"       # the claim naming the tenants a bearer may act for
+//! leeway_seconds = 30
+//!
+//! [tls]                           # for every TCP listener; required beyond loopback
+//! cert_file = "/etc/keywarden/tls/server.crt"
+//! key_file = "/etc/keywarden/tls/server.key"
+//! client_ca_file = "/etc/keywarden/tls/clients-ca.crt"   # mutual TLS
+//! client_auth = "required"        # or "optional": clients may use a token instead
+//!
+//! [audit]
+//! data_plane = "counts"           # "off", "counts" (per interval, tenant and caller) or "every"
+//! count_interval_seconds = 60
+//!
 //! [store]
 //! backend = "postgres"            # or "sqlite" (the default: a file in data_dir)
 //! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
 //! max_connections = 8
 //! migrate = true                  # false: only check the schema, never change it
+//! backup_retention_days = 30      # how long keystore backups are kept (erasure receipts say so)
 //! ```
 
 use std::{
@@ -125,6 +147,13 @@ pub struct Limits {
     pub max_batch_items: usize,
     /// Largest gRPC request message, in bytes (bounds a whole batch).
     pub max_request_bytes: usize,
+    /// Items per second one tenant may encrypt, decrypt or rewrap on this
+    /// sidecar (a batch counts its items), unless its policy says otherwise;
+    /// 0: no limit.
+    pub tenant_items_per_second: u32,
+    /// How many items a tenant may use at once above its rate (the bucket's
+    /// size); 0: one second's worth.
+    pub tenant_burst: u32,
 }
 
 impl Default for Limits {
@@ -133,6 +162,8 @@ impl Default for Limits {
             max_plaintext_bytes: 4 << 20,
             max_batch_items: 10_000,
             max_request_bytes: 16 << 20,
+            tenant_items_per_second: 0,
+            tenant_burst: 0,
         }
     }
 }
@@ -306,6 +337,9 @@ pub struct StoreConfig {
     /// postgres: apply pending migrations at start (true), or only check
     /// that none is pending and refuse to start otherwise (false).
     pub migrate: bool,
+    /// How long backups of the keystore are kept: a shredded key may survive
+    /// in one until then, as erasure receipts state.
+    pub backup_retention_days: u32,
 }
 
 impl Default for StoreConfig {
@@ -315,6 +349,110 @@ impl Default for StoreConfig {
             url: None,
             max_connections: 8,
             migrate: true,
+            backup_retention_days: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Make an admin token in the data directory on first start (admin.token,
+    /// mode 0600) and accept it as `token:admin`.
+    pub admin_token: bool,
+    /// Static API tokens (names and SHA-256 hashes).
+    pub tokens_file: Option<PathBuf>,
+    /// Who may do what; without one, the default policy (auth::policy).
+    pub policy_file: Option<PathBuf>,
+    pub jwt: Option<JwtConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            admin_token: true,
+            tokens_file: None,
+            policy_file: None,
+            jwt: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub jwks_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default = "default_tenants_claim")]
+    pub tenants_claim: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// How often the JWKS file is checked for changes.
+    #[serde(default = "default_reload")]
+    pub reload_seconds: u64,
+}
+
+fn default_tenants_claim() -> String {
+    "tenants".into()
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_reload() -> u64 {
+    5
+}
+
+/// Whether clients of a TLS listener must present a certificate.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Mutual TLS: a certificate signed by the client CA, or no connection.
+    #[default]
+    Required,
+    /// A certificate, when given, must verify; callers without one may
+    /// present a bearer token.
+    Optional,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    /// A secret: its contents never print.
+    pub key_file: PathBuf,
+    /// CA certificates that sign client certificates: mutual TLS.
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Which data-plane calls the audit log records (admin calls and refused
+/// calls are always recorded).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlaneAudit {
+    Off,
+    /// One record per minute per tenant, caller, call and outcome, with a count.
+    #[default]
+    Counts,
+    /// One record per call.
+    Every,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub data_plane: DataPlaneAudit,
+    /// How often counted data-plane calls are written (counts mode).
+    pub count_interval_seconds: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            data_plane: DataPlaneAudit::Counts,
+            count_interval_seconds: 60,
         }
     }
 }
@@ -330,6 +468,10 @@ pub struct Config {
     pub cache: CacheConfig,
     pub kms: KmsConfig,
     pub store: StoreConfig,
+    pub auth: AuthConfig,
+    /// TLS for TCP listeners; required for any beyond loopback.
+    pub tls: Option<TlsConfig>,
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -341,6 +483,9 @@ impl Default for Config {
             cache: CacheConfig::default(),
             kms: KmsConfig::default(),
             store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            tls: None,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -397,6 +542,15 @@ impl Config {
         }
         if let Some(n) = size("KEYWARDEN_MAX_REQUEST_BYTES")? {
             self.limits.max_request_bytes = n;
+        }
+        if let Some(n) = number("KEYWARDEN_TENANT_ITEMS_PER_SECOND")? {
+            self.limits.tenant_items_per_second = u32::try_from(n).map_err(|_| {
+                ConfigError::new("KEYWARDEN_TENANT_ITEMS_PER_SECOND", "is too large")
+            })?;
+        }
+        if let Some(n) = number("KEYWARDEN_TENANT_BURST")? {
+            self.limits.tenant_burst = u32::try_from(n)
+                .map_err(|_| ConfigError::new("KEYWARDEN_TENANT_BURST", "is too large"))?;
         }
         if let Some(n) = number("KEYWARDEN_CACHE_TTL_SECONDS")? {
             self.cache.ttl_seconds = n;
@@ -458,6 +612,48 @@ impl Config {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
+        if let Some(v) = text("KEYWARDEN_AUTH_POLICY_FILE") {
+            self.auth.policy_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = text("KEYWARDEN_AUTH_TOKENS_FILE") {
+            self.auth.tokens_file = Some(PathBuf::from(v));
+        }
+        if let Some(n) = number("KEYWARDEN_AUDIT_COUNT_INTERVAL_SECONDS")? {
+            self.audit.count_interval_seconds = n;
+        }
+        if let Some(v) = var("KEYWARDEN_AUDIT_DATA_PLANE") {
+            self.audit.data_plane = match v.trim() {
+                "off" => DataPlaneAudit::Off,
+                "counts" => DataPlaneAudit::Counts,
+                "every" => DataPlaneAudit::Every,
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_AUDIT_DATA_PLANE",
+                        "must be off, counts or every",
+                    ));
+                }
+            };
+        }
+        match (
+            text("KEYWARDEN_TLS_CERT_FILE"),
+            text("KEYWARDEN_TLS_KEY_FILE"),
+        ) {
+            (Some(cert_file), Some(key_file)) => {
+                self.tls = Some(TlsConfig {
+                    cert_file: cert_file.into(),
+                    key_file: key_file.into(),
+                    client_ca_file: text("KEYWARDEN_TLS_CLIENT_CA_FILE").map(PathBuf::from),
+                    client_auth: ClientAuth::Required,
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError::new(
+                    "KEYWARDEN_TLS_CERT_FILE / KEYWARDEN_TLS_KEY_FILE",
+                    "set both or neither",
+                ));
+            }
+        }
         if let Some(v) = text("KEYWARDEN_KMS_REGION") {
             self.kms.region = Some(v);
         }
@@ -507,12 +703,13 @@ impl Config {
         for addr in &self.listen {
             if let ListenAddr::Tcp(tcp) = addr
                 && !tcp.ip().is_loopback()
+                && self.tls.is_none()
             {
                 return Err(ConfigError::new(
                     "listen",
                     format!(
-                        "{tcp} is not a loopback address; a TCP listener beyond loopback needs TLS, \
-                         which this version does not offer yet: use a unix socket or 127.0.0.1"
+                        "{tcp} is not a loopback address; a TCP listener beyond loopback needs TLS: \
+                         set tls.cert_file and tls.key_file (and tls.client_ca_file for mutual TLS)"
                     ),
                 ));
             }
@@ -553,6 +750,29 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if self.audit.count_interval_seconds == 0 {
+            return Err(ConfigError::new(
+                "audit.count_interval_seconds",
+                "must be at least 1",
+            ));
+        }
+        if let Some(jwt) = &self.auth.jwt
+            && (jwt.issuer.is_empty() || jwt.audience.is_empty() || jwt.reload_seconds == 0)
+        {
+            return Err(ConfigError::new(
+                "auth.jwt",
+                "issuer and audience must not be empty, and reload_seconds must be at least 1",
+            ));
+        }
+        if let Some(tls) = &self.tls
+            && tls.client_auth == ClientAuth::Optional
+            && tls.client_ca_file.is_none()
+        {
+            return Err(ConfigError::new(
+                "tls.client_auth",
+                "\"optional\" needs tls.client_ca_file (without it no client certificate is asked for)",
+            ));
         }
         if self.store.max_connections == 0 {
             return Err(ConfigError::new(
@@ -646,6 +866,17 @@ mod tests {
             err.reason
                 .contains("0.0.0.0:7400 is not a loopback address")
         );
+        assert!(err.reason.contains("tls.cert_file"), "{err}");
+        let with_tls = Config {
+            tls: Some(TlsConfig {
+                cert_file: "server.crt".into(),
+                key_file: "server.key".into(),
+                client_ca_file: None,
+                client_auth: ClientAuth::Required,
+            }),
+            ..config
+        };
+        with_tls.validate().unwrap();
         let ok = Config {
             listen: vec![
                 "[::1]:7400".parse().unwrap(),

@@ -77,6 +77,21 @@ pub enum Error {
     #[error("tenant {0} was changed concurrently too many times; retry")]
     Aborted(TenantId),
 
+    /// No credential, or one that fails (expired, wrongly signed, unknown).
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// The caller is known but the policy does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// A tenant's rate or size limit; `retry_after` when waiting helps.
+    #[error("{reason}")]
+    ResourceExhausted {
+        reason: String,
+        retry_after: Option<std::time::Duration>,
+    },
+
     /// A dependency did not answer; retrying later may succeed.
     #[error("{0} is unavailable; retry later")]
     Unavailable(Dependency),

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -15,6 +16,8 @@ pub mod events;
 pub mod ids;
 pub mod keys;
 pub mod kms;
+pub mod limits;
+pub mod receipt;
 pub mod secret;
 pub mod server;
 pub mod store;

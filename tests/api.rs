@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 
 use common::{Kms, Options, TestSidecar};
 use keywarden::{api::pb, config::Limits};
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-type Crypto = pb::crypto_client::CryptoClient<Channel>;
-type Admin = pb::admin_client::AdminClient<Channel>;
+type Crypto = pb::crypto_client::CryptoClient<keywarden::client::Authed>;
+type Admin = pb::admin_client::AdminClient<keywarden::client::Authed>;
 
 const UNDECRYPTABLE: &str = "ciphertext could not be decrypted: it is malformed, was altered, or was made for another tenant or context";
 
@@ -849,7 +849,7 @@ async fn a_hundred_concurrent_first_requests_unwrap_the_tenant_key_once(kms: Kms
 
     let calls: Vec<_> = (0..100)
         .map(|i| {
-            let mut c = keywarden::client::crypto(channel.clone());
+            let mut c = keywarden::client::crypto(channel.clone(), sidecar.admin_bearer());
             tokio::spawn(async move {
                 encrypt(&mut c, "cold", "", &ctx(&[]), format!("{i}").as_bytes())
                     .await

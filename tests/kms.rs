@@ -33,10 +33,10 @@ use tokio::{
     net::TcpStream,
     time::timeout,
 };
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
-type Crypto = pb::crypto_client::CryptoClient<Channel>;
-type Admin = pb::admin_client::AdminClient<Channel>;
+type Crypto = pb::crypto_client::CryptoClient<keywarden::client::Authed>;
+type Admin = pb::admin_client::AdminClient<keywarden::client::Authed>;
 
 /// What a call answers when the root-key provider cannot be reached.
 const KMS_UNAVAILABLE: &str = "the root-key provider (KMS) is unavailable; retry later";
@@ -60,6 +60,7 @@ async fn create(
             tenant_id: id.into(),
             root_key: root_key.into(),
             region: region.into(),
+            policy: None,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -554,11 +555,13 @@ async fn a_thousand_concurrent_requests_for_a_cold_tenant_make_one_kms_decrypt()
     for _ in 0..4 {
         channels.push(sidecar.channel().await);
     }
+    let bearer = sidecar.admin_bearer();
     assert_eq!(sidecar.decrypts(), 0);
 
     let calls: Vec<_> = (0..1000)
         .map(|i| {
-            let mut c = keywarden::client::crypto(channels[i % channels.len()].clone());
+            let mut c =
+                keywarden::client::crypto(channels[i % channels.len()].clone(), bearer.clone());
             tokio::spawn(async move {
                 encrypt(&mut c, "cold", "", format!("{i}").as_bytes())
                     .await

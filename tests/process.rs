@@ -297,8 +297,9 @@ fn batch(tenant: &str, items: usize) -> pb::EncryptBatchRequest {
 async fn sigterm_lets_a_call_in_flight_finish() {
     let tmp = tempfile::tempdir().unwrap();
     let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
-    let channel = keywarden::client::connect(&sidecar.addr()).await.unwrap();
-    keywarden::client::admin(channel.clone())
+    let channel = sidecar.client().await;
+    channel
+        .admin()
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: "acme".into(),
             ..Default::default()
@@ -312,7 +313,7 @@ async fn sigterm_lets_a_call_in_flight_finish() {
     // duration, at most 300 ms: the request's headers leave at once, which
     // is all the server needs to count the call as in flight.
     let warm_up = Instant::now();
-    let mut crypto = keywarden::client::crypto(channel);
+    let mut crypto = channel.crypto();
     let small = crypto
         .encrypt_batch(batch("acme", BATCH_ITEMS / 10))
         .await

@@ -36,9 +36,10 @@ fn tenant(i: usize) -> String {
 
 /// Decrypts every ciphertext (tenant-key and subject-key) through `addr`.
 async fn assert_all_decrypt(addr: &str, ciphertexts: &[(String, Vec<u8>, Vec<u8>)]) {
-    let channel = client::connect(addr).await.unwrap();
+    // An app on the unix socket: the data plane, without a token.
+    let channel = client::connect(addr, None).await.unwrap();
     for (tenant, plaintext, ciphertext) in ciphertexts {
-        let opened = client::crypto(channel.clone())
+        let opened = client::crypto(channel.clone(), client::Bearer::default())
             .decrypt(pb::DecryptRequest {
                 tenant_id: tenant.clone(),
                 context: BTreeMap::new(),
@@ -62,7 +63,7 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
     // 1,000 tenants under the old root key, each with a tenant-key and a
     // subject-key ciphertext.
     let sidecar = Sidecar::start_with_env(dir.path(), &socket, &aws_env(&endpoint, &old_key));
-    let channel = client::connect(&sidecar.addr()).await.unwrap();
+    let channel = sidecar.client().await;
     let mut tasks = Vec::new();
     for worker in 0..8 {
         let channel = channel.clone();
@@ -70,7 +71,8 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
             let mut made = Vec::new();
             for i in (worker..TENANTS).step_by(8) {
                 let id = tenant(i);
-                client::admin(channel.clone())
+                channel
+                    .admin()
                     .create_tenant(pb::CreateTenantRequest {
                         tenant_id: id.clone(),
                         ..Default::default()
@@ -79,7 +81,8 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
                     .unwrap();
                 for subject in ["", "person"] {
                     let plaintext = format!("{id}/{subject}").into_bytes();
-                    let sealed = client::crypto(channel.clone())
+                    let sealed = channel
+                        .crypto()
                         .encrypt(pb::EncryptRequest {
                             tenant_id: id.clone(),
                             subject_id: subject.into(),
@@ -105,7 +108,7 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
     // The sidecars are configured with the new key; rotation is refused for
     // any other target.
     let sidecar = Sidecar::start_with_env(dir.path(), &socket, &aws_env(&endpoint, &new_key));
-    let mut admin = client::admin(client::connect(&sidecar.addr()).await.unwrap());
+    let mut admin = sidecar.client().await.admin();
     let refused = admin
         .rotate_root_key(pb::RotateRootKeyRequest {
             to: old_key.clone(),
@@ -173,7 +176,7 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
     assert!(again.contains("2000 were there already"), "{again}");
 
     assert_all_decrypt(&sidecar.addr(), &ciphertexts).await;
-    let mut admin = client::admin(client::connect(&sidecar.addr()).await.unwrap());
+    let mut admin = sidecar.client().await.admin();
     for i in (0..TENANTS).step_by(97) {
         let t = admin
             .get_tenant(pb::GetTenantRequest {

@@ -134,7 +134,9 @@ async fn a_call_in_flight_when_shutdown_begins_completes() {
     .await
     .expect("the server finishes draining once the call is done");
     assert!(
-        keywarden::client::connect(&sidecar.addr).await.is_err(),
+        keywarden::client::connect(&sidecar.addr, None)
+            .await
+            .is_err(),
         "a stopped sidecar accepts no new connection"
     );
 }

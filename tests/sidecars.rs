@@ -10,16 +10,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{postgres, process::Sidecar};
+use common::{
+    postgres,
+    process::{Client, Sidecar},
+};
 use keywarden::{
     api::pb,
-    client,
     store::{
         Keystore,
         postgres::{PostgresKeystore, PostgresOptions},
     },
 };
-use tonic::{Code, transport::Channel};
+use tonic::Code;
 
 /// A sidecar on PostgreSQL at `url`, with a cache TTL of 5 minutes and a data
 /// directory of its own (its audit log) under `root_dir`, holding a copy of
@@ -48,12 +50,13 @@ fn sidecar(root_dir: &Path, name: &str, url: &str) -> Sidecar {
     )
 }
 
-async fn channel(sidecar: &Sidecar) -> Channel {
-    client::connect(&sidecar.addr()).await.unwrap()
+async fn channel(sidecar: &Sidecar) -> Client {
+    sidecar.client().await
 }
 
-async fn create(channel: &Channel, tenant: &str) {
-    client::admin(channel.clone())
+async fn create(channel: &Client, tenant: &str) {
+    channel
+        .admin()
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: tenant.into(),
             ..Default::default()
@@ -63,11 +66,12 @@ async fn create(channel: &Channel, tenant: &str) {
 }
 
 async fn encrypt(
-    channel: &Channel,
+    channel: &Client,
     tenant: &str,
     plaintext: &[u8],
 ) -> Result<pb::EncryptResponse, tonic::Status> {
-    client::crypto(channel.clone())
+    channel
+        .crypto()
         .encrypt(pb::EncryptRequest {
             tenant_id: tenant.into(),
             plaintext: plaintext.to_vec(),
@@ -78,11 +82,12 @@ async fn encrypt(
 }
 
 async fn decrypt(
-    channel: &Channel,
+    channel: &Client,
     tenant: &str,
     ciphertext: &[u8],
 ) -> Result<Vec<u8>, tonic::Status> {
-    client::crypto(channel.clone())
+    channel
+        .crypto()
         .decrypt(pb::DecryptRequest {
             tenant_id: tenant.into(),
             context: BTreeMap::new(),
@@ -92,8 +97,9 @@ async fn decrypt(
         .map(|r| r.into_inner().plaintext)
 }
 
-async fn shred(channel: &Channel, tenant: &str) {
-    client::admin(channel.clone())
+async fn shred(channel: &Client, tenant: &str) {
+    channel
+        .admin()
         .shred_tenant(pb::ShredTenantRequest {
             tenant_id: tenant.into(),
             confirm: tenant.into(),
@@ -105,7 +111,7 @@ async fn shred(channel: &Channel, tenant: &str) {
 /// Polls Encrypt until the tenant is refused as shredded; answers how long
 /// that took. Fails after `limit`.
 async fn time_until_refused(
-    channel: &Channel,
+    channel: &Client,
     tenant: &str,
     since: Instant,
     limit: Duration,
@@ -205,10 +211,11 @@ async fn two_sidecars_rotating_one_tenant_make_consecutive_versions_and_every_ci
     let (ca, cb) = (channel(&a).await, channel(&b).await);
     create(&ca, "busy").await;
 
-    let rotate_50 = |c: Channel| async move {
+    let rotate_50 = |c: Client| async move {
         let mut done = 0;
         while done < 50 {
-            match client::admin(c.clone())
+            match c
+                .admin()
                 .rotate_tenant_key(pb::RotateTenantKeyRequest {
                     tenant_id: "busy".into(),
                 })
@@ -239,7 +246,8 @@ async fn two_sidecars_rotating_one_tenant_make_consecutive_versions_and_every_ci
     tokio::join!(rotate_50(ca.clone()), rotate_50(cb.clone()));
     let made = encrypting.await.unwrap();
 
-    let tenant = client::admin(ca.clone())
+    let tenant = ca
+        .admin()
         .get_tenant(pb::GetTenantRequest {
             tenant_id: "busy".into(),
         })
@@ -292,7 +300,8 @@ async fn through_a_postgres_restart_cached_keys_serve_admin_is_unavailable_and_e
         );
     }
     // Admin calls need the keystore.
-    let status = client::admin(one.clone())
+    let status = one
+        .admin()
         .create_tenant(pb::CreateTenantRequest {
             tenant_id: "during-outage".into(),
             ..Default::default()
@@ -323,7 +332,8 @@ async fn through_a_postgres_restart_cached_keys_serve_admin_is_unavailable_and_e
     // Admin works again, without a sidecar restart.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match client::admin(one.clone())
+        match one
+            .admin()
             .create_tenant(pb::CreateTenantRequest {
                 tenant_id: "after-outage".into(),
                 ..Default::default()
@@ -365,12 +375,14 @@ async fn a_sidecar_killed_while_rotating_and_shredding_leaves_the_keystore_consi
         work.push(tokio::spawn(async move {
             let tenant = format!("t{i:02}");
             for round in 0..20 {
-                let _ = client::admin(c.clone())
+                let _ = c
+                    .admin()
                     .rotate_tenant_key(pb::RotateTenantKeyRequest {
                         tenant_id: tenant.clone(),
                     })
                     .await;
-                let _ = client::crypto(c.clone())
+                let _ = c
+                    .crypto()
                     .encrypt(pb::EncryptRequest {
                         tenant_id: tenant.clone(),
                         subject_id: format!("s{round}"),
@@ -379,7 +391,8 @@ async fn a_sidecar_killed_while_rotating_and_shredding_leaves_the_keystore_consi
                     })
                     .await;
                 if round == 10 && i % 2 == 0 {
-                    let _ = client::admin(c.clone())
+                    let _ = c
+                        .admin()
                         .shred_tenant(pb::ShredTenantRequest {
                             tenant_id: tenant.clone(),
                             confirm: tenant.clone(),
@@ -399,7 +412,7 @@ async fn a_sidecar_killed_while_rotating_and_shredding_leaves_the_keystore_consi
     // A new sidecar takes over the same keystore and serves.
     let heir = sidecar(dir.path(), "heir", &url);
     let c = channel(&heir).await;
-    client::admin(c.clone())
+    c.admin()
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant_id: "t01".into(),
         })

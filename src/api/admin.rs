@@ -5,13 +5,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, pb, status::code_name, timestamp};
+use super::{Shared, pb, status::code_name, timestamp, valid_tenant};
 use crate::{
-    audit::Entry,
+    audit::{Entry, Phase},
+    auth::{Caller, Permission},
     error::{Dependency, Error},
     ids::{SubjectId, TenantId},
     keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
-    store::{TenantRecord, TenantState, Tier},
+    receipt::{RECEIPT_VERSION, Receipt, ReceiptKind},
+    store::{TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis},
 };
 
 /// ListTenants page size when the request says 0, and the most it may ask.
@@ -70,6 +72,8 @@ fn tenant_message(
         region: record.placement.region.clone().unwrap_or_default(),
         root_key_id,
         root_key_deletion_date: deletion,
+        policy: Some(policy_message(&TenantPolicy::default())), // TEMPORARY
+        destroyed_versions: Vec::new(),
     }
 }
 
@@ -82,45 +86,47 @@ fn tier(tier: Tier) -> pb::TenantTier {
 }
 
 impl AdminService {
-    /// What the audit log records of a request: the caller (the transport's
-    /// peer until authentication exists), the tenant if its id is valid, and
-    /// the subject id (written only as a keyed hash).
-    fn entry<T>(
+    /// Authenticates and authorizes an admin call, records that it was
+    /// asked (refusing it if that cannot be written), runs it with the
+    /// caller and the hash of that record, and records its outcome. The
+    /// subject id is written only as a keyed hash.
+    async fn call<T, R, Fut>(
         &self,
         action: &'static str,
-        request: &Request<T>,
-        tenant: Option<String>,
+        permission: Permission,
+        request: Request<T>,
+        tenant: Option<&str>,
         subject: Option<Vec<u8>>,
-    ) -> Entry {
-        Entry {
+        handler: impl FnOnce(Request<T>, Caller, String) -> Fut,
+    ) -> Result<Response<R>, Status>
+    where
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let caller = self
+            .shared
+            .admit(&request, action, permission, tenant)
+            .await?;
+        let asked = Entry {
             action,
-            caller: request
-                .remote_addr()
-                .map_or_else(|| "unix socket".to_owned(), |addr| format!("tcp {addr}")),
-            tenant: tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok()),
+            phase: Phase::Asked,
+            caller: caller.identity.clone(),
+            tenant: valid_tenant(tenant),
             subject: subject.filter(|s| !s.is_empty()),
             ..Entry::default()
-        }
-    }
-
-    /// Records that the call was asked (refusing it if that cannot be
-    /// written), runs it, and records its outcome.
-    async fn audited<T>(
-        &self,
-        entry: Entry,
-        call: impl std::future::Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<Response<T>, Status> {
-        if let Err(e) = self.shared.audit.record(entry.clone()).await {
-            return Err(Error::unavailable(Dependency::AuditLog, e).into());
-        }
-        let result = call.await;
+        };
+        let asked_hash = match self.shared.audit.record(asked.clone()).await {
+            Ok(hash) => hash,
+            Err(e) => return Err(Error::unavailable(Dependency::AuditLog, e).into()),
+        };
+        let result = handler(request, caller, asked_hash).await;
         let outcome = match &result {
             Ok(_) => "OK",
             Err(status) => code_name(status.code()),
         };
         let answered = Entry {
+            phase: Phase::Answered,
             outcome: Some(outcome.to_owned()),
-            ..entry
+            ..asked
         };
         if let Err(e) = self.shared.audit.record(answered).await {
             // The change is made; the next call will be refused until the
@@ -255,7 +261,12 @@ impl AdminService {
             root_key: parse_root_key(&r.root_key)?,
             region: parse_region(&r.region)?,
         };
-        let info = self.shared.keys.create_tenant(&id, &placement).await?;
+        let policy = parse_policy(r.policy.unwrap_or_default(), &self.shared.limits)?;
+        let info = self
+            .shared
+            .keys
+            .create_tenant(&id, &placement, &policy)
+            .await?;
         Ok(Response::new(self.tenant_info(info)))
     }
 
@@ -318,6 +329,8 @@ impl AdminService {
     async fn handle_shred_tenant(
         &self,
         request: Request<pb::ShredTenantRequest>,
+        caller: Caller,
+        asked: String,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
         let r = request.into_inner();
         let id = TenantId::parse("tenant_id", &r.tenant_id)?;
@@ -331,33 +344,148 @@ impl AdminService {
         let report = self.shared.keys.shred_tenant(&id).await?;
         let shred = &report.shred;
         let dedicated = report.placement.tier == Tier::Dedicated;
+        let root_key_id = match (&report.placement.root_key, dedicated) {
+            (Some(key), true) => key.clone(),
+            _ => String::new(),
+        };
+        let receipt = self.receipt(Receipt {
+            kind: ReceiptKind::Tenant,
+            tenant: id.to_string(),
+            subject: None,
+            shredded_at: shred.at.to_string(),
+            already_shredded: shred.already_shredded,
+            destroyed_key_versions: shred.destroyed_key_versions,
+            destroyed_subject_keys: shred.destroyed_subject_keys,
+            by: caller.identity,
+            audit_record: asked,
+            backups_may_hold_copies_until: self.backups_until(shred.at),
+            root_key_id: (!root_key_id.is_empty()).then(|| root_key_id.clone()),
+            root_key_deletion_date: report.root_key_deletion.map(|d| d.to_string()),
+            ..Receipt::default()
+        });
         Ok(Response::new(pb::ShredTenantResponse {
             tenant_id: id.to_string(),
             shredded_at: Some(timestamp(shred.at)),
             already_shredded: shred.already_shredded,
             destroyed_key_versions: shred.destroyed_key_versions,
             destroyed_subject_keys: shred.destroyed_subject_keys,
-            root_key_id: match (&report.placement.root_key, dedicated) {
-                (Some(key), true) => key.clone(),
-                _ => String::new(),
-            },
+            root_key_id,
             root_key_deletion_date: report.root_key_deletion.map(timestamp),
+            receipt,
         }))
     }
 
     async fn handle_shred_subject(
         &self,
         request: Request<pb::ShredSubjectRequest>,
+        caller: Caller,
+        asked: String,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let r = request.into_inner();
         let id = TenantId::parse("tenant_id", &r.tenant_id)?;
         let subject = SubjectId::parse("subject_id", &r.subject_id)?;
         let shred = self.shared.keys.shred_subject(&id, &subject).await?;
+        let receipt = self.receipt(Receipt {
+            kind: ReceiptKind::Subject,
+            tenant: id.to_string(),
+            subject: Some(self.shared.audit.subject_hash(r.subject_id.as_bytes())),
+            shredded_at: shred.at.to_string(),
+            already_shredded: shred.already_shredded,
+            destroyed_key_versions: 0,
+            destroyed_subject_keys: u64::from(shred.key_destroyed),
+            by: caller.identity,
+            audit_record: asked,
+            backups_may_hold_copies_until: self.backups_until(shred.at),
+            ..Receipt::default()
+        });
         Ok(Response::new(pb::ShredSubjectResponse {
             shredded_at: Some(timestamp(shred.at)),
             already_shredded: shred.already_shredded,
             key_destroyed: shred.key_destroyed,
+            receipt,
         }))
+    }
+
+    /// Signs a receipt, stamped now.
+    fn receipt(&self, receipt: Receipt) -> String {
+        self.shared.receipts.sign(Receipt {
+            version: RECEIPT_VERSION,
+            issued_at: UnixMillis::now().to_string(),
+            ..receipt
+        })
+    }
+
+    /// Until when a keystore backup taken before `at` may still exist.
+    fn backups_until(&self, at: UnixMillis) -> Option<String> {
+        let retention = i64::try_from(self.shared.backup_retention.as_millis()).ok()?;
+        Some(UnixMillis(at.0.saturating_add(retention)).to_string())
+    }
+
+    async fn handle_update_tenant_policy(
+        &self,
+        request: Request<pb::UpdateTenantPolicyRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let r = request.into_inner();
+        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+        let policy = parse_policy(r.policy.unwrap_or_default(), &self.shared.limits)?;
+        let info = self.shared.keys.update_policy(&id, &policy).await?;
+        Ok(Response::new(self.tenant_info(info)))
+    }
+}
+
+/// Checks a policy from a request against the rules its fields document.
+fn parse_policy(
+    p: pb::TenantPolicy,
+    limits: &crate::config::Limits,
+) -> Result<TenantPolicy, Error> {
+    const HOUR: u64 = 3600;
+    if p.rotation_period_seconds != 0 && p.rotation_period_seconds < HOUR {
+        return Err(Error::invalid(
+            "policy.rotation_period_seconds",
+            "must be 0 (no automatic rotation) or at least 3600",
+        ));
+    }
+    if p.retention_seconds != 0 {
+        if p.retention_seconds < HOUR {
+            return Err(Error::invalid(
+                "policy.retention_seconds",
+                "must be 0 (keep every version) or at least 3600",
+            ));
+        }
+        if p.retention_seconds < p.rotation_period_seconds {
+            return Err(Error::invalid(
+                "policy.retention_seconds",
+                "must be at least the rotation period",
+            ));
+        }
+    }
+    if p.max_plaintext_bytes > limits.max_plaintext_bytes as u64 {
+        return Err(Error::invalid(
+            "policy.max_plaintext_bytes",
+            format!(
+                "must be at most the sidecar's limit of {} bytes",
+                limits.max_plaintext_bytes
+            ),
+        ));
+    }
+    Ok(TenantPolicy {
+        rotation_period_seconds: p.rotation_period_seconds,
+        retention_seconds: p.retention_seconds,
+        min_decrypt_version: p.min_decrypt_version,
+        max_items_per_second: p.max_items_per_second,
+        burst: p.burst,
+        max_plaintext_bytes: p.max_plaintext_bytes,
+    })
+}
+
+fn policy_message(p: &TenantPolicy) -> pb::TenantPolicy {
+    pb::TenantPolicy {
+        rotation_period_seconds: p.rotation_period_seconds,
+        retention_seconds: p.retention_seconds,
+        min_decrypt_version: p.min_decrypt_version,
+        max_items_per_second: p.max_items_per_second,
+        burst: p.burst,
+        max_plaintext_bytes: p.max_plaintext_bytes,
     }
 }
 
@@ -372,55 +500,94 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RotateRootKeyRequest>,
     ) -> Result<Response<Self::RotateRootKeyStream>, Status> {
-        let entry = self.entry("RotateRootKey", &request, None, None);
-        self.audited(entry, self.handle_rotate_root_key(request))
-            .await
+        self.call(
+            "RotateRootKey",
+            Permission::AdminRotate,
+            request,
+            None,
+            None,
+            |request, _, _| self.handle_rotate_root_key(request),
+        )
+        .await
     }
 
     async fn create_tenant(
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let r = request.get_ref();
-        let entry = self.entry("CreateTenant", &request, Some(r.tenant_id.clone()), None);
-        self.audited(entry, self.handle_create_tenant(request))
-            .await
+        let tenant = request.get_ref().tenant_id.clone();
+        self.call(
+            "CreateTenant",
+            Permission::AdminCreate,
+            request,
+            Some(&tenant),
+            None,
+            |request, _, _| self.handle_create_tenant(request),
+        )
+        .await
     }
 
     async fn get_tenant(
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let r = request.get_ref();
-        let entry = self.entry("GetTenant", &request, Some(r.tenant_id.clone()), None);
-        self.audited(entry, self.handle_get_tenant(request)).await
+        let tenant = request.get_ref().tenant_id.clone();
+        self.call(
+            "GetTenant",
+            Permission::AdminRead,
+            request,
+            Some(&tenant),
+            None,
+            |request, _, _| self.handle_get_tenant(request),
+        )
+        .await
     }
 
     async fn list_tenants(
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let entry = self.entry("ListTenants", &request, None, None);
-        self.audited(entry, self.handle_list_tenants(request)).await
+        self.call(
+            "ListTenants",
+            Permission::AdminRead,
+            request,
+            None,
+            None,
+            |request, _, _| self.handle_list_tenants(request),
+        )
+        .await
     }
 
     async fn rotate_tenant_key(
         &self,
         request: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let r = request.get_ref();
-        let entry = self.entry("RotateTenantKey", &request, Some(r.tenant_id.clone()), None);
-        self.audited(entry, self.handle_rotate_tenant_key(request))
-            .await
+        let tenant = request.get_ref().tenant_id.clone();
+        self.call(
+            "RotateTenantKey",
+            Permission::AdminRotate,
+            request,
+            Some(&tenant),
+            None,
+            |request, _, _| self.handle_rotate_tenant_key(request),
+        )
+        .await
     }
 
     async fn shred_tenant(
         &self,
         request: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
-        let r = request.get_ref();
-        let entry = self.entry("ShredTenant", &request, Some(r.tenant_id.clone()), None);
-        self.audited(entry, self.handle_shred_tenant(request)).await
+        let tenant = request.get_ref().tenant_id.clone();
+        self.call(
+            "ShredTenant",
+            Permission::AdminShred,
+            request,
+            Some(&tenant),
+            None,
+            |request, caller, asked| self.handle_shred_tenant(request, caller, asked),
+        )
+        .await
     }
 
     async fn shred_subject(
@@ -428,13 +595,54 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let r = request.get_ref();
-        let entry = self.entry(
+        let tenant = r.tenant_id.clone();
+        let subject = r.subject_id.as_bytes().to_vec();
+        self.call(
             "ShredSubject",
-            &request,
-            Some(r.tenant_id.clone()),
-            Some(r.subject_id.as_bytes().to_vec()),
-        );
-        self.audited(entry, self.handle_shred_subject(request))
-            .await
+            Permission::AdminShred,
+            request,
+            Some(&tenant),
+            Some(subject),
+            |request, caller, asked| self.handle_shred_subject(request, caller, asked),
+        )
+        .await
+    }
+
+    async fn update_tenant_policy(
+        &self,
+        request: Request<pb::UpdateTenantPolicyRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let tenant = request.get_ref().tenant_id.clone();
+        self.call(
+            "UpdateTenantPolicy",
+            Permission::AdminPolicy,
+            request,
+            Some(&tenant),
+            None,
+            |request, _, _| self.handle_update_tenant_policy(request),
+        )
+        .await
+    }
+
+    async fn get_audit_head(
+        &self,
+        request: Request<pb::GetAuditHeadRequest>,
+    ) -> Result<Response<pb::AuditHead>, Status> {
+        self.call(
+            "GetAuditHead",
+            Permission::AuditRead,
+            request,
+            None,
+            None,
+            |_, _, _| async {
+                let (records, head) = self.shared.audit.head().await;
+                Ok(Response::new(pb::AuditHead {
+                    records,
+                    head,
+                    receipt_public_key: self.shared.receipts.public_key(),
+                }))
+            },
+        )
+        .await
     }
 }

@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Shared, check_context, pb, status};
 use crate::{
+    auth::{Caller, Permission},
     envelope::Context,
     error::Error,
     ids::{SubjectId, TenantId},
@@ -48,11 +49,59 @@ impl CryptoService {
         self.shared.keys.decrypt(tenant, context, ciphertext).await
     }
 
+    /// The tenant a call names.
     async fn tenant(&self, raw: &str) -> Result<ActiveTenant, Error> {
         let id = TenantId::parse("tenant_id", raw)?;
         self.shared.keys.active_tenant(&id).await
     }
+
+    /// Takes `items` from the tenant's rate.
+    fn limit(&self, tenant: &ActiveTenant, items: usize) -> Result<(), Error> {
+        self.shared.limiter.check(&tenant.id, tenant.rate(), items)
+    }
+
+    /// Authenticates and authorizes a call for the tenant it names.
+    async fn admit<T: TenantRequest>(
+        &self,
+        request: Request<T>,
+        action: &'static str,
+        permission: Permission,
+    ) -> Result<(Caller, T), Status> {
+        let caller = self
+            .shared
+            .admit(
+                &request,
+                action,
+                permission,
+                Some(request.get_ref().tenant_id()),
+            )
+            .await?;
+        Ok((caller, request.into_inner()))
+    }
 }
+
+/// A data-plane request, which always names its tenant.
+trait TenantRequest {
+    fn tenant_id(&self) -> &str;
+}
+
+macro_rules! tenant_requests {
+    ($($t:ty),*) => {
+        $(impl TenantRequest for $t {
+            fn tenant_id(&self) -> &str {
+                &self.tenant_id
+            }
+        })*
+    };
+}
+
+tenant_requests!(
+    pb::EncryptRequest,
+    pb::DecryptRequest,
+    pb::EncryptBatchRequest,
+    pb::DecryptBatchRequest,
+    pb::RewrapRequest
+);
 
 fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
     pb::EncryptResponse {
@@ -81,88 +130,127 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let r = request.into_inner();
-        let tenant = self.tenant(&r.tenant_id).await?;
-        let sealed = self
-            .encrypt_one(&tenant, &r.subject_id, &r.context, &r.plaintext)
-            .await?;
-        Ok(Response::new(encrypted(sealed)))
+        let (caller, r) = self.admit(request, "Encrypt", Permission::Encrypt).await?;
+        let result = async {
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.limit(&tenant, 1)?;
+            let sealed = self
+                .encrypt_one(&tenant, &r.subject_id, &r.context, &r.plaintext)
+                .await?;
+            Ok(Response::new(encrypted(sealed)))
+        }
+        .await;
+        self.shared
+            .record_data_plane("Encrypt", &caller, &r.tenant_id, result)
+            .await
     }
 
     async fn decrypt(
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let r = request.into_inner();
-        let tenant = self.tenant(&r.tenant_id).await?;
-        let opened = self.decrypt_one(&tenant, &r.context, &r.ciphertext).await?;
-        Ok(Response::new(decrypted(opened)))
+        let (caller, r) = self.admit(request, "Decrypt", Permission::Decrypt).await?;
+        let result = async {
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.limit(&tenant, 1)?;
+            let opened = self.decrypt_one(&tenant, &r.context, &r.ciphertext).await?;
+            Ok(Response::new(decrypted(opened)))
+        }
+        .await;
+        self.shared
+            .record_data_plane("Decrypt", &caller, &r.tenant_id, result)
+            .await
     }
 
     async fn encrypt_batch(
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let r = request.into_inner();
-        let tenant = self.tenant(&r.tenant_id).await?;
-        self.shared.check_batch(r.items.len())?;
-        let mut results = Vec::with_capacity(r.items.len());
-        for item in &r.items {
-            // Sealing a cached key never waits; without this a large batch
-            // would hold its worker thread until done, stalling other calls.
-            tokio::task::consume_budget().await;
-            let outcome = self
-                .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
-                .await;
-            results.push(pb::EncryptResult {
-                result: Some(match outcome {
-                    Ok(sealed) => pb::encrypt_result::Result::Ok(encrypted(sealed)),
-                    Err(e) => pb::encrypt_result::Result::Error(item_error(e)),
-                }),
-            });
+        let (caller, r) = self
+            .admit(request, "EncryptBatch", Permission::Encrypt)
+            .await?;
+        let result = async {
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.shared.check_batch(r.items.len())?;
+            self.limit(&tenant, r.items.len())?;
+            let mut results = Vec::with_capacity(r.items.len());
+            for item in &r.items {
+                // Sealing a cached key never waits; without this a large batch
+                // would hold its worker thread until done, stalling other calls.
+                tokio::task::consume_budget().await;
+                let outcome = self
+                    .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
+                    .await;
+                results.push(pb::EncryptResult {
+                    result: Some(match outcome {
+                        Ok(sealed) => pb::encrypt_result::Result::Ok(encrypted(sealed)),
+                        Err(e) => pb::encrypt_result::Result::Error(item_error(e)),
+                    }),
+                });
+            }
+            Ok(Response::new(pb::EncryptBatchResponse { results }))
         }
-        Ok(Response::new(pb::EncryptBatchResponse { results }))
+        .await;
+        self.shared
+            .record_data_plane("EncryptBatch", &caller, &r.tenant_id, result)
+            .await
     }
 
     async fn decrypt_batch(
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let r = request.into_inner();
-        let tenant = self.tenant(&r.tenant_id).await?;
-        self.shared.check_batch(r.items.len())?;
-        let mut results = Vec::with_capacity(r.items.len());
-        for item in &r.items {
-            tokio::task::consume_budget().await;
-            let outcome = self
-                .decrypt_one(&tenant, &item.context, &item.ciphertext)
-                .await;
-            results.push(pb::DecryptResult {
-                result: Some(match outcome {
-                    Ok(opened) => pb::decrypt_result::Result::Ok(decrypted(opened)),
-                    Err(e) => pb::decrypt_result::Result::Error(item_error(e)),
-                }),
-            });
+        let (caller, r) = self
+            .admit(request, "DecryptBatch", Permission::Decrypt)
+            .await?;
+        let result = async {
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.shared.check_batch(r.items.len())?;
+            self.limit(&tenant, r.items.len())?;
+            let mut results = Vec::with_capacity(r.items.len());
+            for item in &r.items {
+                tokio::task::consume_budget().await;
+                let outcome = self
+                    .decrypt_one(&tenant, &item.context, &item.ciphertext)
+                    .await;
+                results.push(pb::DecryptResult {
+                    result: Some(match outcome {
+                        Ok(opened) => pb::decrypt_result::Result::Ok(decrypted(opened)),
+                        Err(e) => pb::decrypt_result::Result::Error(item_error(e)),
+                    }),
+                });
+            }
+            Ok(Response::new(pb::DecryptBatchResponse { results }))
         }
-        Ok(Response::new(pb::DecryptBatchResponse { results }))
+        .await;
+        self.shared
+            .record_data_plane("DecryptBatch", &caller, &r.tenant_id, result)
+            .await
     }
 
     async fn rewrap(
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let r = request.into_inner();
-        let tenant = self.tenant(&r.tenant_id).await?;
-        check_context(&r.context)?;
-        let rewrapped = self
-            .shared
-            .keys
-            .rewrap(&tenant, &r.context, &r.ciphertext)
-            .await?;
-        Ok(Response::new(pb::RewrapResponse {
-            ciphertext: rewrapped.ciphertext,
-            key_version: rewrapped.key_version,
-            previous_key_version: rewrapped.previous_key_version,
-        }))
+        let (caller, r) = self.admit(request, "Rewrap", Permission::Rewrap).await?;
+        let result = async {
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.limit(&tenant, 1)?;
+            check_context(&r.context)?;
+            let rewrapped = self
+                .shared
+                .keys
+                .rewrap(&tenant, &r.context, &r.ciphertext)
+                .await?;
+            Ok(Response::new(pb::RewrapResponse {
+                ciphertext: rewrapped.ciphertext,
+                key_version: rewrapped.key_version,
+                previous_key_version: rewrapped.previous_key_version,
+            }))
+        }
+        .await;
+        self.shared
+            .record_data_plane("Rewrap", &caller, &r.tenant_id, result)
+            .await
     }
 }

@@ -9,7 +9,19 @@ pub mod status;
 
 use std::sync::Arc;
 
-use crate::{audit::AuditLog, config::Limits, envelope::Context, error::Error, keys::KeyManager};
+use tonic::{Request, Status};
+
+use crate::{
+    audit::{AuditLog, Entry, Phase, counts::Counts},
+    auth::{Caller, Guard, Permission},
+    config::{DataPlaneAudit, Limits},
+    envelope::Context,
+    error::{Dependency, Error},
+    ids::TenantId,
+    keys::KeyManager,
+    limits::TenantLimiter,
+    receipt::ReceiptSigner,
+};
 
 /// The generated protobuf types and service stubs.
 pub mod pb {
@@ -33,9 +45,110 @@ pub struct Shared {
     pub limits: Limits,
     /// Every Admin call is recorded here; admin calls fail closed without it.
     pub audit: Arc<AuditLog>,
+    /// Which data-plane calls are recorded, and the counts when counted.
+    pub data_plane_audit: DataPlaneAudit,
+    pub counts: Arc<Counts>,
+    pub guard: Arc<Guard>,
+    pub limiter: Arc<TenantLimiter>,
+    /// Signs erasure receipts.
+    pub receipts: Arc<ReceiptSigner>,
+    /// Stated in erasure receipts: how long keystore backups are kept.
+    pub backup_retention: std::time::Duration,
+}
+
+/// Who asked, as the audit log names a caller that could not be
+/// authenticated: the transport's peer.
+fn peer<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unix socket".to_owned(), |addr| format!("tcp {addr}"))
 }
 
 impl Shared {
+    /// Authenticates and authorizes a call. A refusal is recorded in the
+    /// audit log (whatever the data-plane setting) and returned.
+    pub async fn admit<T>(
+        &self,
+        request: &Request<T>,
+        action: &'static str,
+        permission: Permission,
+        tenant: Option<&str>,
+    ) -> Result<Caller, Status> {
+        let (caller, refusal) = match self.guard.authenticate(request) {
+            Err(e) => (peer(request), e),
+            Ok(caller) => match self.guard.authorize(&caller, permission, tenant) {
+                Ok(()) => return Ok(caller),
+                Err(e) => (caller.identity, e),
+            },
+        };
+        let status = Status::from(refusal);
+        self.record_refusal(action, caller, tenant, status.code())
+            .await;
+        Err(status)
+    }
+
+    /// Records a call refused before it ran. A refusal stands whether or not
+    /// it could be recorded.
+    pub async fn record_refusal(
+        &self,
+        action: &'static str,
+        caller: String,
+        tenant: Option<&str>,
+        code: tonic::Code,
+    ) {
+        let entry = Entry {
+            action,
+            phase: Phase::Refused,
+            caller,
+            tenant: valid_tenant(tenant),
+            outcome: Some(status::code_name(code).to_owned()),
+            ..Entry::default()
+        };
+        if let Err(e) = self.audit.record(entry).await {
+            tracing::error!(error = %e, "the audit log could not record a refused call");
+        }
+    }
+
+    /// Records a data-plane call that ran, as `audit.data_plane` says. In
+    /// "every" mode the answer waits for its record; if the record cannot be
+    /// written the caller gets UNAVAILABLE instead of the answer.
+    pub async fn record_data_plane<R>(
+        &self,
+        action: &'static str,
+        caller: &Caller,
+        tenant: &str,
+        result: Result<R, Status>,
+    ) -> Result<R, Status> {
+        let outcome = match &result {
+            Ok(_) => "OK",
+            Err(status) => status::code_name(status.code()),
+        };
+        match self.data_plane_audit {
+            DataPlaneAudit::Off => {}
+            DataPlaneAudit::Counts => {
+                self.counts.add(
+                    action,
+                    valid_tenant(Some(tenant)).as_deref(),
+                    &caller.identity,
+                    outcome,
+                );
+            }
+            DataPlaneAudit::Every => {
+                let entry = Entry {
+                    action,
+                    phase: Phase::Answered,
+                    caller: caller.identity.clone(),
+                    tenant: valid_tenant(Some(tenant)),
+                    outcome: Some(outcome.to_owned()),
+                    ..Entry::default()
+                };
+                if let Err(e) = self.audit.record(entry).await {
+                    return Err(Error::unavailable(Dependency::AuditLog, e).into());
+                }
+            }
+        }
+        result
+    }
     fn check_plaintext(&self, field: &'static str, plaintext: &[u8]) -> Result<(), Error> {
         if plaintext.len() > self.limits.max_plaintext_bytes {
             return Err(Error::invalid(
@@ -91,6 +204,14 @@ fn check_context(context: &Context) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The tenant id for an audit record: only a valid one (an invalid one
+/// could be anything, including data pasted into the wrong field).
+fn valid_tenant(tenant: Option<&str>) -> Option<String> {
+    tenant
+        .filter(|t| TenantId::parse("tenant_id", t).is_ok())
+        .map(str::to_owned)
 }
 
 fn timestamp(at: crate::store::UnixMillis) -> prost_types::Timestamp {

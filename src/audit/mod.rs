@@ -14,6 +14,8 @@
 //! from a shorter log by itself: export the latest hash (`audit verify`
 //! prints it) to somewhere else to anchor it.
 
+pub mod counts;
+
 use std::{
     fs,
     io::{self, BufRead, Write},
@@ -46,16 +48,18 @@ pub struct Body {
     pub time: String,
     /// The gRPC method, e.g. "ShredTenant".
     pub action: String,
-    /// "asked" or "answered".
+    /// "asked", "answered", "refused" or "counted".
     pub phase: String,
-    /// Who called: the transport's peer (authentication comes later).
+    /// Who called: the authenticated identity (`token:NAME`, `jwt:SUB`, a
+    /// certificate's URI SAN, `unix`, `anonymous`), or for a caller that
+    /// failed to authenticate, the transport's peer.
     pub caller: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tenant: Option<String>,
     /// Keyed hash of the subject id (hex), never the id.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subject: Option<String>,
-    /// For "answered": "OK" or the gRPC code's name.
+    /// For "answered" and "refused": "OK" or the gRPC code's name.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub outcome: Option<String>,
     /// What changed, in words without secrets (e.g. "version 3").
@@ -78,10 +82,36 @@ fn hash_of(body: &Body) -> String {
     ))
 }
 
+/// Which moment of a call a record describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// Before an admin call runs.
+    #[default]
+    Asked,
+    /// After a call ran, with its outcome.
+    Answered,
+    /// A call refused before it ran (authentication, authorization, limits).
+    Refused,
+    /// A count of data-plane calls over an interval (`detail` says how many).
+    Counted,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Asked => "asked",
+            Phase::Answered => "answered",
+            Phase::Refused => "refused",
+            Phase::Counted => "counted",
+        }
+    }
+}
+
 /// What to record about one call.
 #[derive(Clone, Debug, Default)]
 pub struct Entry {
     pub action: &'static str,
+    pub phase: Phase,
     pub caller: String,
     pub tenant: Option<String>,
     /// The subject id as given; only its keyed hash is written.
@@ -178,26 +208,30 @@ impl AuditLog {
         })
     }
 
+    /// How many records the log holds, and the latest one's hash.
+    pub async fn head(&self) -> (u64, String) {
+        let chain = self.chain.lock().await;
+        (chain.seq, chain.head.clone())
+    }
+
+    /// The keyed hash a subject id appears as in records (and receipts).
+    pub fn subject_hash(&self, id: &[u8]) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.subject_key.expose())
+            .expect("HMAC takes any key length");
+        mac.update(id);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
     /// Appends one record and syncs it to disk. An error means the record
     /// is not in the log: callers that must fail closed refuse their call.
     pub async fn record(&self, entry: Entry) -> Result<String, AuditError> {
-        let subject = entry.subject.as_ref().map(|id| {
-            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.subject_key.expose())
-                .expect("HMAC takes any key length");
-            mac.update(id);
-            hex::encode(mac.finalize().into_bytes())
-        });
+        let subject = entry.subject.as_ref().map(|id| self.subject_hash(id));
         let mut chain = self.chain.lock().await;
         let body = Body {
             seq: chain.seq + 1,
             time: UnixMillis::now().to_string(),
             action: entry.action.to_owned(),
-            phase: if entry.outcome.is_some() {
-                "answered"
-            } else {
-                "asked"
-            }
-            .to_owned(),
+            phase: entry.phase.name().to_owned(),
             caller: entry.caller,
             tenant: entry.tenant,
             subject,

@@ -37,6 +37,7 @@ async fn an_intact_chain_verifies_and_reopening_continues_it() {
         .record(Entry {
             action: "ShredTenant",
             caller: "unix".into(),
+            phase: Phase::Answered,
             outcome: Some("OK".into()),
             ..Entry::default()
         })

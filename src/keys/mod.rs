@@ -72,6 +72,11 @@ pub struct ActiveTenant {
 }
 
 impl ActiveTenant {
+    /// The tenant's own rate limit, if its policy sets one.
+    pub fn rate(&self) -> Option<crate::limits::Rate> {
+        None
+    }
+
     /// The subject-index key, wrapped by the root key.
     fn wrapped_index_key(&self) -> Result<&WrappedKey> {
         match &*self.state {
@@ -210,6 +215,15 @@ pub struct KeyManager {
 }
 
 impl KeyManager {
+    /// TEMPORARY until the store-policies branch lands.
+    pub async fn update_policy(
+        &self,
+        _id: &TenantId,
+        _policy: &crate::store::TenantPolicy,
+    ) -> Result<TenantInfo> {
+        Err(Error::FailedPrecondition("not yet".into()))
+    }
+
     pub fn new(
         root: Arc<dyn RootKeyProvider>,
         store: Arc<dyn Keystore>,
@@ -240,6 +254,7 @@ impl KeyManager {
         &self,
         id: &TenantId,
         request: &PlacementRequest,
+        _policy: &crate::store::TenantPolicy,
     ) -> Result<TenantInfo> {
         // Refuse a known id before anything costs a KMS key.
         match self.store.tenant(id).await? {

@@ -48,7 +48,7 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, root, _) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id, &PlacementRequest::default())
+    keys.create_tenant(&id, &PlacementRequest::default(), &Default::default())
         .await
         .unwrap();
     let t = keys.active_tenant(&id).await.unwrap();
@@ -92,7 +92,7 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
         KeySettings::default(),
     );
     let id = tenant("acme");
-    one.create_tenant(&id, &PlacementRequest::default())
+    one.create_tenant(&id, &PlacementRequest::default(), &Default::default())
         .await
         .unwrap();
     let (t1, t2) = (
@@ -140,7 +140,7 @@ async fn concurrent_rotations_make_consecutive_versions() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, _, store) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id, &PlacementRequest::default())
+    keys.create_tenant(&id, &PlacementRequest::default(), &Default::default())
         .await
         .unwrap();
     let keys = Arc::new(keys);
@@ -169,7 +169,7 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (keys, _, store) = manager(&dir).await;
     let id = tenant("acme");
-    keys.create_tenant(&id, &PlacementRequest::default())
+    keys.create_tenant(&id, &PlacementRequest::default(), &Default::default())
         .await
         .unwrap();
     let t = keys.active_tenant(&id).await.unwrap();

@@ -24,12 +24,23 @@ use tokio::{
 };
 use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 use tokio_util::task::TaskTracker;
-use tonic::{service::Routes, transport::server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
+};
 
 use crate::{
     api::{Shared, admin::AdminService, crypto::CryptoService, pb},
-    audit::AuditLog,
-    config::{Config, ConfigError, KmsProvider, ListenAddr, StoreBackend},
+    audit::{AuditLog, counts::Counts},
+    auth::{
+        Guard, Policy, StaticTokens,
+        jwt::JwtVerifier,
+        tokens::{ADMIN_TOKEN_FILE, ADMIN_TOKEN_NAME, load_or_create_admin_token},
+    },
+    config::{
+        AuthConfig, ClientAuth, Config, ConfigError, KmsProvider, ListenAddr, StoreBackend,
+        TlsConfig,
+    },
     events::{self, Signal},
     keys::{KeyManager, KeySettings},
     kms::{
@@ -38,6 +49,8 @@ use crate::{
         local::{LocalRootKey, ROOT_KEY_FILE},
         metered::Metered,
     },
+    limits::{Rate, TenantLimiter},
+    receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
     store::{
         Keystore, StoreError,
         postgres::{PostgresKeystore, PostgresOptions},
@@ -64,6 +77,12 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// A bound listener.
@@ -245,10 +264,64 @@ pub async fn routes(shared: Shared) -> Routes {
     builder.routes()
 }
 
+/// Authentication and authorization as `auth` configures them, with the
+/// embedded admin token if there is one. Starts the JWKS reloader.
+pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Guard, ConfigError> {
+    let mut tokens = match &auth.tokens_file {
+        Some(path) => StaticTokens::load(path)?,
+        None => StaticTokens::default(),
+    };
+    if let Some(token) = admin_token {
+        tokens.add(ADMIN_TOKEN_NAME, token);
+    }
+    let jwt = match &auth.jwt {
+        Some(config) => {
+            let verifier = Arc::new(JwtVerifier::load(config)?);
+            verifier
+                .clone()
+                .spawn_reloader(Duration::from_secs(config.reload_seconds));
+            Some(verifier)
+        }
+        None => None,
+    };
+    let policy = match &auth.policy_file {
+        Some(path) => Policy::load(path)?,
+        None => Policy::default_policy(),
+    };
+    Ok(Guard {
+        tokens,
+        jwt,
+        policy,
+    })
+}
+
+/// The TLS settings of TCP listeners, from the configured files.
+pub fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, StartError> {
+    let read = |what: &'static str, path: &PathBuf| {
+        fs::read(path).map_err(|source| StartError::File {
+            what,
+            path: path.clone(),
+            source,
+        })
+    };
+    let cert = read("tls.cert_file", &tls.cert_file)?;
+    // The key's bytes are secret: they are handed to rustls and dropped.
+    let key = zeroize::Zeroizing::new(read("tls.key_file", &tls.key_file)?);
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key.as_slice()));
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?))
+            .client_auth_optional(tls.client_auth == ClientAuth::Optional);
+    }
+    Ok(config.timeout(Duration::from_secs(10)))
+}
+
 /// Serves `routes` on every listener until `shutdown` resolves, then drains.
+/// TCP listeners use `tls` when given.
 pub async fn serve(
     routes: Routes,
     listeners: Vec<Listener>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -260,9 +333,13 @@ pub async fn serve(
         let signal = async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
         };
-        let server = tonic::transport::Server::builder().add_routes(routes.clone());
+        let mut server = tonic::transport::Server::builder();
         match listener {
             Listener::Tcp(l) => {
+                if let Some(tls) = &tls {
+                    server = server.tls_config(tls.clone())?;
+                }
+                let server = server.add_routes(routes.clone());
                 let tracker = lingering.clone();
                 let incoming = TcpIncoming::from(l)
                     .with_nodelay(Some(true))
@@ -270,6 +347,7 @@ pub async fn serve(
                 servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
             }
             Listener::Unix(l, path) => {
+                let server = server.add_routes(routes.clone());
                 socket_paths.push(path);
                 let tracker = lingering.clone();
                 let incoming = UnixListenerStream::new(l)
@@ -311,6 +389,57 @@ pub async fn serve(
     result
 }
 
+/// What the gRPC services share, as `config` says, around `keys` and
+/// `audit`: the embedded admin token (created on first start), the
+/// receipt key, authentication and authorization, per-tenant limits and the
+/// data-plane call counts (flushed to `audit` every interval).
+pub fn shared(
+    config: &Config,
+    keys: Arc<KeyManager>,
+    audit: Arc<AuditLog>,
+) -> Result<Shared, StartError> {
+    let admin_token = if config.auth.admin_token {
+        let (token, created) =
+            load_or_create_admin_token(&config.data_dir).map_err(|source| StartError::File {
+                what: "admin token",
+                path: config.data_dir.join(ADMIN_TOKEN_FILE),
+                source,
+            })?;
+        if created {
+            tracing::info!(path = %config.data_dir.join(ADMIN_TOKEN_FILE).display(), "created the admin token (the CLI finds it there)");
+        }
+        Some(token)
+    } else {
+        None
+    };
+    let receipts = ReceiptSigner::open(&config.data_dir).map_err(|source| StartError::File {
+        what: "receipt key",
+        path: config.data_dir.join(RECEIPT_KEY_FILE),
+        source,
+    })?;
+    let counts = Arc::new(Counts::default());
+    counts.clone().spawn_flusher(
+        Arc::downgrade(&audit),
+        Duration::from_secs(config.audit.count_interval_seconds),
+    );
+    Ok(Shared {
+        keys,
+        limits: config.limits.clone(),
+        audit,
+        data_plane_audit: config.audit.data_plane,
+        counts,
+        guard: Arc::new(guard(&config.auth, admin_token.as_ref())?),
+        limiter: Arc::new(TenantLimiter::new(Rate {
+            per_second: config.limits.tenant_items_per_second,
+            burst: config.limits.tenant_burst,
+        })),
+        receipts: Arc::new(receipts),
+        backup_retention: Duration::from_secs(
+            u64::from(config.store.backup_retention_days) * 86_400,
+        ),
+    })
+}
+
 /// `keywarden serve`: the whole sidecar from a configuration.
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
@@ -327,12 +456,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }
-    let audit = AuditLog::open(&config.data_dir)?;
-    let shared = Shared {
-        keys,
-        limits: config.limits.clone(),
-        audit: Arc::new(audit),
-    };
+    let audit = Arc::new(AuditLog::open(&config.data_dir)?);
+    let shared = shared(&config, keys, audit.clone())?;
+    let counts = shared.counts.clone();
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
     let mut listeners = Vec::new();
     for addr in &config.listen {
         listeners.push(Listener::bind(addr).await?);
@@ -346,7 +473,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, shutdown_signal()).await?;
+    serve(routes, listeners, tls, shutdown_signal()).await?;
+    if let Err(e) = counts.flush(&audit).await {
+        tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
+    }
     Ok(())
 }
 

@@ -11,13 +11,10 @@ pub mod proxy;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use keywarden::{
-    api::{
-        Shared,
-        pb::{admin_client::AdminClient, crypto_client::CryptoClient},
-    },
+    api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
     audit::AuditLog,
-    client,
-    config::{CacheConfig, Limits},
+    client::{self, Authed, Bearer},
+    config::{AuditConfig, AuthConfig, CacheConfig, Config, Limits, TlsConfig},
     keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
@@ -28,6 +25,7 @@ use keywarden::{
     server::{self, Listener},
     store::sqlite::{KEYSTORE_FILE, SqliteKeystore},
 };
+use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
@@ -89,11 +87,16 @@ pub struct Options {
     pub kms: Kms,
     /// The audit log; default: `audit.log` in the data directory.
     pub audit: Option<Arc<AuditLog>>,
+    pub auth: AuthConfig,
+    pub tls: Option<TlsConfig>,
+    pub audit_config: AuditConfig,
 }
 
 /// A sidecar serving on 127.0.0.1 with a free port.
 pub struct TestSidecar {
     pub addr: String,
+    /// The embedded admin token (`token:admin`: admin and data plane).
+    pub admin_token: Option<SecretString>,
     /// Counts every call that reaches the root-key provider.
     pub root: Arc<Metered>,
     pub dir: Arc<tempfile::TempDir>,
@@ -135,13 +138,23 @@ impl TestSidecar {
                 key_deletion_waiting_days: 7,
             },
         );
-        let shared = Shared {
-            keys: Arc::new(keys),
+        let config = Config {
+            data_dir: dir.path().to_owned(),
             limits: options.limits,
-            audit: options
-                .audit
-                .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap())),
+            cache: options.cache,
+            auth: options.auth,
+            tls: options.tls,
+            audit: options.audit_config,
+            ..Config::default()
         };
+        let audit = options
+            .audit
+            .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
+        let shared = server::shared(&config, Arc::new(keys), audit).unwrap();
+        let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
+            .ok()
+            .map(|t| SecretString::from(t.trim().to_owned()));
+        let tls = config.tls.as_ref().map(|t| server::tls_config(t).unwrap());
         let listener = Listener::bind(&"127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
@@ -149,7 +162,7 @@ impl TestSidecar {
         let routes = server::routes(shared).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            server::serve(routes, vec![listener], async {
+            server::serve(routes, vec![listener], tls, async {
                 let _ = stopped.await;
             })
             .await
@@ -157,6 +170,7 @@ impl TestSidecar {
         });
         Self {
             addr,
+            admin_token,
             root,
             dir,
             stop: Some(stop),
@@ -165,15 +179,21 @@ impl TestSidecar {
     }
 
     pub async fn channel(&self) -> Channel {
-        client::connect(&self.addr).await.unwrap()
+        client::connect(&self.addr, None).await.unwrap()
     }
 
-    pub async fn crypto(&self) -> CryptoClient<Channel> {
-        client::crypto(self.channel().await)
+    /// The admin token as a client sends it.
+    pub fn admin_bearer(&self) -> Bearer {
+        Bearer::new(self.admin_token.as_ref()).unwrap()
     }
 
-    pub async fn admin(&self) -> AdminClient<Channel> {
-        client::admin(self.channel().await)
+    /// A data-plane client holding the admin token.
+    pub async fn crypto(&self) -> CryptoClient<Authed> {
+        client::crypto(self.channel().await, self.admin_bearer())
+    }
+
+    pub async fn admin(&self) -> AdminClient<Authed> {
+        client::admin(self.channel().await, self.admin_bearer())
     }
 
     /// Decrypt calls that reached the root-key provider so far.

@@ -11,6 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use keywarden::{
+    api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
+    client::{Authed, Bearer},
+};
+use secrecy::SecretString;
+use tonic::transport::Channel;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
 /// How long a sidecar may take to accept connections, or to exit.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -56,6 +63,7 @@ pub struct Sidecar {
     pub child: Child,
     socket: PathBuf,
     log: PathBuf,
+    data_dir: PathBuf,
 }
 
 impl Sidecar {
@@ -70,7 +78,7 @@ impl Sidecar {
             .arg(data_dir)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()));
-        Self::spawn(command, socket, log)
+        Self::spawn(command, data_dir, socket, log)
     }
 
     /// [`Sidecar::start`] with extra environment variables (configuration).
@@ -84,7 +92,7 @@ impl Sidecar {
             .arg(data_dir)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()));
-        Self::spawn(command, socket, log)
+        Self::spawn(command, data_dir, socket, log)
     }
 
     /// Kills the process with SIGKILL, as a crash would, and waits for it.
@@ -93,7 +101,7 @@ impl Sidecar {
         let _ = self.child.wait();
     }
 
-    pub fn spawn(mut command: Command, socket: &Path, log: PathBuf) -> Sidecar {
+    pub fn spawn(mut command: Command, data_dir: &Path, socket: &Path, log: PathBuf) -> Sidecar {
         let stderr = fs::File::create(&log).expect("create the log file");
         let child = command
             .stdin(Stdio::null())
@@ -105,6 +113,7 @@ impl Sidecar {
             child,
             socket: socket.to_owned(),
             log,
+            data_dir: data_dir.to_owned(),
         };
         sidecar.wait_until_ready();
         sidecar
@@ -160,9 +169,26 @@ impl Sidecar {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
-    /// Runs a client command against this sidecar.
+    /// Runs a client command against this sidecar, as its host's operator
+    /// (the CLI finds the sidecar's admin token in its data directory).
     pub fn cli(&self, args: &[&str]) -> Out {
-        cli_at(&self.addr(), args, None)
+        cli_with(&self.addr(), Some(&self.data_dir), args, None)
+    }
+
+    /// The embedded admin token, as a client sends it.
+    pub fn bearer(&self) -> Bearer {
+        let token = fs::read_to_string(self.data_dir.join("admin.token")).expect("the admin token");
+        Bearer::new(Some(&SecretString::from(token.trim().to_owned()))).unwrap()
+    }
+
+    /// A gRPC client of this sidecar holding its admin token.
+    pub async fn client(&self) -> Client {
+        Client {
+            channel: keywarden::client::connect(&self.addr(), None)
+                .await
+                .unwrap(),
+            bearer: self.bearer(),
+        }
     }
 
     /// Runs a client command that must succeed, and returns its stdout.
@@ -248,9 +274,36 @@ impl Out {
     }
 }
 
-/// Runs `keywarden --addr ADDR ARGS...` with `stdin` (or nothing) on stdin.
+/// A channel and the token its calls carry.
+#[derive(Clone)]
+pub struct Client {
+    pub channel: Channel,
+    pub bearer: Bearer,
+}
+
+impl Client {
+    pub fn admin(&self) -> AdminClient<Authed> {
+        keywarden::client::admin(self.channel.clone(), self.bearer.clone())
+    }
+
+    pub fn crypto(&self) -> CryptoClient<Authed> {
+        keywarden::client::crypto(self.channel.clone(), self.bearer.clone())
+    }
+}
+
+/// Runs `keywarden --addr ADDR ARGS...` with `stdin` (or nothing) on stdin,
+/// without a token (as an app on the unix socket would).
 pub fn cli_at(addr: &str, args: &[&str], stdin: Option<&[u8]>) -> Out {
+    cli_with(addr, None, args, stdin)
+}
+
+/// Runs the CLI; with `data_dir`, it finds the admin token there.
+pub fn cli_with(addr: &str, data_dir: Option<&Path>, args: &[&str], stdin: Option<&[u8]>) -> Out {
     let mut child = keywarden()
+        .env(
+            "KEYWARDEN_DATA_DIR",
+            data_dir.unwrap_or(Path::new("/nonexistent/keywarden-test")),
+        )
         .arg("--addr")
         .arg(addr)
         .args(args)

@@ -1,0 +1,298 @@
+//! Who may ask for what.
+//!
+//! **Authentication** names the caller: a bearer token (a static token from a
+//! file, or a JWT verified against a JWKS file), else a client certificate's
+//! URI SAN (e.g. a SPIFFE id) on a mutual-TLS listener, else the transport
+//! itself: `unix` for the unix socket, `anonymous` for loopback TCP. A
+//! credential that is presented and fails is UNAUTHENTICATED; it never falls
+//! back to the transport's identity.
+//!
+//! **Authorization** asks the [`policy::Policy`]: which grants match the
+//! identity, whether one of them allows the operation, and for which tenants.
+//! A JWT that names tenants narrows every grant to those tenants.
+//!
+//! Callers' identities are not secrets (they appear in errors and in the
+//! audit log); the tokens that prove them are, and never print.
+
+pub mod jwt;
+pub mod policy;
+pub mod tokens;
+
+use std::{fmt, sync::Arc};
+
+use tonic::{
+    Request,
+    transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo},
+};
+
+use crate::error::Error;
+pub use policy::Policy;
+pub use tokens::StaticTokens;
+
+/// One operation a role may grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Permission {
+    Encrypt,
+    Decrypt,
+    Rewrap,
+    /// CreateTenant.
+    AdminCreate,
+    /// GetTenant, ListTenants.
+    AdminRead,
+    /// RotateTenantKey, RotateRootKey.
+    AdminRotate,
+    /// ShredTenant, ShredSubject.
+    AdminShred,
+    /// UpdateTenantPolicy.
+    AdminPolicy,
+    /// GetAuditHead: the audit log's latest hash, to anchor elsewhere.
+    AuditRead,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 9] = [
+        Permission::Encrypt,
+        Permission::Decrypt,
+        Permission::Rewrap,
+        Permission::AdminCreate,
+        Permission::AdminRead,
+        Permission::AdminRotate,
+        Permission::AdminShred,
+        Permission::AdminPolicy,
+        Permission::AuditRead,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::Encrypt => "encrypt",
+            Permission::Decrypt => "decrypt",
+            Permission::Rewrap => "rewrap",
+            Permission::AdminCreate => "admin:create",
+            Permission::AdminRead => "admin:read",
+            Permission::AdminRotate => "admin:rotate",
+            Permission::AdminShred => "admin:shred",
+            Permission::AdminPolicy => "admin:policy",
+            Permission::AuditRead => "audit:read",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Data-plane operations (Crypto); everything else is the control plane.
+    pub fn is_data_plane(self) -> bool {
+        matches!(
+            self,
+            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap
+        )
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a call arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The unix socket (its file mode decides who can connect).
+    Unix,
+    /// TCP without TLS: loopback only (the configuration refuses others).
+    Loopback,
+    /// TCP with TLS.
+    Tls,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// `token:NAME`, `jwt:SUBJECT`, a certificate's URI SAN, `unix` or
+    /// `anonymous`.
+    pub identity: String,
+    pub transport: Transport,
+    /// The tenants a JWT says its bearer may act for; `None` when the
+    /// credential names none.
+    pub token_tenants: Option<Vec<String>>,
+}
+
+impl Caller {
+    /// The identity of a caller that presented no credential.
+    fn of_transport(transport: Transport) -> Self {
+        Self {
+            identity: match transport {
+                Transport::Unix => "unix",
+                Transport::Loopback | Transport::Tls => "anonymous",
+            }
+            .to_owned(),
+            transport,
+            token_tenants: None,
+        }
+    }
+}
+
+/// Authentication and authorization, as the server is configured.
+pub struct Guard {
+    pub tokens: StaticTokens,
+    pub jwt: Option<Arc<jwt::JwtVerifier>>,
+    pub policy: Policy,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("tokens", &self.tokens.len())
+            .field("jwt", &self.jwt.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guard {
+    /// Names the caller of `request`, or refuses a credential that fails.
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        let extensions = request.extensions();
+        let transport = if extensions.get::<UdsConnectInfo>().is_some() {
+            Transport::Unix
+        } else if extensions.get::<TlsConnectInfo<TcpConnectInfo>>().is_some() {
+            Transport::Tls
+        } else {
+            Transport::Loopback
+        };
+        if let Some(header) = request.metadata().get("authorization") {
+            let value = header
+                .to_str()
+                .map_err(|_| unauthenticated("the authorization header is not text"))?;
+            let token = value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    unauthenticated("the authorization header must be \"Bearer <token>\"")
+                })?
+                .trim();
+            return self.authenticate_token(token, transport);
+        }
+        if let Some(certs) = request.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            // rustls has already verified the chain against the client CA.
+            let identity = certificate_identity(leaf.as_ref())?;
+            return Ok(Caller {
+                identity,
+                transport,
+                token_tenants: None,
+            });
+        }
+        Ok(Caller::of_transport(transport))
+    }
+
+    fn authenticate_token(&self, token: &str, transport: Transport) -> Result<Caller, Error> {
+        if token.starts_with(tokens::TOKEN_PREFIX) {
+            let name = self
+                .tokens
+                .find(token)
+                .ok_or_else(|| unauthenticated("the bearer token is not a known API token"))?;
+            return Ok(Caller {
+                identity: format!("token:{name}"),
+                transport,
+                token_tenants: None,
+            });
+        }
+        let Some(jwt) = &self.jwt else {
+            return Err(unauthenticated(
+                "the bearer token is not a known API token (and JWTs are not configured)",
+            ));
+        };
+        let claims = jwt
+            .verify(token)
+            .map_err(|e| unauthenticated(e.to_string()))?;
+        Ok(Caller {
+            identity: format!("jwt:{}", claims.subject),
+            transport,
+            token_tenants: claims.tenants,
+        })
+    }
+
+    /// Whether `caller` may do `permission` (for `tenant`, or for all
+    /// tenants when the operation spans them).
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        permission: Permission,
+        tenant: Option<&str>,
+    ) -> Result<(), Error> {
+        if self.policy.allows(caller, permission, tenant) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(match tenant {
+            Some(tenant) => format!(
+                "{} may not {} for tenant {tenant}",
+                caller.identity,
+                permission.name()
+            ),
+            None => format!(
+                "{} may not {} across all tenants",
+                caller.identity,
+                permission.name()
+            ),
+        }))
+    }
+}
+
+fn unauthenticated(reason: impl Into<String>) -> Error {
+    Error::Unauthenticated(reason.into())
+}
+
+/// The identity a client certificate proves: its first URI SAN.
+fn certificate_identity(der: &[u8]) -> Result<String, Error> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|_| unauthenticated("the client certificate cannot be parsed"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| unauthenticated("the client certificate's subjectAltName is malformed"))?;
+    san.and_then(|san| {
+        san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+    })
+    .ok_or_else(|| {
+        unauthenticated(
+            "the client certificate has no URI subjectAltName (e.g. a SPIFFE id) to name its holder",
+        )
+    })
+}
+
+/// Whether `value` matches `pattern`: `*` matches anything, `prefix*`
+/// anything starting with `prefix`, any other pattern only itself.
+pub fn matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(matches("*", "acme"));
+        assert!(matches("acme-*", "acme-eu"));
+        assert!(!matches("acme-*", "acme"));
+        assert!(matches("acme", "acme"));
+        assert!(!matches("acme", "acme2"));
+        assert!(!matches("acme", "acm"));
+    }
+
+    #[test]
+    fn permission_names_round_trip() {
+        for p in Permission::ALL {
+            assert_eq!(Permission::parse(p.name()), Some(p));
+        }
+        assert_eq!(Permission::parse("admin"), None);
+    }
+}
