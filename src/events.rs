@@ -1,5 +1,6 @@
-//! Keystore changes that other sidecars must hear about at once: a rotation
-//! or shred makes their cached tenant state and keys stale. The PostgreSQL
+//! Keystore changes that other sidecars must hear about at once: a rotation,
+//! shred, policy change or destroyed key version makes their cached tenant
+//! state and keys stale. The PostgreSQL
 //! keystore publishes them with NOTIFY inside the changing transaction (so an
 //! event is sent if and only if the change commits) and every sidecar LISTENs
 //! and evicts. The embedded SQLite keystore has one sidecar, which evicts
@@ -17,7 +18,8 @@ pub const CHANNEL: &str = "keywarden_events";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A tenant was rotated or shredded: drop everything cached of it.
+    /// A tenant was rotated or shredded, its policy changed, or a key version
+    /// of it was destroyed: drop everything cached of it.
     Tenant(TenantId),
     /// A subject was shredded: drop its key.
     Subject(TenantId, SubjectKeyId),

@@ -18,8 +18,8 @@ use keywarden::{
     kms::WrappedKey,
     store::{
         Keystore, NewTenant, Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
-        SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier,
-        UnixMillis,
+        SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
+        TenantState, Tier, UnixMillis,
         postgres::{PostgresKeystore, PostgresOptions},
         sqlite::{KEYSTORE_FILE, SqliteKeystore},
     },
@@ -82,6 +82,7 @@ fn new_tenant(id: &str, placement: Placement, created_at: UnixMillis) -> NewTena
         id: tid(id),
         created_at,
         placement,
+        policy: TenantPolicy::default(),
         first_key: version_key(id, 1),
         index_key: index_key(id),
     }
@@ -341,6 +342,7 @@ async fn creates_a_tenant_and_reads_it_back(store: Store) {
         id: acme.clone(),
         created_at: at(50),
         placement: placements[0].1.clone(),
+        policy: strict_policy(),
         first_key: wrapped(ROOT, b"another first key"),
         index_key: wrapped(ROOT, b"another index key"),
     };
@@ -351,6 +353,7 @@ async fn creates_a_tenant_and_reads_it_back(store: Store) {
     let unchanged = record(&store, &acme).await;
     assert_eq!(unchanged.created_at, T0);
     assert_eq!(unchanged.placement, Placement::shared());
+    assert_eq!(unchanged.policy, TenantPolicy::default());
     assert_eq!(active_state(&unchanged), (1, index_key("acme")));
     assert_eq!(keys(&store, &acme).await, vec![fixture_key("acme", 1)]);
 
@@ -382,6 +385,7 @@ async fn concurrent_creates_of_one_id_make_one_tenant(store: Store) {
                     id: tid("acme"),
                     created_at: at(i64::try_from(task).unwrap()),
                     placement: Placement::shared(),
+                    policy: TenantPolicy::default(),
                     first_key: wrapped(ROOT, format!("first key by {task}")),
                     index_key: wrapped(ROOT, format!("index key by {task}")),
                 };
@@ -1327,6 +1331,464 @@ async fn lists_counts_and_swaps_keys_wrapped_by_a_shared_root(store: Store) {
 }
 
 // ---------------------------------------------------------------------------
+// Policies.
+
+/// A policy with every field set, some to their largest values.
+fn strict_policy() -> TenantPolicy {
+    TenantPolicy {
+        rotation_period_seconds: 30 * 86_400,
+        retention_seconds: u64::MAX,
+        min_decrypt_version: 2,
+        max_items_per_second: u32::MAX,
+        burst: 50,
+        max_plaintext_bytes: 1 << 20,
+    }
+}
+
+async fn policy(store: &Store, id: &TenantId) -> TenantPolicy {
+    record(store, id).await.policy
+}
+
+async fn policies_round_trip_and_change_only_on_active_tenants(store: Store) {
+    let acme = create(&store, "acme").await;
+    assert_eq!(policy(&store, &acme).await, TenantPolicy::default());
+    let strict = tid("strict");
+    store
+        .create_tenant(NewTenant {
+            policy: strict_policy(),
+            ..new_tenant("strict", Placement::shared(), T0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(policy(&store, &strict).await, strict_policy());
+    let listed = |store: Store| async move {
+        store
+            .list_tenants(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.id, t.policy))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(store.clone()).await,
+        [
+            (acme.clone(), TenantPolicy::default()),
+            (strict.clone(), strict_policy())
+        ]
+    );
+
+    // Replaced whole, and nothing else changes.
+    let lenient = TenantPolicy {
+        burst: 7,
+        ..TenantPolicy::default()
+    };
+    store.set_policy(&acme, &lenient).await.unwrap();
+    assert_eq!(policy(&store, &acme).await, lenient);
+    assert_eq!(policy(&store, &strict).await, strict_policy());
+    assert_eq!(active(&store, &acme).await, (1, index_key("acme")));
+    assert_eq!(keys(&store, &acme).await, vec![fixture_key("acme", 1)]);
+    store.set_policy(&strict, &lenient).await.unwrap();
+    store.set_policy(&acme, &strict_policy()).await.unwrap();
+    assert_eq!(
+        listed(store.clone()).await,
+        [
+            (acme.clone(), strict_policy()),
+            (strict.clone(), lenient.clone())
+        ]
+    );
+    // Setting the same policy again is no error.
+    store.set_policy(&acme, &strict_policy()).await.unwrap();
+    store
+        .set_policy(&strict, &TenantPolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(policy(&store, &strict).await, TenantPolicy::default());
+
+    // Unknown tenant: an error, and no tenant appears.
+    let nobody = tid("nobody");
+    assert_err!(
+        store.set_policy(&nobody, &lenient).await,
+        StoreError::TenantNotFound(t) if t == nobody
+    );
+    assert!(store.tenant(&nobody).await.unwrap().is_none());
+
+    // A shredded tenant keeps the policy it had, which cannot change.
+    let shred_at = at(100);
+    store.shred_tenant(&acme, shred_at).await.unwrap();
+    let tombstone = record(&store, &acme).await;
+    assert_eq!(shredded_state(&tombstone), (shred_at, None));
+    assert_eq!(tombstone.policy, strict_policy());
+    assert_err!(
+        store.set_policy(&acme, &lenient).await,
+        StoreError::TenantShredded { tenant, at } if tenant == acme && at == shred_at
+    );
+    assert_eq!(policy(&store, &acme).await, strict_policy());
+    assert_eq!(shredded(&store, &acme).await, (shred_at, None));
+    assert!(store.tenant_keys(&acme).await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Retention: moving subject keys off old versions, destroying the versions.
+
+/// The subject keys `version` of `tenant` wraps, as comparable values.
+async fn wrapped_by(
+    store: &Store,
+    id: &TenantId,
+    version: u32,
+    limit: u32,
+) -> Vec<(SubjectKeyId, Seen)> {
+    store
+        .subject_keys_wrapped_by(id, version, limit)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(subject, record)| (*subject, seen_key(record)))
+        .collect()
+}
+
+async fn destroyed(store: &Store, id: &TenantId) -> Vec<(u32, UnixMillis)> {
+    store.destroyed_versions(id).await.unwrap()
+}
+
+async fn destroying_a_version_needs_it_unused_and_not_primary(store: Store) {
+    let acme = create(&store, "acme").await;
+    rotate_to(&store, &acme, 3).await;
+    let other = create(&store, "other").await;
+    rotate_to(&store, &other, 2).await;
+    // acme: subjects 1 and 2 under v1, 3 under v2; 4 under the primary.
+    let placed = [(1, 1), (2, 1), (3, 2), (4, 3)];
+    for (n, version) in placed {
+        store
+            .insert_subject_key(
+                &acme,
+                subject(n),
+                subject_record(&format!("acme {n}"), version),
+                at(10),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .insert_subject_key(&other, subject(1), subject_record("other 1", 1), at(10))
+        .await
+        .unwrap();
+    let all_keys = (1..=3).map(|v| fixture_key("acme", v)).collect::<Vec<_>>();
+    let original = |n: u8| {
+        let version = placed.iter().find(|(m, _)| *m == n).unwrap().1;
+        seen_key(&subject_record(&format!("acme {n}"), version))
+    };
+
+    // What each version wraps, in subject key id order, at most `limit`.
+    assert_eq!(
+        wrapped_by(&store, &acme, 1, 10).await,
+        [(subject(1), original(1)), (subject(2), original(2))]
+    );
+    assert_eq!(
+        wrapped_by(&store, &acme, 1, 1).await,
+        [(subject(1), original(1))]
+    );
+    assert!(wrapped_by(&store, &acme, 1, 0).await.is_empty());
+    assert_eq!(
+        wrapped_by(&store, &acme, 2, 10).await,
+        [(subject(3), original(3))]
+    );
+    assert!(wrapped_by(&store, &acme, 9, 10).await.is_empty());
+    assert!(wrapped_by(&store, &tid("nobody"), 1, 10).await.is_empty());
+    assert_eq!(
+        wrapped_by(&store, &other, 1, 10).await,
+        [(subject(1), seen_key(&subject_record("other 1", 1)))]
+    );
+
+    // Refused, changing nothing: the primary, versions still wrapping
+    // subject keys (Conflict); versions that never existed; unknown tenants.
+    for version in [3, 1, 2] {
+        assert_err!(
+            store.destroy_tenant_key(&acme, version, at(50)).await,
+            StoreError::Conflict
+        );
+    }
+    for version in [0, 4, u32::MAX] {
+        match store.destroy_tenant_key(&acme, version, at(50)).await {
+            Err(StoreError::Conflict) | Ok(_) => {
+                panic!("version {version} that never existed was not refused as invalid")
+            }
+            Err(_) => {}
+        }
+    }
+    let nobody = tid("nobody");
+    assert_err!(
+        store.destroy_tenant_key(&nobody, 1, at(50)).await,
+        StoreError::TenantNotFound(t) if t == nobody
+    );
+    assert_eq!(keys(&store, &acme).await, all_keys);
+    assert!(destroyed(&store, &acme).await.is_empty());
+    assert!(destroyed(&store, &nobody).await.is_empty());
+    assert_eq!(active(&store, &acme).await, (3, index_key("acme")));
+    for (n, _) in placed {
+        assert_eq!(subject_key(&store, &acme, subject(n)).await, original(n));
+    }
+    assert_consistent(&store).await;
+
+    // Compare and swap of a subject key's wrap: a stale expectation, an
+    // unknown subject, another tenant's subject change nothing.
+    let moved = |n: u8, version| subject_record(&format!("acme {n} moved"), version);
+    for (tenant, n, expected) in [(&acme, 1, 2), (&acme, 1, 3), (&acme, 9, 1), (&nobody, 1, 1)] {
+        assert!(
+            !store
+                .replace_subject_wrap(tenant, &subject(n), expected, moved(n, 3))
+                .await
+                .unwrap(),
+            "{tenant} {n} {expected}"
+        );
+    }
+    assert_eq!(subject_key(&store, &acme, subject(1)).await, original(1));
+    assert_eq!(subject_key(&store, &acme, subject(9)).await, Seen::Absent);
+    // A wrap by a version that does not exist is refused.
+    for version in [0, 4] {
+        assert_err!(
+            store
+                .replace_subject_wrap(&acme, &subject(1), 1, moved(1, version))
+                .await,
+            StoreError::Corrupt(_)
+        );
+    }
+    assert_eq!(subject_key(&store, &acme, subject(1)).await, original(1));
+    // The right expectation swaps it, once.
+    assert!(
+        store
+            .replace_subject_wrap(&acme, &subject(1), 1, moved(1, 3))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        subject_key(&store, &acme, subject(1)).await,
+        seen_key(&moved(1, 3))
+    );
+    assert!(
+        !store
+            .replace_subject_wrap(&acme, &subject(1), 1, moved(1, 2))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        subject_key(&store, &acme, subject(1)).await,
+        seen_key(&moved(1, 3))
+    );
+    // A shredded subject has no key to swap.
+    store
+        .shred_subject(&acme, subject(2), at(20))
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .replace_subject_wrap(&acme, &subject(2), 1, moved(2, 3))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        subject_key(&store, &acme, subject(2)).await,
+        Seen::Shredded(at(20))
+    );
+    assert!(wrapped_by(&store, &acme, 1, 10).await.is_empty());
+    assert_eq!(
+        wrapped_by(&store, &acme, 3, 10).await,
+        [
+            (subject(1), seen_key(&moved(1, 3))),
+            (subject(4), original(4))
+        ]
+    );
+    assert_consistent(&store).await;
+
+    // Version 1 wraps nothing now: destroyed, once.
+    assert!(store.destroy_tenant_key(&acme, 1, at(100)).await.unwrap());
+    assert_consistent(&store).await;
+    assert!(!store.destroy_tenant_key(&acme, 1, at(200)).await.unwrap());
+    assert_eq!(destroyed(&store, &acme).await, [(1, at(100))]);
+    assert!(store.tenant_key(&acme, 1).await.unwrap().is_none());
+    assert_eq!(keys(&store, &acme).await, all_keys[1..]);
+    assert_eq!(active(&store, &acme).await, (3, index_key("acme")));
+    // Nor is it listed among the keys a root key wraps.
+    let acme_slots: Vec<RootWrappedSlot> = root_wrapped(&store, None, None, 100)
+        .await
+        .into_iter()
+        .filter(|(t, _, _)| *t == acme)
+        .map(|(_, slot, _)| slot)
+        .collect();
+    assert_eq!(
+        acme_slots,
+        [
+            RootWrappedSlot::Index,
+            RootWrappedSlot::Version(2),
+            RootWrappedSlot::Version(3)
+        ]
+    );
+    assert_eq!(
+        store.count_shared_root_wrapped(None, ROOT).await.unwrap(),
+        (6, 6)
+    );
+    // No subject key can be wrapped by it any more.
+    assert_err!(
+        store
+            .insert_subject_key(&acme, subject(5), subject_record("late", 1), at(101))
+            .await,
+        StoreError::Corrupt(_)
+    );
+    assert_eq!(subject_key(&store, &acme, subject(5)).await, Seen::Absent);
+    assert_err!(
+        store
+            .replace_subject_wrap(&acme, &subject(3), 2, moved(3, 1))
+            .await,
+        StoreError::Corrupt(_)
+    );
+    assert_eq!(subject_key(&store, &acme, subject(3)).await, original(3));
+
+    // Move subject 3 and destroy version 2 too.
+    assert!(
+        store
+            .replace_subject_wrap(&acme, &subject(3), 2, moved(3, 3))
+            .await
+            .unwrap()
+    );
+    assert!(store.destroy_tenant_key(&acme, 2, at(300)).await.unwrap());
+    assert_eq!(destroyed(&store, &acme).await, [(1, at(100)), (2, at(300))]);
+    assert_eq!(keys(&store, &acme).await, all_keys[2..]);
+    for version in [1, 2] {
+        assert!(store.tenant_key(&acme, version).await.unwrap().is_none());
+        assert!(
+            !store
+                .destroy_tenant_key(&acme, version, at(400))
+                .await
+                .unwrap()
+        );
+    }
+    assert_consistent(&store).await;
+
+    // Rotation goes on from the primary; the old primary, still wrapping
+    // subject keys, is refused until they move.
+    rotate_to(&store, &acme, 4).await;
+    assert_eq!(
+        keys(&store, &acme).await,
+        [fixture_key("acme", 3), fixture_key("acme", 4)]
+    );
+    assert_err!(
+        store.destroy_tenant_key(&acme, 3, at(500)).await,
+        StoreError::Conflict
+    );
+    assert_eq!(destroyed(&store, &acme).await, [(1, at(100)), (2, at(300))]);
+
+    // The other tenant is untouched.
+    assert_eq!(
+        keys(&store, &other).await,
+        [fixture_key("other", 1), fixture_key("other", 2)]
+    );
+    assert!(destroyed(&store, &other).await.is_empty());
+    assert_eq!(
+        subject_key(&store, &other, subject(1)).await,
+        seen_key(&subject_record("other 1", 1))
+    );
+    assert_consistent(&store).await;
+
+    // A shred destroys the live versions; the record of the destroyed ones
+    // (no key material) stays. Nothing more can be destroyed or swapped.
+    let shred_at = at(1_000);
+    assert_eq!(
+        store.shred_tenant(&acme, shred_at).await.unwrap(),
+        TenantShred {
+            at: shred_at,
+            already_shredded: false,
+            destroyed_key_versions: 2,
+            destroyed_subject_keys: 3,
+        }
+    );
+    assert_eq!(destroyed(&store, &acme).await, [(1, at(100)), (2, at(300))]);
+    for version in [1, 3, 4] {
+        assert_err!(
+            store.destroy_tenant_key(&acme, version, at(1_001)).await,
+            StoreError::TenantShredded { tenant, at } if tenant == acme && at == shred_at
+        );
+    }
+    assert!(
+        !store
+            .replace_subject_wrap(&acme, &subject(1), 3, moved(1, 4))
+            .await
+            .unwrap()
+    );
+    assert!(wrapped_by(&store, &acme, 3, 10).await.is_empty());
+    assert!(store.tenant_keys(&acme).await.unwrap().is_empty());
+}
+
+/// Subject keys made or moved under a version racing its destruction: either
+/// the destruction wins and every later write is refused, or a write wins
+/// and the destruction is refused. Never a subject key under a destroyed
+/// version.
+async fn destroying_a_version_racing_writes_that_use_it(store: Store) {
+    const WRITERS: u8 = 8;
+    for round in 0..4 {
+        let tenant = create(&store, &format!("race-{round}")).await;
+        rotate_to(&store, &tenant, 2).await;
+        // Subjects for the writers that move a key back to version 1.
+        for n in (0..WRITERS).filter(|n| n % 2 == 1) {
+            store
+                .insert_subject_key(&tenant, subject(n), subject_record("at v2", 2), at(1))
+                .await
+                .unwrap();
+        }
+        let barrier = Arc::new(Barrier::new(usize::from(WRITERS) + 1));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|n| {
+                let (store, tenant, barrier) = (store.clone(), tenant.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mine = subject_record(&format!("writer {n}"), 1);
+                    if n % 2 == 0 {
+                        store
+                            .insert_subject_key(&tenant, subject(n), mine, at(2))
+                            .await
+                            .map(|_| true)
+                    } else {
+                        store
+                            .replace_subject_wrap(&tenant, &subject(n), 2, mine)
+                            .await
+                    }
+                })
+            })
+            .collect();
+        let destroy = {
+            let (store, tenant, barrier) = (store.clone(), tenant.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.destroy_tenant_key(&tenant, 1, at(3)).await
+            })
+        };
+        let mut written = 0;
+        for writer in writers {
+            match writer.await.unwrap() {
+                Ok(true) => written += 1,
+                Ok(false) => panic!("round {round}: a swap found its subject changed"),
+                Err(StoreError::Corrupt(_)) => {}
+                Err(e) => panic!("round {round}: a write failed otherwise: {e:?}"),
+            }
+        }
+        let under_v1 = wrapped_by(&store, &tenant, 1, 100).await.len();
+        assert_eq!(under_v1, written, "round {round}");
+        match destroy.await.unwrap() {
+            Ok(true) => {
+                assert_eq!(written, 0, "round {round}");
+                assert_eq!(destroyed(&store, &tenant).await, [(1, at(3))]);
+            }
+            Err(StoreError::Conflict) => {
+                assert!(written > 0, "round {round}");
+                assert!(destroyed(&store, &tenant).await.is_empty());
+                assert_eq!(keys(&store, &tenant).await.len(), 2);
+            }
+            other => panic!("round {round}: destroy answered {other:?}"),
+        }
+        assert_consistent(&store).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Backends.
 
 async fn sqlite() -> (Store, tempfile::TempDir) {
@@ -1408,6 +1870,9 @@ conformance!(
     a_tenant_shred_racing_subject_inserts_leaves_no_subject_key,
     lists_counts_and_swaps_keys_wrapped_by_a_shared_root,
     refuses_writes_that_would_break_an_invariant,
+    policies_round_trip_and_change_only_on_active_tenants,
+    destroying_a_version_needs_it_unused_and_not_primary,
+    destroying_a_version_racing_writes_that_use_it,
 );
 
 /// The test server itself: stopped, it makes the keystore unavailable (not
@@ -1451,6 +1916,185 @@ mod postgres_server {
 
         blocking(common::postgres::PgServer::restart).await.unwrap();
         assert_eq!(active(&store, &acme).await, (2, index_key("acme")));
+        assert_consistent(&store).await;
+    }
+}
+
+/// A stored policy that does not parse (written behind the keystore's back,
+/// e.g. by a newer version): reading the tenant is `Corrupt`; writes, which
+/// never read it, still work, and `set_policy` repairs it.
+mod unparseable_policies {
+    use super::*;
+
+    const BAD: &[&str] = &[
+        "",
+        "not json",
+        "[]",
+        r#"{"burst": -1}"#,
+        r#"{"burst": "5"}"#,
+        r#"{"a_setting_from_the_future": 1}"#,
+    ];
+
+    async fn are_corrupt_until_replaced(store: Store, write_raw: impl AsyncFn(&'static str)) {
+        let acme = create(&store, "acme").await;
+        let beta = create(&store, "beta").await;
+        for &bad in BAD {
+            write_raw(bad).await;
+            assert_err!(store.tenant(&acme).await, StoreError::Corrupt(_));
+            assert_err!(store.list_tenants(None, 10).await, StoreError::Corrupt(_));
+            assert_eq!(policy(&store, &beta).await, TenantPolicy::default());
+            assert_consistent(&store).await;
+            store.set_policy(&acme, &strict_policy()).await.unwrap();
+            assert_eq!(policy(&store, &acme).await, strict_policy(), "{bad:?}");
+        }
+        // Neither a rotation, nor retention, nor a shred is stopped by one.
+        write_raw(BAD[1]).await;
+        rotate_to_unread(&store, &acme).await;
+        assert!(store.destroy_tenant_key(&acme, 1, at(10)).await.unwrap());
+        assert_eq!(
+            store.shred_tenant(&acme, at(20)).await.unwrap(),
+            TenantShred {
+                at: at(20),
+                already_shredded: false,
+                destroyed_key_versions: 1,
+                destroyed_subject_keys: 0,
+            }
+        );
+        assert!(store.tenant_keys(&acme).await.unwrap().is_empty());
+        assert_err!(store.tenant(&acme).await, StoreError::Corrupt(_));
+        assert_consistent(&store).await;
+    }
+
+    /// Adds version 2 without reading the tenant (whose policy is bad).
+    async fn rotate_to_unread(store: &Store, id: &TenantId) {
+        store
+            .add_tenant_key(id, 1, key_record(id.as_str(), 2, at(1)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        let (store, dir) = super::sqlite().await;
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join(KEYSTORE_FILE))
+            .busy_timeout(std::time::Duration::from_secs(5));
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        are_corrupt_until_replaced(store, async |bad| {
+            sqlx::query("UPDATE tenants SET policy = ? WHERE tenant_id = 'acme'")
+                .bind(bad)
+                .execute(&pool)
+                .await
+                .unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn postgres() {
+        let url = common::postgres::fresh_database().await;
+        let store: Store = Arc::new(
+            PostgresKeystore::connect(&url, PostgresOptions::default())
+                .await
+                .unwrap(),
+        );
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        are_corrupt_until_replaced(store, async |bad| {
+            sqlx::query("UPDATE tenants SET policy = $1 WHERE tenant_id = 'acme'")
+                .bind(bad)
+                .execute(&pool)
+                .await
+                .unwrap();
+        })
+        .await;
+    }
+}
+
+/// PostgreSQL announces policy changes and destroyed versions to the other
+/// sidecars (crate::events), in the changing transaction: a refused change
+/// announces nothing.
+mod postgres_events {
+    use std::time::Duration;
+
+    use keywarden::events::{self, Event, Signal};
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    async fn next(signals: &mut mpsc::UnboundedReceiver<Signal>) -> Signal {
+        tokio::time::timeout(Duration::from_secs(10), signals.recv())
+            .await
+            .expect("nothing announced within 10 s")
+            .expect("the listener stopped")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn policy_changes_and_destroyed_versions_are_announced() {
+        let url = common::postgres::fresh_database().await;
+        let store: Store = Arc::new(
+            PostgresKeystore::connect(&url, PostgresOptions::default())
+                .await
+                .unwrap(),
+        );
+        let acme = create(&store, "acme").await;
+        let beta = create(&store, "beta").await;
+        rotate_to(&store, &acme, 2).await;
+        store
+            .insert_subject_key(&acme, subject(1), subject_record("acme 1", 1), at(1))
+            .await
+            .unwrap();
+
+        let (out, mut signals) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listener = tokio::spawn(async move {
+            events::listen(&url, out, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        assert_eq!(next(&mut signals).await, Signal::Resync);
+
+        store.set_policy(&acme, &strict_policy()).await.unwrap();
+        assert_eq!(
+            next(&mut signals).await,
+            Signal::Event(Event::Tenant(acme.clone()))
+        );
+
+        // Refused, or changing no cached key: nothing announced.
+        for version in [1, 2] {
+            assert_err!(
+                store.destroy_tenant_key(&acme, version, at(5)).await,
+                StoreError::Conflict
+            );
+        }
+        assert_err!(
+            store.set_policy(&tid("nobody"), &strict_policy()).await,
+            StoreError::TenantNotFound(_)
+        );
+        // A rewrap keeps the subject key itself: caches stay valid.
+        assert!(
+            store
+                .replace_subject_wrap(&acme, &subject(1), 1, subject_record("acme 1 at 2", 2))
+                .await
+                .unwrap()
+        );
+
+        assert!(store.destroy_tenant_key(&acme, 1, at(10)).await.unwrap());
+        assert_eq!(
+            next(&mut signals).await,
+            Signal::Event(Event::Tenant(acme.clone()))
+        );
+        // Already destroyed: nothing changes, nothing is announced.
+        assert!(!store.destroy_tenant_key(&acme, 1, at(11)).await.unwrap());
+
+        // The next announcement is beta's: nothing came in between.
+        store.set_policy(&beta, &strict_policy()).await.unwrap();
+        assert_eq!(
+            next(&mut signals).await,
+            Signal::Event(Event::Tenant(beta.clone()))
+        );
+        stop.send(()).unwrap();
+        listener.await.unwrap();
         assert_consistent(&store).await;
     }
 }

@@ -347,6 +347,7 @@ impl KeyManager {
                 id: id.clone(),
                 created_at: UnixMillis::now(),
                 placement: placement.clone(),
+                policy: crate::store::TenantPolicy::default(),
                 first_key: first.wrapped,
                 index_key: index.wrapped,
             })

@@ -102,6 +102,44 @@ impl Placement {
     }
 }
 
+/// What a tenant's operators chose for it; stored as JSON (`{}`: every field
+/// at its default, 0). The keystore only stores it: the key manager applies
+/// it. A stored policy that does not parse, an unknown field included (so a
+/// policy is never silently narrowed), makes the reads that answer it
+/// ([`Keystore::tenant`], [`Keystore::list_tenants`]) fail with
+/// [`StoreError::Corrupt`]; writes never read it, so a shred or
+/// [`Keystore::set_policy`] still works on that tenant.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantPolicy {
+    pub rotation_period_seconds: u64,
+    pub retention_seconds: u64,
+    pub min_decrypt_version: u32,
+    pub max_items_per_second: u32,
+    pub burst: u32,
+    pub max_plaintext_bytes: u64,
+}
+
+impl TenantPolicy {
+    /// The policy as the keystore stores it.
+    pub fn to_json(&self) -> Result<String, StoreError> {
+        serde_json::to_string(self)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode a tenant policy: {e}")))
+    }
+
+    /// A stored policy: a JSON object. Anything else is
+    /// [`StoreError::Corrupt`] (serde alone would also take an array, by
+    /// field position).
+    pub fn from_json(json: &str) -> Result<Self, StoreError> {
+        let corrupt = |e: serde_json::Error| {
+            StoreError::Corrupt(format!("invalid tenant policy in keystore: {e}"))
+        };
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(corrupt)?;
+        serde_json::from_value(serde_json::Value::Object(object)).map_err(corrupt)
+    }
+}
+
 /// A tenant as the keystore holds it.
 // TEMPORARY until the store-policies branch lands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -120,6 +158,8 @@ pub struct TenantRecord {
     pub id: TenantId,
     pub created_at: UnixMillis,
     pub placement: Placement,
+    /// Kept (not cleared) when the tenant is shredded.
+    pub policy: TenantPolicy,
     pub state: TenantState,
 }
 
@@ -152,6 +192,7 @@ pub struct NewTenant {
     pub id: TenantId,
     pub created_at: UnixMillis,
     pub placement: Placement,
+    pub policy: TenantPolicy,
     /// Version 1 of the tenant key.
     pub first_key: WrappedKey,
     pub index_key: WrappedKey,
@@ -224,8 +265,11 @@ pub enum StoreError {
     TenantExists(TenantId),
     #[error("tenant {tenant} was shredded at {at}")]
     TenantShredded { tenant: TenantId, at: UnixMillis },
-    /// A conditional write lost a race (e.g. two rotations at once).
-    #[error("the tenant changed concurrently")]
+    /// A conditional write lost a race (e.g. two rotations at once), or a
+    /// destruction was refused because the version is the primary or still
+    /// wraps subject keys (see [`Keystore::destroy_tenant_key`]): the state
+    /// the caller expected does not hold (now).
+    #[error("the tenant changed concurrently, or is not in the state the change requires")]
     Conflict,
     /// The database could not be reached. For the log.
     #[error("keystore unavailable: {0}")]
@@ -237,6 +281,10 @@ pub enum StoreError {
 
 /// The keystore's invariants as queries that every backend runs alike: each
 /// names the rule and selects the ids of the tenants that break it.
+///
+/// A tenant key version is live (a row of `tenant_keys`) or destroyed by
+/// retention (a row of `destroyed_versions`, which holds no key material);
+/// an active tenant's versions, both kinds together, run 1..=primary.
 pub const INVARIANTS: &[(&str, &str)] = &[
     (
         "an active tenant lacks its primary key version",
@@ -249,10 +297,23 @@ pub const INVARIANTS: &[(&str, &str)] = &[
          AND (index_key_wrapped IS NULL OR index_key_root IS NULL)",
     ),
     (
-        "an active tenant's versions do not run 1..=primary",
-        "SELECT t.tenant_id FROM tenants t JOIN tenant_keys k ON k.tenant_id = t.tenant_id \
+        "an active tenant's versions (live and destroyed) do not run 1..=primary",
+        "SELECT t.tenant_id FROM tenants t JOIN ( \
+           SELECT tenant_id, version FROM tenant_keys \
+           UNION SELECT tenant_id, version FROM destroyed_versions) v ON v.tenant_id = t.tenant_id \
          WHERE t.shredded_at_ms IS NULL GROUP BY t.tenant_id, t.primary_version \
-         HAVING count(*) <> t.primary_version OR min(k.version) <> 1 OR max(k.version) <> t.primary_version",
+         HAVING count(*) <> t.primary_version OR min(v.version) <> 1 OR max(v.version) <> t.primary_version",
+    ),
+    (
+        "a tenant key version is both live and destroyed",
+        "SELECT k.tenant_id FROM tenant_keys k JOIN destroyed_versions d \
+         ON d.tenant_id = k.tenant_id AND d.version = k.version",
+    ),
+    (
+        "an active tenant's primary version was destroyed",
+        "SELECT t.tenant_id FROM tenants t JOIN destroyed_versions d \
+         ON d.tenant_id = t.tenant_id AND d.version = t.primary_version \
+         WHERE t.shredded_at_ms IS NULL",
     ),
     (
         "a shredded tenant still has key material",
@@ -262,7 +323,7 @@ pub const INVARIANTS: &[(&str, &str)] = &[
          OR EXISTS (SELECT 1 FROM subject_keys s WHERE s.tenant_id = t.tenant_id))",
     ),
     (
-        "a subject key is wrapped by a tenant key version that does not exist",
+        "a subject key is wrapped by a tenant key version that does not exist (never made, or destroyed)",
         "SELECT s.tenant_id FROM subject_keys s WHERE NOT EXISTS \
          (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = s.tenant_id AND k.version = s.tenant_version)",
     ),
@@ -365,10 +426,12 @@ pub trait Keystore: Send + Sync + 'static {
 
     /// Checks the keystore's invariants and answers every violation found, in
     /// words (empty when consistent): an active tenant has its primary version
-    /// and its subject-index key; versions run 1..=primary without gaps or
-    /// duplicates; a shredded tenant has no key left; a subject key belongs to
-    /// an active tenant, is wrapped by a version that exists, and has no
-    /// tombstone. Tests call it after every fault; operators may too.
+    /// and its subject-index key; its versions, live and destroyed together,
+    /// run 1..=primary without gaps or duplicates, none both live and
+    /// destroyed, and the primary is live; a shredded tenant has no key left;
+    /// a subject key belongs to an active tenant, is wrapped by a live
+    /// version, and has no tombstone. Tests call it after every fault;
+    /// operators may too.
     async fn invariant_violations(&self) -> Result<Vec<String>, StoreError>;
 
     /// Records when KMS deletes a shredded tenant's dedicated root key.
@@ -381,4 +444,106 @@ pub trait Keystore: Send + Sync + 'static {
         subject: SubjectKeyId,
         at: UnixMillis,
     ) -> Result<SubjectShred, StoreError>;
+
+    /// Replaces the tenant's policy, also one that did not parse.
+    /// [`StoreError::TenantNotFound`] / [`StoreError::TenantShredded`],
+    /// changing nothing.
+    async fn set_policy(&self, id: &TenantId, policy: &TenantPolicy) -> Result<(), StoreError>;
+
+    /// Key versions destroyed by retention, with when, oldest (lowest
+    /// version) first. Empty for an unknown tenant. A shredded tenant keeps
+    /// the list it had (it holds no key material).
+    async fn destroyed_versions(&self, id: &TenantId)
+    -> Result<Vec<(u32, UnixMillis)>, StoreError>;
+
+    /// Up to `limit` subject keys still wrapped by tenant key `version`, in
+    /// subject key id order. Empty for an unknown or shredded tenant. Meant
+    /// to be drained: each key moved by [`Keystore::replace_subject_wrap`]
+    /// leaves the answer.
+    async fn subject_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<(SubjectKeyId, SubjectKeyRecord)>, StoreError>;
+
+    /// Compare and swap: replaces a subject key's wrap with `new` only if it
+    /// is still wrapped by `expected_version`; `Ok(false)` when it changed or
+    /// is gone (the subject or the tenant shredded, or an unknown tenant).
+    /// `new` must be wrapped by a live version of the tenant, else
+    /// [`StoreError::Corrupt`] and nothing changes (as for
+    /// [`Keystore::insert_subject_key`]). The subject key itself is the same
+    /// before and after, so no event is sent: caches stay valid.
+    async fn replace_subject_wrap(
+        &self,
+        id: &TenantId,
+        subject: &SubjectKeyId,
+        expected_version: u32,
+        new: SubjectKeyRecord,
+    ) -> Result<bool, StoreError>;
+
+    /// Destroys tenant key `version` for retention: deletes its key row and
+    /// records it in [`Keystore::destroyed_versions`], in one transaction.
+    /// `Ok(true)` when destroyed now, `Ok(false)` when it already was.
+    /// Refused with [`StoreError::Conflict`], changing nothing, when `version`
+    /// is the primary or any subject key is still wrapped by it. A version
+    /// that never existed (0, or above the primary) is [`StoreError::Corrupt`],
+    /// as for [`Keystore::add_tenant_key`]. [`StoreError::TenantNotFound`] /
+    /// [`StoreError::TenantShredded`] as usual.
+    async fn destroy_tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_round_trip_through_json_and_refuse_what_they_do_not_know() {
+        assert_eq!(
+            TenantPolicy::from_json("{}").unwrap(),
+            TenantPolicy::default()
+        );
+        let policy = TenantPolicy {
+            rotation_period_seconds: 86_400,
+            retention_seconds: u64::MAX,
+            min_decrypt_version: 3,
+            max_items_per_second: u32::MAX,
+            burst: 10,
+            max_plaintext_bytes: 1 << 20,
+        };
+        assert_eq!(
+            TenantPolicy::from_json(&policy.to_json().unwrap()).unwrap(),
+            policy
+        );
+        // Missing fields are 0.
+        assert_eq!(
+            TenantPolicy::from_json(r#"{"burst": 5}"#).unwrap(),
+            TenantPolicy {
+                burst: 5,
+                ..TenantPolicy::default()
+            }
+        );
+        for bad in [
+            "",
+            "null",
+            "[]",
+            "[0, 0, 0, 0, 5, 0]",
+            "not json",
+            r#"{"burst": -1}"#,
+            r#"{"burst": 4294967296}"#,
+            r#"{"burst": "5"}"#,
+            r#"{"unknown_setting": 1}"#,
+            r#"{"burst": 1} trailing"#,
+        ] {
+            assert!(
+                matches!(TenantPolicy::from_json(bad), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
+    }
 }

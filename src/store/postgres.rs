@@ -1,11 +1,13 @@
 //! The shared keystore: PostgreSQL, for the many sidecars of a deployment.
 //!
 //! Concurrency. Every change of more than one row runs in one transaction that
-//! first locks the tenant's row (`SELECT ... FOR UPDATE`): rotations, shreds
-//! and subject-key creation of one tenant are serialized across sidecars, so
-//! two rotations make two consecutive versions and a shred racing a new
-//! subject key never leaves that key behind. Rotation is also a conditional
-//! update (`WHERE primary_version = expected`).
+//! first locks the tenant's row (`SELECT ... FOR UPDATE`): rotations, shreds,
+//! policy changes, version destructions and subject-key creation and rewraps
+//! of one tenant are serialized across sidecars, so two rotations make two
+//! consecutive versions, a shred racing a new subject key never leaves that
+//! key behind, and no subject key is made or moved under a version being
+//! destroyed. Rotation is also a conditional update (`WHERE primary_version =
+//! expected`).
 //!
 //! Events. Changes that make other sidecars' caches stale are published with
 //! `pg_notify` inside the same transaction (see [`crate::events`]).
@@ -23,10 +25,12 @@ use sqlx::{
 
 use super::{
     INVARIANTS, Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
-    SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState,
-    UnixMillis,
+    SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
+    TenantState, UnixMillis,
     rows::{
-        self, TENANT_COLUMNS, TENANT_KEY_COLUMNS, corrupt, tenant_from_row, tenant_key_from_row,
+        self, SUBJECT_KEY_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS, TENANT_STATE_COLUMNS,
+        corrupt, destroyed_version_from_row, subject_key_from_row, tenant_from_row,
+        tenant_key_from_row, tenant_state_from_row,
     },
 };
 use crate::{
@@ -119,38 +123,55 @@ async fn check_migrations(pool: &PgPool) -> Result<(), StoreError> {
     }
 }
 
-/// Locks the tenant's row for the rest of the transaction and reads it.
+/// Locks the tenant's row for the rest of the transaction and reads its state.
 async fn lock_tenant(
     tx: &mut Transaction<'static, Postgres>,
     id: &TenantId,
-) -> Result<Option<TenantRecord>, StoreError> {
+) -> Result<Option<TenantState>, StoreError> {
     sqlx::query(&format!(
-        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1 FOR UPDATE"
+        "SELECT {TENANT_STATE_COLUMNS} FROM tenants WHERE tenant_id = $1 FOR UPDATE"
     ))
     .bind(id.as_str())
     .fetch_optional(&mut **tx)
     .await
     .map_err(classify)?
-    .map(|row| tenant_from_row(&row))
+    .map(|row| tenant_state_from_row(&row))
     .transpose()
 }
 
-/// Locks the tenant's row; it must exist and be active.
+/// Locks the tenant's row; it must exist and be active. Answers its primary
+/// version.
 async fn lock_active_tenant(
     tx: &mut Transaction<'static, Postgres>,
     id: &TenantId,
-) -> Result<(), StoreError> {
+) -> Result<u32, StoreError> {
     match lock_tenant(tx, id).await? {
         None => Err(StoreError::TenantNotFound(id.clone())),
-        Some(TenantRecord {
-            state: TenantState::Shredded { at, .. },
-            ..
-        }) => Err(StoreError::TenantShredded {
+        Some(TenantState::Shredded { at, .. }) => Err(StoreError::TenantShredded {
             tenant: id.clone(),
             at,
         }),
-        Some(_) => Ok(()),
+        Some(TenantState::Active {
+            primary_version, ..
+        }) => Ok(primary_version),
     }
+}
+
+/// Whether tenant key `version` is live (not destroyed, not unknown).
+async fn version_is_live(
+    tx: &mut Transaction<'static, Postgres>,
+    id: &TenantId,
+    version: u32,
+) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = $1 AND version = $2")
+            .bind(id.as_str())
+            .bind(i64::from(version))
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(classify)?
+            .is_some(),
+    )
 }
 
 async fn notify(tx: &mut Transaction<'static, Postgres>, event: &Event) -> Result<(), StoreError> {
@@ -238,8 +259,8 @@ impl Keystore for PostgresKeystore {
         let mut tx = self.write().await?;
         let inserted = sqlx::query(
             "INSERT INTO tenants (tenant_id, created_at_ms, primary_version, index_key_wrapped, \
-             index_key_root, tier, region, root_key) VALUES ($1, $2, 1, $3, $4, $5, $6, $7) \
-             ON CONFLICT (tenant_id) DO NOTHING",
+             index_key_root, tier, region, root_key, policy) \
+             VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id) DO NOTHING",
         )
         .bind(tenant.id.as_str())
         .bind(tenant.created_at.0)
@@ -248,16 +269,14 @@ impl Keystore for PostgresKeystore {
         .bind(tenant.placement.tier.as_str())
         .bind(&tenant.placement.region)
         .bind(&tenant.placement.root_key)
+        .bind(tenant.policy.to_json()?)
         .execute(&mut *tx)
         .await
         .map_err(classify)?
         .rows_affected();
         if inserted == 0 {
             return match lock_tenant(&mut tx, &tenant.id).await? {
-                Some(TenantRecord {
-                    state: TenantState::Shredded { at, .. },
-                    ..
-                }) => Err(StoreError::TenantShredded {
+                Some(TenantState::Shredded { at, .. }) => Err(StoreError::TenantShredded {
                     tenant: tenant.id,
                     at,
                 }),
@@ -396,14 +415,7 @@ impl Keystore for PostgresKeystore {
     ) -> Result<SubjectLookup, StoreError> {
         let mut tx = self.write().await?;
         lock_active_tenant(&mut tx, id).await?;
-        let wrapping =
-            sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = $1 AND version = $2")
-                .bind(id.as_str())
-                .bind(i64::from(key.tenant_version))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-        if wrapping.is_none() {
+        if !version_is_live(&mut tx, id, key.tenant_version).await? {
             return Err(StoreError::Corrupt(format!(
                 "a subject key of tenant {id} names wrapping version {}, which does not exist",
                 key.tenant_version
@@ -432,10 +444,7 @@ impl Keystore for PostgresKeystore {
         let mut tx = self.write().await?;
         match lock_tenant(&mut tx, id).await? {
             None => return Err(StoreError::TenantNotFound(id.clone())),
-            Some(TenantRecord {
-                state: TenantState::Shredded { at: first, .. },
-                ..
-            }) => {
+            Some(TenantState::Shredded { at: first, .. }) => {
                 return Ok(TenantShred {
                     at: first,
                     already_shredded: true,
@@ -625,6 +634,175 @@ impl Keystore for PostgresKeystore {
         .await
         .map_err(classify)?;
         Ok(())
+    }
+
+    async fn set_policy(&self, id: &TenantId, policy: &TenantPolicy) -> Result<(), StoreError> {
+        let json = policy.to_json()?;
+        let mut tx = self.write().await?;
+        lock_active_tenant(&mut tx, id).await?;
+        sqlx::query("UPDATE tenants SET policy = $1 WHERE tenant_id = $2")
+            .bind(json)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        notify(&mut tx, &Event::Tenant(id.clone())).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn destroyed_versions(
+        &self,
+        id: &TenantId,
+    ) -> Result<Vec<(u32, UnixMillis)>, StoreError> {
+        sqlx::query(
+            "SELECT version, destroyed_at_ms FROM destroyed_versions WHERE tenant_id = $1 \
+             ORDER BY version",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(destroyed_version_from_row)
+        .collect()
+    }
+
+    async fn subject_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<(SubjectKeyId, SubjectKeyRecord)>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {SUBJECT_KEY_COLUMNS} FROM subject_keys \
+             WHERE tenant_id = $1 AND tenant_version = $2 ORDER BY subject_key_id LIMIT $3"
+        ))
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(subject_key_from_row)
+        .collect()
+    }
+
+    async fn replace_subject_wrap(
+        &self,
+        id: &TenantId,
+        subject: &SubjectKeyId,
+        expected_version: u32,
+        new: SubjectKeyRecord,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        // The tenant's lock serializes this with destroy_tenant_key: the
+        // version checked live below stays live until the commit.
+        if lock_tenant(&mut tx, id)
+            .await?
+            .is_none_or(|state| matches!(state, TenantState::Shredded { .. }))
+        {
+            return Ok(false);
+        }
+        // A shredded subject has no key row: the swap finds nothing.
+        let current = sqlx::query(
+            "SELECT 1 FROM subject_keys \
+             WHERE tenant_id = $1 AND subject_key_id = $2 AND tenant_version = $3",
+        )
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .bind(i64::from(expected_version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if current.is_none() {
+            return Ok(false);
+        }
+        if !version_is_live(&mut tx, id, new.tenant_version).await? {
+            return Err(StoreError::Corrupt(format!(
+                "a subject key of tenant {id} would be wrapped by version {}, which does not exist",
+                new.tenant_version
+            )));
+        }
+        sqlx::query(
+            "UPDATE subject_keys SET wrapped = $1, tenant_version = $2 \
+             WHERE tenant_id = $3 AND subject_key_id = $4",
+        )
+        .bind(&new.wrapped)
+        .bind(i64::from(new.tenant_version))
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    async fn destroy_tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let primary = lock_active_tenant(&mut tx, id).await?;
+        if version == 0 || version > primary {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {id} has no key version {version} to destroy (primary {primary})"
+            )));
+        }
+        if version == primary {
+            return Err(StoreError::Conflict);
+        }
+        let destroyed =
+            sqlx::query("SELECT 1 FROM destroyed_versions WHERE tenant_id = $1 AND version = $2")
+                .bind(id.as_str())
+                .bind(i64::from(version))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if destroyed.is_some() {
+            return Ok(false);
+        }
+        // Every writer of the tenant's subject keys holds its lock: none is
+        // added or moved to this version until the commit.
+        let wrapping = sqlx::query(
+            "SELECT 1 FROM subject_keys WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if wrapping.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        let deleted = sqlx::query("DELETE FROM tenant_keys WHERE tenant_id = $1 AND version = $2")
+            .bind(id.as_str())
+            .bind(i64::from(version))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if deleted != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {id}'s key version {version} is neither live nor destroyed"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO destroyed_versions (tenant_id, version, destroyed_at_ms) \
+             VALUES ($1, $2, $3)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .bind(at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        notify(&mut tx, &Event::Tenant(id.clone())).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
     }
 }
 

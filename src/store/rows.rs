@@ -4,17 +4,27 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    Placement, RootWrapped, RootWrappedSlot, StoreError, TenantKeyRecord, TenantRecord,
-    TenantState, Tier, UnixMillis,
+    Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, TenantKeyRecord,
+    TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis,
 };
-use crate::{ids::TenantId, kms::WrappedKey};
+use crate::{
+    ids::{SubjectKeyId, TenantId},
+    kms::WrappedKey,
+};
 
 /// Column list of [`tenant_from_row`].
 pub const TENANT_COLUMNS: &str = "tenant_id, created_at_ms, primary_version, shredded_at_ms, \
-     index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms";
+     index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms, policy";
+
+/// Column list of [`tenant_state_from_row`].
+pub const TENANT_STATE_COLUMNS: &str =
+    "primary_version, shredded_at_ms, index_key_wrapped, index_key_root, root_key_deletion_at_ms";
 
 /// Column list of [`tenant_key_from_row`].
 pub const TENANT_KEY_COLUMNS: &str = "version, wrapped, root_key_id, created_at_ms";
+
+/// Column list of [`subject_key_from_row`].
+pub const SUBJECT_KEY_COLUMNS: &str = "subject_key_id, wrapped, tenant_version";
 
 /// What a row must be able to decode.
 pub trait KeystoreRow: Row
@@ -75,7 +85,24 @@ where
         region: row.maybe_text("region")?,
         root_key: row.maybe_text("root_key")?,
     };
-    let state = match row.maybe_int("shredded_at_ms")? {
+    Ok(TenantRecord {
+        id: tenant_id(&row.text("tenant_id")?)?,
+        created_at: UnixMillis(row.int("created_at_ms")?),
+        placement,
+        policy: TenantPolicy::from_json(&row.text("policy")?)?,
+        state: tenant_state_from_row(row)?,
+    })
+}
+
+/// A row selected with [`TENANT_STATE_COLUMNS`] (or [`TENANT_COLUMNS`]):
+/// what writes check, without the policy, so that one that does not parse
+/// stops no write (above all no shred) that does not read it.
+pub fn tenant_state_from_row<R>(row: &R) -> Result<TenantState, StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    Ok(match row.maybe_int("shredded_at_ms")? {
         Some(at) => TenantState::Shredded {
             at: UnixMillis(at),
             root_key_deletion: row.maybe_int("root_key_deletion_at_ms")?.map(UnixMillis),
@@ -87,12 +114,6 @@ where
                 ciphertext: row.bytes("index_key_wrapped")?,
             },
         },
-    };
-    Ok(TenantRecord {
-        id: tenant_id(&row.text("tenant_id")?)?,
-        created_at: UnixMillis(row.int("created_at_ms")?),
-        placement,
-        state,
     })
 }
 
@@ -110,6 +131,37 @@ where
         },
         created_at: UnixMillis(row.int("created_at_ms")?),
     })
+}
+
+/// A row selected with [`SUBJECT_KEY_COLUMNS`].
+pub fn subject_key_from_row<R>(row: &R) -> Result<(SubjectKeyId, SubjectKeyRecord), StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    let id = row.bytes("subject_key_id")?;
+    let id = id
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("invalid subject key id in keystore".into()))?;
+    Ok((
+        SubjectKeyId(id),
+        SubjectKeyRecord {
+            wrapped: row.bytes("wrapped")?,
+            tenant_version: version(row.int("tenant_version")?)?,
+        },
+    ))
+}
+
+/// A row of `destroyed_versions`: version, destroyed_at_ms.
+pub fn destroyed_version_from_row<R>(row: &R) -> Result<(u32, UnixMillis), StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    Ok((
+        version(row.int("version")?)?,
+        UnixMillis(row.int("destroyed_at_ms")?),
+    ))
 }
 
 /// A row of `shared_root_wrapped`: tenant_id, slot (0 for the subject-index

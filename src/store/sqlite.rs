@@ -4,9 +4,10 @@
 //! rotation, a subject's first key, shreds), so the database runs in WAL mode
 //! with `synchronous = FULL`: a key is on disk before any ciphertext made with
 //! it is returned. `secure_delete` overwrites deleted rows, and every shred
-//! checkpoints the WAL, so a destroyed wrapped key does not linger in free
-//! pages or in the log. Write transactions start with `BEGIN IMMEDIATE`, which
-//! takes the write lock at once and makes each check-then-write atomic.
+//! (and every version destroyed by retention) checkpoints the WAL, so a
+//! destroyed wrapped key does not linger in free pages or in the log. Write
+//! transactions start with `BEGIN IMMEDIATE`, which takes the write lock at
+//! once and makes each check-then-write atomic.
 
 use std::{os::unix::fs::PermissionsExt, path::Path, str::FromStr, time::Duration};
 
@@ -18,9 +19,12 @@ use sqlx::{
 
 use super::{
     Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, SubjectLookup,
-    SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, UnixMillis,
+    SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, TenantState,
+    UnixMillis,
     rows::{
-        self, TENANT_COLUMNS, TENANT_KEY_COLUMNS, corrupt, tenant_from_row, tenant_key_from_row,
+        self, SUBJECT_KEY_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS, TENANT_STATE_COLUMNS,
+        corrupt, destroyed_version_from_row, subject_key_from_row, tenant_from_row,
+        tenant_key_from_row, tenant_state_from_row,
     },
 };
 use crate::{
@@ -88,14 +92,14 @@ impl SqliteKeystore {
     }
 
     /// Moves the WAL into the database file and truncates it, so deleted key
-    /// material leaves the log. Best effort: a busy reader can postpone it to
-    /// the next automatic checkpoint.
+    /// material (shreds, destroyed versions) leaves the log. Best effort: a
+    /// busy reader can postpone it to the next automatic checkpoint.
     async fn checkpoint(&self) {
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
             .execute(&self.pool)
             .await
         {
-            tracing::warn!(error = %e, "WAL checkpoint after shred failed");
+            tracing::warn!(error = %e, "WAL checkpoint after a key's destruction failed");
         }
     }
 }
@@ -104,34 +108,51 @@ impl SqliteKeystore {
 async fn tenant_in(
     tx: &mut Transaction<'static, Sqlite>,
     id: &TenantId,
-) -> Result<Option<TenantRecord>, StoreError> {
+) -> Result<Option<TenantState>, StoreError> {
     sqlx::query(&format!(
-        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = ?"
+        "SELECT {TENANT_STATE_COLUMNS} FROM tenants WHERE tenant_id = ?"
     ))
     .bind(id.as_str())
     .fetch_optional(&mut **tx)
     .await
     .map_err(classify)?
-    .map(|row| tenant_from_row(&row))
+    .map(|row| tenant_state_from_row(&row))
     .transpose()
 }
 
-/// Like [`tenant_in`], but the tenant must exist and be active.
+/// Like [`tenant_in`], but the tenant must exist and be active; answers its
+/// primary version.
 async fn active_tenant_in(
     tx: &mut Transaction<'static, Sqlite>,
     id: &TenantId,
-) -> Result<(), StoreError> {
+) -> Result<u32, StoreError> {
     match tenant_in(tx, id).await? {
         None => Err(StoreError::TenantNotFound(id.clone())),
-        Some(TenantRecord {
-            state: TenantState::Shredded { at, .. },
-            ..
-        }) => Err(StoreError::TenantShredded {
+        Some(TenantState::Shredded { at, .. }) => Err(StoreError::TenantShredded {
             tenant: id.clone(),
             at,
         }),
-        Some(_) => Ok(()),
+        Some(TenantState::Active {
+            primary_version, ..
+        }) => Ok(primary_version),
     }
+}
+
+/// Whether tenant key `version` is live (not destroyed, not unknown).
+async fn version_is_live(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+    version: u32,
+) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = ? AND version = ?")
+            .bind(id.as_str())
+            .bind(i64::from(version))
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(classify)?
+            .is_some(),
+    )
 }
 
 async fn subject_in(
@@ -173,10 +194,7 @@ impl Keystore for SqliteKeystore {
     async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         match tenant_in(&mut tx, &tenant.id).await? {
-            Some(TenantRecord {
-                state: TenantState::Shredded { at, .. },
-                ..
-            }) => {
+            Some(TenantState::Shredded { at, .. }) => {
                 return Err(StoreError::TenantShredded {
                     tenant: tenant.id,
                     at,
@@ -187,7 +205,7 @@ impl Keystore for SqliteKeystore {
         }
         sqlx::query(
             "INSERT INTO tenants (tenant_id, created_at_ms, primary_version, index_key_wrapped, \
-             index_key_root, tier, region, root_key) VALUES (?, ?, 1, ?, ?, ?, ?, ?)",
+             index_key_root, tier, region, root_key, policy) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
         )
         .bind(tenant.id.as_str())
         .bind(tenant.created_at.0)
@@ -196,6 +214,7 @@ impl Keystore for SqliteKeystore {
         .bind(tenant.placement.tier.as_str())
         .bind(&tenant.placement.region)
         .bind(&tenant.placement.root_key)
+        .bind(tenant.policy.to_json()?)
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
@@ -326,13 +345,7 @@ impl Keystore for SqliteKeystore {
     ) -> Result<SubjectLookup, StoreError> {
         let mut tx = self.write().await?;
         active_tenant_in(&mut tx, id).await?;
-        let wrapping = sqlx::query("SELECT 1 FROM tenant_keys WHERE tenant_id = ? AND version = ?")
-            .bind(id.as_str())
-            .bind(i64::from(key.tenant_version))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if wrapping.is_none() {
+        if !version_is_live(&mut tx, id, key.tenant_version).await? {
             return Err(StoreError::Corrupt(format!(
                 "a subject key of tenant {id} names wrapping version {}, which does not exist",
                 key.tenant_version
@@ -361,10 +374,7 @@ impl Keystore for SqliteKeystore {
         let mut tx = self.write().await?;
         match tenant_in(&mut tx, id).await? {
             None => return Err(StoreError::TenantNotFound(id.clone())),
-            Some(TenantRecord {
-                state: TenantState::Shredded { at: first, .. },
-                ..
-            }) => {
+            Some(TenantState::Shredded { at: first, .. }) => {
                 return Ok(TenantShred {
                     at: first,
                     already_shredded: true,
@@ -554,6 +564,163 @@ impl Keystore for SqliteKeystore {
             already_shredded: false,
             key_destroyed: deleted > 0,
         })
+    }
+
+    async fn set_policy(&self, id: &TenantId, policy: &TenantPolicy) -> Result<(), StoreError> {
+        let json = policy.to_json()?;
+        let mut tx = self.write().await?;
+        active_tenant_in(&mut tx, id).await?;
+        sqlx::query("UPDATE tenants SET policy = ? WHERE tenant_id = ?")
+            .bind(json)
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn destroyed_versions(
+        &self,
+        id: &TenantId,
+    ) -> Result<Vec<(u32, UnixMillis)>, StoreError> {
+        sqlx::query(
+            "SELECT version, destroyed_at_ms FROM destroyed_versions WHERE tenant_id = ? \
+             ORDER BY version",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(destroyed_version_from_row)
+        .collect()
+    }
+
+    async fn subject_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        version: u32,
+        limit: u32,
+    ) -> Result<Vec<(SubjectKeyId, SubjectKeyRecord)>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {SUBJECT_KEY_COLUMNS} FROM subject_keys \
+             WHERE tenant_id = ? AND tenant_version = ? ORDER BY subject_key_id LIMIT ?"
+        ))
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(subject_key_from_row)
+        .collect()
+    }
+
+    async fn replace_subject_wrap(
+        &self,
+        id: &TenantId,
+        subject: &SubjectKeyId,
+        expected_version: u32,
+        new: SubjectKeyRecord,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        // A shredded subject or tenant has no key row: the swap finds nothing.
+        let current = sqlx::query(
+            "SELECT 1 FROM subject_keys \
+             WHERE tenant_id = ? AND subject_key_id = ? AND tenant_version = ?",
+        )
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .bind(i64::from(expected_version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if current.is_none() {
+            return Ok(false);
+        }
+        if !version_is_live(&mut tx, id, new.tenant_version).await? {
+            return Err(StoreError::Corrupt(format!(
+                "a subject key of tenant {id} would be wrapped by version {}, which does not exist",
+                new.tenant_version
+            )));
+        }
+        sqlx::query(
+            "UPDATE subject_keys SET wrapped = ?, tenant_version = ? \
+             WHERE tenant_id = ? AND subject_key_id = ?",
+        )
+        .bind(&new.wrapped)
+        .bind(i64::from(new.tenant_version))
+        .bind(id.as_str())
+        .bind(&subject.0[..])
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+
+    async fn destroy_tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let primary = active_tenant_in(&mut tx, id).await?;
+        if version == 0 || version > primary {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {id} has no key version {version} to destroy (primary {primary})"
+            )));
+        }
+        if version == primary {
+            return Err(StoreError::Conflict);
+        }
+        let destroyed =
+            sqlx::query("SELECT 1 FROM destroyed_versions WHERE tenant_id = ? AND version = ?")
+                .bind(id.as_str())
+                .bind(i64::from(version))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+        if destroyed.is_some() {
+            return Ok(false);
+        }
+        let wrapping = sqlx::query(
+            "SELECT 1 FROM subject_keys WHERE tenant_id = ? AND tenant_version = ? LIMIT 1",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if wrapping.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        let deleted = sqlx::query("DELETE FROM tenant_keys WHERE tenant_id = ? AND version = ?")
+            .bind(id.as_str())
+            .bind(i64::from(version))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?
+            .rows_affected();
+        if deleted != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {id}'s key version {version} is neither live nor destroyed"
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO destroyed_versions (tenant_id, version, destroyed_at_ms) VALUES (?, ?, ?)",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(version))
+        .bind(at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        self.checkpoint().await;
+        Ok(true)
     }
 }
 
