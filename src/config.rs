@@ -6,6 +6,7 @@
 //! ```toml
 //! data_dir = "./keywarden-data"
 //! listen = ["127.0.0.1:7400", "unix:/run/keywarden/keywarden.sock"]
+//! policy_interval_seconds = 60    # how often automatic rotation and retention run
 //!
 //! [limits]
 //! max_plaintext_bytes = 4194304   # per item
@@ -464,6 +465,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Listeners; at least one.
     pub listen: Vec<ListenAddr>,
+    /// How often tenant policies (automatic rotation, retention) are applied.
+    pub policy_interval_seconds: u64,
     pub limits: Limits,
     pub cache: CacheConfig,
     pub kms: KmsConfig,
@@ -479,6 +482,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
+            policy_interval_seconds: 60,
             limits: Limits::default(),
             cache: CacheConfig::default(),
             kms: KmsConfig::default(),
@@ -750,6 +754,12 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if self.policy_interval_seconds == 0 {
+            return Err(ConfigError::new(
+                "policy_interval_seconds",
+                "must be at least 1",
+            ));
         }
         if self.audit.count_interval_seconds == 0 {
             return Err(ConfigError::new(

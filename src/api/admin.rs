@@ -34,6 +34,7 @@ fn tenant_message(
     record: &TenantRecord,
     root_key_id: String,
     versions: &[crate::store::TenantKeyRecord],
+    destroyed: &[(u32, UnixMillis)],
 ) -> pb::Tenant {
     let (state, primary, shredded_at, deletion) = match &record.state {
         TenantState::Active {
@@ -72,8 +73,8 @@ fn tenant_message(
         region: record.placement.region.clone().unwrap_or_default(),
         root_key_id,
         root_key_deletion_date: deletion,
-        policy: Some(policy_message(&TenantPolicy::default())), // TEMPORARY
-        destroyed_versions: Vec::new(),
+        policy: Some(policy_message(&record.policy)),
+        destroyed_versions: destroyed.iter().map(|(v, _)| *v).collect(),
     }
 }
 
@@ -147,7 +148,7 @@ impl AdminService {
 
     fn tenant_info(&self, info: TenantInfo) -> pb::Tenant {
         let root_key_id = self.root_key_id(&info.record);
-        tenant_message(&info.record, root_key_id, &info.versions)
+        tenant_message(&info.record, root_key_id, &info.versions, &info.destroyed)
     }
 }
 
@@ -311,7 +312,7 @@ impl AdminService {
         Ok(Response::new(pb::ListTenantsResponse {
             tenants: records
                 .iter()
-                .map(|r| tenant_message(r, self.root_key_id(r), &[]))
+                .map(|r| tenant_message(r, self.root_key_id(r), &[], &[]))
                 .collect(),
             next_page_token,
         }))

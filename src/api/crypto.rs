@@ -33,6 +33,17 @@ impl CryptoService {
         };
         check_context(context)?;
         self.shared.check_plaintext("plaintext", plaintext)?;
+        let tenant_limit = tenant.policy().max_plaintext_bytes;
+        if tenant_limit > 0 && plaintext.len() as u64 > tenant_limit {
+            return Err(Error::ResourceExhausted {
+                reason: format!(
+                    "plaintext is {} bytes; tenant {}'s policy allows {tenant_limit}",
+                    plaintext.len(),
+                    tenant.id
+                ),
+                retry_after: None,
+            });
+        }
         self.shared
             .keys
             .encrypt(tenant, subject.as_ref(), context, plaintext)

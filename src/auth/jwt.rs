@@ -15,6 +15,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
     errors::ErrorKind,
@@ -152,7 +153,21 @@ impl JwtVerifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
-        let header = decode_header(token).map_err(|_| JwtError::Malformed)?;
+        let header = decode_header(token).map_err(|_| {
+            // A well-formed header naming an algorithm jsonwebtoken does not
+            // know (e.g. "none") deserves the clearer refusal.
+            let named_alg = token
+                .split('.')
+                .next()
+                .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
+                .and_then(|h| serde_json::from_slice::<Map<String, Value>>(&h).ok())
+                .is_some_and(|h| h.contains_key("alg"));
+            if named_alg {
+                JwtError::Algorithm
+            } else {
+                JwtError::Malformed
+            }
+        })?;
         if !matches!(
             header.alg,
             Algorithm::HS256 | Algorithm::RS256 | Algorithm::ES256

@@ -13,6 +13,7 @@
 //! in its caches, as `Arc`s that zeroize when the last reference drops.
 
 pub mod cache;
+mod schedule;
 
 use std::sync::Arc;
 
@@ -29,8 +30,8 @@ use crate::{
     secret::Key256,
     store::{
         Keystore, NewTenant, Placement, RootWrappedSlot, StoreError, SubjectKeyRecord,
-        SubjectLookup, SubjectShred, TenantKeyRecord, TenantRecord, TenantShred, TenantState, Tier,
-        UnixMillis,
+        SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
+        TenantState, Tier, UnixMillis,
     },
 };
 use cache::{CacheLimits, TtlCache};
@@ -68,18 +69,33 @@ pub struct ActiveTenant {
     pub primary_version: u32,
     /// The cached state it was resolved from (shared, not copied: this is
     /// made on every request).
-    state: Arc<TenantState>,
+    cached: Arc<CachedTenant>,
+}
+
+/// What the tenant cache holds of a tenant.
+#[derive(Debug)]
+struct CachedTenant {
+    state: TenantState,
+    policy: TenantPolicy,
 }
 
 impl ActiveTenant {
+    pub fn policy(&self) -> &TenantPolicy {
+        &self.cached.policy
+    }
+
     /// The tenant's own rate limit, if its policy sets one.
     pub fn rate(&self) -> Option<crate::limits::Rate> {
-        None
+        let policy = self.policy();
+        (policy.max_items_per_second > 0).then_some(crate::limits::Rate {
+            per_second: policy.max_items_per_second,
+            burst: policy.burst,
+        })
     }
 
     /// The subject-index key, wrapped by the root key.
     fn wrapped_index_key(&self) -> Result<&WrappedKey> {
-        match &*self.state {
+        match &self.cached.state {
             TenantState::Active { index_key, .. } => Ok(index_key),
             TenantState::Shredded { .. } => {
                 Err(Error::internal("an active tenant holds a shredded state"))
@@ -155,6 +171,8 @@ pub struct TenantInfo {
     pub record: TenantRecord,
     /// Oldest first; empty once shredded.
     pub versions: Vec<TenantKeyRecord>,
+    /// Versions destroyed by the retention policy, oldest first, and when.
+    pub destroyed: Vec<(u32, UnixMillis)>,
 }
 
 pub struct Sealed {
@@ -205,25 +223,19 @@ impl std::fmt::Debug for Rewrapped {
 pub struct KeyManager {
     root: Arc<dyn RootKeyProvider>,
     store: Arc<dyn Keystore>,
-    /// Tenant states (primary version, wrapped index key, or tombstone).
-    tenants: TtlCache<TenantId, TenantState>,
+    /// Tenant states (primary version, wrapped index key, or tombstone)
+    /// and policies.
+    tenants: TtlCache<TenantId, CachedTenant>,
     /// Unwrapped tenant key versions and subject keys.
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
     settings: KeySettings,
+    /// The time, for records and policies.
+    clock: Arc<dyn Fn() -> UnixMillis + Send + Sync>,
 }
 
 impl KeyManager {
-    /// TEMPORARY until the store-policies branch lands.
-    pub async fn update_policy(
-        &self,
-        _id: &TenantId,
-        _policy: &crate::store::TenantPolicy,
-    ) -> Result<TenantInfo> {
-        Err(Error::FailedPrecondition("not yet".into()))
-    }
-
     pub fn new(
         root: Arc<dyn RootKeyProvider>,
         store: Arc<dyn Keystore>,
@@ -237,7 +249,20 @@ impl KeyManager {
             sealing: TtlCache::new(limits),
             index: TtlCache::new(limits),
             settings,
+            clock: Arc::new(UnixMillis::now),
         }
+    }
+
+    /// Uses `clock` for the time instead of the system's (tests: a clock
+    /// that follows tokio's paused time).
+    pub fn with_clock(mut self, clock: Arc<dyn Fn() -> UnixMillis + Send + Sync>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by this manager's clock.
+    pub fn now(&self) -> UnixMillis {
+        (self.clock)()
     }
 
     /// The root-key provider in use.
@@ -254,7 +279,7 @@ impl KeyManager {
         &self,
         id: &TenantId,
         request: &PlacementRequest,
-        _policy: &crate::store::TenantPolicy,
+        policy: &TenantPolicy,
     ) -> Result<TenantInfo> {
         // Refuse a known id before anything costs a KMS key.
         match self.store.tenant(id).await? {
@@ -303,7 +328,7 @@ impl KeyManager {
                 ),
             },
         };
-        let created = self.create_with(id, placement.clone()).await;
+        let created = self.create_with(id, placement.clone(), policy).await;
         if created.is_err()
             && placement.tier == Tier::Dedicated
             && let Some(key) = &placement.root_key
@@ -318,7 +343,12 @@ impl KeyManager {
         created
     }
 
-    async fn create_with(&self, id: &TenantId, placement: Placement) -> Result<TenantInfo> {
+    async fn create_with(
+        &self,
+        id: &TenantId,
+        placement: Placement,
+        policy: &TenantPolicy,
+    ) -> Result<TenantInfo> {
         let root_key = self.root_key_of(id, &placement)?;
         let first = self
             .root
@@ -345,9 +375,9 @@ impl KeyManager {
         self.store
             .create_tenant(NewTenant {
                 id: id.clone(),
-                created_at: UnixMillis::now(),
+                created_at: self.now(),
                 placement: placement.clone(),
-                policy: crate::store::TenantPolicy::default(),
+                policy: policy.clone(),
                 first_key: first.wrapped,
                 index_key: index.wrapped,
             })
@@ -392,7 +422,12 @@ impl KeyManager {
             TenantState::Active { .. } => self.store.tenant_keys(id).await?,
             TenantState::Shredded { .. } => Vec::new(),
         };
-        Ok(TenantInfo { record, versions })
+        let destroyed = self.store.destroyed_versions(id).await?;
+        Ok(TenantInfo {
+            record,
+            versions,
+            destroyed,
+        })
     }
 
     /// A page of tenants in id order (without their versions).
@@ -410,18 +445,21 @@ impl KeyManager {
             .tenants
             .get_or_load(id, || async {
                 match self.store.tenant(id).await? {
-                    Some(record) => Ok(record.state),
+                    Some(record) => Ok(CachedTenant {
+                        state: record.state,
+                        policy: record.policy,
+                    }),
                     None => Err(Error::TenantNotFound(id.clone())),
                 }
             })
             .await?;
-        match &*state {
+        match &state.state {
             TenantState::Active {
                 primary_version, ..
             } => Ok(ActiveTenant {
                 id: id.clone(),
                 primary_version: *primary_version,
-                state: Arc::clone(&state),
+                cached: Arc::clone(&state),
             }),
             TenantState::Shredded { at, .. } => Err(Error::TenantShredded {
                 tenant: id.clone(),
@@ -473,7 +511,7 @@ impl KeyManager {
                     TenantKeyRecord {
                         version,
                         wrapped: generated.wrapped,
-                        created_at: UnixMillis::now(),
+                        created_at: self.now(),
                     },
                 )
                 .await;
@@ -512,7 +550,7 @@ impl KeyManager {
             .tenant(id)
             .await?
             .ok_or_else(|| Error::TenantNotFound(id.clone()))?;
-        let result = self.store.shred_tenant(id, UnixMillis::now()).await;
+        let result = self.store.shred_tenant(id, self.now()).await;
         // Evict even on error: the transaction may have committed before the
         // error, and a cache miss costs only a reload.
         self.evict_tenant(id).await;
@@ -662,7 +700,7 @@ impl KeyManager {
         let subject_key_id = self.subject_key_id(&tenant, subject).await?;
         let result = self
             .store
-            .shred_subject(id, subject_key_id, UnixMillis::now())
+            .shred_subject(id, subject_key_id, self.now())
             .await;
         self.sealing
             .invalidate(&SealingKeyId {
@@ -810,6 +848,13 @@ impl KeyManager {
     async fn key_for(&self, tenant: &ActiveTenant, key_ref: KeyRef) -> Result<Arc<SealingKey>> {
         match key_ref {
             KeyRef::Tenant { version: 0 } => Err(Error::Undecryptable),
+            KeyRef::Tenant { version } if version < tenant.policy().min_decrypt_version => {
+                Err(Error::FailedPrecondition(format!(
+                    "tenant {}'s policy refuses data of key version {version}: its minimum decryption version is {}",
+                    tenant.id,
+                    tenant.policy().min_decrypt_version
+                )))
+            }
             KeyRef::Tenant { version } => self.tenant_key(tenant, version).await,
             KeyRef::Subject { id, version } if version == SUBJECT_KEY_VERSION => {
                 self.subject_key(tenant, SubjectKeyId(id), false).await
@@ -928,6 +973,21 @@ impl KeyManager {
         id: SubjectKeyId,
     ) -> Result<SubjectLookup> {
         let key = Key256::generate().map_err(Error::internal)?;
+        let record = self.wrap_subject_key(tenant, id, &key).await?;
+        // The keystore answers with whatever won a race for this subject.
+        Ok(self
+            .store
+            .insert_subject_key(&tenant.id, id, record, self.now())
+            .await?)
+    }
+
+    /// Seals a subject key under the tenant's primary key version.
+    async fn wrap_subject_key(
+        &self,
+        tenant: &ActiveTenant,
+        id: SubjectKeyId,
+        key: &Key256,
+    ) -> Result<SubjectKeyRecord> {
         let wrapping = self.tenant_key(tenant, tenant.primary_version).await?;
         let wrapped = envelope::seal(
             &wrapping.deriver,
@@ -939,15 +999,10 @@ impl KeyManager {
             key.expose(),
         )
         .map_err(Error::internal)?;
-        let record = SubjectKeyRecord {
+        Ok(SubjectKeyRecord {
             wrapped,
             tenant_version: tenant.primary_version,
-        };
-        // The keystore answers with whatever won a race for this subject.
-        Ok(self
-            .store
-            .insert_subject_key(&tenant.id, id, record, UnixMillis::now())
-            .await?)
+        })
     }
 
     async fn unwrap_subject_key(
@@ -956,6 +1011,21 @@ impl KeyManager {
         id: SubjectKeyId,
         record: &SubjectKeyRecord,
     ) -> Result<SealingKey> {
+        let key = self.subject_key_bytes(tenant, id, record).await?;
+        Ok(SealingKey {
+            deriver: MessageKeyDeriver::new(&key),
+            tenant_version: record.tenant_version,
+        })
+    }
+
+    /// Opens a subject key's keystore row with the tenant key version that
+    /// sealed it.
+    async fn subject_key_bytes(
+        &self,
+        tenant: &ActiveTenant,
+        id: SubjectKeyId,
+        record: &SubjectKeyRecord,
+    ) -> Result<Key256> {
         let wrapping = self.tenant_key(tenant, record.tenant_version).await?;
         let corrupt = || {
             Error::internal(format!(
@@ -980,11 +1050,7 @@ impl KeyManager {
             )
             .map_err(|_| corrupt())?,
         );
-        let key = Key256::from_slice(&bytes).ok_or_else(corrupt)?;
-        Ok(SealingKey {
-            deriver: MessageKeyDeriver::new(&key),
-            tenant_version: record.tenant_version,
-        })
+        Key256::from_slice(&bytes).ok_or_else(corrupt)
     }
 }
 

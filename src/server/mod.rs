@@ -456,6 +456,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }
+    keys.spawn_policy_scheduler(Duration::from_secs(config.policy_interval_seconds));
     let audit = Arc::new(AuditLog::open(&config.data_dir)?);
     let shared = shared(&config, keys, audit.clone())?;
     let counts = shared.counts.clone();

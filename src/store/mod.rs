@@ -141,18 +141,6 @@ impl TenantPolicy {
 }
 
 /// A tenant as the keystore holds it.
-// TEMPORARY until the store-policies branch lands.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenantPolicy {
-    pub rotation_period_seconds: u64,
-    pub retention_seconds: u64,
-    pub min_decrypt_version: u32,
-    pub max_items_per_second: u32,
-    pub burst: u32,
-    pub max_plaintext_bytes: u64,
-}
-
 #[derive(Clone, Debug)]
 pub struct TenantRecord {
     pub id: TenantId,
