@@ -199,3 +199,99 @@ async fn admin_calls_fail_closed_while_the_audit_log_cannot_be_written() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
+
+fn records(sidecar: &TestSidecar) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(sidecar.dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+async fn encrypt_n(sidecar: &TestSidecar, n: usize) {
+    let mut crypto = sidecar.crypto().await;
+    for _ in 0..n {
+        crypto
+            .encrypt(pb::EncryptRequest {
+                tenant_id: "clinic".into(),
+                subject_id: String::new(),
+                context: BTreeMap::new(),
+                plaintext: b"x".to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn data_plane_calls_are_recorded_one_by_one_or_counted() {
+    use keywarden::config::{AuditConfig, DataPlaneAudit};
+    let every = TestSidecar::start_with(Options {
+        audit_config: AuditConfig {
+            data_plane: DataPlaneAudit::Every,
+            count_interval_seconds: 60,
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut admin = every.admin().await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "clinic".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    encrypt_n(&every, 3).await;
+    let answered: Vec<_> = records(&every)
+        .into_iter()
+        .filter(|r| r["action"] == "Encrypt")
+        .collect();
+    assert_eq!(answered.len(), 3, "{answered:?}");
+    for r in &answered {
+        assert_eq!(r["phase"], "answered");
+        assert_eq!(r["caller"], "token:admin");
+        assert_eq!(r["tenant"], "clinic");
+        assert_eq!(r["outcome"], "OK");
+    }
+    every.stop().await;
+
+    let counted = TestSidecar::start_with(Options {
+        audit_config: AuditConfig {
+            data_plane: DataPlaneAudit::Counts,
+            count_interval_seconds: 1,
+        },
+        ..Options::default()
+    })
+    .await;
+    counted
+        .admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "clinic".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    encrypt_n(&counted, 5).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let count = loop {
+        let found: Vec<_> = records(&counted)
+            .into_iter()
+            .filter(|r| r["action"] == "Encrypt")
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(std::time::Instant::now() < deadline, "no counted record");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(count.len(), 1, "{count:?}");
+    assert_eq!(count[0]["phase"], "counted");
+    assert_eq!(count[0]["detail"], "5 calls");
+    assert_eq!(count[0]["caller"], "token:admin");
+    let dir = counted.dir.clone();
+    counted.stop().await;
+    let (code, text) = verify(&dir.path().join("audit.log"));
+    assert_eq!(code, Some(0), "{text}");
+}

@@ -111,7 +111,8 @@ impl Shared {
 
     /// Records a data-plane call that ran, as `audit.data_plane` says. In
     /// "every" mode the answer waits for its record; if the record cannot be
-    /// written the caller gets UNAVAILABLE instead of the answer.
+    /// written the caller gets UNAVAILABLE instead of the answer. Refusals
+    /// for a tenant's rate limit are counted in every mode.
     pub async fn record_data_plane<R>(
         &self,
         action: &'static str,
@@ -123,7 +124,15 @@ impl Shared {
             Ok(_) => "OK",
             Err(status) => status::code_name(status.code()),
         };
-        match self.data_plane_audit {
+        // Rate-limit refusals are always counted, never recorded one by one:
+        // a tenant flooding past its limit must not flood the log (or wait
+        // on its disk) too.
+        let mode = if outcome == "RESOURCE_EXHAUSTED" {
+            DataPlaneAudit::Counts
+        } else {
+            self.data_plane_audit
+        };
+        match mode {
             DataPlaneAudit::Off => {}
             DataPlaneAudit::Counts => {
                 self.counts.add(

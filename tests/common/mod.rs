@@ -23,7 +23,10 @@ use keywarden::{
         metered::Metered,
     },
     server::{self, Listener},
-    store::sqlite::{KEYSTORE_FILE, SqliteKeystore},
+    store::{
+        UnixMillis,
+        sqlite::{KEYSTORE_FILE, SqliteKeystore},
+    },
 };
 use secrecy::SecretString;
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -90,6 +93,18 @@ pub struct Options {
     pub auth: AuthConfig,
     pub tls: Option<TlsConfig>,
     pub audit_config: AuditConfig,
+    /// The key manager's clock; default: the system's.
+    pub clock: Option<Arc<dyn Fn() -> UnixMillis + Send + Sync>>,
+    /// Run the tenant-policy scheduler this often.
+    pub policy_interval: Option<Duration>,
+}
+
+/// A clock that starts at the system's time and then follows tokio's, so
+/// paused time moves it.
+pub fn tokio_clock() -> Arc<dyn Fn() -> UnixMillis + Send + Sync> {
+    let wall = UnixMillis::now();
+    let start = tokio::time::Instant::now();
+    Arc::new(move || UnixMillis(wall.0 + i64::try_from(start.elapsed().as_millis()).unwrap()))
 }
 
 /// A sidecar serving on 127.0.0.1 with a free port.
@@ -138,6 +153,14 @@ impl TestSidecar {
                 key_deletion_waiting_days: 7,
             },
         );
+        let mut keys = keys;
+        if let Some(clock) = options.clock {
+            keys = keys.with_clock(clock);
+        }
+        let keys = Arc::new(keys);
+        if let Some(every) = options.policy_interval {
+            keys.spawn_policy_scheduler(every);
+        }
         let config = Config {
             data_dir: dir.path().to_owned(),
             limits: options.limits,
@@ -150,7 +173,7 @@ impl TestSidecar {
         let audit = options
             .audit
             .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
-        let shared = server::shared(&config, Arc::new(keys), audit).unwrap();
+        let shared = server::shared(&config, keys, audit).unwrap();
         let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()
             .map(|t| SecretString::from(t.trim().to_owned()));

@@ -1,0 +1,459 @@
+//! Tenant policies over real gRPC: automatic rotation and retention on
+//! paused time, minimum decryption version, per-tenant size and rate limits
+//! (RESOURCE_EXHAUSTED with a retry delay), and validation of policies.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::{Options, TestSidecar, tokio_clock};
+use keywarden::api::pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+type Crypto = pb::crypto_client::CryptoClient<keywarden::client::Authed>;
+type Admin = pb::admin_client::AdminClient<keywarden::client::Authed>;
+
+const DAY: u64 = 86_400;
+
+async fn encrypt(
+    c: &mut Crypto,
+    tenant: &str,
+    subject: &str,
+    plaintext: &[u8],
+) -> Result<pb::EncryptResponse, tonic::Status> {
+    c.encrypt(pb::EncryptRequest {
+        tenant_id: tenant.into(),
+        subject_id: subject.into(),
+        context: BTreeMap::new(),
+        plaintext: plaintext.to_vec(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn decrypt(
+    c: &mut Crypto,
+    tenant: &str,
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, tonic::Status> {
+    c.decrypt(pb::DecryptRequest {
+        tenant_id: tenant.into(),
+        context: BTreeMap::new(),
+        ciphertext: ciphertext.to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner().plaintext)
+}
+
+async fn create(admin: &mut Admin, tenant: &str, policy: Option<pb::TenantPolicy>) -> pb::Tenant {
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: tenant.into(),
+            policy,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn tenant(admin: &mut Admin, id: &str) -> pb::Tenant {
+    admin
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Moves paused time forward by `by` (the clock the sidecar's policies read
+/// follows it), then lets real time run again so the keystore's pool timers
+/// behave, and waits until `done` says the scheduler has acted.
+async fn advance_until<F, Fut>(by: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scheduler did not act within 20 s after {by:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn automatic_rotation_and_retention_run_on_schedule() {
+    let sidecar = TestSidecar::start_with(Options {
+        clock: Some(tokio_clock()),
+        policy_interval: Some(Duration::from_secs(60)),
+        ..Options::default()
+    })
+    .await;
+    let mut admin = sidecar.admin().await;
+    let mut c = sidecar.crypto().await;
+    let policy = pb::TenantPolicy {
+        rotation_period_seconds: DAY,
+        retention_seconds: 3 * DAY,
+        ..Default::default()
+    };
+    create(&mut admin, "acme", Some(policy)).await;
+    create(&mut admin, "plain", None).await;
+    let v1 = encrypt(&mut c, "acme", "", b"day 0").await.unwrap();
+    assert_eq!(v1.key_version, 1);
+    // A subject key made now is sealed by version 1.
+    let alice = encrypt(&mut c, "acme", "alice", b"alice's").await.unwrap();
+    let plain = encrypt(&mut c, "plain", "", b"no policy").await.unwrap();
+
+    let mut ciphertexts = vec![v1.ciphertext.clone()];
+    for day in 1..=4u32 {
+        advance_until(Duration::from_secs(DAY + 120), || {
+            let sidecar = &sidecar;
+            async move {
+                tenant(&mut sidecar.admin().await, "acme")
+                    .await
+                    .primary_version
+                    == day + 1
+            }
+        })
+        .await;
+        let sealed = encrypt(&mut c, "acme", "", format!("day {day}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(sealed.key_version, day + 1);
+        ciphertexts.push(sealed.ciphertext);
+    }
+    // Day 4 + 8 minutes: versions made on day 0 and day 1 are past the
+    // retention of 3 days; versions 3, 4 and 5 are not.
+    let info = tenant(&mut admin, "acme").await;
+    assert_eq!(info.primary_version, 5);
+    assert_eq!(info.destroyed_versions, vec![1, 2], "{info:?}");
+    let live: Vec<u32> = info.versions.iter().map(|v| v.version).collect();
+    assert_eq!(live, vec![3, 4, 5]);
+    for (version, ciphertext) in (1u32..).zip(&ciphertexts) {
+        let opened = decrypt(&mut c, "acme", ciphertext).await;
+        if version <= 2 {
+            let status = opened.expect_err("a destroyed version must not decrypt");
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            assert!(
+                status.message().contains(&format!(
+                    "key version {version} of tenant acme no longer exists"
+                )),
+                "{}",
+                status.message()
+            );
+        } else {
+            assert_eq!(opened.unwrap(), format!("day {}", version - 1).as_bytes());
+        }
+    }
+    // The subject key sealed by version 1 was moved before version 1 went.
+    assert_eq!(
+        decrypt(&mut c, "acme", &alice.ciphertext).await.unwrap(),
+        b"alice's"
+    );
+    // A tenant without a policy is left alone.
+    let plain_info = tenant(&mut admin, "plain").await;
+    assert_eq!(plain_info.primary_version, 1);
+    assert!(plain_info.destroyed_versions.is_empty());
+    assert_eq!(
+        decrypt(&mut c, "plain", &plain.ciphertext).await.unwrap(),
+        b"no policy"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn policies_limit_sizes_rates_and_old_versions() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    let mut c = sidecar.crypto().await;
+    create(&mut admin, "acme", None).await;
+    let old = encrypt(&mut c, "acme", "", b"v1").await.unwrap();
+    admin
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let updated = admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                min_decrypt_version: 2,
+                max_items_per_second: 5,
+                burst: 5,
+                max_plaintext_bytes: 16,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.policy.unwrap().max_items_per_second, 5);
+
+    let status = decrypt(&mut c, "acme", &old.ciphertext).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("minimum decryption version is 2"),
+        "{status:?}"
+    );
+
+    let status = encrypt(&mut c, "acme", "", &[0; 17]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("policy allows 16"), "{status:?}");
+
+    // The bucket holds 5 (one was taken by the refused decrypt, one by the
+    // oversized encrypt): the rest go, then RESOURCE_EXHAUSTED with a delay.
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(status) = encrypt(&mut c, "acme", "", b"x").await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("the rate limit must refuse");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("5 items per second"),
+        "{status:?}"
+    );
+    let retry = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("google.rpc.RetryInfo");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_millis(200),
+        "{retry:?}"
+    );
+    assert!(status.metadata().get("retry-after-ms").is_some());
+    // Waiting as told is enough.
+    tokio::time::sleep(retry).await;
+    encrypt(&mut c, "acme", "", b"x").await.unwrap();
+    // A batch larger than the burst can never fit.
+    let status = c
+        .encrypt_batch(pb::EncryptBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![
+                pb::EncryptItem {
+                    plaintext: b"x".to_vec(),
+                    ..Default::default()
+                };
+                6
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("burst of 5"), "{status:?}");
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn bad_policies_are_refused_and_change_nothing() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme", None).await;
+    for (policy, field) in [
+        (
+            pb::TenantPolicy {
+                rotation_period_seconds: 60,
+                ..Default::default()
+            },
+            "policy.rotation_period_seconds",
+        ),
+        (
+            pb::TenantPolicy {
+                retention_seconds: 10,
+                ..Default::default()
+            },
+            "policy.retention_seconds",
+        ),
+        (
+            pb::TenantPolicy {
+                rotation_period_seconds: 2 * DAY,
+                retention_seconds: DAY,
+                ..Default::default()
+            },
+            "policy.retention_seconds",
+        ),
+        (
+            pb::TenantPolicy {
+                max_plaintext_bytes: u64::MAX,
+                ..Default::default()
+            },
+            "policy.max_plaintext_bytes",
+        ),
+    ] {
+        let status = admin
+            .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+                tenant_id: "acme".into(),
+                policy: Some(policy),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+        let status = admin
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: "other".into(),
+                policy: Some(policy),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    assert_eq!(
+        tenant(&mut admin, "acme").await.policy,
+        Some(pb::TenantPolicy::default())
+    );
+    let status = admin
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: "other".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "nobody".into(),
+            policy: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    sidecar.stop().await;
+}
+
+/// Tenant A floods at ten times its rate limit; tenant B's p99 latency is
+/// measured unloaded and during the flood, on the same sidecar, and both are
+/// printed. A benchmark-style measurement: the assertion is on the ratio,
+/// over thousands of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_does_not_slow_the_others() {
+    const LIMIT: u32 = 200;
+    const CALLS: usize = 3000;
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    let limited = pb::TenantPolicy {
+        max_items_per_second: LIMIT,
+        ..Default::default()
+    };
+    create(&mut admin, "noisy", Some(limited)).await;
+    create(&mut admin, "quiet", None).await;
+
+    async fn p99_of_quiet(c: &mut Crypto) -> Duration {
+        let mut samples = Vec::with_capacity(CALLS);
+        for i in 0..CALLS {
+            let started = std::time::Instant::now();
+            encrypt(c, "quiet", "", format!("{i}").as_bytes())
+                .await
+                .unwrap();
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        samples[CALLS * 99 / 100]
+    }
+    let mut quiet = sidecar.crypto().await;
+    // Warm up, then measure unloaded.
+    for _ in 0..200 {
+        encrypt(&mut quiet, "quiet", "", b"warm").await.unwrap();
+    }
+    let unloaded = p99_of_quiet(&mut quiet).await;
+
+    // The flood: 10 × LIMIT calls per second, paced, from its own connection.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counts = std::sync::Arc::new([
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    ]);
+    let flood = {
+        let mut noisy = sidecar.crypto().await;
+        let stop = stop.clone();
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            // Evenly paced: 2 calls every millisecond.
+            let per_tick = 10 * LIMIT / 1000;
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut calls = tokio::task::JoinSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                for _ in 0..per_tick {
+                    let mut c = noisy.clone();
+                    let counts = counts.clone();
+                    // Fired without waiting for the answer, so the offered
+                    // rate does not depend on the sidecar's latency.
+                    calls.spawn(async move {
+                        let slot = match encrypt(&mut c, "noisy", "", b"flood").await {
+                            Ok(_) => 0,
+                            Err(s) if s.code() == Code::ResourceExhausted => 1,
+                            Err(s) => panic!("{s:?}"),
+                        };
+                        counts[slot].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    });
+                }
+                while calls.try_join_next().is_some() {}
+            }
+            while calls.join_next().await.is_some() {}
+            let _ = &mut noisy;
+        })
+    };
+    let flood_began = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flood_started = std::time::Instant::now();
+    let before = counts[0].load(std::sync::atomic::Ordering::Relaxed)
+        + counts[1].load(std::sync::atomic::Ordering::Relaxed);
+    let loaded = p99_of_quiet(&mut quiet).await;
+    let during = counts[0].load(std::sync::atomic::Ordering::Relaxed)
+        + counts[1].load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    let rate = during as f64 / flood_started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.unwrap();
+    let elapsed = flood_began.elapsed();
+    let ratio = loaded.as_secs_f64() / unloaded.as_secs_f64();
+    println!(
+        "noisy neighbour: tenant B p99 unloaded {unloaded:?}, during A's flood {loaded:?} \
+         (ratio {ratio:.2}); A offered {rate:.0} calls/s against a limit of {LIMIT}/s: \
+         {} served, {} refused",
+        counts[0].load(std::sync::atomic::Ordering::Relaxed),
+        counts[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(
+        rate >= 8.0 * f64::from(LIMIT),
+        "the flood was too weak: {rate:.0}/s"
+    );
+    assert!(
+        counts[1].load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the flood was never refused"
+    );
+    // The limit holds: A was served about its rate, no more.
+    let served = counts[0].load(std::sync::atomic::Ordering::Relaxed) as f64;
+    assert!(
+        served <= 1.2 * f64::from(LIMIT) * elapsed.as_secs_f64() + f64::from(LIMIT),
+        "{served}"
+    );
+    // On 2 cores the flood's own client shares the CPU with the sidecar. In
+    // an optimized build the refusals are cheap enough for B's p99 to stay
+    // within twice its unloaded figure (`cargo test --release --test
+    // policies flooding -- --nocapture`; figures in docs/SECURITY.md). A
+    // debug build spends ~10× more CPU per call, so there the ratio is
+    // reported, not asserted.
+    if cfg!(debug_assertions) {
+        println!("(debug build: the ratio is reported; it is asserted in release builds)");
+    } else {
+        assert!(
+            ratio <= 2.0,
+            "tenant B's p99 grew {ratio:.2}× during the flood"
+        );
+    }
+    sidecar.stop().await;
+}
