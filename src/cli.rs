@@ -195,6 +195,10 @@ enum AuditCommand {
     Verify {
         #[arg(default_value = "./keywarden-data/audit.log")]
         file: PathBuf,
+        /// Check the PostgreSQL audit log (audit.sink = "postgres") instead,
+        /// at KEYWARDEN_DATABASE_URL.
+        #[arg(long, conflicts_with = "file")]
+        postgres: bool,
     },
     /// Ask the sidecar for its log's length and latest hash (audit:read).
     Head,
@@ -302,7 +306,10 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Audit(AuditCommand::Verify { file }) => verify_audit(&file),
+        Command::Audit(AuditCommand::Verify { postgres: true, .. }) => {
+            runtime.block_on(verify_postgres_audit())
+        }
+        Command::Audit(AuditCommand::Verify { file, .. }) => verify_audit(&file),
         Command::Receipt(ReceiptCommand::Verify { file, public_key }) => {
             verify_receipt(&file, &public_key)
         }
@@ -384,15 +391,45 @@ fn save_receipt(receipt: &str, file: Option<PathBuf>) -> Result<(), Status> {
     }
 }
 
-fn verify_audit(file: &std::path::Path) -> ExitCode {
-    let reader = match std::fs::File::open(file) {
-        Ok(f) => std::io::BufReader::new(f),
+async fn verify_postgres_audit() -> ExitCode {
+    // The URL holds a password: from the environment, never a flag (which
+    // any local user could read in the process list).
+    let Ok(url) = std::env::var("KEYWARDEN_DATABASE_URL") else {
+        eprintln!("set KEYWARDEN_DATABASE_URL to the keystore's database");
+        return ExitCode::from(2);
+    };
+    let pool = match sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+    {
+        Ok(pool) => pool,
         Err(e) => {
-            eprintln!("cannot read {}: {e}", file.display());
+            eprintln!("cannot connect to the database at KEYWARDEN_DATABASE_URL: {e}");
             return ExitCode::from(2);
         }
     };
-    match crate::audit::verify(reader) {
+    match crate::audit::postgres_lines(&pool).await {
+        Ok(text) => report_audit("the PostgreSQL audit log", text.as_bytes()),
+        Err(e) => {
+            eprintln!("cannot read the audit log: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn verify_audit(file: &std::path::Path) -> ExitCode {
+    match std::fs::File::open(file) {
+        Ok(f) => report_audit(&file.display().to_string(), std::io::BufReader::new(f)),
+        Err(e) => {
+            eprintln!("cannot read {}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report_audit(name: &str, log: impl std::io::BufRead) -> ExitCode {
+    match crate::audit::verify(log) {
         Ok(verified) => {
             println!(
                 "ok: {} records, chain intact; latest hash {}",
@@ -401,7 +438,7 @@ fn verify_audit(file: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(broken) => {
-            eprintln!("{} is broken at {broken}", file.display());
+            eprintln!("{name} is broken at {broken}");
             ExitCode::FAILURE
         }
     }

@@ -48,6 +48,7 @@
 //! client_auth = "required"        # or "optional": clients may use a token instead
 //!
 //! [audit]
+//! sink = "file"                   # or "postgres": the keystore's database, one chain for all sidecars
 //! data_plane = "counts"           # "off", "counts" (per interval, tenant and caller) or "every"
 //! count_interval_seconds = 60
 //!
@@ -441,9 +442,22 @@ pub enum DataPlaneAudit {
     Every,
 }
 
+/// Where audit records go.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditSink {
+    /// `audit.log` in the data directory: one chain per sidecar.
+    #[default]
+    File,
+    /// The PostgreSQL keystore's `audit_log` table: one chain for all the
+    /// sidecars sharing it.
+    Postgres,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
+    pub sink: AuditSink,
     pub data_plane: DataPlaneAudit,
     /// How often counted data-plane calls are written (counts mode).
     pub count_interval_seconds: u64,
@@ -452,6 +466,7 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
+            sink: AuditSink::File,
             data_plane: DataPlaneAudit::Counts,
             count_interval_seconds: 60,
         }
@@ -625,6 +640,18 @@ impl Config {
         if let Some(n) = number("KEYWARDEN_AUDIT_COUNT_INTERVAL_SECONDS")? {
             self.audit.count_interval_seconds = n;
         }
+        if let Some(v) = var("KEYWARDEN_AUDIT_SINK") {
+            self.audit.sink = match v.trim() {
+                "file" => AuditSink::File,
+                "postgres" => AuditSink::Postgres,
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_AUDIT_SINK",
+                        "must be file or postgres",
+                    ));
+                }
+            };
+        }
         if let Some(v) = var("KEYWARDEN_AUDIT_DATA_PLANE") {
             self.audit.data_plane = match v.trim() {
                 "off" => DataPlaneAudit::Off,
@@ -759,6 +786,12 @@ impl Config {
             return Err(ConfigError::new(
                 "policy_interval_seconds",
                 "must be at least 1",
+            ));
+        }
+        if self.audit.sink == AuditSink::Postgres && self.store.backend != StoreBackend::Postgres {
+            return Err(ConfigError::new(
+                "audit.sink",
+                "\"postgres\" needs store.backend = \"postgres\" (the log lives in the keystore's database)",
             ));
         }
         if self.audit.count_interval_seconds == 0 {

@@ -230,6 +230,7 @@ async fn data_plane_calls_are_recorded_one_by_one_or_counted() {
         audit_config: AuditConfig {
             data_plane: DataPlaneAudit::Every,
             count_interval_seconds: 60,
+            ..AuditConfig::default()
         },
         ..Options::default()
     })
@@ -260,6 +261,7 @@ async fn data_plane_calls_are_recorded_one_by_one_or_counted() {
         audit_config: AuditConfig {
             data_plane: DataPlaneAudit::Counts,
             count_interval_seconds: 1,
+            ..AuditConfig::default()
         },
         ..Options::default()
     })

@@ -468,3 +468,116 @@ async fn check_migrations_refuses_an_unmigrated_keystore_and_changes_nothing() {
     );
     create(&channel(&checker).await, "fine").await;
 }
+
+/// Runs `keywarden audit verify --postgres` against `url`.
+fn verify_postgres_audit(url: &str) -> (Option<i32>, String) {
+    let output = common::process::keywarden()
+        .env("KEYWARDEN_DATABASE_URL", url)
+        .args(["audit", "verify", "--postgres"])
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_write_one_audit_chain_into_postgres_and_tampering_is_named() {
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let data_dir = dir.path().join(name);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let shared_key = dir.path().join("root.key");
+        if !shared_key.exists() {
+            keywarden::secret::load_or_create_key_file(&shared_key).unwrap();
+        }
+        std::fs::copy(&shared_key, data_dir.join("root.key")).unwrap();
+        Sidecar::start_with_env(
+            &data_dir,
+            &dir.path().join(format!("{name}.sock")),
+            &[
+                ("KEYWARDEN_STORE_BACKEND", "postgres"),
+                ("KEYWARDEN_DATABASE_URL", &url),
+                ("KEYWARDEN_AUDIT_SINK", "postgres"),
+            ],
+        )
+    };
+    let (one, two) = (start("one"), start("two"));
+    let (c1, c2) = (channel(&one).await, channel(&two).await);
+    // Interleaved admin calls from both sidecars, some concurrent.
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let (a, b) = (c1.clone(), c2.clone());
+        calls.push(tokio::spawn(async move {
+            create(&a, &format!("a{i}")).await;
+            create(&b, &format!("b{i}")).await;
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    shred(&c2, "a0").await;
+    // One refused call is recorded too.
+    let refused = c1
+        .admin()
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+
+    let (code, text) = verify_postgres_audit(&url);
+    assert_eq!(code, Some(0), "{text}");
+    // 20 creates + 1 shred + 1 get, each asked and answered.
+    assert!(text.contains("ok: 44 records, chain intact"), "{text}");
+    assert!(!text.contains(&url));
+    let head = c1
+        .admin()
+        .get_audit_head(pb::GetAuditHeadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    // The head counts the 44 and this call's own "asked" record.
+    assert_eq!(head.records, 45);
+    assert_eq!(head.head.len(), 64);
+
+    // The table is append-only, even for the sidecars' own role.
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let edit =
+        sqlx::query("UPDATE audit_log SET record = replace(record, 'a1', 'a9') WHERE seq = 5")
+            .execute(&mut db)
+            .await
+            .unwrap_err();
+    assert!(edit.to_string().contains("append-only"), "{edit}");
+    let delete = sqlx::query("DELETE FROM audit_log WHERE seq = 5")
+        .execute(&mut db)
+        .await
+        .unwrap_err();
+    assert!(delete.to_string().contains("append-only"), "{delete}");
+
+    // The table's owner can drop the guard; verify still names the record.
+    sqlx::query("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE audit_log SET record = replace(record, 'token:admin', 'token:other') WHERE seq = 6",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let (code, text) = verify_postgres_audit(&url);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("broken at line 6"), "{text}");
+    one.terminate();
+    two.terminate();
+}

@@ -636,7 +636,12 @@ impl pb::admin_server::Admin for AdminService {
             None,
             None,
             |_, _, _| async {
-                let (records, head) = self.shared.audit.head().await;
+                let (records, head) = self
+                    .shared
+                    .audit
+                    .head()
+                    .await
+                    .map_err(|e| Error::unavailable(Dependency::AuditLog, e))?;
                 Ok(Response::new(pb::AuditHead {
                     records,
                     head,

@@ -133,11 +133,19 @@ struct Chain {
     head: String,
 }
 
-/// The audit log file, open for appending.
+/// Where records go.
+enum Sink {
+    /// A file of this sidecar's, open for appending.
+    File(Mutex<Chain>),
+    /// The keystore's PostgreSQL: one chain for every sidecar.
+    Postgres(sqlx::PgPool),
+}
+
+/// The audit log: a file (the embedded default) or PostgreSQL.
 pub struct AuditLog {
     path: PathBuf,
     subject_key: Key256,
-    chain: Mutex<Chain>,
+    sink: Sink,
 }
 
 impl AuditLog {
@@ -182,7 +190,26 @@ impl AuditLog {
         Ok(Self {
             path,
             subject_key,
-            chain: Mutex::new(Chain { file, seq, head }),
+            sink: Sink::File(Mutex::new(Chain { file, seq, head })),
+        })
+    }
+
+    /// A log in the keystore's PostgreSQL (migrations/postgres/0003), shared
+    /// by every sidecar of it, with this sidecar's subject-hash key from
+    /// `dir` (give every sidecar the same `audit.key` for subject hashes to
+    /// match across sidecars).
+    pub fn postgres(dir: &Path, pool: sqlx::PgPool) -> Result<Self, AuditError> {
+        let path = PathBuf::from("postgres:audit_log");
+        let subject_key = load_or_create_key_file(&dir.join(AUDIT_KEY_FILE))
+            .map(|(key, _)| key)
+            .map_err(|source| AuditError {
+                path: dir.join(AUDIT_KEY_FILE),
+                source,
+            })?;
+        Ok(Self {
+            path,
+            subject_key,
+            sink: Sink::Postgres(pool),
         })
     }
 
@@ -200,18 +227,36 @@ impl AuditLog {
         Ok(Self {
             path,
             subject_key,
-            chain: Mutex::new(Chain {
+            sink: Sink::File(Mutex::new(Chain {
                 file,
                 seq: 0,
                 head: GENESIS.to_owned(),
-            }),
+            })),
         })
     }
 
     /// How many records the log holds, and the latest one's hash.
-    pub async fn head(&self) -> (u64, String) {
-        let chain = self.chain.lock().await;
-        (chain.seq, chain.head.clone())
+    pub async fn head(&self) -> Result<(u64, String), AuditError> {
+        match &self.sink {
+            Sink::File(chain) => {
+                let chain = chain.lock().await;
+                Ok((chain.seq, chain.head.clone()))
+            }
+            Sink::Postgres(pool) => {
+                let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                Ok((u64::try_from(seq).unwrap_or(0), hash))
+            }
+        }
+    }
+
+    fn failed(&self, e: impl std::fmt::Display) -> AuditError {
+        AuditError {
+            path: self.path.clone(),
+            source: io::Error::other(e.to_string()),
+        }
     }
 
     /// The keyed hash a subject id appears as in records (and receipts).
@@ -226,38 +271,88 @@ impl AuditLog {
     /// is not in the log: callers that must fail closed refuse their call.
     pub async fn record(&self, entry: Entry) -> Result<String, AuditError> {
         let subject = entry.subject.as_ref().map(|id| self.subject_hash(id));
-        let mut chain = self.chain.lock().await;
-        let body = Body {
-            seq: chain.seq + 1,
+        let body = |seq: u64, prev: String| Body {
+            seq,
             time: UnixMillis::now().to_string(),
             action: entry.action.to_owned(),
             phase: entry.phase.name().to_owned(),
-            caller: entry.caller,
-            tenant: entry.tenant,
-            subject,
-            outcome: entry.outcome,
-            detail: entry.detail,
-            prev: chain.head.clone(),
+            caller: entry.caller.clone(),
+            tenant: entry.tenant.clone(),
+            subject: subject.clone(),
+            outcome: entry.outcome.clone(),
+            detail: entry.detail.clone(),
+            prev,
         };
-        let hash = hash_of(&body);
-        let mut line = serde_json::to_vec(&Line {
-            body,
-            hash: hash.clone(),
-        })
-        .expect("a record serializes");
-        line.push(b'\n');
-        let written = chain
-            .file
-            .write_all(&line)
-            .and_then(|()| chain.file.sync_data());
-        written.map_err(|source| AuditError {
-            path: self.path.clone(),
-            source,
-        })?;
-        chain.seq += 1;
-        chain.head = hash.clone();
-        Ok(hash)
+        match &self.sink {
+            Sink::File(chain) => {
+                let mut chain = chain.lock().await;
+                let (hash, mut line) = sealed(body(chain.seq + 1, chain.head.clone()));
+                line.push('\n');
+                let written = chain
+                    .file
+                    .write_all(line.as_bytes())
+                    .and_then(|()| chain.file.sync_data());
+                written.map_err(|source| AuditError {
+                    path: self.path.clone(),
+                    source,
+                })?;
+                chain.seq += 1;
+                chain.head = hash.clone();
+                Ok(hash)
+            }
+            Sink::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(|e| self.failed(e))?;
+                // The head row's lock puts every sidecar's records in one order.
+                let (seq, prev): (i64, String) =
+                    sqlx::query_as("SELECT seq, hash FROM audit_head FOR UPDATE")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| self.failed(e))?;
+                let seq = u64::try_from(seq).unwrap_or(0) + 1;
+                let (hash, line) = sealed(body(seq, prev));
+                let seq = i64::try_from(seq).map_err(|e| self.failed(e))?;
+                sqlx::query("INSERT INTO audit_log (seq, record) VALUES ($1, $2)")
+                    .bind(seq)
+                    .bind(&line)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                sqlx::query("UPDATE audit_head SET seq = $1, hash = $2")
+                    .bind(seq)
+                    .bind(&hash)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.failed(e))?;
+                tx.commit().await.map_err(|e| self.failed(e))?;
+                Ok(hash)
+            }
+        }
     }
+}
+
+/// A record's hash and its JSON line (without a newline).
+fn sealed(body: Body) -> (String, String) {
+    let hash = hash_of(&body);
+    let line = serde_json::to_string(&Line {
+        body,
+        hash: hash.clone(),
+    })
+    .expect("a record serializes");
+    (hash, line)
+}
+
+/// Every record of the PostgreSQL audit log, in order, as JSON lines (for
+/// [`verify`]).
+pub async fn postgres_lines(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
+        .fetch_all(pool)
+        .await?;
+    let mut text = String::new();
+    for (line,) in rows {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 fn last_line(path: &Path) -> io::Result<Option<String>> {

@@ -38,8 +38,8 @@ use crate::{
         tokens::{ADMIN_TOKEN_FILE, ADMIN_TOKEN_NAME, load_or_create_admin_token},
     },
     config::{
-        AuthConfig, ClientAuth, Config, ConfigError, KmsProvider, ListenAddr, StoreBackend,
-        TlsConfig,
+        AuditSink, AuthConfig, ClientAuth, Config, ConfigError, KmsProvider, ListenAddr,
+        StoreBackend, TlsConfig,
     },
     events::{self, Signal},
     keys::{KeyManager, KeySettings},
@@ -141,6 +141,8 @@ pub struct Opened {
     pub store: Arc<dyn Keystore>,
     /// The PostgreSQL keystore's URL, to listen for other sidecars' changes.
     pub events: Option<SecretString>,
+    /// The PostgreSQL keystore's pool, for the audit sink there.
+    pub postgres: Option<sqlx::PgPool>,
 }
 
 /// Opens the data directory, the root-key provider the configuration names
@@ -167,34 +169,40 @@ pub async fn open(config: &Config) -> Result<Opened, StartError> {
             Arc::new(kms)
         }
     };
-    let (store, events): (Arc<dyn Keystore>, _) = match (&config.store.backend, &config.store.url) {
-        (StoreBackend::Postgres, Some(url)) => {
-            let options = PostgresOptions {
-                max_connections: config.store.max_connections,
-                migrate: config.store.migrate,
-                ..PostgresOptions::default()
-            };
-            let store = PostgresKeystore::connect(url.expose_secret(), options).await?;
-            tracing::info!(
-                migrate = config.store.migrate,
-                "using the PostgreSQL keystore"
-            );
-            (Arc::new(store), Some(url.clone()))
-        }
-        (StoreBackend::Postgres, None) => {
-            return Err(
-                ConfigError::new("store.url", "is required with backend = \"postgres\"").into(),
-            );
-        }
-        (StoreBackend::Sqlite, _) => (
-            Arc::new(SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?),
-            None,
-        ),
-    };
+    let (store, events, postgres): (Arc<dyn Keystore>, _, _) =
+        match (&config.store.backend, &config.store.url) {
+            (StoreBackend::Postgres, Some(url)) => {
+                let options = PostgresOptions {
+                    max_connections: config.store.max_connections,
+                    migrate: config.store.migrate,
+                    ..PostgresOptions::default()
+                };
+                let store = PostgresKeystore::connect(url.expose_secret(), options).await?;
+                tracing::info!(
+                    migrate = config.store.migrate,
+                    "using the PostgreSQL keystore"
+                );
+                let pool = store.pool();
+                (Arc::new(store), Some(url.clone()), Some(pool))
+            }
+            (StoreBackend::Postgres, None) => {
+                return Err(ConfigError::new(
+                    "store.url",
+                    "is required with backend = \"postgres\"",
+                )
+                .into());
+            }
+            (StoreBackend::Sqlite, _) => (
+                Arc::new(SqliteKeystore::open(&dir.join(KEYSTORE_FILE)).await?),
+                None,
+                None,
+            ),
+        };
     Ok(Opened {
         root: Arc::new(Metered::new(root)),
         store,
         events,
+        postgres,
     })
 }
 
@@ -457,7 +465,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         follow_events(url, keys.clone());
     }
     keys.spawn_policy_scheduler(Duration::from_secs(config.policy_interval_seconds));
-    let audit = Arc::new(AuditLog::open(&config.data_dir)?);
+    let audit = Arc::new(match (config.audit.sink, opened.postgres) {
+        (AuditSink::Postgres, Some(pool)) => AuditLog::postgres(&config.data_dir, pool)?,
+        _ => AuditLog::open(&config.data_dir)?,
+    });
     let shared = shared(&config, keys, audit.clone())?;
     let counts = shared.counts.clone();
     let tls = config.tls.as_ref().map(tls_config).transpose()?;

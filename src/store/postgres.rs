@@ -88,6 +88,11 @@ impl PostgresKeystore {
         Ok(Self { pool })
     }
 
+    /// The connection pool, shared with the PostgreSQL audit sink.
+    pub fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+
     async fn write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         self.pool.begin().await.map_err(classify)
     }
