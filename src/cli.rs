@@ -325,10 +325,15 @@ pub fn main() -> ExitCode {
 }
 
 fn verify_receipt(file: &str, public_key: &str) -> ExitCode {
-    let text = match input(file) {
+    let bytes = if file == "-" {
+        input(file).map_err(|status| status.message().to_owned())
+    } else {
+        std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))
+    };
+    let text = match bytes {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(status) => {
-            eprintln!("{}", status.message());
+        Err(message) => {
+            eprintln!("{message}");
             return ExitCode::from(2);
         }
     };
@@ -518,6 +523,15 @@ async fn client_command(cli: &Connection, command: Command) -> Result<(), Status
         std::env::var(name).ok()
     })
     .map_err(Status::invalid_argument)?;
+    if token.is_some()
+        && tls.is_none()
+        && matches!(cli.addr.parse::<ListenAddr>(), Ok(ListenAddr::Tcp(tcp)) if !tcp.ip().is_loopback())
+    {
+        return Err(Status::invalid_argument(format!(
+            "refusing to send a token to {} without TLS: set --tls-ca",
+            cli.addr
+        )));
+    }
     let bearer = client::Bearer::new(token.as_ref()).map_err(Status::invalid_argument)?;
     let channel = client::connect(&cli.addr, tls.as_ref())
         .await

@@ -178,6 +178,17 @@ impl Guard {
         {
             // rustls has already verified the chain against the client CA.
             let identity = certificate_identity(leaf.as_ref())?;
+            // Names of the other kinds of identity cannot be claimed by a
+            // certificate (a CA that issues any URI must not mint token:admin).
+            if identity.starts_with("token:")
+                || identity.starts_with("jwt:")
+                || identity == "unix"
+                || identity == "anonymous"
+            {
+                return Err(unauthenticated(
+                    "the client certificate's URI subjectAltName uses a name reserved for other credentials",
+                ));
+            }
             return Ok(Caller {
                 identity,
                 transport,

@@ -6,10 +6,14 @@
 //! version, the loser sees ABORTED and moves on), and destroying a version is
 //! idempotent, so doing the work twice changes nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use super::{ActiveTenant, KeyManager, TenantInfo};
 use crate::{
+    audit::{AuditLog, Entry, Phase},
     error::{Error, Result},
     ids::TenantId,
     store::{StoreError, TenantPolicy, TenantRecord, TenantState, UnixMillis},
@@ -30,6 +34,8 @@ pub struct PolicyPass {
     /// Tenants whose policy could not be applied now (logged; retried on the
     /// next pass).
     pub failed: u64,
+    /// What changed, for the audit log: (tenant, action, detail).
+    pub changes: Vec<(TenantId, &'static str, String)>,
 }
 
 fn seconds_after(at: UnixMillis, seconds: u64) -> UnixMillis {
@@ -102,6 +108,13 @@ impl KeyManager {
                     Ok(rotated) => {
                         info = rotated;
                         pass.rotated += 1;
+                        if let Some(version) = primary(&info) {
+                            pass.changes.push((
+                                id.clone(),
+                                "AutomaticRotation",
+                                format!("version {version} is primary (rotation period)"),
+                            ));
+                        }
                         tracing::info!(tenant = %id, "rotated by the tenant's rotation period");
                     }
                     // Another sidecar rotated it first.
@@ -122,8 +135,16 @@ impl KeyManager {
                 .map(|v| v.version)
                 .collect();
             for version in expired {
-                pass.moved_subject_keys += self.retire_version(id, version).await?;
+                let moved = self.retire_version(id, version).await?;
+                pass.moved_subject_keys += moved;
                 pass.destroyed_versions += 1;
+                pass.changes.push((
+                    id.clone(),
+                    "RetentionDestroy",
+                    format!(
+                        "version {version} destroyed; {moved} subject keys moved to the primary"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -196,8 +217,8 @@ impl KeyManager {
     }
 
     /// Runs [`KeyManager::apply_policies`] every `every`, for as long as the
-    /// manager lives.
-    pub fn spawn_policy_scheduler(self: &Arc<Self>, every: Duration) {
+    /// manager lives, recording each change in `audit` (caller "scheduler").
+    pub fn spawn_policy_scheduler(self: &Arc<Self>, every: Duration, audit: Weak<AuditLog>) {
         let keys = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -207,7 +228,29 @@ impl KeyManager {
                 let Some(keys) = keys.upgrade() else { break };
                 match keys.apply_policies().await {
                     Ok(pass) if pass != PolicyPass::default() => {
-                        tracing::info!(?pass, "tenant policies applied");
+                        tracing::info!(
+                            rotated = pass.rotated,
+                            destroyed_versions = pass.destroyed_versions,
+                            moved_subject_keys = pass.moved_subject_keys,
+                            failed = pass.failed,
+                            "tenant policies applied"
+                        );
+                        if let Some(audit) = audit.upgrade() {
+                            for (tenant, action, detail) in pass.changes {
+                                let entry = Entry {
+                                    action,
+                                    phase: Phase::Answered,
+                                    caller: "scheduler".into(),
+                                    tenant: Some(tenant.to_string()),
+                                    outcome: Some("OK".into()),
+                                    detail: Some(detail),
+                                    ..Entry::default()
+                                };
+                                if let Err(e) = audit.record(entry).await {
+                                    tracing::error!(error = %e, "the audit log could not record a policy change");
+                                }
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {

@@ -464,11 +464,14 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }
-    keys.spawn_policy_scheduler(Duration::from_secs(config.policy_interval_seconds));
     let audit = Arc::new(match (config.audit.sink, opened.postgres) {
         (AuditSink::Postgres, Some(pool)) => AuditLog::postgres(&config.data_dir, pool)?,
         _ => AuditLog::open(&config.data_dir)?,
     });
+    keys.spawn_policy_scheduler(
+        Duration::from_secs(config.policy_interval_seconds),
+        Arc::downgrade(&audit),
+    );
     let shared = shared(&config, keys, audit.clone())?;
     let counts = shared.counts.clone();
     let tls = config.tls.as_ref().map(tls_config).transpose()?;

@@ -158,8 +158,11 @@ impl TestSidecar {
             keys = keys.with_clock(clock);
         }
         let keys = Arc::new(keys);
+        let audit = options
+            .audit
+            .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
         if let Some(every) = options.policy_interval {
-            keys.spawn_policy_scheduler(every);
+            keys.spawn_policy_scheduler(every, Arc::downgrade(&audit));
         }
         let config = Config {
             data_dir: dir.path().to_owned(),
@@ -170,9 +173,6 @@ impl TestSidecar {
             audit: options.audit_config,
             ..Config::default()
         };
-        let audit = options
-            .audit
-            .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
         let shared = server::shared(&config, keys, audit).unwrap();
         let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()
