@@ -339,7 +339,8 @@ async fn bad_policies_are_refused_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_tenant_does_not_slow_the_others() {
     const LIMIT: u32 = 200;
-    const CALLS: usize = 3000;
+    // Enough calls for a stable p99: ~3 s of calls per phase when optimized.
+    const CALLS: usize = if cfg!(debug_assertions) { 3000 } else { 10_000 };
     let sidecar = TestSidecar::start().await;
     let mut admin = sidecar.admin().await;
     let limited = pb::TenantPolicy {
