@@ -135,12 +135,9 @@ impl Shared {
         match mode {
             DataPlaneAudit::Off => {}
             DataPlaneAudit::Counts => {
-                self.counts.add(
-                    action,
-                    valid_tenant(Some(tenant)).as_deref(),
-                    &caller.identity,
-                    outcome,
-                );
+                // The tenant id as given, only if valid; no allocation per call.
+                let tenant = Some(tenant).filter(|t| TenantId::parse("tenant_id", t).is_ok());
+                self.counts.add(action, tenant, &caller.identity, outcome);
             }
             DataPlaneAudit::Every => {
                 let entry = Entry {

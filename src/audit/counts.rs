@@ -9,18 +9,23 @@ use std::{
 
 use super::{AuditError, AuditLog, Entry, Phase};
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Key {
-    tenant: Option<String>,
-    caller: String,
-    action: &'static str,
-    outcome: &'static str,
-}
+/// tenant ("" when none) → caller → (action, outcome) → count. Nested so
+/// that counting a call whose tenant and caller are already known
+/// allocates nothing: this runs on every data-plane call.
+type Pending = BTreeMap<String, BTreeMap<String, BTreeMap<(&'static str, &'static str), u64>>>;
 
 /// Counts since the last flush.
 #[derive(Default)]
 pub struct Counts {
-    pending: Mutex<BTreeMap<Key, u64>>,
+    pending: Mutex<Pending>,
+}
+
+/// Finds `key`'s entry, allocating the owned key only when it is new.
+fn slot<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_owned(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 impl Counts {
@@ -31,17 +36,10 @@ impl Counts {
         caller: &str,
         outcome: &'static str,
     ) {
-        let key = Key {
-            tenant: tenant.map(str::to_owned),
-            caller: caller.to_owned(),
-            action,
-            outcome,
-        };
-        *self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let by_caller = slot(&mut pending, tenant.unwrap_or(""));
+        *slot(by_caller, caller)
+            .entry((action, outcome))
             .or_default() += 1;
     }
 
@@ -49,21 +47,34 @@ impl Counts {
     /// could not be written are kept for the next flush.
     pub async fn flush(&self, log: &AuditLog) -> Result<(), AuditError> {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut entries = taken.into_iter();
-        while let Some((key, count)) = entries.next() {
+        let mut flat = Vec::new();
+        for (tenant, by_caller) in taken {
+            for (caller, counts) in by_caller {
+                for ((action, outcome), count) in counts {
+                    flat.push((tenant.clone(), caller.clone(), action, outcome, count));
+                }
+            }
+        }
+        let mut entries = flat.into_iter();
+        while let Some((tenant, caller, action, outcome, count)) = entries.next() {
             let entry = Entry {
-                action: key.action,
+                action,
                 phase: Phase::Counted,
-                caller: key.caller.clone(),
-                tenant: key.tenant.clone(),
-                outcome: Some(key.outcome.to_owned()),
+                caller: caller.clone(),
+                tenant: (!tenant.is_empty()).then(|| tenant.clone()),
+                outcome: Some(outcome.to_owned()),
                 detail: Some(format!("{count} calls")),
                 ..Entry::default()
             };
             if let Err(e) = log.record(entry).await {
+                // Keep what was not written for the next flush.
+                let unwritten =
+                    std::iter::once((tenant, caller, action, outcome, count)).chain(entries);
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                for (key, count) in std::iter::once((key, count)).chain(entries) {
-                    *pending.entry(key).or_default() += count;
+                for (tenant, caller, action, outcome, count) in unwritten {
+                    *slot(slot(&mut pending, &tenant), &caller)
+                        .entry((action, outcome))
+                        .or_default() += count;
                 }
                 return Err(e);
             }
