@@ -52,6 +52,9 @@
 //! data_plane = "counts"           # "off", "counts" (per interval, tenant and caller) or "every"
 //! count_interval_seconds = 60
 //!
+//! [crypto]
+//! provider = "rustcrypto"         # or "aws-lc": AES-256-GCM from AWS-LC (faster; FIPS builds)
+//!
 //! [store]
 //! backend = "postgres"            # or "sqlite" (the default: a file in data_dir)
 //! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
@@ -73,7 +76,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::{keys::cache::CacheLimits, kms::aws::AwsSettings};
+use crate::{envelope::Provider, keys::cache::CacheLimits, kms::aws::AwsSettings};
 
 pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
@@ -490,6 +493,15 @@ pub struct Config {
     /// TLS for TCP listeners; required for any beyond loopback.
     pub tls: Option<TlsConfig>,
     pub audit: AuditConfig,
+    pub crypto: CryptoConfig,
+}
+
+/// How envelopes are sealed.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CryptoConfig {
+    /// The AES-256-GCM implementation (envelope::provider).
+    pub provider: Provider,
 }
 
 impl Default for Config {
@@ -505,6 +517,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             tls: None,
             audit: AuditConfig::default(),
+            crypto: CryptoConfig::default(),
         }
     }
 }
@@ -652,6 +665,12 @@ impl Config {
                 }
             };
         }
+        if let Some(v) = var("KEYWARDEN_CRYPTO_PROVIDER") {
+            self.crypto.provider = v
+                .trim()
+                .parse()
+                .map_err(|reason| ConfigError::new("KEYWARDEN_CRYPTO_PROVIDER", reason))?;
+        }
         if let Some(v) = var("KEYWARDEN_AUDIT_DATA_PLANE") {
             self.audit.data_plane = match v.trim() {
                 "off" => DataPlaneAudit::Off,
@@ -762,6 +781,12 @@ impl Config {
             return Err(ConfigError::new(
                 "cache.ttl_seconds / cache.tti_seconds",
                 "must be at least 1 second",
+            ));
+        }
+        if !self.crypto.provider.allowed() {
+            return Err(ConfigError::new(
+                "crypto.provider",
+                "this is a FIPS build: only \"aws-lc\" (the FIPS module) is allowed",
             ));
         }
         if self.cache.max_keys == 0 {

@@ -23,7 +23,7 @@ use std::{
 };
 
 use base64::Engine as _;
-use keywarden::envelope::{self, Context, KeyRef, MessageKeyDeriver};
+use keywarden::envelope::{self, Context, EnvelopeKey, KeyRef, MessageKeyDeriver, Provider};
 use keywarden::secret::Key256;
 use serde::Serialize;
 use serde_json::Value;
@@ -281,19 +281,35 @@ fn text_form(ciphertext: &[u8]) -> String {
     )
 }
 
+/// Seals a case with every provider; they must agree byte for byte.
 fn seal(case: &Case) -> Vector<'_> {
-    let deriver = MessageKeyDeriver::new(&Key256::from_slice(&case.key).unwrap());
+    let key = Key256::from_slice(&case.key).unwrap();
+    let deriver = MessageKeyDeriver::new(&key);
     let context = context_of(&case.context);
-    let ciphertext = envelope::seal_with(
-        &deriver,
-        case.key_ref,
-        case.tenant,
-        &context,
-        &case.plaintext,
-        &case.salt,
-        &case.nonce,
-    )
-    .unwrap_or_else(|e| panic!("{}: seal failed: {e}", case.name));
+    let sealed: Vec<Vec<u8>> = Provider::ALL
+        .iter()
+        .map(|&provider| {
+            envelope::seal_with(
+                &EnvelopeKey::new(provider, &key),
+                case.key_ref,
+                case.tenant,
+                &context,
+                &case.plaintext,
+                &case.salt,
+                &case.nonce,
+            )
+            .unwrap_or_else(|e| panic!("{}: {provider} seal failed: {e}", case.name))
+        })
+        .collect();
+    let ciphertext = sealed[0].clone();
+    for (provider, other) in Provider::ALL.iter().zip(&sealed) {
+        assert_eq!(
+            hex::encode(other),
+            hex::encode(&ciphertext),
+            "{}: {provider} seals differently",
+            case.name
+        );
+    }
     let overhead = match case.key_ref {
         KeyRef::Tenant { .. } => TENANT_OVERHEAD,
         KeyRef::Subject { .. } => SUBJECT_OVERHEAD,
@@ -481,13 +497,16 @@ fn every_stored_vector_parses_and_opens() {
 
         let parsed = envelope::parse(&ciphertext).unwrap_or_else(|_| panic!("{name}: parse"));
         assert_eq!(parsed.key_ref, key_ref_of(vector), "{name}: key reference");
-        let plaintext = envelope::open(&deriver, &parsed, tenant, &context)
-            .unwrap_or_else(|_| panic!("{name}: open"));
-        assert_eq!(
-            plaintext,
-            hex_field(vector, "plaintext"),
-            "{name}: plaintext"
-        );
+        for provider in Provider::ALL {
+            let plaintext =
+                envelope::open(&EnvelopeKey::new(provider, &key), &parsed, tenant, &context)
+                    .unwrap_or_else(|_| panic!("{name}: {provider} open"));
+            assert_eq!(
+                plaintext,
+                hex_field(vector, "plaintext"),
+                "{name}: {provider} plaintext"
+            );
+        }
         assert_eq!(
             hex::encode(*deriver.derive(&hex_field(vector, "salt").try_into().unwrap())),
             str_field(vector, "message_key"),
@@ -501,10 +520,13 @@ fn every_stored_vector_parses_and_opens() {
 
         // The same ciphertext for another tenant or context does not open.
         let other_tenant = format!("{tenant}x");
-        assert!(envelope::open(&deriver, &parsed, &other_tenant, &context).is_err());
         let mut other_context = context.clone();
         other_context.insert("extra".into(), String::new());
-        assert!(envelope::open(&deriver, &parsed, tenant, &other_context).is_err());
+        for provider in Provider::ALL {
+            let key = EnvelopeKey::new(provider, &key);
+            assert!(envelope::open(&key, &parsed, &other_tenant, &context).is_err());
+            assert!(envelope::open(&key, &parsed, tenant, &other_context).is_err());
+        }
     }
 }
 

@@ -24,17 +24,17 @@
 //! record fails to authenticate.
 
 mod kdf;
+pub mod provider;
 pub mod text;
 
 use std::collections::BTreeMap;
 
-use aes_gcm::{
-    Aes256Gcm, KeyInit, Nonce, Tag,
-    aead::{AeadInPlace, generic_array::GenericArray},
-};
 use thiserror::Error;
 
 pub use kdf::MessageKeyDeriver;
+pub use provider::Provider;
+
+use crate::secret::Key256;
 
 /// The caller's context map. A `BTreeMap` iterates in byte order of the keys,
 /// which is the canonical order of the associated-data encoding.
@@ -109,20 +109,54 @@ impl std::fmt::Debug for Parsed<'_> {
     }
 }
 
-/// Seals `plaintext` for `tenant` and `context` under the key `deriver`
-/// stands for, which `key_ref` names. Salt and nonce come from the OS CSPRNG.
+/// A tenant key version or a subject key, ready to seal and open envelopes:
+/// its per-message key derivation, prepared once, and the provider that runs
+/// AES-256-GCM. This is what the key cache holds.
+pub struct EnvelopeKey {
+    provider: Provider,
+    kdf: MessageKeyDeriver,
+}
+
+impl EnvelopeKey {
+    pub fn new(provider: Provider, key: &Key256) -> Self {
+        Self {
+            provider,
+            kdf: MessageKeyDeriver::new(key),
+        }
+    }
+
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// AES-256-GCM under the message key for `salt`.
+    fn message_aead(&self, salt: &[u8; SALT_LEN]) -> provider::AeadKey {
+        self.provider.aead(&self.kdf.derive(salt))
+    }
+}
+
+impl std::fmt::Debug for EnvelopeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvelopeKey")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seals `plaintext` for `tenant` and `context` under `key`, which `key_ref`
+/// names. Salt and nonce are random ([`provider::fill_random`]).
 pub fn seal(
-    deriver: &MessageKeyDeriver,
+    key: &EnvelopeKey,
     key_ref: KeyRef,
     tenant: &str,
     context: &Context,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
     let mut random = [0u8; SALT_LEN + NONCE_LEN];
-    getrandom::fill(&mut random).map_err(|_| SealError::Random)?;
+    provider::fill_random(&mut random)?;
     let (salt, nonce) = random.split_at(SALT_LEN);
     seal_with(
-        deriver,
+        key,
         key_ref,
         tenant,
         context,
@@ -137,7 +171,7 @@ pub fn seal(
 /// [`seal`].
 #[doc(hidden)]
 pub fn seal_with(
-    deriver: &MessageKeyDeriver,
+    key: &EnvelopeKey,
     key_ref: KeyRef,
     tenant: &str,
     context: &Context,
@@ -168,10 +202,9 @@ pub fn seal_with(
     let aad = associated_data(&out, tenant, context).ok_or(SealError::TooLong)?;
     out.extend_from_slice(plaintext);
 
-    let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), &aad, &mut out[header_len..])
-        .map_err(|_| SealError::TooLong)?;
+    let tag = key
+        .message_aead(salt)
+        .seal_in_place(nonce, &aad, &mut out[header_len..])?;
     out.extend_from_slice(&tag);
     Ok(out)
 }
@@ -217,27 +250,20 @@ pub fn parse(ciphertext: &[u8]) -> Result<Parsed<'_>, Undecryptable> {
 /// Authenticates and decrypts a parsed ciphertext with the key its
 /// [`Parsed::key_ref`] names.
 pub fn open(
-    deriver: &MessageKeyDeriver,
+    key: &EnvelopeKey,
     parsed: &Parsed<'_>,
     tenant: &str,
     context: &Context,
 ) -> Result<Vec<u8>, Undecryptable> {
     let salt_at = parsed.header.len() - SALT_LEN - NONCE_LEN;
-    let salt: &[u8; SALT_LEN] = parsed.header[salt_at..salt_at + SALT_LEN]
-        .try_into()
-        .expect("header ends with salt and nonce");
-    let nonce = &parsed.header[salt_at + SALT_LEN..];
+    let (salt, nonce) = parsed.header[salt_at..].split_at(SALT_LEN);
+    let salt: &[u8; SALT_LEN] = salt.try_into().expect("header ends with salt and nonce");
+    let nonce: &[u8; NONCE_LEN] = nonce.try_into().expect("header ends with salt and nonce");
+    let tag: &[u8; TAG_LEN] = parsed.tag.try_into().expect("parse splits TAG_LEN bytes");
     let aad = associated_data(parsed.header, tenant, context).ok_or(Undecryptable)?;
-    let cipher = Aes256Gcm::new(GenericArray::from_slice(deriver.derive(salt).as_ref()));
     let mut plaintext = parsed.body.to_vec();
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(nonce),
-            &aad,
-            &mut plaintext,
-            Tag::from_slice(parsed.tag),
-        )
-        .map_err(|_| Undecryptable)?;
+    key.message_aead(salt)
+        .open_in_place(nonce, &aad, &mut plaintext, tag)?;
     Ok(plaintext)
 }
 

@@ -22,7 +22,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::{
-    envelope::{self, Context, KeyRef, MessageKeyDeriver},
+    envelope::{self, Context, EnvelopeKey, KeyRef, Provider},
     error::{Dependency, Error, Result},
     events::Event,
     ids::{SubjectId, SubjectKeyId, TenantId},
@@ -45,7 +45,7 @@ const ROTATION_ATTEMPTS: usize = 5;
 
 /// A key that seals and opens envelopes: a tenant key version or a subject key.
 pub struct SealingKey {
-    deriver: MessageKeyDeriver,
+    key: EnvelopeKey,
     /// The tenant key version: this one, or the one wrapping the subject key.
     tenant_version: u32,
 }
@@ -155,12 +155,15 @@ pub struct RootRotationProgress {
 pub struct KeySettings {
     /// Days KMS waits before deleting a shredded tenant's dedicated key (7 to 30).
     pub key_deletion_waiting_days: u32,
+    /// Which AES-256-GCM implementation seals and opens envelopes.
+    pub provider: Provider,
 }
 
 impl Default for KeySettings {
     fn default() -> Self {
         Self {
             key_deletion_waiting_days: 30,
+            provider: Provider::default(),
         }
     }
 }
@@ -389,7 +392,7 @@ impl KeyManager {
                     slot: Slot::TenantVersion(1),
                 },
                 SealingKey {
-                    deriver: MessageKeyDeriver::new(&first.key),
+                    key: EnvelopeKey::new(self.settings.provider, &first.key),
                     tenant_version: 1,
                 },
             )
@@ -525,7 +528,7 @@ impl KeyManager {
                                 slot: Slot::TenantVersion(version),
                             },
                             SealingKey {
-                                deriver: MessageKeyDeriver::new(&generated.key),
+                                key: EnvelopeKey::new(self.settings.provider, &generated.key),
                                 tenant_version: version,
                             },
                         )
@@ -772,14 +775,8 @@ impl KeyManager {
                 )
             }
         };
-        let ciphertext = envelope::seal(
-            &key.deriver,
-            key_ref,
-            tenant.id.as_str(),
-            context,
-            plaintext,
-        )
-        .map_err(Error::internal)?;
+        let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
+            .map_err(Error::internal)?;
         Ok(Sealed {
             ciphertext,
             key_version: key.tenant_version,
@@ -796,7 +793,7 @@ impl KeyManager {
     ) -> Result<Opened> {
         let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
         let key = self.key_for(tenant, parsed.key_ref).await?;
-        let plaintext = envelope::open(&key.deriver, &parsed, tenant.id.as_str(), context)
+        let plaintext = envelope::open(&key.key, &parsed, tenant.id.as_str(), context)
             .map_err(|_| Error::Undecryptable)?;
         Ok(Opened {
             plaintext: Zeroizing::new(plaintext),
@@ -816,7 +813,7 @@ impl KeyManager {
         let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
         let old_key = self.key_for(tenant, parsed.key_ref).await?;
         let plaintext = Zeroizing::new(
-            envelope::open(&old_key.deriver, &parsed, tenant.id.as_str(), context)
+            envelope::open(&old_key.key, &parsed, tenant.id.as_str(), context)
                 .map_err(|_| Error::Undecryptable)?,
         );
         let (new_key, new_ref) = match parsed.key_ref {
@@ -829,7 +826,7 @@ impl KeyManager {
             subject @ KeyRef::Subject { .. } => (old_key.clone(), subject),
         };
         let ciphertext = envelope::seal(
-            &new_key.deriver,
+            &new_key.key,
             new_ref,
             tenant.id.as_str(),
             context,
@@ -895,7 +892,7 @@ impl KeyManager {
                     .await
                     .map_err(|e| kms_error(&tenant.id, e))?;
                 Ok(SealingKey {
-                    deriver: MessageKeyDeriver::new(&key),
+                    key: EnvelopeKey::new(self.settings.provider, &key),
                     tenant_version: version,
                 })
             })
@@ -990,7 +987,7 @@ impl KeyManager {
     ) -> Result<SubjectKeyRecord> {
         let wrapping = self.tenant_key(tenant, tenant.primary_version).await?;
         let wrapped = envelope::seal(
-            &wrapping.deriver,
+            &wrapping.key,
             KeyRef::Tenant {
                 version: tenant.primary_version,
             },
@@ -1013,7 +1010,7 @@ impl KeyManager {
     ) -> Result<SealingKey> {
         let key = self.subject_key_bytes(tenant, id, record).await?;
         Ok(SealingKey {
-            deriver: MessageKeyDeriver::new(&key),
+            key: EnvelopeKey::new(self.settings.provider, &key),
             tenant_version: record.tenant_version,
         })
     }
@@ -1043,7 +1040,7 @@ impl KeyManager {
         }
         let bytes = Zeroizing::new(
             envelope::open(
-                &wrapping.deriver,
+                &wrapping.key,
                 &parsed,
                 tenant.id.as_str(),
                 &subject_wrap_context(id),

@@ -203,7 +203,7 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
         panic!("the subject key exists");
     };
     let key_bytes = *generated.key.expose();
-    let deriver = MessageKeyDeriver::new(&generated.key);
+    let deriver = EnvelopeKey::new(Provider::AwsLc, &generated.key);
 
     let printed = format!(
         "{sealed:?} {opened:?} {rewrapped:?} {generated:?} {record:?} {subject:?} {deriver:?} {t:?} {:?} {:?}",

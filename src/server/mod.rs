@@ -259,10 +259,7 @@ pub async fn routes(shared: Shared) -> Routes {
         .expect("the embedded descriptor sets are valid");
     let mut builder = Routes::builder();
     builder
-        .add_service(
-            pb::crypto_server::CryptoServer::new(CryptoService::new(shared.clone()))
-                .max_decoding_message_size(max),
-        )
+        .add_service(crypto_server(CryptoService::new(shared.clone()), max))
         .add_service(
             pb::admin_server::AdminServer::new(AdminService::new(shared))
                 .max_decoding_message_size(max),
@@ -270,6 +267,15 @@ pub async fn routes(shared: Shared) -> Routes {
         .add_service(health_service)
         .add_service(reflection);
     builder.routes()
+}
+
+/// A `keywarden.v1.Crypto` service as the sidecar serves it, accepting
+/// requests up to `max_request_bytes` (also serves `keywarden bench echo`).
+pub fn crypto_server<S: pb::crypto_server::Crypto>(
+    service: S,
+    max_request_bytes: usize,
+) -> pb::crypto_server::CryptoServer<S> {
+    pb::crypto_server::CryptoServer::new(service).max_decoding_message_size(max_request_bytes)
 }
 
 /// Authentication and authorization as `auth` configures them, with the
@@ -459,6 +465,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         config.cache.limits(),
         KeySettings {
             key_deletion_waiting_days: config.kms.deletion_waiting_days,
+            provider: config.crypto.provider,
         },
     ));
     if let Some(url) = opened.events {
@@ -485,6 +492,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     tracing::info!(
         data_dir = %config.data_dir.display(),
+        crypto_provider = %config.crypto.provider,
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );

@@ -151,6 +151,7 @@ impl TestSidecar {
             options.cache.limits(),
             KeySettings {
                 key_deletion_waiting_days: 7,
+                ..KeySettings::default()
             },
         );
         let mut keys = keys;
