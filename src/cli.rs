@@ -90,6 +90,10 @@ enum Command {
     /// Decrypt a kw1: ciphertext (or standard input with '-') and print the
     /// plaintext.
     Decrypt(DecryptArgs),
+    /// Load generator: throughput and latency of a running sidecar beside a
+    /// bare echo service; start-up time and memory.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -314,6 +318,14 @@ pub fn main() -> ExitCode {
             verify_receipt(&file, &public_key)
         }
         Command::Token(TokenCommand::New { name }) => new_token(&name),
+        Command::Bench(command) => runtime.block_on(crate::bench::main(command, || {
+            let (tls, bearer) = credentials(&cli.connection)?;
+            Ok(crate::bench::SidecarAddr {
+                addr: cli.connection.addr.clone(),
+                tls,
+                bearer,
+            })
+        })),
         command => match runtime.block_on(client_command(&cli.connection, command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(status) => {
@@ -517,7 +529,9 @@ fn client_tls(cli: &Connection) -> Result<Option<client::ClientTls>, Status> {
     }))
 }
 
-async fn client_command(cli: &Connection, command: Command) -> Result<(), Status> {
+/// The TLS settings and the token to send, as the options and the
+/// environment say; refuses to send a token in clear beyond loopback.
+fn credentials(cli: &Connection) -> Result<(Option<client::ClientTls>, client::Bearer), Status> {
     let tls = client_tls(cli)?;
     let token = client::find_token(&cli.addr, cli.token_file.as_deref(), |name| {
         std::env::var(name).ok()
@@ -533,6 +547,11 @@ async fn client_command(cli: &Connection, command: Command) -> Result<(), Status
         )));
     }
     let bearer = client::Bearer::new(token.as_ref()).map_err(Status::invalid_argument)?;
+    Ok((tls, bearer))
+}
+
+async fn client_command(cli: &Connection, command: Command) -> Result<(), Status> {
+    let (tls, bearer) = credentials(cli)?;
     let channel = client::connect(&cli.addr, tls.as_ref())
         .await
         .map_err(Status::unavailable)?;
@@ -540,7 +559,8 @@ async fn client_command(cli: &Connection, command: Command) -> Result<(), Status
         Command::Serve(_)
         | Command::Audit(AuditCommand::Verify { .. })
         | Command::Receipt(_)
-        | Command::Token(_) => unreachable!("handled before connecting"),
+        | Command::Token(_)
+        | Command::Bench(_) => unreachable!("handled before connecting"),
         Command::Audit(AuditCommand::Head) => {
             let head = client::admin(channel, bearer)
                 .get_audit_head(pb::GetAuditHeadRequest {})

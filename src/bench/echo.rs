@@ -1,0 +1,202 @@
+//! The transport limit: a bare `keywarden.v1.Crypto` that only echoes.
+//!
+//! No crypto, no authentication, no audit. Encrypt answers the plaintext
+//! followed by [`TENANT_OVERHEAD`] zero bytes with key version 1, the size of
+//! a real tenant-key ciphertext, and Decrypt answers the ciphertext less that
+//! overhead; the batch calls do the same per item, and Rewrap echoes. It is
+//! served by the sidecar's own [`server::serve`] (the same tonic server
+//! builder, TCP_NODELAY, connection handling and message size limit) on the
+//! same kind of tokio runtime (the CLI's multi-thread runtime), so what it
+//! costs is what gRPC over this transport costs with these messages.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tonic::{Request, Response, Status, service::Routes};
+
+use crate::{
+    api::pb,
+    config::{Limits, ListenAddr},
+    envelope::TENANT_OVERHEAD,
+    server,
+};
+
+/// The echo service.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Echo;
+
+/// An "envelope" of the real size: the plaintext and zeros.
+pub fn seal(mut plaintext: Vec<u8>) -> pb::EncryptResponse {
+    plaintext.resize(plaintext.len() + TENANT_OVERHEAD, 0);
+    pb::EncryptResponse {
+        ciphertext: plaintext,
+        key_version: 1,
+    }
+}
+
+/// The "plaintext" of [`seal`]'s output.
+pub fn open(mut ciphertext: Vec<u8>) -> pb::DecryptResponse {
+    ciphertext.truncate(ciphertext.len().saturating_sub(TENANT_OVERHEAD));
+    pb::DecryptResponse {
+        plaintext: ciphertext,
+        key_version: 1,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::crypto_server::Crypto for Echo {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        Ok(Response::new(seal(request.into_inner().plaintext)))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        Ok(Response::new(open(request.into_inner().ciphertext)))
+    }
+
+    async fn encrypt_batch(
+        &self,
+        request: Request<pb::EncryptBatchRequest>,
+    ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
+        let results = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| pb::EncryptResult {
+                result: Some(pb::encrypt_result::Result::Ok(seal(item.plaintext))),
+            })
+            .collect();
+        Ok(Response::new(pb::EncryptBatchResponse { results }))
+    }
+
+    async fn decrypt_batch(
+        &self,
+        request: Request<pb::DecryptBatchRequest>,
+    ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
+        let results = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| pb::DecryptResult {
+                result: Some(pb::decrypt_result::Result::Ok(open(item.ciphertext))),
+            })
+            .collect();
+        Ok(Response::new(pb::DecryptBatchResponse { results }))
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        Ok(Response::new(pb::RewrapResponse {
+            ciphertext: request.into_inner().ciphertext,
+            key_version: 1,
+            previous_key_version: 1,
+        }))
+    }
+}
+
+/// Serves [`Echo`] on `listen` until SIGTERM or ctrl-c. The address bound
+/// is printed first, on its own line: `listening on ADDR`.
+pub async fn serve(listen: ListenAddr) -> Result<(), String> {
+    let listener = server::Listener::bind(&listen)
+        .await
+        .map_err(|e| e.to_string())?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {}", listener.local_addr())
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("cannot write to standard output: {e}"))?;
+    }
+    let mut routes = Routes::builder();
+    routes.add_service(server::crypto_server(
+        Echo,
+        Limits::default().max_request_bytes,
+    ));
+    server::serve(
+        routes.routes(),
+        vec![listener],
+        None,
+        server::shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// `keywarden bench echo` as a child process, killed on drop.
+pub struct EchoProcess {
+    child: Child,
+    addr: String,
+    socket: Option<PathBuf>,
+}
+
+impl EchoProcess {
+    /// Starts the echo service on the kind of transport `like` names: a
+    /// unix socket in the temporary directory for a unix socket, a free port
+    /// on 127.0.0.1 for TCP.
+    pub async fn start(like: &str) -> Result<Self, String> {
+        let socket = like.starts_with("unix:").then(|| {
+            std::env::temp_dir().join(format!("keywarden-bench-echo-{}.sock", std::process::id()))
+        });
+        let listen = match &socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => "127.0.0.1:0".to_owned(),
+        };
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find this program to start the echo service: {e}"))?;
+        let mut child = Command::new(exe)
+            .args(["bench", "echo", "--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the echo service: {e}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut process = EchoProcess {
+            child,
+            addr: String::new(),
+            socket,
+        };
+        let line = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::task::spawn_blocking(move || {
+                let mut line = String::new();
+                BufReader::new(stdout).read_line(&mut line).map(|_| line)
+            }),
+        )
+        .await
+        .map_err(|_| "the echo service did not start within 10 s".to_owned())?
+        .map_err(|e| format!("the echo service: {e}"))?
+        .map_err(|e| format!("the echo service: {e}"))?;
+        process.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| format!("the echo service did not start: {:?}", line.trim()))?
+            .to_owned();
+        Ok(process)
+    }
+
+    /// Where it listens, as `--addr` takes it.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! `keywarden bench` against a real sidecar process: the load generator's
+//! JSON, with the echo service beside it, and the start-up measurement. No
+//! assertion on timing: only the shape of the results and zero errors.
+
+mod common;
+
+use serde_json::Value;
+
+use common::process::{Sidecar, keywarden};
+
+/// Runs `bench run ARGS --json` against `sidecar` and parses its output.
+fn bench_run(sidecar: &Sidecar, args: &[&str]) -> Value {
+    let full = [&["bench", "run", "--json"][..], args].concat();
+    let out = sidecar.cli(&full);
+    out.assert_success(&full);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{full:?}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// One target's row: measured `calls`, no error, sane percentiles.
+fn assert_clean(result: &Value, target: &str, calls: u64, items_per_call: u64) {
+    assert_eq!(result["target"], target, "{result:#}");
+    assert_eq!(result["calls"], calls, "{result:#}");
+    assert_eq!(result["items"], calls * items_per_call, "{result:#}");
+    assert_eq!(result["errors"]["total"], 0, "{result:#}");
+    assert_eq!(
+        result["errors"]["by_code"],
+        serde_json::json!({}),
+        "{result:#}"
+    );
+    for rate in [
+        "calls_per_second",
+        "items_per_second",
+        "plaintext_mb_per_second",
+    ] {
+        assert!(result[rate].as_f64().unwrap() > 0.0, "{rate}: {result:#}");
+    }
+    let latency = &result["latency_us"];
+    let p = |name: &str| {
+        latency[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {latency}"))
+    };
+    assert!(p("p50") > 0, "{latency}");
+    assert!(
+        p("p50") <= p("p90") && p("p90") <= p("p99") && p("p99") <= p("p99_9"),
+        "{latency}"
+    );
+    // The histogram keeps 3 significant digits: a percentile may round up
+    // past the exact maximum by that much.
+    assert!(
+        p("p99_9") as f64 <= p("max") as f64 * 1.001 + 1.0,
+        "{latency}"
+    );
+}
+
+#[test]
+fn bench_run_measures_the_sidecar_beside_the_echo_service() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+
+    let report = bench_run(
+        &sidecar,
+        &["--count", "200", "--warmup", "0s", "--echo", "--setup"],
+    );
+    let workload = &report["workload"];
+    assert_eq!(workload["rpc"], "Encrypt", "{report:#}");
+    assert_eq!(workload["op"], "encrypt");
+    assert_eq!(workload["payload_bytes"], 128);
+    assert_eq!(workload["concurrency"], 16);
+    assert_eq!(workload["tenants"], 1);
+    assert_eq!(workload["loop_kind"], "closed");
+    assert_eq!(workload["count"], 200);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{report:#}");
+    // Zero errors also means every answer had the size of a real envelope,
+    // from the echo service too (BAD_RESPONSE otherwise).
+    assert_clean(&results[0], "sidecar", 200, 1);
+    assert_clean(&results[1], "echo", 200, 1);
+    assert!(report["sidecar_to_echo_throughput"].as_f64().unwrap() > 0.0);
+    assert!(report["notes"].to_string().contains("1 tenant(s) created"));
+
+    // Batches of decrypts over several tenants picked by Zipf, at a rate.
+    let report = bench_run(
+        &sidecar,
+        &[
+            "--count",
+            "60",
+            "--warmup",
+            "0s",
+            "--echo",
+            "--setup",
+            "--op",
+            "decrypt",
+            "--batch",
+            "5",
+            "--payload",
+            "1000",
+            "--tenants",
+            "4",
+            "--distribution",
+            "zipf",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--rate",
+            "400",
+        ],
+    );
+    assert_eq!(report["workload"]["rpc"], "DecryptBatch", "{report:#}");
+    assert_eq!(report["workload"]["loop_kind"], "open");
+    assert_eq!(report["workload"]["zipf_exponent"], 0.99);
+    let results = report["results"].as_array().unwrap();
+    assert_clean(&results[0], "sidecar", 60, 5);
+    assert_clean(&results[1], "echo", 60, 5);
+    assert!(report["sidecar_to_echo_throughput"].is_null());
+    assert!(
+        report["notes"]
+            .to_string()
+            .contains("3 tenant(s) created, 1 existed")
+    );
+}
+
+#[test]
+fn bench_run_reports_failed_calls_and_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+    // The tenant does not exist, and --cache cold skips the touch that would
+    // stop the run before measuring.
+    let args = [
+        "bench", "run", "--json", "--count", "20", "--warmup", "0s", "--cache", "cold",
+    ];
+    let out = sidecar.cli(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = &report["results"][0];
+    assert_eq!(result["calls"], 0, "{report:#}");
+    assert_eq!(result["errors"]["total"], 20);
+    assert_eq!(result["errors"]["by_code"]["NOT_FOUND"], 20);
+    assert!(out.stderr.contains("some calls failed"), "{}", out.stderr);
+}
+
+#[test]
+fn bench_startup_measures_start_and_memory() {
+    let out = keywarden()
+        .args([
+            "bench",
+            "startup",
+            "--restarts",
+            "2",
+            "--tenants",
+            "20",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["first_start"]["ready_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["first_start"]["logged_ms"].is_u64(), "{report:#}");
+    assert_eq!(report["restarts"]["count"], 2);
+    assert!(report["restarts"]["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["idle"]["rss_kib"].as_u64().unwrap() > 0);
+    assert!(
+        report["idle"]["hwm_kib"].as_u64().unwrap() >= report["idle"]["rss_kib"].as_u64().unwrap()
+    );
+    let cached = &report["cached_keys"];
+    assert_eq!(cached["tenants"], 20, "{report:#}");
+    assert!(cached["after"]["rss_kib"].as_u64().unwrap() > 0);
+}
