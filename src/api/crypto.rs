@@ -1,8 +1,11 @@
 //! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap.
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{Shared, check_context, pb, status};
+use super::{
+    Shared, check_context, pb, status,
+    streams::{self, ResponseStream},
+};
 use crate::{
     auth::{Caller, Permission},
     envelope::Context,
@@ -137,6 +140,23 @@ fn item_error(error: Error) -> pb::ItemError {
 
 #[tonic::async_trait]
 impl pb::crypto_server::Crypto for CryptoService {
+    type EncryptStreamStream = ResponseStream<pb::EncryptStreamResponse>;
+    type DecryptStreamStream = ResponseStream<pb::DecryptStreamResponse>;
+
+    async fn encrypt_stream(
+        &self,
+        request: Request<Streaming<pb::EncryptStreamRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        streams::encrypt(&self.shared, request).await
+    }
+
+    async fn decrypt_stream(
+        &self,
+        request: Request<Streaming<pb::DecryptStreamRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        streams::decrypt(&self.shared, request).await
+    }
+
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,

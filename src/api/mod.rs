@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod crypto;
 pub mod status;
+pub mod streams;
 
 use std::sync::Arc;
 

@@ -16,10 +16,11 @@ use std::{
     time::Duration,
 };
 
-use tonic::{Request, Response, Status, service::Routes};
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming, service::Routes};
 
 use crate::{
-    api::pb,
+    api::{pb, streams::ResponseStream},
     config::{Limits, ListenAddr},
     envelope::TENANT_OVERHEAD,
     server,
@@ -47,8 +48,62 @@ pub fn open(mut ciphertext: Vec<u8>) -> pb::DecryptResponse {
     }
 }
 
+/// Passes a stream's chunks through as responses, the first request (the
+/// start) answered with an empty chunk.
+fn pass_through<Req, Resp>(
+    request: Request<Streaming<Req>>,
+    chunk: fn(Req) -> Option<Vec<u8>>,
+    respond: fn(Vec<u8>) -> Resp,
+) -> Response<ResponseStream<Resp>>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    let responses = request
+        .into_inner()
+        .map(move |request| request.map(|r| respond(chunk(r).unwrap_or_default())));
+    Response::new(Box::pin(responses))
+}
+
 #[tonic::async_trait]
 impl pb::crypto_server::Crypto for Echo {
+    type EncryptStreamStream = ResponseStream<pb::EncryptStreamResponse>;
+    type DecryptStreamStream = ResponseStream<pb::DecryptStreamResponse>;
+
+    async fn encrypt_stream(
+        &self,
+        request: Request<Streaming<pb::EncryptStreamRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        Ok(pass_through(
+            request,
+            |r| match r.part {
+                Some(pb::encrypt_stream_request::Part::Chunk(chunk)) => Some(chunk),
+                _ => None,
+            },
+            |chunk| pb::EncryptStreamResponse {
+                chunk,
+                key_version: 1,
+            },
+        ))
+    }
+
+    async fn decrypt_stream(
+        &self,
+        request: Request<Streaming<pb::DecryptStreamRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        Ok(pass_through(
+            request,
+            |r| match r.part {
+                Some(pb::decrypt_stream_request::Part::Chunk(chunk)) => Some(chunk),
+                _ => None,
+            },
+            |chunk| pb::DecryptStreamResponse {
+                chunk,
+                key_version: 1,
+            },
+        ))
+    }
+
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,

@@ -32,8 +32,11 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::Key256;
 
-/// The KDF's label: names the purpose and the format version.
+/// The KDF's label for one-shot envelopes' message keys: names the purpose
+/// and the format version.
 pub const LABEL: &[u8; 7] = b"kw1.dek";
+/// The KDF's label for streaming envelopes' stream keys.
+pub const STREAM_LABEL: &[u8; 7] = b"kw1.stm";
 
 /// Derives per-message keys from one tenant or subject key.
 pub struct MessageKeyDeriver {
@@ -58,12 +61,17 @@ impl MessageKeyDeriver {
 
     /// The 256-bit message key for `salt`.
     pub fn derive(&self, salt: &[u8; super::SALT_LEN]) -> Zeroizing<[u8; 32]> {
+        self.derive_for(LABEL, salt)
+    }
+
+    /// The 256-bit key for `label` (the purpose) and `salt`.
+    pub fn derive_for(&self, label: &[u8; 7], salt: &[u8; super::SALT_LEN]) -> Zeroizing<[u8; 32]> {
         let cipher = Aes256Enc::new(GenericArray::from_slice(&*self.key));
         // B1_i = [i]_32 || Label || 0x00 || salt[..4]; B2 = salt[4..] || [256]_32.
         let mut blocks = [GenericArray::default(), GenericArray::default()];
         for (i, block) in (1u32..).zip(blocks.iter_mut()) {
             block[..4].copy_from_slice(&i.to_be_bytes());
-            block[4..11].copy_from_slice(LABEL);
+            block[4..11].copy_from_slice(label);
             block[11] = 0x00;
             block[12..].copy_from_slice(&salt[..4]);
         }

@@ -25,6 +25,7 @@
 
 mod kdf;
 pub mod provider;
+pub mod stream;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -185,17 +186,7 @@ pub fn seal_with(
     };
     let mut out = Vec::with_capacity(overhead + plaintext.len());
     out.extend_from_slice(&[FORMAT_V1, SUITE_AES256GCM_CMAC_KDF]);
-    match key_ref {
-        KeyRef::Tenant { version } => {
-            out.push(KIND_TENANT);
-            out.extend_from_slice(&version.to_be_bytes());
-        }
-        KeyRef::Subject { id, version } => {
-            out.push(KIND_SUBJECT);
-            out.extend_from_slice(&id);
-            out.extend_from_slice(&version.to_be_bytes());
-        }
-    }
+    push_key_ref(&mut out, key_ref);
     out.extend_from_slice(salt);
     out.extend_from_slice(nonce);
     let header_len = out.len();
@@ -219,20 +210,7 @@ pub fn parse(ciphertext: &[u8]) -> Result<Parsed<'_>, Undecryptable> {
     if *version != FORMAT_V1 || *suite != SUITE_AES256GCM_CMAC_KDF {
         return Err(Undecryptable);
     }
-    let (key_ref, rest) = match *kind {
-        KIND_TENANT => {
-            let (version, rest) = split_u32(rest)?;
-            (KeyRef::Tenant { version }, rest)
-        }
-        KIND_SUBJECT => {
-            let (id, rest) = rest
-                .split_first_chunk::<SUBJECT_KEY_ID_LEN>()
-                .ok_or(Undecryptable)?;
-            let (version, rest) = split_u32(rest)?;
-            (KeyRef::Subject { id: *id, version }, rest)
-        }
-        _ => return Err(Undecryptable),
-    };
+    let (key_ref, rest) = parse_key_ref(*kind, rest)?;
     if rest.len() < SALT_LEN + NONCE_LEN + TAG_LEN {
         return Err(Undecryptable);
     }
@@ -300,6 +278,40 @@ fn push_str(out: &mut Vec<u8>, s: &str) -> Option<()> {
 
 fn length(n: usize) -> Option<[u8; 4]> {
     u32::try_from(n).ok().map(u32::to_be_bytes)
+}
+
+/// Reads the key reference of `kind` at the start of `bytes`; answers it and
+/// the bytes after it.
+fn parse_key_ref(kind: u8, bytes: &[u8]) -> Result<(KeyRef, &[u8]), Undecryptable> {
+    match kind {
+        KIND_TENANT => {
+            let (version, rest) = split_u32(bytes)?;
+            Ok((KeyRef::Tenant { version }, rest))
+        }
+        KIND_SUBJECT => {
+            let (id, rest) = bytes
+                .split_first_chunk::<SUBJECT_KEY_ID_LEN>()
+                .ok_or(Undecryptable)?;
+            let (version, rest) = split_u32(rest)?;
+            Ok((KeyRef::Subject { id: *id, version }, rest))
+        }
+        _ => Err(Undecryptable),
+    }
+}
+
+/// Appends the key reference's kind byte and fields.
+fn push_key_ref(out: &mut Vec<u8>, key_ref: KeyRef) {
+    match key_ref {
+        KeyRef::Tenant { version } => {
+            out.push(KIND_TENANT);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+        KeyRef::Subject { id, version } => {
+            out.push(KIND_SUBJECT);
+            out.extend_from_slice(&id);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+    }
 }
 
 fn split_u32(bytes: &[u8]) -> Result<(u32, &[u8]), Undecryptable> {

@@ -22,7 +22,10 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::{
-    envelope::{self, Context, EnvelopeKey, KeyRef, Provider},
+    envelope::{
+        self, Context, EnvelopeKey, KeyRef, Provider,
+        stream::{self, StreamOpener, StreamSealer},
+    },
     error::{Dependency, Error, Result},
     events::Event,
     ids::{SubjectId, SubjectKeyId, TenantId},
@@ -757,7 +760,23 @@ impl KeyManager {
         context: &Context,
         plaintext: &[u8],
     ) -> Result<Sealed> {
-        let (key, key_ref) = match subject {
+        let (key, key_ref) = self.encryption_key(tenant, subject).await?;
+        let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
+            .map_err(Error::internal)?;
+        Ok(Sealed {
+            ciphertext,
+            key_version: key.tenant_version,
+        })
+    }
+
+    /// The key new data is sealed under: the tenant's primary version, or
+    /// the subject's key (made on first use).
+    async fn encryption_key(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+    ) -> Result<(Arc<SealingKey>, KeyRef)> {
+        Ok(match subject {
             None => (
                 self.tenant_key(tenant, tenant.primary_version).await?,
                 KeyRef::Tenant {
@@ -774,13 +793,44 @@ impl KeyManager {
                     },
                 )
             }
-        };
-        let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
-            .map_err(Error::internal)?;
-        Ok(Sealed {
-            ciphertext,
-            key_version: key.tenant_version,
         })
+    }
+
+    /// Starts a streaming envelope (EncryptStream) under the key [`encrypt`]
+    /// would use: the sealer, the envelope's header, and the tenant key
+    /// version.
+    ///
+    /// [`encrypt`]: KeyManager::encrypt
+    pub async fn encrypt_stream(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+        context: &Context,
+    ) -> Result<(StreamSealer, Vec<u8>, u32)> {
+        let (key, key_ref) = self.encryption_key(tenant, subject).await?;
+        let (sealer, header) = StreamSealer::start(&key.key, key_ref, tenant.id.as_str(), context)
+            .map_err(Error::internal)?;
+        Ok((sealer, header, key.tenant_version))
+    }
+
+    /// Starts opening a streaming envelope (DecryptStream) whose whole
+    /// header is `header`: the opener and the tenant key version. A header
+    /// that does not parse is [`Error::Undecryptable`].
+    pub async fn decrypt_stream(
+        &self,
+        tenant: &ActiveTenant,
+        header: &[u8],
+        context: &Context,
+    ) -> Result<(StreamOpener, u32)> {
+        let parsed = stream::parse_header(header)
+            .ok()
+            .flatten()
+            .filter(|h| h.len == header.len())
+            .ok_or(Error::Undecryptable)?;
+        let key = self.key_for(tenant, parsed.key_ref).await?;
+        let opener = StreamOpener::start(&key.key, header, tenant.id.as_str(), context)
+            .map_err(|_| Error::Undecryptable)?;
+        Ok((opener, key.tenant_version))
     }
 
     /// Opens a ciphertext. Every failure that tampering could cause is

@@ -15,6 +15,7 @@ use keywarden::{
     audit::AuditLog,
     client::{self, Authed, Bearer},
     config::{AuditConfig, AuthConfig, CacheConfig, Config, Limits, TlsConfig},
+    envelope::Provider,
     keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
@@ -97,6 +98,8 @@ pub struct Options {
     pub clock: Option<Arc<dyn Fn() -> UnixMillis + Send + Sync>>,
     /// Run the tenant-policy scheduler this often.
     pub policy_interval: Option<Duration>,
+    /// The AES-256-GCM implementation.
+    pub crypto: Provider,
 }
 
 /// A clock that starts at the system's time and then follows tokio's, so
@@ -151,7 +154,7 @@ impl TestSidecar {
             options.cache.limits(),
             KeySettings {
                 key_deletion_waiting_days: 7,
-                ..KeySettings::default()
+                provider: options.crypto,
             },
         );
         let mut keys = keys;
