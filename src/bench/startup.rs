@@ -34,8 +34,12 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus}
 use super::{bench_context, setup_tenants, tenant_ids, touch_tenants};
 use crate::{auth::tokens::ADMIN_TOKEN_FILE, client};
 
-/// How long a sidecar may take to answer, or to exit after SIGTERM.
+/// How long a sidecar may take to answer.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// How long a sidecar may take to exit after SIGTERM: at exit it writes its
+/// last data-plane counts to the audit log, one synced record per tenant
+/// and caller, which takes tens of seconds after 100,000 tenants.
+const STOP_PATIENCE: Duration = Duration::from_secs(600);
 /// How long a sidecar is left alone before its idle memory is read.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -118,6 +122,9 @@ pub struct CachedKeys {
     pub touch_seconds: f64,
     /// After one Encrypt per tenant.
     pub after: Memory,
+    /// SIGTERM to exit after that: the final flush of the data-plane counts
+    /// (one synced audit record per tenant) is most of it.
+    pub stop_seconds: f64,
     pub added_kib: i64,
     pub bytes_per_cached_tenant: f64,
 }
@@ -226,22 +233,23 @@ impl Sidecar {
         self.child.id()
     }
 
-    /// SIGTERM, and waits for the exit (SIGKILL after [`PATIENCE`]).
-    async fn stop(mut self) -> Result<(), String> {
+    /// SIGTERM, and waits for the exit (SIGKILL after [`STOP_PATIENCE`]);
+    /// tells how long the exit took.
+    async fn stop(mut self) -> Result<Duration, String> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
-        let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
+        let started = Instant::now();
+        while started.elapsed() < STOP_PATIENCE {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return Ok(());
+                return Ok(started.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let log = self.log_text();
         let tail: Vec<&str> = log.lines().rev().take(10).collect();
         Err(format!(
-            "the sidecar ({}) did not stop within {PATIENCE:?} of SIGTERM; the end of its log:\n{}",
+            "the sidecar ({}) did not stop within {STOP_PATIENCE:?} of SIGTERM; the end of its log:\n{}",
             self.log.display(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ))
@@ -409,7 +417,7 @@ async fn cached_keys(
     drop((clients, channel));
     tokio::time::sleep(SETTLE).await;
     let after = memory(sidecar.pid())?;
-    sidecar.stop().await?;
+    let stop_seconds = sidecar.stop().await?.as_secs_f64();
     let added_kib = after.rss_kib as i64 - before.rss_kib as i64;
     Ok(CachedKeys {
         tenants: args.tenants,
@@ -418,6 +426,7 @@ async fn cached_keys(
         before,
         touch_seconds,
         after,
+        stop_seconds,
         added_kib,
         bytes_per_cached_tenant: added_kib as f64 * 1024.0 / f64::from(args.tenants),
     })
@@ -476,6 +485,11 @@ fn table(r: &StartupReport) -> String {
             "  added: {:.1} MiB, {:.0} bytes per cached tenant",
             c.added_kib as f64 / 1024.0,
             c.bytes_per_cached_tenant
+        );
+        let _ = writeln!(
+            out,
+            "  then SIGTERM to exit: {:.1} s (the last data-plane counts go to the audit log)",
+            c.stop_seconds
         );
     }
     for note in &r.notes {
