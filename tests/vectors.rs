@@ -14,31 +14,25 @@
 //! KEYWARDEN_REGENERATE_VECTORS=1 cargo test --test vectors
 //! ```
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+use std::path::PathBuf;
 
 use base64::Engine as _;
-use keywarden::envelope::{self, Context, EnvelopeKey, KeyRef, MessageKeyDeriver, Provider};
+use keywarden::envelope::{self, EnvelopeKey, KeyRef, MessageKeyDeriver, Provider};
 use keywarden::secret::Key256;
 use serde::Serialize;
 use serde_json::Value;
 
-/// Set to `1` to rewrite tests/data/vectors.json instead of comparing.
-const REGENERATE_VAR: &str = "KEYWARDEN_REGENERATE_VECTORS";
-/// The Python interpreter (with `cryptography`) for the reference decryptor.
-const PYTHON_VAR: &str = "KEYWARDEN_TEST_PYTHON";
+#[path = "common/vectors.rs"]
+mod vector_files;
+
+use vector_files::{
+    KeyRefJson, WrittenOrder, assert_stored_equal, assert_unique_names, context_field, context_of,
+    hex_field, key_ref_of, pairs, pattern, repo, run_python_reference, spec_associated_data,
+    str_field, to_json,
+};
 
 const TENANT_OVERHEAD: usize = 1 + 1 + 1 + 4 + 16 + 12 + 16;
 const SUBJECT_OVERHEAD: usize = 1 + 1 + 1 + 16 + 4 + 16 + 12 + 16;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn vectors_path() -> PathBuf {
     repo().join("tests/data/vectors.json")
@@ -56,18 +50,6 @@ struct Case {
     plaintext: Vec<u8>,
     salt: [u8; 16],
     nonce: [u8; 12],
-}
-
-/// `n` bytes `start, start + step, start + 2 * step, ...` (mod 256).
-fn pattern<const N: usize>(start: u8, step: u8) -> [u8; N] {
-    std::array::from_fn(|i| start.wrapping_add((i as u8).wrapping_mul(step)))
-}
-
-fn pairs(entries: &[(&str, &str)]) -> Vec<(String, String)> {
-    entries
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// The subject key id of the subject-key cases.
@@ -188,39 +170,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// A context map in the order the case writes it.
-struct WrittenOrder<'a>(&'a [(String, String)]);
-
-impl Serialize for WrittenOrder<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
-    }
-}
-
-#[derive(Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum KeyRefJson {
-    Tenant {
-        version: u32,
-    },
-    Subject {
-        subject_key_id: String,
-        version: u32,
-    },
-}
-
-impl From<KeyRef> for KeyRefJson {
-    fn from(key_ref: KeyRef) -> Self {
-        match key_ref {
-            KeyRef::Tenant { version } => Self::Tenant { version },
-            KeyRef::Subject { id, version } => Self::Subject {
-                subject_key_id: hex::encode(id),
-                version,
-            },
-        }
-    }
-}
-
 /// One entry of tests/data/vectors.json. Byte strings are lowercase hex.
 #[derive(Serialize)]
 struct Vector<'a> {
@@ -240,31 +189,6 @@ struct Vector<'a> {
     ciphertext: String,
     /// The envelope's text form: `kw1:` and unpadded base64url.
     text: String,
-}
-
-fn context_of(entries: &[(String, String)]) -> Context {
-    let context: Context = entries.iter().cloned().collect();
-    assert_eq!(context.len(), entries.len(), "duplicate context key");
-    context
-}
-
-/// The associated data, encoded here from the specification rather than by
-/// calling the implementation.
-fn spec_associated_data(header: &[u8], tenant: &str, context: &[(String, String)]) -> Vec<u8> {
-    fn enc(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&u32::try_from(s.len()).unwrap().to_be_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    let mut sorted: Vec<&(String, String)> = context.iter().collect();
-    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut aad = header.to_vec();
-    enc(&mut aad, tenant);
-    aad.extend_from_slice(&u32::try_from(sorted.len()).unwrap().to_be_bytes());
-    for (k, v) in sorted {
-        enc(&mut aad, k);
-        enc(&mut aad, v);
-    }
-    aad
 }
 
 fn header_len(key_ref: KeyRef) -> usize {
@@ -344,126 +268,24 @@ fn seal(case: &Case) -> Vector<'_> {
     }
 }
 
-fn regenerating() -> bool {
-    std::env::var(REGENERATE_VAR).is_ok_and(|v| v == "1")
-}
-
-/// The stored vectors, rewritten first (once per test process) when
-/// regenerating, so that every test in this file reads the same file.
+/// The stored vectors (rewritten first when regenerating).
 fn stored() -> &'static [Value] {
-    static STORED: OnceLock<Vec<Value>> = OnceLock::new();
-    STORED.get_or_init(|| {
-        let path = vectors_path();
-        if regenerating() {
-            let cases = cases();
-            let vectors: Vec<Vector<'_>> = cases.iter().map(seal).collect();
-            let mut json = serde_json::to_string_pretty(&vectors).unwrap();
-            json.push('\n');
-            fs::create_dir_all(path.parent().unwrap()).unwrap();
-            fs::write(&path, json).unwrap();
-            eprintln!("wrote {} vectors to {}", vectors.len(), path.display());
-        }
-        let json = fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "cannot read {}: {e}; generate it with {REGENERATE_VAR}=1 cargo test --test vectors",
-                path.display()
-            )
-        });
-        let value: Value = serde_json::from_str(&json)
-            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-        match value {
-            Value::Array(vectors) => vectors,
-            _ => panic!("{} is not a JSON array", path.display()),
-        }
+    vector_files::stored(&vectors_path(), "vectors", || {
+        to_json(&cases().iter().map(seal).collect::<Vec<_>>())
     })
-}
-
-fn field<'a>(vector: &'a Value, name: &str) -> &'a Value {
-    vector
-        .get(name)
-        .unwrap_or_else(|| panic!("vector {vector} has no field {name:?}"))
-}
-
-fn str_field<'a>(vector: &'a Value, name: &str) -> &'a str {
-    field(vector, name)
-        .as_str()
-        .unwrap_or_else(|| panic!("field {name:?} of {vector} is not a string"))
-}
-
-fn hex_field(vector: &Value, name: &str) -> Vec<u8> {
-    hex::decode(str_field(vector, name))
-        .unwrap_or_else(|e| panic!("field {name:?} of {vector} is not hex: {e}"))
-}
-
-fn u32_field(value: &Value, name: &str) -> u32 {
-    field(value, name)
-        .as_u64()
-        .and_then(|v| u32::try_from(v).ok())
-        .unwrap_or_else(|| panic!("field {name:?} of {value} is not a u32"))
-}
-
-fn key_ref_of(vector: &Value) -> KeyRef {
-    let key_ref = field(vector, "key_ref");
-    let version = u32_field(key_ref, "version");
-    match str_field(key_ref, "kind") {
-        "tenant" => KeyRef::Tenant { version },
-        "subject" => KeyRef::Subject {
-            id: hex_field(key_ref, "subject_key_id")
-                .try_into()
-                .expect("16-byte subject key id"),
-            version,
-        },
-        other => panic!("unknown key_ref kind {other:?}"),
-    }
-}
-
-fn context_field(vector: &Value) -> Context {
-    field(vector, "context")
-        .as_object()
-        .expect("context is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_owned()))
-        .collect::<BTreeMap<_, _>>()
 }
 
 #[test]
 fn sealing_reproduces_the_stored_vectors() {
-    let stored = stored();
     let cases = cases();
-    assert_eq!(
-        stored.len(),
-        cases.len(),
-        "tests/data/vectors.json holds {} vectors, the cases are {}; regenerate with {REGENERATE_VAR}=1",
-        stored.len(),
-        cases.len()
-    );
-    for (case, stored) in cases.iter().zip(stored) {
-        let fresh = serde_json::to_value(seal(case)).unwrap();
-        let fresh = fresh.as_object().unwrap();
-        let stored = stored.as_object().expect("each vector is an object");
-        assert_eq!(
-            stored.keys().collect::<Vec<_>>(),
-            fresh.keys().collect::<Vec<_>>(),
-            "{}: fields",
-            case.name
-        );
-        for (name, value) in fresh {
-            assert_eq!(
-                &stored[name], value,
-                "{}: field {name:?} differs from tests/data/vectors.json",
-                case.name
-            );
-        }
-    }
+    let fresh: Vec<_> = cases.iter().map(seal).collect();
+    assert_stored_equal(&vectors_path(), stored(), &fresh);
 }
 
 #[test]
 fn the_cases_cover_what_the_format_needs() {
     let cases = cases();
-    let mut names: Vec<_> = cases.iter().map(|c| c.name).collect();
-    names.sort_unstable();
-    names.dedup();
-    assert_eq!(names.len(), cases.len(), "case names are unique");
+    assert_unique_names(cases.iter().map(|c| c.name));
     assert!(
         cases
             .iter()
@@ -530,48 +352,11 @@ fn every_stored_vector_parses_and_opens() {
     }
 }
 
-/// The interpreter for the Python reference: $KEYWARDEN_TEST_PYTHON, else the
-/// repository's .venv. No interpreter is a failure, not a skip: the vectors
-/// are only worth something if a second implementation reads them.
-fn python() -> PathBuf {
-    if let Some(python) = std::env::var_os(PYTHON_VAR).filter(|p| !p.is_empty()) {
-        return PathBuf::from(python);
-    }
-    let venv = repo().join(".venv/bin/python");
-    if venv.exists() {
-        return venv;
-    }
-    panic!(
-        "no Python interpreter for tests/reference/decrypt_vectors.py: {} does not exist and \
-         {PYTHON_VAR} is not set. Run the README's test command, scripts/test, which creates \
-         .venv with the `cryptography` package, or set {PYTHON_VAR} to a python that has it.",
-        venv.display()
-    );
-}
-
 #[test]
 fn python_reference_decrypts_every_vector() {
-    let expected = stored().len();
-    let python = python();
-    let script = repo().join("tests/reference/decrypt_vectors.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(vectors_path())
-        .current_dir(repo())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{} {} failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
-        python.display(),
-        script.display(),
-        output.status
-    );
-    let line = format!("python reference: {expected} vectors decrypted");
-    assert!(
-        stdout.lines().any(|l| l.trim() == line),
-        "expected the line {line:?} from the Python reference; it printed:\n{stdout}{stderr}"
+    run_python_reference(
+        "tests/reference/decrypt_vectors.py",
+        &vectors_path(),
+        &format!("python reference: {} vectors decrypted", stored().len()),
     );
 }
