@@ -271,9 +271,9 @@ impl Sealing {
             return Some(Ok(header));
         }
         let Some(sealer) = self.sealer.as_mut() else {
-            // The last segment went out: the call succeeded, if it can be recorded.
+            // The last segment went out.
             self.call.ended = true;
-            return self.call.record(Ok(())).await.err().map(Err);
+            return None;
         };
         let mut out = Vec::new();
         let step = match self.call.next_input().await {
@@ -303,6 +303,16 @@ impl Sealing {
             }
         };
         match step {
+            // The last segment goes out only once the call is recorded as a
+            // success: if it cannot be, the caller gets the error instead, and
+            // never a whole envelope followed by an error.
+            Ok(()) if self.sealer.is_none() => match self.call.record(Ok(())).await {
+                Ok(()) => Some(Ok(out)),
+                Err(status) => {
+                    self.call.ended = true;
+                    Some(Err(status))
+                }
+            },
             Ok(()) => Some(Ok(out)),
             Err(status) => self.call.fail(status).await,
         }

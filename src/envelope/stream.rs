@@ -1,6 +1,6 @@
 //! The streaming envelope, for objects too large to hold in memory: a header,
 //! then the plaintext sealed in segments, each with its own AES-256-GCM tag,
-//! as Tink's streaming AEAD does it. docs/FORMAT.md, "Streaming", is the
+//! as Tink's streaming AEAD does it. docs/FORMAT.md, "Streaming envelopes", is the
 //! specification.
 //!
 //! ```text
@@ -251,6 +251,8 @@ pub struct StreamOpener {
     segments: Segments,
     /// Ciphertext of the segment being filled; at most a segment.
     pending: Vec<u8>,
+    /// A segment failed: the stream is over, and every later call fails.
+    failed: bool,
 }
 
 impl StreamOpener {
@@ -265,6 +267,7 @@ impl StreamOpener {
         Ok(Self {
             segments: Segments::new(key, header, tenant, context).ok_or(Undecryptable)?,
             pending: Vec::with_capacity(SEGMENT_LEN),
+            failed: false,
         })
     }
 
@@ -274,6 +277,9 @@ impl StreamOpener {
     /// the last. On an error, `out` holds only the plaintext of segments that
     /// authenticated before it, and the stream is over.
     pub fn push(&mut self, mut ciphertext: &[u8], out: &mut Vec<u8>) -> Result<(), Undecryptable> {
+        if self.failed {
+            return Err(Undecryptable);
+        }
         while !ciphertext.is_empty() {
             if self.pending.len() == SEGMENT_LEN {
                 self.open_pending(false, out)?;
@@ -293,6 +299,15 @@ impl StreamOpener {
     /// Opens the pending segment into `out` (decrypted in place there, so
     /// `pending` only ever holds ciphertext).
     fn open_pending(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), Undecryptable> {
+        if self.failed {
+            return Err(Undecryptable);
+        }
+        let opened = self.open_segment(last, out);
+        self.failed = opened.is_err();
+        opened
+    }
+
+    fn open_segment(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), Undecryptable> {
         let body_len = self
             .pending
             .len()
@@ -508,6 +523,23 @@ mod tests {
             crate::envelope::parse(&[header, vec![0; 40]].concat()).unwrap_err(),
             Undecryptable
         );
+    }
+
+    #[test]
+    fn an_opener_refuses_everything_after_a_failure() {
+        let k = key(Provider::RustCrypto);
+        let data = plaintext(2 * P);
+        let (header, body) = seal(&k, &data, 1 << 20);
+        let s = segments(&body);
+        let mut opener = StreamOpener::start(&k, &header, "acme", &context()).unwrap();
+        let mut out = Vec::new();
+        // The second segment given first fails once the next byte arrives...
+        opener.push(s[1], &mut out).unwrap();
+        assert_eq!(opener.push(s[0], &mut out), Err(Undecryptable));
+        // ...and anything after it is refused too.
+        assert_eq!(opener.push(s[0], &mut out), Err(Undecryptable));
+        assert_eq!(opener.finish(&mut out), Err(Undecryptable));
+        assert!(out.is_empty());
     }
 
     #[test]
