@@ -2,30 +2,97 @@
 //! interval for each tenant, caller, call and outcome, saying how many.
 
 use std::{
-    collections::BTreeMap,
+    collections::HashMap,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use super::{AuditError, AuditLog, Entry, Phase};
 
-/// tenant ("" when none) → caller → (action, outcome) → count. Nested so
-/// that counting a call whose tenant and caller are already known
-/// allocates nothing: this runs on every data-plane call.
-type Pending = BTreeMap<String, BTreeMap<String, BTreeMap<(&'static str, &'static str), u64>>>;
+/// Records written per write-and-sync when counts are flushed.
+const FLUSH_BATCH: usize = 1000;
+
+/// One counter: a caller (an index into [`Pending::callers`]), a call and an
+/// outcome.
+struct Count {
+    caller: u32,
+    action: &'static str,
+    outcome: &'static str,
+    calls: u64,
+}
+
+/// Counts since the last flush. Compact, because it holds an entry for every
+/// tenant that called in the interval (100,000 tenants' worth is about 15
+/// MiB this way; nested maps took 110): tenants by id ("" when none), each
+/// with a short list of counters, and callers, of which there are few,
+/// interned. Counting a call whose tenant and caller are known allocates
+/// nothing: this runs on every data-plane call.
+#[derive(Default)]
+struct Pending {
+    callers: Vec<String>,
+    by_tenant: HashMap<Box<str>, Vec<Count>>,
+}
+
+impl Pending {
+    fn add(
+        &mut self,
+        tenant: &str,
+        caller: &str,
+        action: &'static str,
+        outcome: &'static str,
+        calls: u64,
+    ) {
+        let caller = match self.callers.iter().position(|c| c == caller) {
+            Some(i) => i,
+            None => {
+                self.callers.push(caller.to_owned());
+                self.callers.len() - 1
+            }
+        } as u32;
+        let counts = match self.by_tenant.get_mut(tenant) {
+            Some(counts) => counts,
+            None => self.by_tenant.entry(tenant.into()).or_default(),
+        };
+        match counts
+            .iter_mut()
+            .find(|c| c.caller == caller && c.action == action && c.outcome == outcome)
+        {
+            Some(count) => count.calls += calls,
+            None => counts.push(Count {
+                caller,
+                action,
+                outcome,
+                calls,
+            }),
+        }
+    }
+
+    /// Every counter with its tenant, in the order of tenant, caller, call
+    /// and outcome; and the callers they index.
+    fn sorted(self) -> (Vec<String>, Vec<(Box<str>, Count)>) {
+        let callers = self.callers;
+        let mut flat: Vec<(Box<str>, Count)> = self
+            .by_tenant
+            .into_iter()
+            .flat_map(|(tenant, counts)| counts.into_iter().map(move |c| (tenant.clone(), c)))
+            .collect();
+        let key = |(tenant, c): &(Box<str>, Count)| {
+            (
+                tenant.clone(),
+                callers[c.caller as usize].clone(),
+                c.action,
+                c.outcome,
+            )
+        };
+        flat.sort_by_cached_key(key);
+        (callers, flat)
+    }
+}
 
 /// Counts since the last flush.
 #[derive(Default)]
 pub struct Counts {
     pending: Mutex<Pending>,
-}
-
-/// Finds `key`'s entry, allocating the owned key only when it is new.
-fn slot<'a, V: Default>(map: &'a mut BTreeMap<String, V>, key: &str) -> &'a mut V {
-    if !map.contains_key(key) {
-        map.insert(key.to_owned(), V::default());
-    }
-    map.get_mut(key).expect("inserted above")
 }
 
 impl Counts {
@@ -37,44 +104,34 @@ impl Counts {
         outcome: &'static str,
     ) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let by_caller = slot(&mut pending, tenant.unwrap_or(""));
-        *slot(by_caller, caller)
-            .entry((action, outcome))
-            .or_default() += 1;
+        pending.add(tenant.unwrap_or(""), caller, action, outcome, 1);
     }
 
-    /// Writes one record per key counted since the last flush. Counts that
-    /// could not be written are kept for the next flush.
+    /// Writes one record per counter since the last flush, a thousand per
+    /// write and sync (one sync per record took 20 s for 100,000 tenants).
+    /// Counts that could not be written are kept for the next flush.
     pub async fn flush(&self, log: &AuditLog) -> Result<(), AuditError> {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut flat = Vec::new();
-        for (tenant, by_caller) in taken {
-            for (caller, counts) in by_caller {
-                for ((action, outcome), count) in counts {
-                    flat.push((tenant.clone(), caller.clone(), action, outcome, count));
-                }
-            }
-        }
-        let mut entries = flat.into_iter();
-        while let Some((tenant, caller, action, outcome, count)) = entries.next() {
-            let entry = Entry {
-                action,
-                phase: Phase::Counted,
-                caller: caller.clone(),
-                tenant: (!tenant.is_empty()).then(|| tenant.clone()),
-                outcome: Some(outcome.to_owned()),
-                detail: Some(format!("{count} calls")),
-                ..Entry::default()
-            };
-            if let Err(e) = log.record(entry).await {
+        let (callers, counts) = taken.sorted();
+        for (i, batch) in counts.chunks(FLUSH_BATCH).enumerate() {
+            let entries: Vec<Entry> = batch
+                .iter()
+                .map(|(tenant, count)| Entry {
+                    action: count.action,
+                    phase: Phase::Counted,
+                    caller: callers[count.caller as usize].clone(),
+                    tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
+                    outcome: Some(count.outcome.to_owned()),
+                    detail: Some(format!("{} calls", count.calls)),
+                    ..Entry::default()
+                })
+                .collect();
+            if let Err(e) = log.record_all(&entries).await {
                 // Keep what was not written for the next flush.
-                let unwritten =
-                    std::iter::once((tenant, caller, action, outcome, count)).chain(entries);
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                for (tenant, caller, action, outcome, count) in unwritten {
-                    *slot(slot(&mut pending, &tenant), &caller)
-                        .entry((action, outcome))
-                        .or_default() += count;
+                for (tenant, c) in &counts[i * FLUSH_BATCH..] {
+                    let caller = &callers[c.caller as usize];
+                    pending.add(tenant, caller, c.action, c.outcome, c.calls);
                 }
                 return Err(e);
             }

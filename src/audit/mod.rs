@@ -18,7 +18,7 @@ pub mod counts;
 
 use std::{
     fs,
-    io::{self, BufRead, Write},
+    io::{self, BufRead, Read, Seek, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
@@ -270,15 +270,21 @@ impl AuditLog {
     /// Appends one record and syncs it to disk. An error means the record
     /// is not in the log: callers that must fail closed refuse their call.
     pub async fn record(&self, entry: Entry) -> Result<String, AuditError> {
-        let subject = entry.subject.as_ref().map(|id| self.subject_hash(id));
-        let body = |seq: u64, prev: String| Body {
+        self.record_all(std::slice::from_ref(&entry)).await
+    }
+
+    /// Appends `entries` in order with one write and one sync (one
+    /// transaction in PostgreSQL); answers the last one's hash. All or
+    /// nothing, as far as the file system lets a single write be.
+    pub async fn record_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
+        let body = |entry: &Entry, seq: u64, prev: String| Body {
             seq,
             time: UnixMillis::now().to_string(),
             action: entry.action.to_owned(),
             phase: entry.phase.name().to_owned(),
             caller: entry.caller.clone(),
             tenant: entry.tenant.clone(),
-            subject: subject.clone(),
+            subject: entry.subject.as_ref().map(|id| self.subject_hash(id)),
             outcome: entry.outcome.clone(),
             detail: entry.detail.clone(),
             prev,
@@ -286,45 +292,55 @@ impl AuditLog {
         match &self.sink {
             Sink::File(chain) => {
                 let mut chain = chain.lock().await;
-                let (hash, mut line) = sealed(body(chain.seq + 1, chain.head.clone()));
-                line.push('\n');
+                let (mut seq, mut head) = (chain.seq, chain.head.clone());
+                let mut text = String::new();
+                for entry in entries {
+                    seq += 1;
+                    let (hash, line) = sealed(body(entry, seq, head));
+                    text.push_str(&line);
+                    text.push('\n');
+                    head = hash;
+                }
                 let written = chain
                     .file
-                    .write_all(line.as_bytes())
+                    .write_all(text.as_bytes())
                     .and_then(|()| chain.file.sync_data());
                 written.map_err(|source| AuditError {
                     path: self.path.clone(),
                     source,
                 })?;
-                chain.seq += 1;
-                chain.head = hash.clone();
-                Ok(hash)
+                chain.seq = seq;
+                chain.head = head.clone();
+                Ok(head)
             }
             Sink::Postgres(pool) => {
                 let mut tx = pool.begin().await.map_err(|e| self.failed(e))?;
                 // The head row's lock puts every sidecar's records in one order.
-                let (seq, prev): (i64, String) =
+                let (seq, mut head): (i64, String) =
                     sqlx::query_as("SELECT seq, hash FROM audit_head FOR UPDATE")
                         .fetch_one(&mut *tx)
                         .await
                         .map_err(|e| self.failed(e))?;
-                let seq = u64::try_from(seq).unwrap_or(0) + 1;
-                let (hash, line) = sealed(body(seq, prev));
-                let seq = i64::try_from(seq).map_err(|e| self.failed(e))?;
-                sqlx::query("INSERT INTO audit_log (seq, record) VALUES ($1, $2)")
-                    .bind(seq)
-                    .bind(&line)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.failed(e))?;
+                let mut seq = u64::try_from(seq).unwrap_or(0);
+                for entry in entries {
+                    seq += 1;
+                    let (hash, line) = sealed(body(entry, seq, head));
+                    sqlx::query("INSERT INTO audit_log (seq, record) VALUES ($1, $2)")
+                        .bind(i64::try_from(seq).map_err(|e| self.failed(e))?)
+                        .bind(&line)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.failed(e))?;
+                    head = hash;
+                }
                 sqlx::query("UPDATE audit_head SET seq = $1, hash = $2")
-                    .bind(seq)
-                    .bind(&hash)
+                    .bind(i64::try_from(seq).map_err(|e| self.failed(e))?)
+                    .bind(&head)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| self.failed(e))?;
                 tx.commit().await.map_err(|e| self.failed(e))?;
-                Ok(hash)
+                Ok(head)
             }
         }
     }
@@ -355,16 +371,29 @@ pub async fn postgres_lines(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> 
     Ok(text)
 }
 
+/// The last non-empty line of the file, read from its end: start-up must
+/// not read a log of millions of records.
 fn last_line(path: &Path) -> io::Result<Option<String>> {
-    let file = fs::File::open(path)?;
-    let mut last = None;
-    for line in io::BufReader::new(file).lines() {
-        let line = line?;
-        if !line.trim().is_empty() {
-            last = Some(line);
+    let mut file = fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let from = len.saturating_sub(window);
+        file.seek(io::SeekFrom::Start(from))?;
+        let mut tail = Vec::new();
+        Read::by_ref(&mut file)
+            .take(len - from)
+            .read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        let mut lines = text.lines().rev().filter(|l| !l.trim().is_empty());
+        let last = lines.next();
+        // The last line is whole once another line, or the file's start, is
+        // before it in the window.
+        if last.is_none() || from == 0 || lines.next().is_some() {
+            return Ok(last.map(str::to_owned));
         }
+        window *= 4;
     }
-    Ok(last)
 }
 
 /// A verified log: how many records, and the hash of the last one.

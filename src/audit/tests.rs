@@ -123,3 +123,46 @@ async fn subject_ids_appear_only_as_keyed_hashes() {
     assert_eq!(subject(&all[0]), subject(&all[1]));
     assert_eq!(subject(&all[0]).len(), 64);
 }
+
+#[test]
+fn the_last_line_is_read_from_the_end_whatever_the_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let check = |text: &str, expected: Option<&str>| {
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(last_line(&path).unwrap().as_deref(), expected);
+    };
+    check("", None);
+    check("\n\n", None);
+    check("one", Some("one"));
+    check("one\ntwo\n", Some("two"));
+    let long = "x".repeat(300 * 1024);
+    check(&format!("first\n{long}\n"), Some(long.as_str()));
+    check(&format!("{long}\n"), Some(long.as_str()));
+    let many: String = (0..20_000).map(|i| format!("record {i}\n")).collect();
+    check(&many, Some("record 19999"));
+    // A window that starts exactly at the last line's first byte.
+    let exact = format!("{}\n{}\n", "a".repeat(10), "b".repeat(64 * 1024 - 1));
+    check(&exact, Some("b".repeat(64 * 1024 - 1).as_str()));
+}
+
+#[tokio::test]
+async fn record_all_chains_every_entry_with_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    let entries: Vec<Entry> = (0..2500)
+        .map(|i| Entry {
+            action: "Encrypt",
+            phase: Phase::Counted,
+            caller: format!("token:app-{i}"),
+            ..Entry::default()
+        })
+        .collect();
+    let head = log.record_all(&entries).await.unwrap();
+    assert_eq!(log.head().await.unwrap(), (2500, head.clone()));
+    drop(log);
+    let reopened = AuditLog::open(dir.path()).unwrap();
+    assert_eq!(reopened.head().await.unwrap(), (2500, head));
+    let text = std::fs::read_to_string(dir.path().join(AUDIT_LOG_FILE)).unwrap();
+    assert_eq!(verify(text.as_bytes()).unwrap().records, 2500);
+}

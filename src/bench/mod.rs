@@ -12,10 +12,12 @@
 //! What is measured never contains a payload: the plaintext is a fixed
 //! pattern, and neither it, a ciphertext nor a token is ever printed.
 
+pub mod baseline;
 pub mod echo;
 pub mod load;
 pub mod report;
 pub mod startup;
+pub mod streams;
 pub mod tenants;
 
 use std::{
@@ -55,6 +57,9 @@ pub enum BenchCommand {
     /// Measure start-up time (spawn to first answered call) and the resident
     /// memory of a sidecar on the embedded default, idle and with keys cached.
     Startup(startup::StartupArgs),
+    /// Send one large object through EncryptStream and back through
+    /// DecryptStream: throughput, and with --pid the sidecar's peak memory.
+    Stream(streams::StreamArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -112,6 +117,11 @@ pub struct RunArgs {
     /// process) on the same transport, and print the ratio.
     #[arg(long)]
     pub echo: bool,
+    /// Also measure, in this process on one thread, the crypto limits for
+    /// the same items: the envelope's seal loop and the raw AES-256-GCM seal,
+    /// with each crypto provider (encrypt only).
+    #[arg(long)]
+    pub baseline: bool,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -168,6 +178,26 @@ pub async fn main(
             }
         },
         BenchCommand::Startup(args) => startup::run(args).await,
+        BenchCommand::Stream(args) => {
+            let sidecar = match sidecar() {
+                Ok(sidecar) => sidecar,
+                Err(status) => {
+                    eprintln!("{}: {}", code_name(status.code()), status.message());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let json = args.json;
+            match streams::run(args, sidecar).await {
+                Ok(report) => {
+                    report.print(json);
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("keywarden bench: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         BenchCommand::Run(args) => {
             let sidecar = match sidecar() {
                 Ok(sidecar) => sidecar,
@@ -299,7 +329,23 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
         results.push(measure("echo", &clients, &workload, pace, length, &args).await?);
         drop(echo);
     }
-    Ok(Report::new(&args, results, notes))
+    let mut report = Report::new(&args, results, notes);
+    if args.baseline && args.op == Op::Encrypt {
+        let (plaintext, tenant, context) = (
+            workload.plaintext.clone(),
+            workload.tenant_ids[0].clone(),
+            workload.context.clone(),
+        );
+        let length = Duration::from_secs(2);
+        report.set_baselines(
+            tokio::task::spawn_blocking(move || {
+                baseline::measure(&plaintext, &tenant, &context, length)
+            })
+            .await
+            .map_err(|e| format!("the baseline measurement failed: {e}"))?,
+        );
+    }
+    Ok(report)
 }
 
 /// Measures one target: the decrypt pool first (for decrypt), then the load.

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
-use super::{CacheMode, Distribution, Op, RunArgs, load::Outcome};
+use super::{CacheMode, Distribution, Op, RunArgs, baseline::Baseline, load::Outcome};
 
 /// What was run.
 #[derive(Debug, Serialize)]
@@ -115,6 +115,13 @@ pub struct Report {
     /// Sidecar throughput over the echo service's, with `--echo` in the
     /// closed loop.
     pub sidecar_to_echo_throughput: Option<f64>,
+    /// With `--baseline`: the crypto limits for the same items, in-process.
+    pub baselines: Vec<Baseline>,
+    /// The sidecar's item throughput over the envelope's in-process seal
+    /// loop with the faster provider.
+    pub sidecar_to_seal_loop: Option<f64>,
+    /// The sidecar's plaintext throughput over the fastest raw AES-256-GCM.
+    pub sidecar_to_fastest_aes_gcm: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -177,8 +184,30 @@ impl Report {
             },
             results,
             sidecar_to_echo_throughput: ratio,
+            baselines: Vec::new(),
+            sidecar_to_seal_loop: None,
+            sidecar_to_fastest_aes_gcm: None,
             notes,
         }
+    }
+
+    /// Adds the in-process baselines and the sidecar's ratios to them.
+    pub fn set_baselines(&mut self, baselines: Vec<Baseline>) {
+        let best = |prefix: &str, of: fn(&Baseline) -> f64| {
+            baselines
+                .iter()
+                .filter(|b| b.name.starts_with(prefix))
+                .map(of)
+                .fold(0.0, f64::max)
+        };
+        let seal = best("envelope seal", |b| b.items_per_second);
+        let raw = best("raw AES-256-GCM", |b| b.plaintext_mb_per_second);
+        if let Some(sidecar) = self.results.iter().find(|r| r.target == "sidecar") {
+            self.sidecar_to_seal_loop = (seal > 0.0).then(|| sidecar.items_per_second / seal);
+            self.sidecar_to_fastest_aes_gcm =
+                (raw > 0.0).then(|| sidecar.plaintext_mb_per_second / raw);
+        }
+        self.baselines = baselines;
     }
 
     /// No target answered with an error.
@@ -262,6 +291,22 @@ impl Report {
         }
         if let Some(ratio) = self.sidecar_to_echo_throughput {
             let _ = writeln!(out, "throughput sidecar/echo: {ratio:.2}");
+        }
+        for b in &self.baselines {
+            let _ = writeln!(
+                out,
+                "in-process, one thread: {:<30} {:>11.0} items/s {:>9.1} MB/s",
+                b.name, b.items_per_second, b.plaintext_mb_per_second
+            );
+        }
+        if let Some(ratio) = self.sidecar_to_seal_loop {
+            let _ = writeln!(
+                out,
+                "items/s sidecar / fastest envelope seal loop: {ratio:.2}"
+            );
+        }
+        if let Some(ratio) = self.sidecar_to_fastest_aes_gcm {
+            let _ = writeln!(out, "MB/s sidecar / fastest raw AES-256-GCM: {ratio:.3}");
         }
         for note in &self.notes {
             let _ = writeln!(out, "note: {note}");
