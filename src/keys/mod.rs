@@ -181,6 +181,10 @@ pub struct TenantInfo {
     pub destroyed: Vec<(u32, UnixMillis)>,
 }
 
+/// A tenant's primary key once resolved, for [`KeyManager::encrypt_remembering`].
+#[derive(Default)]
+pub struct PrimaryKey(Option<Arc<SealingKey>>);
+
 pub struct Sealed {
     pub ciphertext: Vec<u8>,
     pub key_version: u32,
@@ -760,7 +764,44 @@ impl KeyManager {
         context: &Context,
         plaintext: &[u8],
     ) -> Result<Sealed> {
-        let (key, key_ref) = self.encryption_key(tenant, subject).await?;
+        self.encrypt_remembering(
+            tenant,
+            subject,
+            context,
+            plaintext,
+            &mut PrimaryKey::default(),
+        )
+        .await
+    }
+
+    /// [`encrypt`], resolving the tenant's primary key at most once for
+    /// every call given the same `primary`: the items of a batch share it,
+    /// and looking it up in the cache for each of a thousand items costs
+    /// more than sealing a short one.
+    ///
+    /// [`encrypt`]: KeyManager::encrypt
+    pub async fn encrypt_remembering(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+        context: &Context,
+        plaintext: &[u8],
+        primary: &mut PrimaryKey,
+    ) -> Result<Sealed> {
+        let (key, key_ref) = match (subject, &primary.0) {
+            (None, Some(key)) => (
+                key.clone(),
+                KeyRef::Tenant {
+                    version: tenant.primary_version,
+                },
+            ),
+            (None, None) => {
+                let found = self.encryption_key(tenant, None).await?;
+                primary.0 = Some(found.0.clone());
+                found
+            }
+            (Some(_), _) => self.encryption_key(tenant, subject).await?,
+        };
         let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
             .map_err(Error::internal)?;
         Ok(Sealed {
@@ -770,8 +811,9 @@ impl KeyManager {
     }
 
     /// The key new data is sealed under: the tenant's primary version, or
-    /// the subject's key (made on first use).
-    async fn encryption_key(
+    /// the subject's key (made on first use). Public for benches/keys.rs.
+    #[doc(hidden)]
+    pub async fn encryption_key(
         &self,
         tenant: &ActiveTenant,
         subject: Option<&SubjectId>,
