@@ -416,6 +416,46 @@ async fn rotation_keeps_old_streams_readable_and_reports_versions(crypto: Provid
     assert!(answer.versions.iter().all(|&v| v == 1));
 }
 
+/// A stream is one item against the tenant's rate, and its whole object
+/// counts against the policy's plaintext limit; the per-item limit (here
+/// the default 4 MiB) does not apply.
+async fn tenant_policy_limits_apply_to_the_whole_stream(crypto: Provider) {
+    let (sidecar, mut c) = sidecar(crypto).await;
+    sidecar
+        .admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "small".into(),
+            policy: Some(pb::TenantPolicy {
+                max_plaintext_bytes: (3 * P) as u64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let stream = |len: usize| {
+        let mut requests = vec![start("small", "")];
+        requests.extend(data(len).chunks(1000).map(|c| pb::EncryptStreamRequest {
+            part: Some(EPart::Chunk(c.to_vec())),
+        }));
+        requests
+    };
+    encrypt_raw(&mut c, stream(3 * P)).await.end.unwrap();
+    let over = encrypt_raw(&mut c, stream(3 * P + 1)).await;
+    assert_fails(
+        &over,
+        Code::ResourceExhausted,
+        "the stream's plaintext is over 196560 bytes, tenant small's policy limit",
+    );
+    // 5 MiB to a tenant without a limit: past the per-item 4 MiB.
+    let big = data(5 << 20);
+    let envelope = encrypt(&mut c, "", &big, 1 << 20).await;
+    let answer = decrypt(&mut c, "acme", &envelope, 1 << 20).await;
+    answer.end.unwrap();
+    assert!(answer.bytes == big);
+}
+
 /// Runs each test once per crypto provider.
 macro_rules! for_each_crypto {
     ($($name:ident),* $(,)?) => {
@@ -440,4 +480,5 @@ for_each_crypto!(
     rearranged_or_cut_envelopes_end_with_invalid_argument_after_authentic_plaintext,
     bad_requests_are_refused_clearly,
     rotation_keeps_old_streams_readable_and_reports_versions,
+    tenant_policy_limits_apply_to_the_whole_stream,
 );

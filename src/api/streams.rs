@@ -283,8 +283,8 @@ impl Sealing {
                 if self.limit > 0 && self.total > self.limit {
                     Err(Error::ResourceExhausted {
                         reason: format!(
-                            "the stream passed {} bytes; tenant {}'s policy allows {}",
-                            self.limit, self.call.tenant.id, self.limit
+                            "the stream's plaintext is over {} bytes, tenant {}'s policy limit",
+                            self.limit, self.call.tenant.id
                         ),
                         retry_after: None,
                     }

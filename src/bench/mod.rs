@@ -164,7 +164,7 @@ pub struct SidecarAddr {
 }
 
 /// Runs a `bench` command. `sidecar` resolves the global connection options
-/// (only `run` needs them).
+/// (only `run` and `stream` need them).
 pub async fn main(
     command: BenchCommand,
     sidecar: impl FnOnce() -> Result<SidecarAddr, Status>,
@@ -179,48 +179,41 @@ pub async fn main(
         },
         BenchCommand::Startup(args) => startup::run(args).await,
         BenchCommand::Stream(args) => {
-            let sidecar = match sidecar() {
-                Ok(sidecar) => sidecar,
-                Err(status) => {
-                    eprintln!("{}: {}", code_name(status.code()), status.message());
-                    return ExitCode::FAILURE;
-                }
-            };
             let json = args.json;
-            match streams::run(args, sidecar).await {
-                Ok(report) => {
-                    report.print(json);
-                    ExitCode::SUCCESS
-                }
-                Err(message) => {
-                    eprintln!("keywarden bench: {message}");
-                    ExitCode::FAILURE
-                }
-            }
+            let report = async { streams::run(args, resolve(sidecar)?).await }.await;
+            finish(report.map(|report| {
+                report.print(json);
+                true
+            }))
         }
         BenchCommand::Run(args) => {
-            let sidecar = match sidecar() {
-                Ok(sidecar) => sidecar,
-                Err(status) => {
-                    eprintln!("{}: {}", code_name(status.code()), status.message());
-                    return ExitCode::FAILURE;
-                }
-            };
             let json = args.json;
-            match run(args, sidecar).await {
-                Ok(report) => {
-                    if report.print(json) {
-                        ExitCode::SUCCESS
-                    } else {
-                        eprintln!("keywarden bench: some calls failed (see errors)");
-                        ExitCode::FAILURE
-                    }
+            let report = async { run(args, resolve(sidecar)?).await }.await;
+            finish(report.map(|report| {
+                let clean = report.print(json);
+                if !clean {
+                    eprintln!("keywarden bench: some calls failed (see errors)");
                 }
-                Err(message) => {
-                    eprintln!("keywarden bench: {message}");
-                    ExitCode::FAILURE
-                }
-            }
+                clean
+            }))
+        }
+    }
+}
+
+/// The sidecar the global options name, or why not.
+fn resolve(sidecar: impl FnOnce() -> Result<SidecarAddr, Status>) -> Result<SidecarAddr, String> {
+    sidecar().map_err(|status| format!("{}: {}", code_name(status.code()), status.message()))
+}
+
+/// The exit code of a `run` or `stream`: failure on an error (printed) or
+/// an unclean run.
+fn finish(outcome: Result<bool, String>) -> ExitCode {
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(message) => {
+            eprintln!("keywarden bench: {message}");
+            ExitCode::FAILURE
         }
     }
 }
