@@ -27,7 +27,6 @@ vector checks out; otherwise lists the mismatches on stderr and exits 1.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from typing import Callable
 
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.kdf.kbkdf import (
     Mode,
 )
 
-from decrypt_vectors import Undecryptable, associated_data, u32
+from decrypt_vectors import Undecryptable, associated_data, run, u32
 
 FORMAT_V1 = 0x01
 SUITE_STREAM = 0x02
@@ -367,22 +366,7 @@ def check_vector(vector: dict) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(f"usage: {argv[0]} tests/data/stream_vectors.json", file=sys.stderr)
-        return 2
-    with open(argv[1], encoding="utf-8") as f:
-        vectors = json.load(f)
-    if not isinstance(vectors, list) or not vectors:
-        print(f"{argv[1]}: expected a non-empty JSON array", file=sys.stderr)
-        return 1
-    errors = [error for vector in vectors for error in check_vector(vector)]
-    if errors:
-        for error in errors:
-            print(error, file=sys.stderr)
-        print(f"python reference: {len(errors)} mismatches", file=sys.stderr)
-        return 1
-    print(f"python reference: {len(vectors)} stream vectors checked")
-    return 0
+    return run(argv, check_vector, "stream vectors checked")
 
 
 if __name__ == "__main__":

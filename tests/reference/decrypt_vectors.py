@@ -251,23 +251,29 @@ def check_vector(vector: dict) -> list[str]:
     return errors
 
 
-def main(argv: list[str]) -> int:
+def run(argv: list[str], check, done: str) -> int:
+    """Checks every vector of the JSON file argv[1] with `check` (a vector ->
+    a list of errors); prints `python reference: N <done>` or the errors."""
     if len(argv) != 2:
-        print(f"usage: {argv[0]} tests/data/vectors.json", file=sys.stderr)
+        print(f"usage: {argv[0]} VECTORS.json", file=sys.stderr)
         return 2
     with open(argv[1], encoding="utf-8") as f:
         vectors = json.load(f)
     if not isinstance(vectors, list) or not vectors:
         print(f"{argv[1]}: expected a non-empty JSON array", file=sys.stderr)
         return 1
-    errors = [error for vector in vectors for error in check_vector(vector)]
+    errors = [error for vector in vectors for error in check(vector)]
     if errors:
         for error in errors:
             print(error, file=sys.stderr)
         print(f"python reference: {len(errors)} mismatches", file=sys.stderr)
         return 1
-    print(f"python reference: {len(vectors)} vectors decrypted")
+    print(f"python reference: {len(vectors)} {done}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run(argv, check_vector, "vectors decrypted")
 
 
 if __name__ == "__main__":
