@@ -264,6 +264,11 @@ impl StreamOpener {
         tenant: &str,
         context: &Context,
     ) -> Result<Self, Undecryptable> {
+        // Exactly one whole header, whatever the caller passed.
+        match parse_header(header)? {
+            Some(parsed) if parsed.len == header.len() => {}
+            _ => return Err(Undecryptable),
+        }
         Ok(Self {
             segments: Segments::new(key, header, tenant, context).ok_or(Undecryptable)?,
             pending: Vec::with_capacity(SEGMENT_LEN),
@@ -540,6 +545,20 @@ mod tests {
         assert_eq!(opener.push(s[0], &mut out), Err(Undecryptable));
         assert_eq!(opener.finish(&mut out), Err(Undecryptable));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_opener_refuses_a_header_that_is_short_long_or_not_one() {
+        let k = key(Provider::RustCrypto);
+        let (_, header) = StreamSealer::start(&k, TENANT, "acme", &context()).unwrap();
+        for bad in [&[][..], &header[..2], &header[..TENANT_HEADER_LEN - 1]] {
+            assert!(StreamOpener::start(&k, bad, "acme", &context()).is_err());
+        }
+        let long = [&header[..], &[0]].concat();
+        assert!(StreamOpener::start(&k, &long, "acme", &context()).is_err());
+        let mut one_shot = header.clone();
+        one_shot[1] = crate::envelope::SUITE_AES256GCM_CMAC_KDF;
+        assert!(StreamOpener::start(&k, &one_shot, "acme", &context()).is_err());
     }
 
     #[test]

@@ -34,13 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.cmac import CMAC
-from cryptography.hazmat.primitives.kdf.kbkdf import (
-    KBKDFCMAC,
-    CounterLocation,
-    Mode,
-)
-
-from decrypt_vectors import Undecryptable, associated_data, run, u32
+from decrypt_vectors import Undecryptable, associated_data, derive, run, u32
 
 FORMAT_V1 = 0x01
 SUITE_STREAM = 0x02
@@ -61,18 +55,7 @@ BYTEWISE_MAX = 4096
 
 def stream_key(key: bytes, salt: bytes) -> bytes:
     """"Stream key": the one-shot KDF with the label kw1.stm."""
-    kdf = KBKDFCMAC(
-        algorithm=algorithms.AES,
-        mode=Mode.CounterMode,
-        length=32,
-        rlen=4,
-        llen=4,
-        location=CounterLocation.BeforeFixed,
-        label=STREAM_LABEL,
-        context=salt,
-        fixed=None,
-    )
-    return kdf.derive(key)
+    return derive(key, STREAM_LABEL, salt)
 
 
 def stream_key_by_cmac(key: bytes, salt: bytes) -> bytes:

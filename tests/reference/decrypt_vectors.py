@@ -95,7 +95,7 @@ def parse(envelope: bytes) -> Envelope:
     )
 
 
-def message_key(key: bytes, salt: bytes) -> bytes:
+def derive(key: bytes, label: bytes, salt: bytes) -> bytes:
     """SP 800-108r1 section 4.1 counter mode, PRF = CMAC-AES-256, r = 32, L = 256,
     fixed input = Label || 0x00 || salt || [256]_32, counter before it."""
     kdf = KBKDFCMAC(
@@ -105,11 +105,16 @@ def message_key(key: bytes, salt: bytes) -> bytes:
         rlen=4,
         llen=4,
         location=CounterLocation.BeforeFixed,
-        label=LABEL,
+        label=label,
         context=salt,
         fixed=None,
     )
     return kdf.derive(key)
+
+
+def message_key(key: bytes, salt: bytes) -> bytes:
+    """The one-shot envelope's message key: label kw1.dek."""
+    return derive(key, LABEL, salt)
 
 
 def enc(s: str) -> bytes:
