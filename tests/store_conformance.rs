@@ -183,6 +183,19 @@ fn active_state(record: &TenantRecord) -> (u32, WrappedKey) {
     }
 }
 
+/// What the one-read lookup of the data plane answers for `id`: the
+/// tenant's state as `tenant` reads it, and the wrapped primary key.
+async fn with_primary(store: &Store, id: &TenantId) -> Option<(String, Option<WrappedKey>)> {
+    let found = store.tenant_with_primary(id).await.unwrap()?;
+    let by_itself = record(store, id).await;
+    assert_eq!(found.record.id, by_itself.id);
+    assert_eq!(found.record.policy, by_itself.policy);
+    assert_eq!(found.record.placement, by_itself.placement);
+    let state = format!("{:?}", found.record.state);
+    assert_eq!(state, format!("{:?}", by_itself.state));
+    Some((state, found.primary))
+}
+
 /// A shredded tenant's shred time and root-key deletion time.
 async fn shredded(store: &Store, id: &TenantId) -> (UnixMillis, Option<UnixMillis>) {
     shredded_state(&record(store, id).await)
@@ -535,6 +548,15 @@ async fn adds_tenant_keys_only_on_the_expected_primary(store: Store) {
         Some(fixture_key("acme", 2))
     );
     assert!(store.tenant_key(&acme, 3).await.unwrap().is_none());
+    // The data plane's one read: the tenant with its primary, version 2.
+    assert_eq!(
+        with_primary(&store, &acme).await.unwrap().1,
+        Some(version_key("acme", 2))
+    );
+    assert_eq!(
+        with_primary(&store, &other).await.unwrap().1,
+        Some(version_key("other", 1))
+    );
 
     // A stale (or future) expectation is a conflict, and changes nothing.
     let imposter = |version| TenantKeyRecord {
@@ -594,6 +616,11 @@ async fn adds_tenant_keys_only_on_the_expected_primary(store: Store) {
     assert!(store.tenant(&nobody).await.unwrap().is_none());
     assert!(store.tenant_keys(&nobody).await.unwrap().is_empty());
     assert!(store.tenant_key(&nobody, 1).await.unwrap().is_none());
+    assert!(with_primary(&store, &nobody).await.is_none());
+    assert_eq!(
+        with_primary(&store, &acme).await.unwrap().1,
+        Some(version_key("acme", 3))
+    );
 
     let shred_at = at(1_000);
     store.shred_tenant(&acme, shred_at).await.unwrap();
@@ -607,6 +634,7 @@ async fn adds_tenant_keys_only_on_the_expected_primary(store: Store) {
     }
     assert!(store.tenant_keys(&acme).await.unwrap().is_empty());
     assert_eq!(shredded(&store, &acme).await, (shred_at, None));
+    assert_eq!(with_primary(&store, &acme).await.unwrap().1, None);
 }
 
 async fn concurrent_rotations_make_consecutive_versions(store: Store) {

@@ -11,7 +11,7 @@ use crate::{
     envelope::Context,
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{ActiveTenant, Opened, PrimaryKey, Sealed},
+    keys::{ActiveTenant, Opened, Sealed},
 };
 
 pub struct CryptoService {
@@ -29,7 +29,6 @@ impl CryptoService {
         subject_id: &str,
         context: &Context,
         plaintext: &[u8],
-        primary: &mut PrimaryKey,
     ) -> Result<Sealed, Error> {
         let subject = match subject_id {
             "" => None,
@@ -50,7 +49,7 @@ impl CryptoService {
         }
         self.shared
             .keys
-            .encrypt_remembering(tenant, subject.as_ref(), context, plaintext, primary)
+            .encrypt(tenant, subject.as_ref(), context, plaintext)
             .await
     }
 
@@ -167,13 +166,7 @@ impl pb::crypto_server::Crypto for CryptoService {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
             let sealed = self
-                .encrypt_one(
-                    &tenant,
-                    &r.subject_id,
-                    &r.context,
-                    &r.plaintext,
-                    &mut PrimaryKey::default(),
-                )
+                .encrypt_one(&tenant, &r.subject_id, &r.context, &r.plaintext)
                 .await?;
             Ok(Response::new(encrypted(sealed)))
         }
@@ -212,19 +205,12 @@ impl pb::crypto_server::Crypto for CryptoService {
             self.shared.check_batch(r.items.len())?;
             self.limit(&tenant, r.items.len())?;
             let mut results = Vec::with_capacity(r.items.len());
-            let mut primary = PrimaryKey::default();
             for item in &r.items {
                 // Sealing a cached key never waits; without this a large batch
                 // would hold its worker thread until done, stalling other calls.
                 tokio::task::consume_budget().await;
                 let outcome = self
-                    .encrypt_one(
-                        &tenant,
-                        &item.subject_id,
-                        &item.context,
-                        &item.plaintext,
-                        &mut primary,
-                    )
+                    .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
                     .await;
                 results.push(pb::EncryptResult {
                     result: Some(match outcome {

@@ -11,11 +11,17 @@
 //! [`KeyManager`] creates tenants, resolves the key for a request (cache
 //! first), rotates, and shreds tenants and subjects. Unwrapped keys live only
 //! in its caches, as `Arc`s that zeroize when the last reference drops.
+//!
+//! A tenant's cache entry holds its policy and its primary key version
+//! unwrapped, loaded by one keystore read and one unwrap: one entry per
+//! tenant serves every Encrypt, and every Decrypt of data sealed under the
+//! primary version. Older versions and subject keys have a cache of their
+//! own.
 
 pub mod cache;
 mod schedule;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -34,10 +40,10 @@ use crate::{
     store::{
         Keystore, NewTenant, Placement, RootWrappedSlot, StoreError, SubjectKeyRecord,
         SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
-        TenantState, Tier, UnixMillis,
+        TenantState, TenantWithPrimary, Tier, UnixMillis,
     },
 };
-use cache::{CacheLimits, TtlCache};
+use cache::{CacheLimits, Cached, TtlCache};
 
 /// Subject keys have one version today; the format has room for more.
 pub const SUBJECT_KEY_VERSION: u32 = 1;
@@ -47,6 +53,8 @@ const SUBJECT_ID_LABEL: &[u8] = b"keywarden.subject-key-id.v1\x00";
 const ROTATION_ATTEMPTS: usize = 5;
 
 /// A key that seals and opens envelopes: a tenant key version or a subject key.
+/// Its Debug shows no key bytes (see [`EnvelopeKey`]).
+#[derive(Debug)]
 pub struct SealingKey {
     key: EnvelopeKey,
     /// The tenant key version: this one, or the one wrapping the subject key.
@@ -70,21 +78,64 @@ struct SealingKeyId {
 pub struct ActiveTenant {
     pub id: TenantId,
     pub primary_version: u32,
-    /// The cached state it was resolved from (shared, not copied: this is
+    /// The cached entry it was resolved from (shared, not copied: this is
     /// made on every request).
-    cached: Arc<CachedTenant>,
+    cached: Cached<CachedTenant>,
 }
 
 /// What the tenant cache holds of a tenant.
 #[derive(Debug)]
 struct CachedTenant {
-    state: TenantState,
     policy: TenantPolicy,
+    state: CachedState,
+}
+
+#[derive(Debug)]
+enum CachedState {
+    /// Its primary key version, unwrapped.
+    Active(SealingKey),
+    Shredded {
+        at: UnixMillis,
+    },
+}
+
+impl CachedTenant {
+    fn primary_key(&self) -> Result<&SealingKey> {
+        match &self.state {
+            CachedState::Active(key) => Ok(key),
+            CachedState::Shredded { .. } => {
+                Err(Error::internal("an active tenant holds a shredded state"))
+            }
+        }
+    }
+}
+
+/// A key resolved for a call: the tenant's primary key, held in the
+/// tenant's cache entry, or another version or a subject key from the key
+/// cache.
+pub struct KeyHandle(HeldKey);
+
+enum HeldKey {
+    Primary(Cached<CachedTenant>),
+    Other(Cached<SealingKey>),
+}
+
+impl KeyHandle {
+    fn get(&self) -> Result<&SealingKey> {
+        match &self.0 {
+            HeldKey::Primary(tenant) => tenant.primary_key(),
+            HeldKey::Other(key) => Ok(key),
+        }
+    }
 }
 
 impl ActiveTenant {
     pub fn policy(&self) -> &TenantPolicy {
         &self.cached.policy
+    }
+
+    fn primary_key(&self) -> KeyHandle {
+        KeyHandle(HeldKey::Primary(self.cached.clone()))
     }
 
     /// The tenant's own rate limit, if its policy sets one.
@@ -94,16 +145,6 @@ impl ActiveTenant {
             per_second: policy.max_items_per_second,
             burst: policy.burst,
         })
-    }
-
-    /// The subject-index key, wrapped by the root key.
-    fn wrapped_index_key(&self) -> Result<&WrappedKey> {
-        match &self.cached.state {
-            TenantState::Active { index_key, .. } => Ok(index_key),
-            TenantState::Shredded { .. } => {
-                Err(Error::internal("an active tenant holds a shredded state"))
-            }
-        }
     }
 }
 
@@ -181,10 +222,6 @@ pub struct TenantInfo {
     pub destroyed: Vec<(u32, UnixMillis)>,
 }
 
-/// A tenant's primary key once resolved, for [`KeyManager::encrypt_remembering`].
-#[derive(Default)]
-pub struct PrimaryKey(Option<Arc<SealingKey>>);
-
 pub struct Sealed {
     pub ciphertext: Vec<u8>,
     pub key_version: u32,
@@ -233,10 +270,10 @@ impl std::fmt::Debug for Rewrapped {
 pub struct KeyManager {
     root: Arc<dyn RootKeyProvider>,
     store: Arc<dyn Keystore>,
-    /// Tenant states (primary version, wrapped index key, or tombstone)
-    /// and policies.
+    /// Tenants: policy, and primary key unwrapped or tombstone.
     tenants: TtlCache<TenantId, CachedTenant>,
-    /// Unwrapped tenant key versions and subject keys.
+    /// Unwrapped tenant key versions other than the primary, and subject
+    /// keys.
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
@@ -392,19 +429,17 @@ impl KeyManager {
                 index_key: index.wrapped,
             })
             .await?;
-        self.sealing
-            .insert(
-                SealingKeyId {
-                    tenant: id.clone(),
-                    slot: Slot::TenantVersion(1),
-                },
-                SealingKey {
+        self.tenants.insert(
+            id.clone(),
+            CachedTenant {
+                policy: policy.clone(),
+                state: CachedState::Active(SealingKey {
                     key: EnvelopeKey::new(self.settings.provider, &first.key),
                     tenant_version: 1,
-                },
-            )
-            .await;
-        self.index.insert(id.clone(), index.key).await;
+                }),
+            },
+        );
+        self.index.insert(id.clone(), index.key);
         tracing::info!(tenant = %id, tier = placement.tier.as_str(), region = placement.region.as_deref().unwrap_or("default"), "tenant created");
         self.tenant_info(id).await
     }
@@ -450,28 +485,46 @@ impl KeyManager {
     }
 
     /// Resolves a tenant for a data-plane call: it must exist and be active.
+    /// A miss costs one keystore read and one unwrap of its primary key.
     pub async fn active_tenant(&self, id: &TenantId) -> Result<ActiveTenant> {
-        let state = self
+        let cached = self
             .tenants
             .get_or_load(id, || async {
-                match self.store.tenant(id).await? {
-                    Some(record) => Ok(CachedTenant {
-                        state: record.state,
-                        policy: record.policy,
-                    }),
-                    None => Err(Error::TenantNotFound(id.clone())),
-                }
+                let TenantWithPrimary { record, primary } = self
+                    .store
+                    .tenant_with_primary(id)
+                    .await?
+                    .ok_or_else(|| Error::TenantNotFound(id.clone()))?;
+                let state = match (record.state, primary) {
+                    (TenantState::Shredded { at, .. }, _) => CachedState::Shredded { at },
+                    (
+                        TenantState::Active {
+                            primary_version, ..
+                        },
+                        Some(wrapped),
+                    ) => CachedState::Active(
+                        self.unwrap_tenant_key(id, primary_version, &wrapped)
+                            .await?,
+                    ),
+                    (TenantState::Active { .. }, None) => {
+                        return Err(Error::internal(format!(
+                            "the keystore has no row for tenant {id}'s primary key version"
+                        )));
+                    }
+                };
+                Ok(CachedTenant {
+                    policy: record.policy,
+                    state,
+                })
             })
             .await?;
-        match &state.state {
-            TenantState::Active {
-                primary_version, ..
-            } => Ok(ActiveTenant {
+        match &cached.state {
+            CachedState::Active(key) => Ok(ActiveTenant {
                 id: id.clone(),
-                primary_version: *primary_version,
-                cached: Arc::clone(&state),
+                primary_version: key.tenant_version,
+                cached: cached.clone(),
             }),
-            TenantState::Shredded { at, .. } => Err(Error::TenantShredded {
+            CachedState::Shredded { at } => Err(Error::TenantShredded {
                 tenant: id.clone(),
                 at: *at,
             }),
@@ -527,19 +580,18 @@ impl KeyManager {
                 .await;
             match added {
                 Ok(()) => {
-                    self.tenants.invalidate(id).await;
-                    self.sealing
-                        .insert(
-                            SealingKeyId {
-                                tenant: id.clone(),
-                                slot: Slot::TenantVersion(version),
-                            },
-                            SealingKey {
+                    // The new version is primary: the tenant's entry holds it.
+                    self.tenants.invalidate(id);
+                    self.tenants.insert(
+                        id.clone(),
+                        CachedTenant {
+                            policy: record.policy.clone(),
+                            state: CachedState::Active(SealingKey {
                                 key: EnvelopeKey::new(self.settings.provider, &generated.key),
                                 tenant_version: version,
-                            },
-                        )
-                        .await;
+                            }),
+                        },
+                    );
                     tracing::info!(tenant = %id, version, "tenant key rotated");
                     return self.tenant_info(id).await;
                 }
@@ -563,7 +615,7 @@ impl KeyManager {
         let result = self.store.shred_tenant(id, self.now()).await;
         // Evict even on error: the transaction may have committed before the
         // error, and a cache miss costs only a reload.
-        self.evict_tenant(id).await;
+        self.evict_tenant(id);
         let shred = result?;
         if shred.already_shredded {
             tracing::info!(tenant = %id, at = %shred.at, "tenant was already shredded");
@@ -684,7 +736,7 @@ impl KeyManager {
                 {
                     state.rewrapped += 1;
                     // The cached tenant state holds the old wrapped index key.
-                    self.tenants.invalidate(&row.tenant).await;
+                    self.tenants.invalidate(&row.tenant);
                 } else {
                     // Shredded or rewrapped by someone else meanwhile.
                     state.changed_concurrently += 1;
@@ -712,12 +764,10 @@ impl KeyManager {
             .store
             .shred_subject(id, subject_key_id, self.now())
             .await;
-        self.sealing
-            .invalidate(&SealingKeyId {
-                tenant: id.clone(),
-                slot: Slot::Subject(subject_key_id),
-            })
-            .await;
+        self.sealing.invalidate(&SealingKeyId {
+            tenant: id.clone(),
+            slot: Slot::Subject(subject_key_id),
+        });
         let shred = result?;
         tracing::info!(tenant = %id, key_destroyed = shred.key_destroyed, already = shred.already_shredded, "subject shredded");
         Ok(shred)
@@ -727,14 +777,12 @@ impl KeyManager {
     /// stale.
     pub async fn apply_event(&self, event: &Event) {
         match event {
-            Event::Tenant(id) => self.evict_tenant(id).await,
+            Event::Tenant(id) => self.evict_tenant(id),
             Event::Subject(id, subject) => {
-                self.sealing
-                    .invalidate(&SealingKeyId {
-                        tenant: id.clone(),
-                        slot: Slot::Subject(*subject),
-                    })
-                    .await;
+                self.sealing.invalidate(&SealingKeyId {
+                    tenant: id.clone(),
+                    slot: Slot::Subject(*subject),
+                });
             }
         }
     }
@@ -747,11 +795,24 @@ impl KeyManager {
         self.index.invalidate_all();
     }
 
-    async fn evict_tenant(&self, id: &TenantId) {
-        self.tenants.invalidate(id).await;
-        self.index.invalidate(id).await;
-        let tenant = id.clone();
-        self.sealing.invalidate_if(move |k| k.tenant == tenant);
+    fn evict_tenant(&self, id: &TenantId) {
+        self.tenants.invalidate(id);
+        self.index.invalidate(id);
+        self.sealing.invalidate_if(|k| &k.tenant == id);
+    }
+
+    /// Drops cached keys past their time to live or unused for their time
+    /// to idle (see [`cache`]); run in the background by
+    /// [`KeyManager::spawn_cache_sweeper`].
+    pub fn sweep_caches(&self) {
+        self.tenants.sweep();
+        self.sealing.sweep();
+        self.index.sweep();
+    }
+
+    /// Sweeps the caches every `every` while the manager lives.
+    pub fn spawn_cache_sweeper(self: &Arc<Self>, every: Duration) {
+        self.spawn_every(every, |keys| async move { keys.sweep_caches() });
     }
 
     // ---- data plane ------------------------------------------------------
@@ -764,44 +825,8 @@ impl KeyManager {
         context: &Context,
         plaintext: &[u8],
     ) -> Result<Sealed> {
-        self.encrypt_remembering(
-            tenant,
-            subject,
-            context,
-            plaintext,
-            &mut PrimaryKey::default(),
-        )
-        .await
-    }
-
-    /// [`encrypt`], resolving the tenant's primary key at most once for
-    /// every call given the same `primary`: the items of a batch share it,
-    /// and looking it up in the cache for each of a thousand items costs
-    /// more than sealing a short one.
-    ///
-    /// [`encrypt`]: KeyManager::encrypt
-    pub async fn encrypt_remembering(
-        &self,
-        tenant: &ActiveTenant,
-        subject: Option<&SubjectId>,
-        context: &Context,
-        plaintext: &[u8],
-        primary: &mut PrimaryKey,
-    ) -> Result<Sealed> {
-        let (key, key_ref) = match (subject, &primary.0) {
-            (None, Some(key)) => (
-                key.clone(),
-                KeyRef::Tenant {
-                    version: tenant.primary_version,
-                },
-            ),
-            (None, None) => {
-                let found = self.encryption_key(tenant, None).await?;
-                primary.0 = Some(found.0.clone());
-                found
-            }
-            (Some(_), _) => self.encryption_key(tenant, subject).await?,
-        };
+        let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
+        let key = handle.get()?;
         let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
             .map_err(Error::internal)?;
         Ok(Sealed {
@@ -817,10 +842,10 @@ impl KeyManager {
         &self,
         tenant: &ActiveTenant,
         subject: Option<&SubjectId>,
-    ) -> Result<(Arc<SealingKey>, KeyRef)> {
+    ) -> Result<(KeyHandle, KeyRef)> {
         Ok(match subject {
             None => (
-                self.tenant_key(tenant, tenant.primary_version).await?,
+                tenant.primary_key(),
                 KeyRef::Tenant {
                     version: tenant.primary_version,
                 },
@@ -849,7 +874,8 @@ impl KeyManager {
         subject: Option<&SubjectId>,
         context: &Context,
     ) -> Result<(StreamSealer, Vec<u8>, u32)> {
-        let (key, key_ref) = self.encryption_key(tenant, subject).await?;
+        let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
+        let key = handle.get()?;
         let (sealer, header) = StreamSealer::start(&key.key, key_ref, tenant.id.as_str(), context)
             .map_err(Error::internal)?;
         Ok((sealer, header, key.tenant_version))
@@ -869,7 +895,8 @@ impl KeyManager {
             .flatten()
             .filter(|h| h.len == header.len())
             .ok_or(Error::Undecryptable)?;
-        let key = self.key_for(tenant, parsed.key_ref).await?;
+        let handle = self.key_for(tenant, parsed.key_ref).await?;
+        let key = handle.get()?;
         let opener = StreamOpener::start(&key.key, header, tenant.id.as_str(), context)
             .map_err(|_| Error::Undecryptable)?;
         Ok((opener, key.tenant_version))
@@ -884,7 +911,8 @@ impl KeyManager {
         ciphertext: &[u8],
     ) -> Result<Opened> {
         let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
-        let key = self.key_for(tenant, parsed.key_ref).await?;
+        let handle = self.key_for(tenant, parsed.key_ref).await?;
+        let key = handle.get()?;
         let plaintext = envelope::open(&key.key, &parsed, tenant.id.as_str(), context)
             .map_err(|_| Error::Undecryptable)?;
         Ok(Opened {
@@ -903,19 +931,21 @@ impl KeyManager {
         ciphertext: &[u8],
     ) -> Result<Rewrapped> {
         let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
-        let old_key = self.key_for(tenant, parsed.key_ref).await?;
+        let old_handle = self.key_for(tenant, parsed.key_ref).await?;
+        let old_key = old_handle.get()?;
         let plaintext = Zeroizing::new(
             envelope::open(&old_key.key, &parsed, tenant.id.as_str(), context)
                 .map_err(|_| Error::Undecryptable)?,
         );
+        let primary = tenant.primary_key();
         let (new_key, new_ref) = match parsed.key_ref {
             KeyRef::Tenant { .. } => (
-                self.tenant_key(tenant, tenant.primary_version).await?,
+                primary.get()?,
                 KeyRef::Tenant {
                     version: tenant.primary_version,
                 },
             ),
-            subject @ KeyRef::Subject { .. } => (old_key.clone(), subject),
+            subject @ KeyRef::Subject { .. } => (old_key, subject),
         };
         let ciphertext = envelope::seal(
             &new_key.key,
@@ -934,7 +964,7 @@ impl KeyManager {
 
     // ---- key resolution --------------------------------------------------
 
-    async fn key_for(&self, tenant: &ActiveTenant, key_ref: KeyRef) -> Result<Arc<SealingKey>> {
+    async fn key_for(&self, tenant: &ActiveTenant, key_ref: KeyRef) -> Result<KeyHandle> {
         match key_ref {
             KeyRef::Tenant { version: 0 } => Err(Error::Undecryptable),
             KeyRef::Tenant { version } if version < tenant.policy().min_decrypt_version => {
@@ -952,17 +982,22 @@ impl KeyManager {
         }
     }
 
-    /// A tenant key version, from the cache or unwrapped by the root key.
-    async fn tenant_key(&self, tenant: &ActiveTenant, version: u32) -> Result<Arc<SealingKey>> {
+    /// A tenant key version: the primary from the tenant's entry; another
+    /// from the key cache or unwrapped by the root key.
+    async fn tenant_key(&self, tenant: &ActiveTenant, version: u32) -> Result<KeyHandle> {
+        if version == tenant.primary_version {
+            return Ok(tenant.primary_key());
+        }
         let cache_key = SealingKeyId {
             tenant: tenant.id.clone(),
             slot: Slot::TenantVersion(version),
         };
-        self.sealing
+        let key = self
+            .sealing
             .get_or_load(&cache_key, || async {
                 let Some(record) = self.store.tenant_key(&tenant.id, version).await? else {
                     // A version above the primary never existed: a forged or
-                    // altered reference. One at or below it did, and is gone.
+                    // altered reference. One below it did, and is gone.
                     return Err(if version > tenant.primary_version {
                         Error::Undecryptable
                     } else {
@@ -972,23 +1007,35 @@ impl KeyManager {
                         }
                     });
                 };
-                let key = self
-                    .root
-                    .decrypt(
-                        WrapContext {
-                            tenant: &tenant.id,
-                            purpose: Purpose::TenantKey { version },
-                        },
-                        &record.wrapped,
-                    )
+                self.unwrap_tenant_key(&tenant.id, version, &record.wrapped)
                     .await
-                    .map_err(|e| kms_error(&tenant.id, e))?;
-                Ok(SealingKey {
-                    key: EnvelopeKey::new(self.settings.provider, &key),
-                    tenant_version: version,
-                })
             })
+            .await?;
+        Ok(KeyHandle(HeldKey::Other(key)))
+    }
+
+    /// Unwraps a tenant key version with the root key.
+    async fn unwrap_tenant_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        wrapped: &WrappedKey,
+    ) -> Result<SealingKey> {
+        let key = self
+            .root
+            .decrypt(
+                WrapContext {
+                    tenant: id,
+                    purpose: Purpose::TenantKey { version },
+                },
+                wrapped,
+            )
             .await
+            .map_err(|e| kms_error(id, e))?;
+        Ok(SealingKey {
+            key: EnvelopeKey::new(self.settings.provider, &key),
+            tenant_version: version,
+        })
     }
 
     /// The subject's key id: HMAC-SHA256 under the tenant's subject-index key,
@@ -1001,13 +1048,27 @@ impl KeyManager {
         let index_key = self
             .index
             .get_or_load(&tenant.id, || async {
+                let record = self
+                    .store
+                    .tenant(&tenant.id)
+                    .await?
+                    .ok_or_else(|| Error::TenantNotFound(tenant.id.clone()))?;
+                let wrapped = match record.state {
+                    TenantState::Active { index_key, .. } => index_key,
+                    TenantState::Shredded { at, .. } => {
+                        return Err(Error::TenantShredded {
+                            tenant: tenant.id.clone(),
+                            at,
+                        });
+                    }
+                };
                 self.root
                     .decrypt(
                         WrapContext {
                             tenant: &tenant.id,
                             purpose: Purpose::SubjectIndex,
                         },
-                        tenant.wrapped_index_key()?,
+                        &wrapped,
                     )
                     .await
                     .map_err(|e| kms_error(&tenant.id, e))
@@ -1030,12 +1091,13 @@ impl KeyManager {
         tenant: &ActiveTenant,
         id: SubjectKeyId,
         create: bool,
-    ) -> Result<Arc<SealingKey>> {
+    ) -> Result<KeyHandle> {
         let cache_key = SealingKeyId {
             tenant: tenant.id.clone(),
             slot: Slot::Subject(id),
         };
-        self.sealing
+        let key = self
+            .sealing
             .get_or_load(&cache_key, || async {
                 let lookup = match self.store.subject_key(&tenant.id, id).await? {
                     SubjectLookup::Absent if create => self.create_subject_key(tenant, id).await?,
@@ -1053,7 +1115,8 @@ impl KeyManager {
                     SubjectLookup::Absent => Err(Error::Undecryptable),
                 }
             })
-            .await
+            .await?;
+        Ok(KeyHandle(HeldKey::Other(key)))
     }
 
     async fn create_subject_key(
@@ -1077,9 +1140,9 @@ impl KeyManager {
         id: SubjectKeyId,
         key: &Key256,
     ) -> Result<SubjectKeyRecord> {
-        let wrapping = self.tenant_key(tenant, tenant.primary_version).await?;
+        let wrapping = tenant.primary_key();
         let wrapped = envelope::seal(
-            &wrapping.key,
+            &wrapping.get()?.key,
             KeyRef::Tenant {
                 version: tenant.primary_version,
             },
@@ -1116,6 +1179,7 @@ impl KeyManager {
         record: &SubjectKeyRecord,
     ) -> Result<Key256> {
         let wrapping = self.tenant_key(tenant, record.tenant_version).await?;
+        let wrapping = wrapping.get()?;
         let corrupt = || {
             Error::internal(format!(
                 "subject key of tenant {} does not unwrap",

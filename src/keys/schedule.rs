@@ -48,7 +48,7 @@ impl KeyManager {
     /// keystore's change events, this one at once.
     pub async fn update_policy(&self, id: &TenantId, policy: &TenantPolicy) -> Result<TenantInfo> {
         let result = self.store.set_policy(id, policy).await;
-        self.tenants.invalidate(id).await;
+        self.tenants.invalidate(id);
         result?;
         tracing::info!(tenant = %id, ?policy, "tenant policy updated");
         self.tenant_info(id).await
@@ -154,7 +154,7 @@ impl KeyManager {
     /// then destroys `version`. Returns how many subject keys moved.
     async fn retire_version(&self, id: &TenantId, version: u32) -> Result<u64> {
         // A fresh view: the primary may have just changed.
-        self.tenants.invalidate(id).await;
+        self.tenants.invalidate(id);
         let tenant = self.active_tenant(id).await?;
         let mut moved = 0;
         let mut stalled = 0;
@@ -186,7 +186,7 @@ impl KeyManager {
         let destroyed = self.store.destroy_tenant_key(id, version, self.now()).await;
         // Drop the destroyed version's key (and moved subject keys' stale
         // versions) from this sidecar's cache.
-        self.evict_tenant(id).await;
+        self.evict_tenant(id);
         match destroyed {
             Ok(fresh) => {
                 if fresh {
@@ -219,13 +219,9 @@ impl KeyManager {
     /// Runs [`KeyManager::apply_policies`] every `every`, for as long as the
     /// manager lives, recording each change in `audit` (caller "scheduler").
     pub fn spawn_policy_scheduler(self: &Arc<Self>, every: Duration, audit: Weak<AuditLog>) {
-        let keys = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(keys) = keys.upgrade() else { break };
+        self.spawn_every(every, move |keys| {
+            let audit = audit.clone();
+            async move {
                 match keys.apply_policies().await {
                     Ok(pass) if pass != PolicyPass::default() => {
                         tracing::info!(
@@ -257,6 +253,25 @@ impl KeyManager {
                         tracing::warn!(error = %e, "tenant policies could not be applied this pass")
                     }
                 }
+            }
+        });
+    }
+
+    /// Runs `work` every `every` (the first time at once), for as long as
+    /// the manager lives.
+    pub(super) fn spawn_every<F, Fut>(self: &Arc<Self>, every: Duration, work: F)
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let keys = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(keys) = keys.upgrade() else { break };
+                work(keys).await;
             }
         });
     }

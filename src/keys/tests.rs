@@ -51,7 +51,6 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
     keys.create_tenant(&id, &PlacementRequest::default(), &Default::default())
         .await
         .unwrap();
-    let t = keys.active_tenant(&id).await.unwrap();
     // The TTL passes on tokio's clock, moved by `advance`, never by sleeping.
     // The clock runs between jumps: stopped, it would auto-advance past
     // sqlx's pool timeouts while a query waits on SQLite's worker thread.
@@ -60,19 +59,30 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
         tokio::time::advance(by).await;
         tokio::time::resume();
     };
+    // As a call does: resolve the tenant (and with it its primary key), seal.
+    let encrypt = |plaintext: &'static [u8]| {
+        let keys = &keys;
+        let id = &id;
+        async move {
+            let t = keys.active_tenant(id).await.unwrap();
+            keys.encrypt(&t, None, &Context::new(), plaintext)
+                .await
+                .unwrap();
+        }
+    };
 
     // Creation put the new key in the cache: no unwrap yet.
-    keys.encrypt(&t, None, &Context::new(), b"a").await.unwrap();
+    encrypt(b"a").await;
     assert_eq!(root.counts().decrypt, 0);
 
     jump(TTL - Duration::from_secs(5)).await;
-    keys.encrypt(&t, None, &Context::new(), b"b").await.unwrap();
+    encrypt(b"b").await;
     assert_eq!(root.counts().decrypt, 0);
 
     jump(Duration::from_secs(10)).await;
-    keys.encrypt(&t, None, &Context::new(), b"c").await.unwrap();
+    encrypt(b"c").await;
     assert_eq!(root.counts().decrypt, 1);
-    keys.encrypt(&t, None, &Context::new(), b"d").await.unwrap();
+    encrypt(b"d").await;
     assert_eq!(root.counts().decrypt, 1);
 }
 

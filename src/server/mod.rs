@@ -468,6 +468,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             provider: config.crypto.provider,
         },
     ));
+    keys.spawn_cache_sweeper(config.cache.limits().sweep_interval());
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }

@@ -151,6 +151,16 @@ pub struct TenantRecord {
     pub state: TenantState,
 }
 
+/// A tenant and, while it is active, its primary key version wrapped by the
+/// root key: what a data-plane call needs of the keystore, in one read.
+#[derive(Clone, Debug)]
+pub struct TenantWithPrimary {
+    pub record: TenantRecord,
+    /// `None` once shredded (or, in a corrupt keystore, if the primary
+    /// version's row is missing).
+    pub primary: Option<WrappedKey>,
+}
+
 #[derive(Clone, Debug)]
 pub enum TenantState {
     Active {
@@ -330,6 +340,13 @@ pub trait Keystore: Send + Sync + 'static {
 
     /// The tenant, active or tombstoned; `None` if it never existed.
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// The tenant with its primary key version, in one read; `None` if it
+    /// never existed.
+    async fn tenant_with_primary(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<TenantWithPrimary>, StoreError>;
 
     /// Tenants in id order, after `after` (exclusive), at most `limit`.
     async fn list_tenants(

@@ -5,7 +5,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
     Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, TenantKeyRecord,
-    TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis,
+    TenantPolicy, TenantRecord, TenantState, TenantWithPrimary, Tier, UnixMillis,
 };
 use crate::{
     ids::{SubjectKeyId, TenantId},
@@ -15,6 +15,12 @@ use crate::{
 /// Column list of [`tenant_from_row`].
 pub const TENANT_COLUMNS: &str = "tenant_id, created_at_ms, primary_version, shredded_at_ms, \
      index_key_wrapped, index_key_root, tier, region, root_key, root_key_deletion_at_ms, policy";
+
+/// Columns and tables of [`tenant_with_primary_from_row`]: a tenant joined
+/// with its primary key version's row, if any.
+pub const TENANT_WITH_PRIMARY_FROM: &str = "t.*, k.wrapped AS primary_wrapped, \
+     k.root_key_id AS primary_root FROM tenants t LEFT JOIN tenant_keys k \
+     ON k.tenant_id = t.tenant_id AND k.version = t.primary_version";
 
 /// Column list of [`tenant_state_from_row`].
 pub const TENANT_STATE_COLUMNS: &str =
@@ -36,6 +42,7 @@ where
     fn int(&self, column: &str) -> Result<i64, StoreError>;
     fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
     fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError>;
+    fn maybe_bytes(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 impl<R> KeystoreRow for R
@@ -59,6 +66,9 @@ where
         self.try_get(column).map_err(corrupt)
     }
     fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
+        self.try_get(column).map_err(corrupt)
+    }
+    fn maybe_bytes(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.try_get(column).map_err(corrupt)
     }
 }
@@ -91,6 +101,28 @@ where
         placement,
         policy: TenantPolicy::from_json(&row.text("policy")?)?,
         state: tenant_state_from_row(row)?,
+    })
+}
+
+/// A row selected with [`TENANT_WITH_PRIMARY_FROM`].
+pub fn tenant_with_primary_from_row<R>(row: &R) -> Result<TenantWithPrimary, StoreError>
+where
+    R: KeystoreRow,
+    for<'r> &'r str: ColumnIndex<R>,
+{
+    let primary = match (
+        row.maybe_bytes("primary_wrapped")?,
+        row.maybe_text("primary_root")?,
+    ) {
+        (Some(ciphertext), Some(root_key_id)) => Some(WrappedKey {
+            root_key_id,
+            ciphertext,
+        }),
+        _ => None,
+    };
+    Ok(TenantWithPrimary {
+        record: tenant_from_row(row)?,
+        primary,
     })
 }
 

@@ -20,11 +20,11 @@ use sqlx::{
 use super::{
     Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, SubjectLookup,
     SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, TenantState,
-    UnixMillis,
+    TenantWithPrimary, UnixMillis,
     rows::{
         self, SUBJECT_KEY_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS, TENANT_STATE_COLUMNS,
-        corrupt, destroyed_version_from_row, subject_key_from_row, tenant_from_row,
-        tenant_key_from_row, tenant_state_from_row,
+        TENANT_WITH_PRIMARY_FROM, corrupt, destroyed_version_from_row, subject_key_from_row,
+        tenant_from_row, tenant_key_from_row, tenant_state_from_row, tenant_with_primary_from_row,
     },
 };
 use crate::{
@@ -240,6 +240,21 @@ impl Keystore for SqliteKeystore {
         .await
         .map_err(classify)?
         .map(|row| tenant_from_row(&row))
+        .transpose()
+    }
+
+    async fn tenant_with_primary(
+        &self,
+        id: &TenantId,
+    ) -> Result<Option<TenantWithPrimary>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {TENANT_WITH_PRIMARY_FROM} WHERE t.tenant_id = ?"
+        ))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?
+        .map(|row| tenant_with_primary_from_row(&row))
         .transpose()
     }
 

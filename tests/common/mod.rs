@@ -162,6 +162,7 @@ impl TestSidecar {
             keys = keys.with_clock(clock);
         }
         let keys = Arc::new(keys);
+        keys.spawn_cache_sweeper(options.cache.limits().sweep_interval());
         let audit = options
             .audit
             .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
