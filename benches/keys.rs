@@ -12,6 +12,7 @@ use std::{hint::black_box, sync::Arc};
 use criterion::{Criterion, criterion_group, criterion_main};
 use keywarden::{
     config::CacheConfig,
+    events::Event,
     ids::{SubjectId, TenantId},
     keys::{KeyManager, KeySettings, PlacementRequest},
     kms::local::LocalRootKey,
@@ -61,6 +62,21 @@ fn resolution(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(keys.encryption_key(black_box(&tenant), None))
                 .unwrap()
+        })
+    });
+    // A miss: the tenant evicted (as an event from another sidecar does),
+    // then resolved again: one keystore read, one unwrap by the local root
+    // key, one cache insert. `evict` alone is the part to subtract.
+    let event = Event::Tenant(id.clone());
+    group.bench_function("evict", |b| {
+        b.iter(|| rt.block_on(keys.apply_event(black_box(&event))))
+    });
+    group.bench_function("evict_and_active_tenant_miss", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                keys.apply_event(black_box(&event)).await;
+                keys.active_tenant(black_box(&id)).await.unwrap()
+            })
         })
     });
     group.bench_function("subject_key", |b| {

@@ -86,8 +86,30 @@ pub struct ActiveTenant {
 /// What the tenant cache holds of a tenant.
 #[derive(Debug)]
 struct CachedTenant {
-    policy: TenantPolicy,
+    policy: CallPolicy,
     state: CachedState,
+}
+
+/// What a data-plane call checks of a tenant's policy (the rest is the
+/// scheduler's, which reads the keystore). Kept apart to keep the tenant's
+/// cache entry small: there is one per cached tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallPolicy {
+    pub max_plaintext_bytes: u64,
+    pub min_decrypt_version: u32,
+    pub max_items_per_second: u32,
+    pub burst: u32,
+}
+
+impl From<&TenantPolicy> for CallPolicy {
+    fn from(p: &TenantPolicy) -> Self {
+        Self {
+            max_plaintext_bytes: p.max_plaintext_bytes,
+            min_decrypt_version: p.min_decrypt_version,
+            max_items_per_second: p.max_items_per_second,
+            burst: p.burst,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -130,7 +152,7 @@ impl KeyHandle {
 }
 
 impl ActiveTenant {
-    pub fn policy(&self) -> &TenantPolicy {
+    pub fn policy(&self) -> &CallPolicy {
         &self.cached.policy
     }
 
@@ -432,7 +454,7 @@ impl KeyManager {
         self.tenants.insert(
             id.clone(),
             CachedTenant {
-                policy: policy.clone(),
+                policy: policy.into(),
                 state: CachedState::Active(SealingKey {
                     key: EnvelopeKey::new(self.settings.provider, &first.key),
                     tenant_version: 1,
@@ -513,7 +535,7 @@ impl KeyManager {
                     }
                 };
                 Ok(CachedTenant {
-                    policy: record.policy,
+                    policy: (&record.policy).into(),
                     state,
                 })
             })
@@ -585,7 +607,7 @@ impl KeyManager {
                     self.tenants.insert(
                         id.clone(),
                         CachedTenant {
-                            policy: record.policy.clone(),
+                            policy: (&record.policy).into(),
                             state: CachedState::Active(SealingKey {
                                 key: EnvelopeKey::new(self.settings.provider, &generated.key),
                                 tenant_version: version,

@@ -259,3 +259,12 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
     }
     assert!(printed.contains("[REDACTED]"));
 }
+
+#[test]
+fn a_cached_tenant_stays_small() {
+    // One of these per cached tenant (BENCHMARKS.md, "Start-up and memory"):
+    // the policy a call checks, the unwrapped primary key, load and use times.
+    let size = std::mem::size_of::<cache::Held<CachedTenant>>();
+    println!("Held<CachedTenant>: {size} bytes");
+    assert!(size <= 104, "{size} bytes");
+}

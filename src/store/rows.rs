@@ -32,11 +32,9 @@ pub const TENANT_KEY_COLUMNS: &str = "version, wrapped, root_key_id, created_at_
 /// Column list of [`subject_key_from_row`].
 pub const SUBJECT_KEY_COLUMNS: &str = "subject_key_id, wrapped, tenant_version";
 
-/// What a row must be able to decode.
-pub trait KeystoreRow: Row
-where
-    for<'r> &'r str: ColumnIndex<Self>,
-{
+/// What a row must be able to decode: a sqlx row of either backend, or a
+/// row of the SQLite keystore's synchronous readers.
+pub trait KeystoreRow {
     fn text(&self, column: &str) -> Result<String, StoreError>;
     fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError>;
     fn int(&self, column: &str) -> Result<i64, StoreError>;
@@ -86,7 +84,6 @@ pub fn version(raw: i64) -> Result<u32, StoreError> {
 pub fn tenant_from_row<R>(row: &R) -> Result<TenantRecord, StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     let tier = row.text("tier")?;
     let placement = Placement {
@@ -108,7 +105,6 @@ where
 pub fn tenant_with_primary_from_row<R>(row: &R) -> Result<TenantWithPrimary, StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     let primary = match (
         row.maybe_bytes("primary_wrapped")?,
@@ -132,7 +128,6 @@ where
 pub fn tenant_state_from_row<R>(row: &R) -> Result<TenantState, StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     Ok(match row.maybe_int("shredded_at_ms")? {
         Some(at) => TenantState::Shredded {
@@ -153,7 +148,6 @@ where
 pub fn tenant_key_from_row<R>(row: &R) -> Result<TenantKeyRecord, StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     Ok(TenantKeyRecord {
         version: version(row.int("version")?)?,
@@ -169,7 +163,6 @@ where
 pub fn subject_key_from_row<R>(row: &R) -> Result<(SubjectKeyId, SubjectKeyRecord), StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     let id = row.bytes("subject_key_id")?;
     let id = id
@@ -188,7 +181,6 @@ where
 pub fn destroyed_version_from_row<R>(row: &R) -> Result<(u32, UnixMillis), StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     Ok((
         version(row.int("version")?)?,
@@ -201,7 +193,6 @@ where
 pub fn root_wrapped_from_row<R>(row: &R) -> Result<RootWrapped, StoreError>
 where
     R: KeystoreRow,
-    for<'r> &'r str: ColumnIndex<R>,
 {
     let slot = match row.int("slot")? {
         0 => RootWrappedSlot::Index,

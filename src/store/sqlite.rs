@@ -8,8 +8,24 @@
 //! destroyed wrapped key does not linger in free pages or in the log. Write
 //! transactions start with `BEGIN IMMEDIATE`, which takes the write lock at
 //! once and makes each check-then-write atomic.
+//!
+//! The data plane's read on a cache miss (a tenant with its primary key) does
+//! not go through sqlx: sqlx runs every SQLite statement on a worker thread
+//! of its connection, and hands the query over and the rows back through
+//! channels, two thread wake-ups per read. On a 2-core sidecar those cost
+//! about ten times the read itself (`perf`: 31 % of the sidecar's time on the
+//! worker threads and 35 % in task switches and futex wake-ups, with 100,000
+//! tenants behind a 10,000-key cache; BENCHMARKS.md). That read runs instead
+//! on the calling thread, on one of a few read-only rusqlite connections: an
+//! indexed point read of a page in memory, tens of microseconds at most.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, str::FromStr, time::Duration};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    str::FromStr,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -22,9 +38,10 @@ use super::{
     SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, TenantState,
     TenantWithPrimary, UnixMillis,
     rows::{
-        self, SUBJECT_KEY_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS, TENANT_STATE_COLUMNS,
-        TENANT_WITH_PRIMARY_FROM, corrupt, destroyed_version_from_row, subject_key_from_row,
-        tenant_from_row, tenant_key_from_row, tenant_state_from_row, tenant_with_primary_from_row,
+        self, KeystoreRow, SUBJECT_KEY_COLUMNS, TENANT_COLUMNS, TENANT_KEY_COLUMNS,
+        TENANT_STATE_COLUMNS, TENANT_WITH_PRIMARY_FROM, corrupt, destroyed_version_from_row,
+        subject_key_from_row, tenant_from_row, tenant_key_from_row, tenant_state_from_row,
+        tenant_with_primary_from_row,
     },
 };
 use crate::{
@@ -39,6 +56,92 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite
 
 pub struct SqliteKeystore {
     pool: SqlitePool,
+    readers: Readers,
+}
+
+/// Read-only connections for reads on the calling thread (see the module
+/// docs), opened on first use.
+struct Readers {
+    path: std::path::PathBuf,
+    connections: Vec<OnceLock<Mutex<rusqlite::Connection>>>,
+}
+
+impl Readers {
+    fn new(path: &Path) -> Self {
+        // One per thread that may read at once: tokio's workers.
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+        Self {
+            path: path.to_owned(),
+            connections: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn open(&self) -> rusqlite::Result<Mutex<rusqlite::Connection>> {
+        use rusqlite::OpenFlags;
+        // Not SQLITE_OPEN_READ_ONLY: a reader of a WAL database needs to
+        // write its shared-memory index; `query_only` refuses any write.
+        let connection = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        connection.pragma_update(None, "query_only", true)?;
+        Ok(Mutex::new(connection))
+    }
+
+    /// Runs `read` on a free connection (or waits for the first).
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&rusqlite::Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut chosen = None;
+        for slot in &self.connections {
+            let connection = match slot.get() {
+                Some(connection) => connection,
+                None => {
+                    let opened = self.open().map_err(classify_sync)?;
+                    slot.get_or_init(|| opened)
+                }
+            };
+            if let Ok(guard) = connection.try_lock() {
+                chosen = Some(guard);
+                break;
+            }
+        }
+        let guard = match chosen {
+            Some(guard) => guard,
+            None => self.connections[0]
+                .get()
+                .ok_or_else(|| StoreError::Unavailable("no keystore reader".into()))?
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        };
+        read(&guard)
+    }
+}
+
+/// A row of a [`Readers`] connection.
+struct SyncRow<'a>(&'a rusqlite::Row<'a>);
+
+impl KeystoreRow for SyncRow<'_> {
+    fn text(&self, column: &str) -> Result<String, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
+    fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
+    fn int(&self, column: &str) -> Result<i64, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
+    fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
+    fn maybe_bytes(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(column).map_err(corrupt)
+    }
 }
 
 impl SqliteKeystore {
@@ -81,7 +184,10 @@ impl SqliteKeystore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Corrupt(format!("migrations failed: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            readers: Readers::new(path),
+        })
     }
 
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -247,15 +353,18 @@ impl Keystore for SqliteKeystore {
         &self,
         id: &TenantId,
     ) -> Result<Option<TenantWithPrimary>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {TENANT_WITH_PRIMARY_FROM} WHERE t.tenant_id = ?"
-        ))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(classify)?
-        .map(|row| tenant_with_primary_from_row(&row))
-        .transpose()
+        self.readers.read(|connection| {
+            let mut statement = connection
+                .prepare_cached(&format!(
+                    "SELECT {TENANT_WITH_PRIMARY_FROM} WHERE t.tenant_id = ?1"
+                ))
+                .map_err(classify_sync)?;
+            let mut rows = statement.query([id.as_str()]).map_err(classify_sync)?;
+            match rows.next().map_err(classify_sync)? {
+                Some(row) => tenant_with_primary_from_row(&SyncRow(row)).map(Some),
+                None => Ok(None),
+            }
+        })
     }
 
     async fn list_tenants(
@@ -790,6 +899,19 @@ fn classify(e: sqlx::Error) -> StoreError {
                 .and_then(|c| c.parse::<i32>().ok())
                 .is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14)) =>
         {
+            unavailable(e)
+        }
+        _ => corrupt(e),
+    }
+}
+
+/// [`classify`] for the synchronous readers.
+fn classify_sync(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{
+        CannotOpen, DatabaseBusy, DatabaseLocked, DiskFull, SystemIoFailure,
+    };
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | CannotOpen) => {
             unavailable(e)
         }
         _ => corrupt(e),
