@@ -134,9 +134,12 @@ impl TenantPolicy {
         let corrupt = |e: serde_json::Error| {
             StoreError::Corrupt(format!("invalid tenant policy in keystore: {e}"))
         };
-        let object: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(json).map_err(corrupt)?;
-        serde_json::from_value(serde_json::Value::Object(object)).map_err(corrupt)
+        if !json.trim_start().starts_with('{') {
+            return Err(StoreError::Corrupt(
+                "invalid tenant policy in keystore: not a JSON object".into(),
+            ));
+        }
+        serde_json::from_str(json).map_err(corrupt)
     }
 }
 

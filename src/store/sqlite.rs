@@ -120,27 +120,42 @@ impl Readers {
     }
 }
 
-/// A row of a [`Readers`] connection.
-struct SyncRow<'a>(&'a rusqlite::Row<'a>);
+/// A row of a [`Readers`] connection, with its statement's column names
+/// (rusqlite's lookup by name asks SQLite for every name on every lookup).
+struct SyncRow<'a> {
+    row: &'a rusqlite::Row<'a>,
+    columns: &'a [&'a str],
+}
+
+impl SyncRow<'_> {
+    fn get<T: rusqlite::types::FromSql>(&self, column: &str) -> Result<T, StoreError> {
+        let index = self
+            .columns
+            .iter()
+            .position(|c| *c == column)
+            .ok_or_else(|| StoreError::Corrupt(format!("no column {column}")))?;
+        self.row.get(index).map_err(corrupt)
+    }
+}
 
 impl KeystoreRow for SyncRow<'_> {
     fn text(&self, column: &str) -> Result<String, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
     fn maybe_text(&self, column: &str) -> Result<Option<String>, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
     fn int(&self, column: &str) -> Result<i64, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
     fn maybe_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
     fn bytes(&self, column: &str) -> Result<Vec<u8>, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
     fn maybe_bytes(&self, column: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.get(column).map_err(corrupt)
+        self.get(column)
     }
 }
 
@@ -359,9 +374,19 @@ impl Keystore for SqliteKeystore {
                     "SELECT {TENANT_WITH_PRIMARY_FROM} WHERE t.tenant_id = ?1"
                 ))
                 .map_err(classify_sync)?;
+            let columns: Vec<String> = statement
+                .column_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
             let mut rows = statement.query([id.as_str()]).map_err(classify_sync)?;
             match rows.next().map_err(classify_sync)? {
-                Some(row) => tenant_with_primary_from_row(&SyncRow(row)).map(Some),
+                Some(row) => tenant_with_primary_from_row(&SyncRow {
+                    row,
+                    columns: &columns,
+                })
+                .map(Some),
                 None => Ok(None),
             }
         })
