@@ -22,7 +22,7 @@
 //!   generation counter tells a loader that the keystore may have changed
 //!   under it, and the loader keeps what it loaded to itself.
 //!
-//! Why quick_cache and not moka: an entry costs about 55 bytes of cache
+//! Why quick_cache and not moka: an entry costs 30 to 70 bytes of cache
 //! state in quick_cache against about 330 in moka (measured with 100,000
 //! entries; see BENCHMARKS.md), and a hit takes a shard's read lock with no
 //! bookkeeping queue behind it. moka's timers are replaced by the check on
