@@ -756,9 +756,9 @@ impl KeyManager {
                     .replace_root_wrapped(&row.tenant, row.slot, &row.wrapped, &rewrapped)
                     .await?
                 {
+                    // Nothing cached changes: the caches hold the keys
+                    // unwrapped, and the rewrapped ones are the same keys.
                     state.rewrapped += 1;
-                    // The cached tenant state holds the old wrapped index key.
-                    self.tenants.invalidate(&row.tenant);
                 } else {
                     // Shredded or rewrapped by someone else meanwhile.
                     state.changed_concurrently += 1;
