@@ -214,9 +214,17 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
     };
     let key_bytes = *generated.key.expose();
     let deriver = EnvelopeKey::new(Provider::AwsLc, &generated.key);
+    // What the tenant cache holds: the policy and the primary key.
+    let cached = CachedTenant {
+        policy: CallPolicy::from(&TenantPolicy::default()),
+        state: CachedState::Active(SealingKey {
+            key: EnvelopeKey::new(Provider::RustCrypto, &generated.key),
+            tenant_version: 9,
+        }),
+    };
 
     let printed = format!(
-        "{sealed:?} {opened:?} {rewrapped:?} {generated:?} {record:?} {subject:?} {deriver:?} {t:?} {:?} {:?}",
+        "{sealed:?} {opened:?} {rewrapped:?} {generated:?} {record:?} {subject:?} {deriver:?} {t:?} {cached:?} {:?} {:?}",
         keys.tenant_info(&id).await.unwrap(),
         envelope::parse(&sealed.ciphertext).unwrap(),
     );
