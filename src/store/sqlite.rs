@@ -23,7 +23,7 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::Path,
     str::FromStr,
-    sync::{Mutex, OnceLock},
+    sync::{Mutex, OnceLock, TryLockError},
     time::Duration,
 };
 
@@ -103,9 +103,17 @@ impl Readers {
                     slot.get_or_init(|| opened)
                 }
             };
-            if let Ok(guard) = connection.try_lock() {
-                chosen = Some(guard);
-                break;
+            match connection.try_lock() {
+                Ok(guard) => {
+                    chosen = Some(guard);
+                    break;
+                }
+                // A read that panicked left no state behind: reuse it.
+                Err(TryLockError::Poisoned(poisoned)) => {
+                    chosen = Some(poisoned.into_inner());
+                    break;
+                }
+                Err(TryLockError::WouldBlock) => {}
             }
         }
         let guard = match chosen {
