@@ -298,18 +298,25 @@ fn parse_pair(raw: &str) -> Result<(String, String), String> {
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` sizes its runtime by its configuration, read first.
+    let command = match cli.command {
+        Command::Serve(args) => return serve(args),
+        command => command,
+    };
+    let worker_threads = match &command {
+        Command::Bench(crate::bench::BenchCommand::Echo(args)) => args.worker_threads,
+        // Client commands and the load generator: one thread per CPU.
+        _ => 0,
+    };
+    let runtime = match runtime(worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+    match command {
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Audit(AuditCommand::Verify { postgres: true, .. }) => {
             runtime.block_on(verify_postgres_audit())
         }
@@ -461,7 +468,17 @@ fn report_audit(name: &str, log: impl std::io::BufRead) -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+/// The async runtime, with `worker_threads` threads (0: one per CPU this
+/// process may use, or `TOKIO_WORKER_THREADS`).
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -477,7 +494,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    match crate::server::run(config).await {
+    let runtime = match runtime(config.worker_threads) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keywarden: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::server::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

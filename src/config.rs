@@ -7,6 +7,7 @@
 //! data_dir = "./keywarden-data"
 //! listen = ["127.0.0.1:7400", "unix:/run/keywarden/keywarden.sock"]
 //! policy_interval_seconds = 60    # how often automatic rotation and retention run
+//! worker_threads = 1              # runtime threads; 0: one per CPU (see docs/SCALING.md)
 //!
 //! [limits]
 //! max_plaintext_bytes = 4194304   # per item
@@ -80,6 +81,8 @@ use crate::{envelope::Provider, keys::cache::CacheLimits, kms::aws::AwsSettings}
 
 pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+/// Most runtime threads `worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 #[derive(Debug, Error)]
 #[error("invalid configuration: {setting}: {reason}")]
@@ -485,6 +488,10 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     /// How often tenant policies (automatic rotation, retention) are applied.
     pub policy_interval_seconds: u64,
+    /// Threads of the async runtime that serves calls; 0: one per CPU this
+    /// process may use. One by default, as a sidecar usually has a fraction
+    /// of a node's CPUs and shares them with its app (docs/SCALING.md).
+    pub worker_threads: usize,
     pub limits: Limits,
     pub cache: CacheConfig,
     pub kms: KmsConfig,
@@ -510,6 +517,7 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: vec![DEFAULT_LISTEN.parse().expect("default address parses")],
             policy_interval_seconds: 60,
+            worker_threads: 1,
             limits: Limits::default(),
             cache: CacheConfig::default(),
             kms: KmsConfig::default(),
@@ -566,6 +574,9 @@ impl Config {
                 .map(|n| usize::try_from(n).map_err(|_| ConfigError::new(name, "is too large")))
                 .transpose()
         };
+        if let Some(n) = size("KEYWARDEN_WORKER_THREADS")? {
+            self.worker_threads = n;
+        }
         if let Some(n) = size("KEYWARDEN_MAX_PLAINTEXT_BYTES")? {
             self.limits.max_plaintext_bytes = n;
         }
@@ -807,6 +818,12 @@ impl Config {
             }
             _ => {}
         }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(ConfigError::new(
+                "worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU)"),
+            ));
+        }
         if self.policy_interval_seconds == 0 {
             return Err(ConfigError::new(
                 "policy_interval_seconds",
@@ -901,6 +918,28 @@ mod tests {
             .unwrap();
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.limits.max_batch_items, 7);
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_bounded() {
+        let mut config = Config::default();
+        assert_eq!(config.worker_threads, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "worker_threads = 4\n").unwrap();
+        assert_eq!(Config::from_file(&path).unwrap().worker_threads, 4);
+        config
+            .apply_env(env(&[("KEYWARDEN_WORKER_THREADS", "0")]))
+            .unwrap();
+        assert_eq!(config.worker_threads, 0);
+        config.validate().unwrap();
+        let err = config
+            .apply_env(env(&[("KEYWARDEN_WORKER_THREADS", "two")]))
+            .unwrap_err();
+        assert_eq!(err.setting, "KEYWARDEN_WORKER_THREADS");
+        assert_eq!(config.worker_threads, 0, "a refused value changes nothing");
+        config.worker_threads = MAX_WORKER_THREADS + 1;
+        assert_eq!(config.validate().unwrap_err().setting, "worker_threads");
     }
 
     #[test]

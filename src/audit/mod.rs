@@ -21,6 +21,7 @@ use std::{
     io::{self, BufRead, Read, Seek, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use hmac::{Hmac, Mac};
@@ -136,7 +137,7 @@ struct Chain {
 /// Where records go.
 enum Sink {
     /// A file of this sidecar's, open for appending.
-    File(Mutex<Chain>),
+    File(Arc<Mutex<Chain>>),
     /// The keystore's PostgreSQL: one chain for every sidecar.
     Postgres(sqlx::PgPool),
 }
@@ -190,7 +191,7 @@ impl AuditLog {
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Mutex::new(Chain { file, seq, head })),
+            sink: Sink::File(Arc::new(Mutex::new(Chain { file, seq, head }))),
         })
     }
 
@@ -227,11 +228,11 @@ impl AuditLog {
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Mutex::new(Chain {
+            sink: Sink::File(Arc::new(Mutex::new(Chain {
                 file,
                 seq: 0,
                 head: GENESIS.to_owned(),
-            })),
+            }))),
         })
     }
 
@@ -291,7 +292,7 @@ impl AuditLog {
         };
         match &self.sink {
             Sink::File(chain) => {
-                let mut chain = chain.lock().await;
+                let mut chain = Arc::clone(chain).lock_owned().await;
                 let (mut seq, mut head) = (chain.seq, chain.head.clone());
                 let mut text = String::new();
                 for entry in entries {
@@ -301,17 +302,26 @@ impl AuditLog {
                     text.push('\n');
                     head = hash;
                 }
-                let written = chain
-                    .file
-                    .write_all(text.as_bytes())
-                    .and_then(|()| chain.file.sync_data());
-                written.map_err(|source| AuditError {
+                // The write and its sync (milliseconds on a disk) run on a
+                // blocking thread, not on a runtime worker whose other calls
+                // would wait. That thread holds the chain and advances it
+                // after the sync, so a caller that goes away meanwhile
+                // cannot leave the file ahead of the chain.
+                let path = self.path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let written = (&chain.file)
+                        .write_all(text.as_bytes())
+                        .and_then(|()| chain.file.sync_data());
+                    written.map_err(|source| AuditError { path, source })?;
+                    chain.seq = seq;
+                    chain.head = head.clone();
+                    Ok(head)
+                })
+                .await
+                .map_err(|e| AuditError {
                     path: self.path.clone(),
-                    source,
-                })?;
-                chain.seq = seq;
-                chain.head = head.clone();
-                Ok(head)
+                    source: io::Error::other(format!("the audit writer stopped: {e}")),
+                })?
             }
             Sink::Postgres(pool) => {
                 let mut tx = pool.begin().await.map_err(|e| self.failed(e))?;

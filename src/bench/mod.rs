@@ -133,6 +133,10 @@ pub struct EchoArgs {
     /// is printed on the first line of standard output.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: ListenAddr,
+    /// Runtime threads, as the sidecar's `worker_threads` (the same
+    /// variable and default, so that both run on the same runtime).
+    #[arg(long, env = "KEYWARDEN_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]

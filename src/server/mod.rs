@@ -494,6 +494,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(
         data_dir = %config.data_dir.display(),
         crypto_provider = %config.crypto.provider,
+        worker_threads = config.worker_threads,
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
