@@ -292,23 +292,33 @@ impl AuditLog {
         };
         match &self.sink {
             Sink::File(chain) => {
+                // Sealing (a JSON encoding and a SHA-256 per record: a
+                // flush of counts can hold 100,000), the write and its sync
+                // (milliseconds on a disk) run on a blocking thread, not on
+                // a runtime worker whose other calls would wait. That thread
+                // holds the chain and advances it after the sync, so a
+                // caller that goes away meanwhile cannot leave the file
+                // ahead of the chain.
+                let mut bodies: Vec<Body> = entries
+                    .iter()
+                    .map(|entry| body(entry, 0, String::new()))
+                    .collect();
                 let mut chain = Arc::clone(chain).lock_owned().await;
-                let (mut seq, mut head) = (chain.seq, chain.head.clone());
-                let mut text = String::new();
-                for entry in entries {
-                    seq += 1;
-                    let (hash, line) = sealed(body(entry, seq, head));
-                    text.push_str(&line);
-                    text.push('\n');
-                    head = hash;
-                }
-                // The write and its sync (milliseconds on a disk) run on a
-                // blocking thread, not on a runtime worker whose other calls
-                // would wait. That thread holds the chain and advances it
-                // after the sync, so a caller that goes away meanwhile
-                // cannot leave the file ahead of the chain.
                 let path = self.path.clone();
                 tokio::task::spawn_blocking(move || {
+                    let (mut seq, mut head) = (chain.seq, chain.head.clone());
+                    let mut text = String::new();
+                    for mut body in bodies.drain(..) {
+                        seq += 1;
+                        body.seq = seq;
+                        // Stamped in chain order, so times never go back.
+                        body.time = UnixMillis::now().to_string();
+                        body.prev = head;
+                        let (hash, line) = sealed(body);
+                        text.push_str(&line);
+                        text.push('\n');
+                        head = hash;
+                    }
                     let written = (&chain.file)
                         .write_all(text.as_bytes())
                         .and_then(|()| chain.file.sync_data());
