@@ -278,9 +278,10 @@ impl AuditLog {
     /// transaction in PostgreSQL); answers the last one's hash. All or
     /// nothing, as far as the file system lets a single write be.
     pub async fn record_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
-        let body = |entry: &Entry, seq: u64, prev: String| Body {
-            seq,
-            time: UnixMillis::now().to_string(),
+        // Unchained: `sealed` gives each its place, time and predecessor.
+        let body = |entry: &Entry| Body {
+            seq: 0,
+            time: String::new(),
             action: entry.action.to_owned(),
             phase: entry.phase.name().to_owned(),
             caller: entry.caller.clone(),
@@ -288,7 +289,7 @@ impl AuditLog {
             subject: entry.subject.as_ref().map(|id| self.subject_hash(id)),
             outcome: entry.outcome.clone(),
             detail: entry.detail.clone(),
-            prev,
+            prev: String::new(),
         };
         match &self.sink {
             Sink::File(chain) => {
@@ -299,22 +300,15 @@ impl AuditLog {
                 // holds the chain and advances it after the sync, so a
                 // caller that goes away meanwhile cannot leave the file
                 // ahead of the chain.
-                let mut bodies: Vec<Body> = entries
-                    .iter()
-                    .map(|entry| body(entry, 0, String::new()))
-                    .collect();
+                let bodies: Vec<Body> = entries.iter().map(body).collect();
                 let mut chain = Arc::clone(chain).lock_owned().await;
                 let path = self.path.clone();
                 tokio::task::spawn_blocking(move || {
                     let (mut seq, mut head) = (chain.seq, chain.head.clone());
                     let mut text = String::new();
-                    for mut body in bodies.drain(..) {
+                    for body in bodies {
                         seq += 1;
-                        body.seq = seq;
-                        // Stamped in chain order, so times never go back.
-                        body.time = UnixMillis::now().to_string();
-                        body.prev = head;
-                        let (hash, line) = sealed(body);
+                        let (hash, line) = sealed(body, seq, head);
                         text.push_str(&line);
                         text.push('\n');
                         head = hash;
@@ -344,7 +338,7 @@ impl AuditLog {
                 let mut seq = u64::try_from(seq).unwrap_or(0);
                 for entry in entries {
                     seq += 1;
-                    let (hash, line) = sealed(body(entry, seq, head));
+                    let (hash, line) = sealed(body(entry), seq, head);
                     sqlx::query("INSERT INTO audit_log (seq, record) VALUES ($1, $2)")
                         .bind(i64::try_from(seq).map_err(|e| self.failed(e))?)
                         .bind(&line)
@@ -366,8 +360,13 @@ impl AuditLog {
     }
 }
 
-/// A record's hash and its JSON line (without a newline).
-fn sealed(body: Body) -> (String, String) {
+/// Places `body` in the chain (its sequence number, its time, taken here
+/// under the chain's lock so that times never go back, and the record
+/// before); answers its hash and its JSON line (without a newline).
+fn sealed(mut body: Body, seq: u64, prev: String) -> (String, String) {
+    body.seq = seq;
+    body.time = UnixMillis::now().to_string();
+    body.prev = prev;
     let hash = hash_of(&body);
     let line = serde_json::to_string(&Line {
         body,

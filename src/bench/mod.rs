@@ -135,7 +135,13 @@ pub struct EchoArgs {
     pub listen: ListenAddr,
     /// Runtime threads, as the sidecar's `worker_threads` (the same
     /// variable and default, so that both run on the same runtime).
-    #[arg(long, env = "KEYWARDEN_WORKER_THREADS", default_value_t = 1)]
+    #[arg(
+        long,
+        env = "KEYWARDEN_WORKER_THREADS",
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(0..=crate::config::MAX_WORKER_THREADS as u64)
+    )]
     pub worker_threads: usize,
 }
 

@@ -142,6 +142,16 @@ fn echo_and_startup_parse() {
         BenchCommand::Echo(args) => assert_eq!(args.listen.to_string(), "unix:/tmp/x.sock"),
         other => panic!("{other:?}"),
     }
+    match Bench::try_parse_from(["bench", "echo", "--worker-threads", "4"])
+        .unwrap()
+        .command
+    {
+        BenchCommand::Echo(args) => assert_eq!(args.worker_threads, 4),
+        other => panic!("{other:?}"),
+    }
+    // The sidecar's bound on `worker_threads`, so the echo cannot ask for more.
+    assert!(Bench::try_parse_from(["bench", "echo", "--worker-threads", "257"]).is_err());
+    assert!(Bench::try_parse_from(["bench", "echo", "--worker-threads", "-1"]).is_err());
     match Bench::try_parse_from(["bench", "startup", "--restarts", "3", "--tenants", "0"])
         .unwrap()
         .command

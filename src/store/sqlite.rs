@@ -68,8 +68,13 @@ struct Readers {
 
 impl Readers {
     fn new(path: &Path) -> Self {
-        // One per thread that may read at once: tokio's workers.
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+        // One per thread that may read at once: the runtime's workers
+        // (`worker_threads`), or one per CPU outside a runtime. Opened on
+        // first use, so a slot never needed costs nothing.
+        let n = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .or_else(|_| std::thread::available_parallelism().map(usize::from))
+            .map_or(2, |n| n.clamp(1, 8));
         Self {
             path: path.to_owned(),
             connections: (0..n).map(|_| OnceLock::new()).collect(),
