@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Context maps as BTreeMap: iterated in byte order of the keys, the
         // canonical order the envelope binds them in.
         .btree_map(".")
+        // prost's codec with counts (batch items, context entries) bounded
+        // before decoding: src/api/codec.rs.
+        .codec_path("crate::api::codec::WireCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

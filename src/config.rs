@@ -14,6 +14,19 @@
 //! max_batch_items = 10000
 //! max_request_bytes = 16777216    # a whole gRPC message, batches included
 //!
+//! [server]                        # what a connection or call may hold, and for how long
+//! max_connections = 256           # served at once, over every listener
+//! max_concurrent_streams = 128    # calls open at once on one connection
+//! handshake_timeout_seconds = 10  # TLS handshake and first call's headers
+//! idle_timeout_seconds = 300      # a connection with no call open is closed
+//! keepalive_interval_seconds = 30 # HTTP/2 PING after this much silence (0: never)
+//! keepalive_timeout_seconds = 10  # an unanswered PING closes the connection
+//! call_timeout_seconds = 60       # longest unary call (a shorter grpc-timeout wins)
+//! stream_timeout_seconds = 3600   # longest streaming call
+//! stream_message_timeout_seconds = 30   # wait for a stream's next message
+//! decode_budget_bytes = 67108864  # request bytes received and decoded at once, all calls
+//! admin_max_request_bytes = 65536 # largest Admin request
+//!
 //! [cache]
 //! ttl_seconds = 300               # an unwrapped key is re-fetched this often
 //! tti_seconds = 60                # and dropped after this long unused
@@ -173,6 +186,159 @@ impl Default for Limits {
             tenant_items_per_second: 0,
             tenant_burst: 0,
         }
+    }
+}
+
+/// Bounds and timeouts of connections and calls: how much a stranger, or a
+/// caller, can hold, and for how long (docs/SECURITY.md 12.2, 12.3).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Connections served at once, over every listener; the next waits in
+    /// the kernel's accept queue until one closes.
+    pub max_connections: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// A new connection must finish its TLS handshake and send its first
+    /// call's headers within this, or it is closed.
+    pub handshake_timeout_seconds: u64,
+    /// A connection with no call open for this long is closed (GOAWAY).
+    pub idle_timeout_seconds: u64,
+    /// An HTTP/2 PING is sent after this long without a frame from the
+    /// client; 0: no keepalive pings.
+    pub keepalive_interval_seconds: u64,
+    /// A PING not answered within this closes the connection.
+    pub keepalive_timeout_seconds: u64,
+    /// The longest a unary call may take (a shorter `grpc-timeout` from the
+    /// client wins); then DEADLINE_EXCEEDED.
+    pub call_timeout_seconds: u64,
+    /// The longest a streaming call may take, likewise.
+    pub stream_timeout_seconds: u64,
+    /// A stream's first message, and each next one, must arrive within
+    /// this; else the stream ends with DEADLINE_EXCEEDED.
+    pub stream_message_timeout_seconds: u64,
+    /// Bytes of request messages being received and decoded at once, over
+    /// every call; a call over the budget waits (its sender is held back by
+    /// HTTP/2 flow control) instead of taking memory. At least the largest
+    /// request (`limits.max_request_bytes`) plus its 5-byte frame header.
+    pub decode_budget_bytes: usize,
+    /// Largest Admin request message, in bytes (Crypto's is
+    /// `limits.max_request_bytes`).
+    pub admin_max_request_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_concurrent_streams: 128,
+            handshake_timeout_seconds: 10,
+            idle_timeout_seconds: 300,
+            keepalive_interval_seconds: 30,
+            keepalive_timeout_seconds: 10,
+            call_timeout_seconds: 60,
+            stream_timeout_seconds: 3600,
+            stream_message_timeout_seconds: 30,
+            decode_budget_bytes: 64 << 20,
+            admin_max_request_bytes: 64 << 10,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Every setting, with its environment variable and a way to set it:
+    /// one table for `apply_env` and the README.
+    #[allow(clippy::type_complexity)]
+    const ENV: [(&'static str, fn(&mut Self, u64) -> Result<(), &'static str>); 11] = [
+        ("KEYWARDEN_SERVER_MAX_CONNECTIONS", |c, n| {
+            c.max_connections = usize::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_MAX_CONCURRENT_STREAMS", |c, n| {
+            c.max_concurrent_streams = u32::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_HANDSHAKE_TIMEOUT_SECONDS", |c, n| {
+            c.handshake_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_IDLE_TIMEOUT_SECONDS", |c, n| {
+            c.idle_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_KEEPALIVE_INTERVAL_SECONDS", |c, n| {
+            c.keepalive_interval_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_KEEPALIVE_TIMEOUT_SECONDS", |c, n| {
+            c.keepalive_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_CALL_TIMEOUT_SECONDS", |c, n| {
+            c.call_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_STREAM_TIMEOUT_SECONDS", |c, n| {
+            c.stream_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_STREAM_MESSAGE_TIMEOUT_SECONDS", |c, n| {
+            c.stream_message_timeout_seconds = n;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_DECODE_BUDGET_BYTES", |c, n| {
+            c.decode_budget_bytes = usize::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_ADMIN_MAX_REQUEST_BYTES", |c, n| {
+            c.admin_max_request_bytes = usize::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+    ];
+
+    fn validate(&self, limits: &Limits) -> Result<(), ConfigError> {
+        let at_least_one = [
+            ("server.max_connections", self.max_connections as u64),
+            (
+                "server.max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            (
+                "server.handshake_timeout_seconds",
+                self.handshake_timeout_seconds,
+            ),
+            ("server.idle_timeout_seconds", self.idle_timeout_seconds),
+            (
+                "server.keepalive_timeout_seconds",
+                self.keepalive_timeout_seconds,
+            ),
+            ("server.call_timeout_seconds", self.call_timeout_seconds),
+            ("server.stream_timeout_seconds", self.stream_timeout_seconds),
+            (
+                "server.stream_message_timeout_seconds",
+                self.stream_message_timeout_seconds,
+            ),
+        ];
+        for (setting, value) in at_least_one {
+            if value == 0 {
+                return Err(ConfigError::new(setting, "must be at least 1"));
+            }
+        }
+        if self.decode_budget_bytes < limits.max_request_bytes.saturating_add(5) {
+            return Err(ConfigError::new(
+                "server.decode_budget_bytes",
+                "must be at least limits.max_request_bytes + 5 (one whole request and its frame header)",
+            ));
+        }
+        if self.admin_max_request_bytes < 1024
+            || self.admin_max_request_bytes.saturating_add(5) > self.decode_budget_bytes
+        {
+            return Err(ConfigError::new(
+                "server.admin_max_request_bytes",
+                "must be at least 1024 and fit in server.decode_budget_bytes",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -493,6 +659,8 @@ pub struct Config {
     /// of a node's CPUs and shares them with its app (docs/SCALING.md).
     pub worker_threads: usize,
     pub limits: Limits,
+    /// Connections and calls: bounds and timeouts.
+    pub server: ServerConfig,
     pub cache: CacheConfig,
     pub kms: KmsConfig,
     pub store: StoreConfig,
@@ -519,6 +687,7 @@ impl Default for Config {
             policy_interval_seconds: 60,
             worker_threads: 1,
             limits: Limits::default(),
+            server: ServerConfig::default(),
             cache: CacheConfig::default(),
             kms: KmsConfig::default(),
             store: StoreConfig::default(),
@@ -585,6 +754,11 @@ impl Config {
         }
         if let Some(n) = size("KEYWARDEN_MAX_REQUEST_BYTES")? {
             self.limits.max_request_bytes = n;
+        }
+        for (name, set) in ServerConfig::ENV {
+            if let Some(n) = number(name)? {
+                set(&mut self.server, n).map_err(|reason| ConfigError::new(name, reason))?;
+            }
         }
         if let Some(n) = number("KEYWARDEN_TENANT_ITEMS_PER_SECOND")? {
             self.limits.tenant_items_per_second = u32::try_from(n).map_err(|_| {
@@ -788,6 +962,7 @@ impl Config {
                 "must exceed limits.max_plaintext_bytes by at least 64 KiB, or the largest plaintext cannot arrive",
             ));
         }
+        self.server.validate(limits)?;
         if self.cache.ttl_seconds == 0 || self.cache.tti_seconds == 0 {
             return Err(ConfigError::new(
                 "cache.ttl_seconds / cache.tti_seconds",

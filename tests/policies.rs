@@ -255,6 +255,156 @@ async fn policies_limit_sizes_rates_and_old_versions() {
     sidecar.stop().await;
 }
 
+/// The minimum decryption version applies to subject data too: the tenant
+/// version that wraps a subject's key protects it (the review at df0a846
+/// decrypted it anyway). Every path refuses it: Decrypt, DecryptBatch,
+/// Rewrap, DecryptStream, Encrypt and EncryptStream for that subject.
+#[tokio::test]
+async fn the_minimum_decryption_version_applies_to_subject_keys_on_every_path() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    let mut c = sidecar.crypto().await;
+    create(&mut admin, "acme", None).await;
+    // ada's key is wrapped by version 1; bob's, made after the rotation, by 2.
+    let ada = encrypt(&mut c, "acme", "ada", b"ada's").await.unwrap();
+    admin
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let bob = encrypt(&mut c, "acme", "bob", b"bob's").await.unwrap();
+    assert_eq!((ada.key_version, bob.key_version), (1, 2));
+    // A streaming envelope under ada's key, made before the policy changes.
+    let mut ada_stream = Vec::new();
+    let mut sealed = c
+        .encrypt_stream(tokio_stream::iter([
+            pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Start(
+                    pb::EncryptStreamStart {
+                        tenant_id: "acme".into(),
+                        subject_id: "ada".into(),
+                        context: BTreeMap::new(),
+                    },
+                )),
+            },
+            pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Chunk(
+                    b"streamed".to_vec(),
+                )),
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = sealed.message().await.unwrap() {
+        ada_stream.extend(m.chunk);
+    }
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                min_decrypt_version: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let refusal = "tenant acme's policy refuses a subject key wrapped by key version 1: \
+                   its minimum decryption version is 2";
+    let refused = |result: Result<(), tonic::Status>| {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(status.message(), refusal);
+    };
+    refused(decrypt(&mut c, "acme", &ada.ciphertext).await.map(drop));
+    refused(encrypt(&mut c, "acme", "ada", b"more").await.map(drop));
+    refused(
+        c.rewrap(pb::RewrapRequest {
+            tenant_id: "acme".into(),
+            context: BTreeMap::new(),
+            ciphertext: ada.ciphertext.clone(),
+        })
+        .await
+        .map(drop),
+    );
+    let batch = c
+        .decrypt_batch(pb::DecryptBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![pb::DecryptItem {
+                context: BTreeMap::new(),
+                ciphertext: ada.ciphertext.clone(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &batch.results[0].result {
+        Some(pb::decrypt_result::Result::Error(e)) => {
+            assert_eq!(e.code, Code::FailedPrecondition as i32);
+            assert_eq!(e.message, refusal);
+        }
+        other => panic!("{other:?}"),
+    }
+    use pb::{decrypt_stream_request::Part as DPart, encrypt_stream_request::Part as EPart};
+    let stream_answer = async |c: &mut Crypto, envelope: Vec<u8>| -> Result<(), tonic::Status> {
+        let mut stream = c
+            .decrypt_stream(tokio_stream::iter([
+                pb::DecryptStreamRequest {
+                    part: Some(DPart::Start(pb::DecryptStreamStart {
+                        tenant_id: "acme".into(),
+                        context: BTreeMap::new(),
+                    })),
+                },
+                pb::DecryptStreamRequest {
+                    part: Some(DPart::Chunk(envelope)),
+                },
+            ]))
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok(())
+    };
+    refused(stream_answer(&mut c, ada_stream.clone()).await);
+    refused(
+        c.encrypt_stream(tokio_stream::iter([pb::EncryptStreamRequest {
+            part: Some(EPart::Start(pb::EncryptStreamStart {
+                tenant_id: "acme".into(),
+                subject_id: "ada".into(),
+                context: BTreeMap::new(),
+            })),
+        }]))
+        .await
+        .map(drop),
+    );
+    // bob's key is wrapped by version 2: untouched.
+    assert_eq!(
+        decrypt(&mut c, "acme", &bob.ciphertext).await.unwrap(),
+        b"bob's"
+    );
+    // Lowering the minimum again gives ada's data back.
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy::default()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        decrypt(&mut c, "acme", &ada.ciphertext).await.unwrap(),
+        b"ada's"
+    );
+    stream_answer(&mut c, ada_stream).await.unwrap();
+    assert_eq!(
+        encrypt(&mut c, "acme", "bob", b"more")
+            .await
+            .unwrap()
+            .key_version,
+        2
+    );
+    sidecar.stop().await;
+}
+
 #[tokio::test]
 async fn bad_policies_are_refused_and_change_nothing() {
     let sidecar = TestSidecar::start().await;

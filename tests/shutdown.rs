@@ -6,78 +6,14 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use common::{Kms, Options, TestSidecar};
-use keywarden::{
-    api::pb,
-    ids::TenantId,
-    kms::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey},
-    secret::Key256,
-    store::UnixMillis,
-};
+use common::{Kms, Options, TestSidecar, faults::Hooked};
+use keywarden::api::pb;
 use tokio::sync::Notify;
 
-/// Delegates to the real provider, but holds every Decrypt at a gate.
-struct Gated {
-    inner: Arc<dyn RootKeyProvider>,
+/// The gate every Decrypt waits at.
+struct Gate {
     entered: Notify,
     release: Notify,
-}
-
-#[async_trait]
-impl RootKeyProvider for Gated {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError> {
-        self.inner.shared_key(region)
-    }
-    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
-        self.inner.resolve_key(key, region).await
-    }
-    async fn create_dedicated_key(
-        &self,
-        tenant: &TenantId,
-        region: Option<&str>,
-    ) -> Result<String, KmsError> {
-        self.inner.create_dedicated_key(tenant, region).await
-    }
-    async fn generate_data_key(
-        &self,
-        root_key_id: &str,
-        ctx: WrapContext<'_>,
-    ) -> Result<GeneratedKey, KmsError> {
-        self.inner.generate_data_key(root_key_id, ctx).await
-    }
-    async fn decrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-    ) -> Result<Key256, KmsError> {
-        self.entered.notify_one();
-        self.release.notified().await;
-        self.inner.decrypt(ctx, wrapped).await
-    }
-    async fn re_encrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-        to_root_key_id: &str,
-    ) -> Result<WrappedKey, KmsError> {
-        self.inner.re_encrypt(ctx, wrapped, to_root_key_id).await
-    }
-    async fn schedule_key_deletion(
-        &self,
-        root_key_id: &str,
-        waiting_days: u32,
-    ) -> Result<UnixMillis, KmsError> {
-        self.inner
-            .schedule_key_deletion(root_key_id, waiting_days)
-            .await
-    }
-    async fn health(&self) -> Result<(), KmsError> {
-        self.inner.health().await
-    }
 }
 
 #[tokio::test]
@@ -96,12 +32,23 @@ async fn a_call_in_flight_when_shutdown_begins_completes() {
     first.stop().await;
 
     // A fresh sidecar: its cache is cold, so Encrypt must unwrap, and waits at the gate.
-    let gated = Arc::new(Gated {
-        inner: common::provider(Kms::Local, dir.path(), None).await,
+    let gated = Arc::new(Gate {
         entered: Notify::new(),
         release: Notify::new(),
     });
-    let mut sidecar = TestSidecar::start_with_root(dir, Options::default(), gated.clone()).await;
+    let gate = gated.clone();
+    let hooked = Arc::new(Hooked {
+        inner: common::provider(Kms::Local, dir.path(), None).await,
+        before_decrypt: Box::new(move |_| {
+            let gate = gate.clone();
+            Box::pin(async move {
+                gate.entered.notify_one();
+                gate.release.notified().await;
+                Ok(())
+            })
+        }),
+    });
+    let mut sidecar = TestSidecar::start_with_root(dir, Options::default(), hooked).await;
     let mut crypto = sidecar.crypto().await;
     let call = tokio::spawn(async move {
         crypto

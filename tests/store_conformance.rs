@@ -1863,6 +1863,90 @@ async fn refuses_writes_that_would_break_an_invariant(store: Store) {
     assert_eq!(keys(&store, &acme).await, vec![fixture_key("acme", 1)]);
 }
 
+// ---------------------------------------------------------------------------
+// The subject-key upgrade's listing.
+
+/// A stored subject key whose second byte (the suite) is `suite`.
+fn with_suite(suite: u8, tag: &str, tenant_version: u32) -> SubjectKeyRecord {
+    let mut wrapped = vec![0x01, suite];
+    wrapped.extend_from_slice(tag.as_bytes());
+    SubjectKeyRecord {
+        wrapped,
+        tenant_version,
+    }
+}
+
+async fn lists_legacy_subject_keys_in_order_across_tenants(store: Store) {
+    let acme = create(&store, "acme").await;
+    let beta = create(&store, "beta").await;
+    let gone = create(&store, "gone").await;
+    assert!(
+        store
+            .legacy_subject_keys(None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (tenant, n, suite) in [
+        (&beta, 2, 0x01),
+        (&acme, 3, 0x01),
+        (&acme, 1, 0x03),
+        (&acme, 2, 0x01),
+        (&beta, 1, 0x03),
+        (&gone, 1, 0x01),
+    ] {
+        store
+            .insert_subject_key(
+                tenant,
+                subject(n),
+                with_suite(suite, &format!("{tenant} {n}"), 1),
+                at(10),
+            )
+            .await
+            .unwrap();
+    }
+    store.shred_tenant(&gone, at(11)).await.unwrap();
+    let listed = |page: Vec<(TenantId, SubjectKeyId, SubjectKeyRecord)>| {
+        page.into_iter()
+            .map(|(t, s, r)| (t.to_string(), s, r.wrapped))
+            .collect::<Vec<_>>()
+    };
+    let legacy = |tenant: &str, n: u8| {
+        (
+            tenant.to_owned(),
+            subject(n),
+            with_suite(0x01, &format!("{tenant} {n}"), 1).wrapped,
+        )
+    };
+    // Only suite 0x01, tenant then subject key id order, shredded gone.
+    assert_eq!(
+        listed(store.legacy_subject_keys(None, 10).await.unwrap()),
+        [legacy("acme", 2), legacy("acme", 3), legacy("beta", 2)]
+    );
+    // Paged: after the last one listed.
+    let first = store.legacy_subject_keys(None, 2).await.unwrap();
+    assert_eq!(
+        listed(first.clone()),
+        [legacy("acme", 2), legacy("acme", 3)]
+    );
+    let (t, s, _) = first.last().unwrap();
+    assert_eq!(
+        listed(store.legacy_subject_keys(Some((t, s)), 2).await.unwrap()),
+        [legacy("beta", 2)]
+    );
+    // A row swapped into the current form leaves the listing.
+    assert!(
+        store
+            .replace_subject_wrap(&acme, &subject(3), 1, with_suite(0x03, "acme 3 new", 1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        listed(store.legacy_subject_keys(None, 10).await.unwrap()),
+        [legacy("acme", 2), legacy("beta", 2)]
+    );
+}
+
 /// Runs each named test on each backend, then checks the invariants.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -1901,6 +1985,7 @@ conformance!(
     policies_round_trip_and_change_only_on_active_tenants,
     destroying_a_version_needs_it_unused_and_not_primary,
     destroying_a_version_racing_writes_that_use_it,
+    lists_legacy_subject_keys_in_order_across_tenants,
 );
 
 /// The test server itself: stopped, it makes the keystore unavailable (not

@@ -26,9 +26,9 @@ use serde_json::Value;
 mod vector_files;
 
 use vector_files::{
-    KeyRefJson, WrittenOrder, assert_stored_equal, assert_unique_names, context_field, context_of,
-    hex_field, key_ref_of, pairs, pattern, repo, run_python_reference, spec_associated_data,
-    str_field, to_json,
+    KeyRefJson, SUBJECT_KEY, SUBJECT_KEY_ID, WrittenOrder, assert_stored_equal,
+    assert_unique_names, context_field, context_of, hex_field, key_ref_of, pairs, pattern, repo,
+    run_python_reference, spec_associated_data, str_field, to_json,
 };
 
 const TENANT_OVERHEAD: usize = 1 + 1 + 1 + 4 + 16 + 12 + 16;
@@ -51,17 +51,6 @@ struct Case {
     salt: [u8; 16],
     nonce: [u8; 12],
 }
-
-/// The subject key id of the subject-key cases.
-const SUBJECT_KEY_ID: [u8; 16] = [
-    0x5e, 0x1f, 0x0c, 0x9a, 0x27, 0x43, 0xb8, 0x60, 0xd1, 0x7e, 0x02, 0xf4, 0x88, 0x3b, 0xa5, 0x19,
-];
-/// The subject key itself: the key of the subject-key case and the plaintext
-/// of the case that wraps it under a tenant key.
-const SUBJECT_KEY: [u8; 32] = [
-    0x9c, 0x41, 0x07, 0xe2, 0x5b, 0xd8, 0x36, 0xaf, 0x10, 0x7d, 0xc4, 0x69, 0xf3, 0x2e, 0x85, 0x5a,
-    0x01, 0xbe, 0x73, 0x4c, 0xe9, 0x92, 0x2d, 0x68, 0xb7, 0x0f, 0x54, 0xca, 0x3d, 0xa6, 0x18, 0xef,
-];
 
 fn cases() -> Vec<Case> {
     let tenant_key_1 = pattern::<32>(0x00, 1);
@@ -133,8 +122,11 @@ fn cases() -> Vec<Case> {
             nonce: pattern(0x44, 0x1d),
         },
         Case {
-            // How the subject key above is stored: a tenant-key envelope of
-            // its 32 bytes. Version 0x00000102 checks big-endian order.
+            // How the subject key above was stored in the legacy form
+            // (FORMAT.md, "The legacy form"): a tenant-key envelope of its 32
+            // bytes under a context the data plane now refuses. Kept so that
+            // the upgrade's reader of that form stays checked. Version
+            // 0x00000102 checks big-endian order.
             name: "subject-key-wrapped-by-tenant-key-version-258",
             key: pattern(0x80, 0x05),
             key_ref: KeyRef::Tenant { version: 0x0102 },

@@ -103,10 +103,7 @@ impl AdminService {
     where
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
-        let caller = self
-            .shared
-            .admit(&request, action, permission, tenant)
-            .await?;
+        let caller = self.shared.admit(&request, action, permission, tenant)?;
         let asked = Entry {
             action,
             phase: Phase::Asked,

@@ -81,15 +81,12 @@ impl CryptoService {
         action: &'static str,
         permission: Permission,
     ) -> Result<(Caller, T), Status> {
-        let caller = self
-            .shared
-            .admit(
-                &request,
-                action,
-                permission,
-                Some(request.get_ref().tenant_id()),
-            )
-            .await?;
+        let caller = self.shared.admit(
+            &request,
+            action,
+            permission,
+            Some(request.get_ref().tenant_id()),
+        )?;
         Ok((caller, request.into_inner()))
     }
 }

@@ -4,7 +4,10 @@
 //! `tonic::Status` in one place, [`status`].
 
 pub mod admin;
+pub mod budget;
+pub mod codec;
 pub mod crypto;
+pub mod edge;
 pub mod status;
 pub mod streams;
 
@@ -15,7 +18,7 @@ use tonic::{Request, Status};
 use crate::{
     audit::{AuditLog, Entry, Phase, counts::Counts},
     auth::{Caller, Guard, Permission},
-    config::{DataPlaneAudit, Limits},
+    config::{DataPlaneAudit, Limits, ServerConfig},
     envelope::Context,
     error::{Dependency, Error},
     ids::TenantId,
@@ -44,6 +47,8 @@ pub const MAX_CONTEXT_FIELD_BYTES: usize = 1024;
 pub struct Shared {
     pub keys: Arc<KeyManager>,
     pub limits: Limits,
+    /// Connections and calls: the edge's limits and timeouts.
+    pub server: ServerConfig,
     /// Every Admin call is recorded here; admin calls fail closed without it.
     pub audit: Arc<AuditLog>,
     /// Which data-plane calls are recorded, and the counts when counted.
@@ -57,57 +62,47 @@ pub struct Shared {
     pub backup_retention: std::time::Duration,
 }
 
-/// Who asked, as the audit log names a caller that could not be
-/// authenticated: the transport's peer.
-fn peer<T>(request: &Request<T>) -> String {
-    request
-        .remote_addr()
-        .map_or_else(|| "unix socket".to_owned(), |addr| format!("tcp {addr}"))
-}
-
 impl Shared {
-    /// Authenticates and authorizes a call. A refusal is recorded in the
-    /// audit log (whatever the data-plane setting) and returned.
-    pub async fn admit<T>(
+    /// Authorizes a call the edge admitted ([`edge`]: the caller is
+    /// authenticated, and may do `permission` for some tenant) for the
+    /// tenant its body names. An invalid tenant id is INVALID_ARGUMENT
+    /// (naming the field, never echoing the value); a refusal is counted in
+    /// the audit log and returned.
+    pub fn admit<T>(
         &self,
         request: &Request<T>,
         action: &'static str,
         permission: Permission,
         tenant: Option<&str>,
     ) -> Result<Caller, Status> {
-        let (caller, refusal) = match self.guard.authenticate(request) {
-            Err(e) => (peer(request), e),
-            Ok(caller) => match self.guard.authorize(&caller, permission, tenant) {
-                Ok(()) => return Ok(caller),
-                Err(e) => (caller.identity, e),
-            },
-        };
-        let status = Status::from(refusal);
-        self.record_refusal(action, caller, tenant, status.code())
-            .await;
-        Err(status)
+        let caller = caller_of(request, action)?;
+        if let Some(tenant) = tenant {
+            TenantId::parse("tenant_id", tenant)?;
+        }
+        if let Err(e) = self.guard.authorize(&caller, permission, tenant) {
+            self.count_refusal(action, &caller.identity, tenant, &e);
+            return Err(e.into());
+        }
+        Ok(caller)
     }
 
-    /// Records a call refused before it ran. A refusal stands whether or not
-    /// it could be recorded.
-    pub async fn record_refusal(
+    /// Counts a call refused before it ran (authentication, authorization),
+    /// per interval, caller and reason: a flood of refusals is a handful of
+    /// audit records, not one written and synced per call.
+    pub fn count_refusal(
         &self,
         action: &'static str,
-        caller: String,
+        caller: &str,
         tenant: Option<&str>,
-        code: tonic::Code,
+        error: &Error,
     ) {
-        let entry = Entry {
+        let tenant = tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok());
+        self.counts.add(
             action,
-            phase: Phase::Refused,
+            tenant,
             caller,
-            tenant: valid_tenant(tenant),
-            outcome: Some(status::code_name(code).to_owned()),
-            ..Entry::default()
-        };
-        if let Err(e) = self.audit.record(entry).await {
-            tracing::error!(error = %e, "the audit log could not record a refused call");
-        }
+            status::code_name(status::code(error)),
+        );
     }
 
     /// Records a data-plane call that ran, as `audit.data_plane` says. In
@@ -187,6 +182,23 @@ impl Shared {
     }
 }
 
+/// The caller the edge authenticated ([`edge`]); every keywarden method
+/// passes the edge, which puts it in the request's extensions.
+fn caller_of<T>(request: &Request<T>, action: &str) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| {
+            Error::internal(format!("{action} arrived without an authenticated caller")).into()
+        })
+}
+
+/// Context keys in this namespace are keywarden's own: refused from callers,
+/// at every entry point that takes a context, so that no caller can present
+/// a context that keywarden uses (or once used) for keys it stores.
+pub const RESERVED_CONTEXT_PREFIX: &str = "keywarden.";
+
 /// Checks a context map's shape. Its contents are not echoed: they may
 /// identify records.
 fn check_context(context: &Context) -> Result<(), Error> {
@@ -202,6 +214,12 @@ fn check_context(context: &Context) -> Result<(), Error> {
     for (key, value) in context {
         if key.is_empty() {
             return Err(Error::invalid("context", "keys must not be empty"));
+        }
+        if key.starts_with(RESERVED_CONTEXT_PREFIX) {
+            return Err(Error::invalid(
+                "context",
+                format!("keys beginning with \"{RESERVED_CONTEXT_PREFIX}\" are reserved"),
+            ));
         }
         if key.len() > MAX_CONTEXT_FIELD_BYTES || value.len() > MAX_CONTEXT_FIELD_BYTES {
             return Err(Error::invalid(

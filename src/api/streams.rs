@@ -11,7 +11,7 @@
 //! segment was sealed, or opened and authenticated; any failure ends the
 //! stream with its error, never with a clean end.
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,12 +20,12 @@ use super::{Shared, check_context, pb};
 use crate::{
     auth::{Caller, Permission},
     envelope::{
-        Context,
+        Context, KeyRef,
         stream::{self, StreamOpener, StreamSealer},
     },
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::ActiveTenant,
+    keys::{ActiveTenant, KeyWatch},
 };
 
 /// Most bytes sent in one response: a large request chunk is sealed or
@@ -49,6 +49,11 @@ struct Call<Req> {
     key_version: u32,
     /// Set once the stream has ended (with its last message or an error).
     ended: bool,
+    /// The key the stream uses, once resolved, and the watch that wakes
+    /// when a shred, a retention destroy or an event may have destroyed it.
+    key: Option<(KeyRef, KeyWatch)>,
+    /// How long the stream waits for each message.
+    message_timeout: Duration,
 }
 
 /// A stream's request: a start (the first) or a chunk (every later one).
@@ -100,6 +105,14 @@ fn not_a_chunk() -> Error {
     )
 }
 
+/// A stream's next message did not come in time.
+fn message_late(timeout: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "the stream's next message did not arrive within {} s (server.stream_message_timeout_seconds)",
+        timeout.as_secs()
+    ))
+}
+
 fn no_start() -> Error {
     Error::invalid("part", "the first request of a stream must be a start")
 }
@@ -123,17 +136,24 @@ impl<Req: StreamRequest> Call<Req> {
         permission: Permission,
     ) -> Result<(Self, Req::Start), Status> {
         let (metadata, extensions, mut requests) = request.into_parts();
-        let start = match requests.message().await?.and_then(Req::into_part) {
+        let message_timeout = Duration::from_secs(shared.server.stream_message_timeout_seconds);
+        let first = tokio::time::timeout(message_timeout, requests.message())
+            .await
+            .map_err(|_| message_late(message_timeout))??;
+        let start = match first.and_then(Req::into_part) {
             Some(Part::Start(start)) => Some(start),
             _ => None,
         };
         let head = Request::from_parts(metadata, extensions, ());
-        let tenant_id = start
-            .as_ref()
-            .map_or_else(String::new, |s| Req::tenant_id(s).to_owned());
-        let caller = shared
-            .admit(&head, action, permission, Some(&tenant_id))
-            .await?;
+        let Some(tenant_id) = start.as_ref().map(|s| Req::tenant_id(s).to_owned()) else {
+            // Nothing names a tenant: refused as malformed, and recorded.
+            let caller = super::caller_of(&head, action)?;
+            return Err(shared
+                .record_data_plane::<()>(action, &caller, "", Err(no_start().into()))
+                .await
+                .expect_err("a failure is recorded as one"));
+        };
+        let caller = shared.admit(&head, action, permission, Some(&tenant_id))?;
         let resolved = async {
             let start = start.ok_or_else(no_start)?;
             let id = TenantId::parse("tenant_id", Req::tenant_id(&start))?;
@@ -154,6 +174,8 @@ impl<Req: StreamRequest> Call<Req> {
                     consumed: 0,
                     key_version: 0,
                     ended: false,
+                    key: None,
+                    message_timeout,
                 },
                 start,
             )),
@@ -171,10 +193,40 @@ impl<Req: StreamRequest> Call<Req> {
             .expect_err("a failure is recorded as one")
     }
 
+    /// From now on, ends the stream when its key is destroyed.
+    fn watch_key(&mut self, key_ref: KeyRef) {
+        let watch = self.shared.keys.watch(&self.tenant.id, key_ref);
+        self.key = Some((key_ref, watch));
+    }
+
+    /// The next request, within the message timeout; meanwhile, if the
+    /// stream's key may have been destroyed (or a cache lifetime passed),
+    /// the key is resolved again and the stream ends if it is gone.
+    async fn next_request(&mut self) -> Result<Option<Req>, Status> {
+        let late = tokio::time::sleep(self.message_timeout);
+        tokio::pin!(late);
+        loop {
+            let Some((key_ref, watch)) = &self.key else {
+                return tokio::select! {
+                    request = self.requests.message() => request,
+                    () = &mut late => Err(message_late(self.message_timeout)),
+                };
+            };
+            let key_ref = *key_ref;
+            tokio::select! {
+                request = self.requests.message() => return request,
+                () = &mut late => return Err(message_late(self.message_timeout)),
+                () = watch.changed() => {}
+                () = tokio::time::sleep(self.shared.keys.recheck_every()) => {}
+            }
+            self.shared.keys.recheck(&self.tenant.id, key_ref).await?;
+        }
+    }
+
     /// The next input slice, reading a request when the last is used up.
     async fn next_input(&mut self) -> Result<Next, Status> {
         while self.consumed == self.input.len() {
-            match self.requests.message().await? {
+            match self.next_request().await? {
                 None => return Ok(Next::End),
                 Some(request) => match request.into_part() {
                     Some(Part::Chunk(chunk)) => {
@@ -231,6 +283,9 @@ pub async fn encrypt(
         Err(e) => return Err(call.refuse(e).await),
     };
     call.key_version = key_version;
+    if let Ok(Some(parsed)) = stream::parse_header(&header) {
+        call.watch_key(parsed.key_ref);
+    }
     let state = Sealing {
         limit: call.tenant.policy().max_plaintext_bytes,
         call,
@@ -425,6 +480,15 @@ impl Opening {
                 .decrypt_stream(&self.call.tenant, &self.header, &self.context)
                 .await?;
             self.call.key_version = key_version;
+            if let Ok(Some(parsed)) = stream::parse_header(&self.header) {
+                // Field by field: `input` borrows the call's input meanwhile.
+                let watch = self
+                    .call
+                    .shared
+                    .keys
+                    .watch(&self.call.tenant.id, parsed.key_ref);
+                self.call.key = Some((parsed.key_ref, watch));
+            }
             self.opener = Some(opener);
         }
         let opener = self.opener.as_mut().expect("set above");

@@ -18,12 +18,9 @@ pub mod jwt;
 pub mod policy;
 pub mod tokens;
 
-use std::{fmt, sync::Arc};
+use std::{fmt, net::SocketAddr, sync::Arc};
 
-use tonic::{
-    Request,
-    transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo},
-};
+use rustls::pki_types::CertificateDer;
 
 use crate::error::Error;
 pub use policy::Policy;
@@ -133,6 +130,31 @@ impl Caller {
     }
 }
 
+/// The connection a call arrived on, as the server saw it: put into every
+/// request's extensions by the server (`server::conn`), read by
+/// authentication and by the audit log's name for an unauthenticated peer.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub transport: Transport,
+    /// The client's address (TCP).
+    pub addr: Option<SocketAddr>,
+    /// The client's certificate chain, leaf first, when it presented one on
+    /// a TLS listener (rustls verified it against the client CA).
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl Peer {
+    /// How the audit log names a caller that could not be authenticated:
+    /// `tcp <ip>` (without the port, so that a flood from many ports is one
+    /// caller) or `unix socket`.
+    pub fn name(&self) -> String {
+        match self.addr {
+            Some(addr) => format!("tcp {}", addr.ip()),
+            None => "unix socket".to_owned(),
+        }
+    }
+}
+
 /// Authentication and authorization, as the server is configured.
 pub struct Guard {
     pub tokens: StaticTokens,
@@ -150,17 +172,11 @@ impl fmt::Debug for Guard {
 }
 
 impl Guard {
-    /// Names the caller of `request`, or refuses a credential that fails.
-    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
-        let extensions = request.extensions();
-        let transport = if extensions.get::<UdsConnectInfo>().is_some() {
-            Transport::Unix
-        } else if extensions.get::<TlsConnectInfo<TcpConnectInfo>>().is_some() {
-            Transport::Tls
-        } else {
-            Transport::Loopback
-        };
-        if let Some(header) = request.metadata().get("authorization") {
+    /// Names the caller of a call from its headers and connection (no body
+    /// is needed), or refuses a credential that fails.
+    pub fn authenticate(&self, headers: &http::HeaderMap, peer: &Peer) -> Result<Caller, Error> {
+        let transport = peer.transport;
+        if let Some(header) = headers.get(http::header::AUTHORIZATION) {
             let value = header
                 .to_str()
                 .map_err(|_| unauthenticated("the authorization header is not text"))?;
@@ -173,22 +189,11 @@ impl Guard {
                 .trim();
             return self.authenticate_token(token, transport);
         }
-        if let Some(certs) = request.peer_certs()
+        if let Some(certs) = &peer.certs
             && let Some(leaf) = certs.first()
         {
             // rustls has already verified the chain against the client CA.
             let identity = certificate_identity(leaf.as_ref())?;
-            // Names of the other kinds of identity cannot be claimed by a
-            // certificate (a CA that issues any URI must not mint token:admin).
-            if identity.starts_with("token:")
-                || identity.starts_with("jwt:")
-                || identity == "unix"
-                || identity == "anonymous"
-            {
-                return Err(unauthenticated(
-                    "the client certificate's URI subjectAltName uses a name reserved for other credentials",
-                ));
-            }
             return Ok(Caller {
                 identity,
                 transport,
@@ -251,11 +256,41 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// The check a call's headers allow, before its body is read: whether
+    /// `caller` may do `permission` for some tenant (`tenant_scoped`, the
+    /// body names it), or across all tenants (it does not).
+    pub fn preauthorize(
+        &self,
+        caller: &Caller,
+        permission: Permission,
+        tenant_scoped: bool,
+    ) -> Result<(), Error> {
+        if !tenant_scoped {
+            return self.authorize(caller, permission, None);
+        }
+        if self.policy.allows_some_tenant(caller, permission) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} may not {} for any tenant",
+            caller.identity,
+            permission.name()
+        )))
+    }
+}
+
 fn unauthenticated(reason: impl Into<String>) -> Error {
     Error::Unauthenticated(reason.into())
 }
 
-/// The identity a client certificate proves: its first URI SAN.
+/// The identity a client certificate proves: its first URI SAN. It must be
+/// a URI (`scheme:rest`, no whitespace or control characters), and not one
+/// of the names other credentials and keywarden itself use: `token:` and
+/// `jwt:` identities, `unix`, `anonymous`, the audit log's `scheduler` and
+/// its names for unauthenticated peers (`tcp <ip>`, `unix socket`). The
+/// URI-and-no-space rule already rules out the latter four; the schemes are
+/// checked by name. A CA that issues any URI must not mint `token:admin`.
 fn certificate_identity(der: &[u8]) -> Result<String, Error> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der)
@@ -263,17 +298,44 @@ fn certificate_identity(der: &[u8]) -> Result<String, Error> {
     let san = cert
         .subject_alternative_name()
         .map_err(|_| unauthenticated("the client certificate's subjectAltName is malformed"))?;
-    san.and_then(|san| {
-        san.value.general_names.iter().find_map(|name| match name {
-            GeneralName::URI(uri) => Some((*uri).to_owned()),
-            _ => None,
+    let identity = san
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                GeneralName::URI(uri) => Some((*uri).to_owned()),
+                _ => None,
+            })
         })
-    })
-    .ok_or_else(|| {
-        unauthenticated(
-            "the client certificate has no URI subjectAltName (e.g. a SPIFFE id) to name its holder",
-        )
-    })
+        .ok_or_else(|| {
+            unauthenticated(
+                "the client certificate has no URI subjectAltName (e.g. a SPIFFE id) to name its holder",
+            )
+        })?;
+    check_certificate_identity(&identity)?;
+    Ok(identity)
+}
+
+/// The rule of [`certificate_identity`] for the URI it found.
+fn check_certificate_identity(identity: &str) -> Result<(), Error> {
+    let scheme = identity.split_once(':').map(|(scheme, _)| scheme);
+    let is_uri = scheme.is_some_and(|s| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    }) && !identity
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control());
+    if !is_uri {
+        return Err(unauthenticated(
+            "the client certificate's URI subjectAltName is not a URI (scheme:rest, no spaces)",
+        ));
+    }
+    if matches!(scheme, Some(s) if s.eq_ignore_ascii_case("token") || s.eq_ignore_ascii_case("jwt"))
+    {
+        return Err(unauthenticated(
+            "the client certificate's URI subjectAltName uses a name reserved for other credentials",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `value` matches `pattern`: `*` matches anything, `prefix*`
@@ -297,6 +359,34 @@ mod tests {
         assert!(matches("acme", "acme"));
         assert!(!matches("acme", "acme2"));
         assert!(!matches("acme", "acm"));
+    }
+
+    #[test]
+    fn certificates_cannot_claim_names_keywarden_uses() {
+        for ok in [
+            "spiffe://prod.example/ns/billing/sa/api",
+            "urn:uuid:0f5e",
+            "https://svc.example/a",
+        ] {
+            assert!(check_certificate_identity(ok).is_ok(), "{ok}");
+        }
+        for reserved in [
+            "token:admin",
+            "TOKEN:admin",
+            "jwt:alice",
+            "unix",
+            "anonymous",
+            "scheduler",
+            "tcp 127.0.0.1",
+            "unix socket",
+            "spiffe://a b",
+            "spiffe://a\nb",
+            ":nothing",
+            "1x:y",
+        ] {
+            let e = check_certificate_identity(reserved).unwrap_err();
+            assert!(matches!(e, Error::Unauthenticated(_)), "{reserved}: {e:?}");
+        }
     }
 
     #[test]

@@ -199,6 +199,24 @@ impl Policy {
             }
         })
     }
+
+    /// Whether some grant may allow `caller` to do `permission` for some
+    /// tenant: the check made on a call's headers, before its body (which
+    /// names the tenant) is read. [`Policy::allows`] with the tenant then
+    /// decides; this only refuses early what it would refuse for every
+    /// tenant.
+    pub fn allows_some_tenant(&self, caller: &Caller, permission: Permission) -> bool {
+        self.grants.iter().any(|grant| {
+            matches(&grant.identity, &caller.identity)
+                && grant.permissions.contains(&permission)
+                && match &caller.token_tenants {
+                    Some(named) => named
+                        .iter()
+                        .any(|t| grant.tenants.iter().any(|p| matches(p, t))),
+                    None => !grant.tenants_from_token,
+                }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -270,6 +288,39 @@ mod tests {
         let narrowed = caller("spiffe://prod/ns/billing/x", Some(&["acme-1"]));
         assert!(policy.allows(&narrowed, Permission::Encrypt, Some("acme-1")));
         assert!(!policy.allows(&narrowed, Permission::Encrypt, Some("acme-2")));
+    }
+
+    #[test]
+    fn some_tenant_is_what_allows_would_grant_for_at_least_one_tenant() {
+        let policy = Policy::parse(
+            r#"
+            [[grant]]
+            identity = "spiffe://prod/*"
+            allow = ["decrypt"]
+            tenants = ["acme-*"]
+            [[grant]]
+            identity = "jwt:*"
+            allow = ["encrypt"]
+            tenants = ["*"]
+            tenants_from_token = true
+            "#,
+            "test",
+        )
+        .unwrap();
+        let svc = caller("spiffe://prod/api", None);
+        assert!(policy.allows_some_tenant(&svc, Permission::Decrypt));
+        assert!(!policy.allows_some_tenant(&svc, Permission::Encrypt));
+        assert!(!policy.allows_some_tenant(&caller("anonymous", None), Permission::Decrypt));
+        // A JWT naming no tenant gets nothing from tenants_from_token.
+        assert!(!policy.allows_some_tenant(&caller("jwt:bob", None), Permission::Encrypt));
+        assert!(policy.allows_some_tenant(&caller("jwt:bob", Some(&["x"])), Permission::Encrypt));
+        // A JWT naming tenants outside every grant's patterns.
+        let narrowed = caller("spiffe://prod/api", Some(&["globex"]));
+        assert!(!policy.allows_some_tenant(&narrowed, Permission::Decrypt));
+        assert!(policy.allows_some_tenant(
+            &caller("spiffe://prod/api", Some(&["acme-1"])),
+            Permission::Decrypt
+        ));
     }
 
     #[test]

@@ -181,6 +181,7 @@ pub async fn serve(listen: ListenAddr) -> Result<(), String> {
         routes.routes(),
         vec![listener],
         None,
+        &crate::config::ServerConfig::default(),
         server::shutdown_signal(),
     )
     .await

@@ -27,6 +27,7 @@ mod kdf;
 pub mod provider;
 pub mod stream;
 pub mod text;
+pub mod wrap;
 
 use std::collections::BTreeMap;
 
@@ -133,6 +134,12 @@ impl EnvelopeKey {
     /// AES-256-GCM under the message key for `salt`.
     fn message_aead(&self, salt: &[u8; SALT_LEN]) -> provider::AeadKey {
         self.provider.aead(&self.kdf.derive(salt))
+    }
+
+    /// AES-256-GCM under the key derived for another purpose (`label`), e.g.
+    /// a stored-key domain ([`wrap`]).
+    fn aead_for(&self, label: &[u8; 7], salt: &[u8; SALT_LEN]) -> provider::AeadKey {
+        self.provider.aead(&self.kdf.derive_for(label, salt))
     }
 }
 
@@ -266,6 +273,19 @@ pub fn associated_data(header: &[u8], tenant: &str, context: &Context) -> Option
     for (key, value) in context {
         push_str(&mut aad, key)?;
         push_str(&mut aad, value)?;
+    }
+    Some(aad)
+}
+
+/// `header || enc(p_1) || ... || enc(p_n)` with `enc(p) = [len(p)]_32 || p`:
+/// the associated data of the stored-key wraps ([`wrap`]).
+fn associated_data_parts(header: &[u8], parts: &[&[u8]]) -> Option<Vec<u8>> {
+    let mut aad =
+        Vec::with_capacity(header.len() + parts.iter().map(|p| 4 + p.len()).sum::<usize>());
+    aad.extend_from_slice(header);
+    for part in parts {
+        aad.extend_from_slice(&length(part.len())?);
+        aad.extend_from_slice(part);
     }
     Some(aad)
 }

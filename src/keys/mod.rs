@@ -19,7 +19,9 @@
 //! own.
 
 pub mod cache;
+mod legacy;
 mod schedule;
+mod watch;
 
 use std::{sync::Arc, time::Duration};
 
@@ -31,6 +33,7 @@ use crate::{
     envelope::{
         self, Context, EnvelopeKey, KeyRef, Provider,
         stream::{self, StreamOpener, StreamSealer},
+        wrap::{self, KeyDomain},
     },
     error::{Dependency, Error, Result},
     events::Event,
@@ -44,6 +47,8 @@ use crate::{
     },
 };
 use cache::{CacheLimits, Cached, TtlCache};
+pub use legacy::{SubjectKeyUpgrade, legacy_wrap};
+pub use watch::KeyWatch;
 
 /// Subject keys have one version today; the format has room for more.
 pub const SUBJECT_KEY_VERSION: u32 = 1;
@@ -299,6 +304,11 @@ pub struct KeyManager {
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
+    /// Keys in use by open streams, woken by the evictions below.
+    watchers: Arc<watch::Watchers>,
+    /// How often an open stream checks its key again even without an
+    /// eviction: the cache's time to live, the bound when an event is lost.
+    recheck_every: Duration,
     settings: KeySettings,
     /// The time, for records and policies.
     clock: Arc<dyn Fn() -> UnixMillis + Send + Sync>,
@@ -317,6 +327,8 @@ impl KeyManager {
             tenants: TtlCache::new(limits),
             sealing: TtlCache::new(limits),
             index: TtlCache::new(limits),
+            watchers: Arc::default(),
+            recheck_every: limits.time_to_live,
             settings,
             clock: Arc::new(UnixMillis::now),
         }
@@ -790,6 +802,7 @@ impl KeyManager {
             tenant: id.clone(),
             slot: Slot::Subject(subject_key_id),
         });
+        self.watchers.subject(id, subject_key_id);
         let shred = result?;
         tracing::info!(tenant = %id, key_destroyed = shred.key_destroyed, already = shred.already_shredded, "subject shredded");
         Ok(shred)
@@ -805,6 +818,7 @@ impl KeyManager {
                     tenant: id.clone(),
                     slot: Slot::Subject(*subject),
                 });
+                self.watchers.subject(id, *subject);
             }
         }
     }
@@ -815,12 +829,38 @@ impl KeyManager {
         self.tenants.invalidate_all();
         self.sealing.invalidate_all();
         self.index.invalidate_all();
+        self.watchers.all();
     }
 
     fn evict_tenant(&self, id: &TenantId) {
         self.tenants.invalidate(id);
         self.index.invalidate(id);
         self.sealing.invalidate_if(|k| &k.tenant == id);
+        self.watchers.tenant(id);
+    }
+
+    /// Watches the key `key_ref` names for an open stream of `tenant`: the
+    /// watch wakes when an eviction may have destroyed it.
+    pub fn watch(&self, tenant: &TenantId, key_ref: KeyRef) -> KeyWatch {
+        let subject = match key_ref {
+            KeyRef::Tenant { .. } => None,
+            KeyRef::Subject { id, .. } => Some(SubjectKeyId(id)),
+        };
+        self.watchers.watch(tenant, subject)
+    }
+
+    /// How often an open stream checks its key again without being woken.
+    pub fn recheck_every(&self) -> Duration {
+        self.recheck_every
+    }
+
+    /// Resolves an open stream's key again, as a new call would (the
+    /// eviction that woke it made this a keystore read): an error when the
+    /// tenant or subject was shredded, the version destroyed, or the
+    /// tenant's policy now refuses it.
+    pub async fn recheck(&self, tenant: &TenantId, key_ref: KeyRef) -> Result<()> {
+        let tenant = self.active_tenant(tenant).await?;
+        self.key_for(&tenant, key_ref).await.map(drop)
     }
 
     /// Drops cached keys past their time to live or unused for their time
@@ -989,14 +1029,10 @@ impl KeyManager {
     async fn key_for(&self, tenant: &ActiveTenant, key_ref: KeyRef) -> Result<KeyHandle> {
         match key_ref {
             KeyRef::Tenant { version: 0 } => Err(Error::Undecryptable),
-            KeyRef::Tenant { version } if version < tenant.policy().min_decrypt_version => {
-                Err(Error::FailedPrecondition(format!(
-                    "tenant {}'s policy refuses data of key version {version}: its minimum decryption version is {}",
-                    tenant.id,
-                    tenant.policy().min_decrypt_version
-                )))
+            KeyRef::Tenant { version } => {
+                check_min_version(tenant, version, "data of key version")?;
+                self.tenant_key(tenant, version).await
             }
-            KeyRef::Tenant { version } => self.tenant_key(tenant, version).await,
             KeyRef::Subject { id, version } if version == SUBJECT_KEY_VERSION => {
                 self.subject_key(tenant, SubjectKeyId(id), false).await
             }
@@ -1138,6 +1174,14 @@ impl KeyManager {
                 }
             })
             .await?;
+        // The tenant version that wraps the subject key protects its data:
+        // the tenant's minimum decryption version applies to it as to
+        // tenant-key data, on every path (encrypt, decrypt, rewrap, streams).
+        check_min_version(
+            tenant,
+            key.tenant_version,
+            "a subject key wrapped by key version",
+        )?;
         Ok(KeyHandle(HeldKey::Other(key)))
     }
 
@@ -1155,7 +1199,9 @@ impl KeyManager {
             .await?)
     }
 
-    /// Seals a subject key under the tenant's primary key version.
+    /// Wraps a subject key under the tenant's primary key version, in the
+    /// subject-key domain (see [`envelope::wrap`]): no data-plane call can
+    /// open or mint it.
     async fn wrap_subject_key(
         &self,
         tenant: &ActiveTenant,
@@ -1163,14 +1209,13 @@ impl KeyManager {
         key: &Key256,
     ) -> Result<SubjectKeyRecord> {
         let wrapping = tenant.primary_key();
-        let wrapped = envelope::seal(
+        let wrapped = wrap::wrap_key(
             &wrapping.get()?.key,
-            KeyRef::Tenant {
-                version: tenant.primary_version,
-            },
+            KeyDomain::SubjectKey,
+            tenant.primary_version,
             tenant.id.as_str(),
-            &subject_wrap_context(id),
-            key.expose(),
+            &id.0,
+            key,
         )
         .map_err(Error::internal)?;
         Ok(SubjectKeyRecord {
@@ -1193,7 +1238,11 @@ impl KeyManager {
     }
 
     /// Opens a subject key's keystore row with the tenant key version that
-    /// sealed it.
+    /// sealed it: a subject-key-domain wrap, or (until the upgrade has
+    /// rewrapped it, see [`KeyManager::upgrade_subject_keys`]) a row in the
+    /// legacy form, a tenant-key envelope with a reserved context. The
+    /// legacy form is read here only, from the keystore; the data plane
+    /// refuses that context (and the row is never data-plane input).
     async fn subject_key_bytes(
         &self,
         tenant: &ActiveTenant,
@@ -1208,34 +1257,36 @@ impl KeyManager {
                 tenant.id
             ))
         };
-        let parsed = envelope::parse(&record.wrapped).map_err(|_| corrupt())?;
-        if parsed.key_ref
-            != (KeyRef::Tenant {
-                version: record.tenant_version,
-            })
-        {
-            return Err(corrupt());
+        if legacy::is_legacy(&record.wrapped) {
+            return legacy::unwrap_subject_key(&wrapping.key, tenant, id, record)
+                .ok_or_else(corrupt);
         }
-        let bytes = Zeroizing::new(
-            envelope::open(
-                &wrapping.key,
-                &parsed,
-                tenant.id.as_str(),
-                &subject_wrap_context(id),
-            )
-            .map_err(|_| corrupt())?,
-        );
-        Key256::from_slice(&bytes).ok_or_else(corrupt)
+        match wrap::parse_wrapped(&record.wrapped) {
+            Ok(header) if header.tenant_version == record.tenant_version => {}
+            _ => return Err(corrupt()),
+        }
+        wrap::unwrap_key(
+            &wrapping.key,
+            KeyDomain::SubjectKey,
+            &record.wrapped,
+            tenant.id.as_str(),
+            &id.0,
+        )
+        .map_err(|_| corrupt())
     }
 }
 
-/// The context a subject key is sealed with under its tenant key: binds the
-/// wrapped key to its subject, so keystore rows cannot be swapped.
-fn subject_wrap_context(id: SubjectKeyId) -> Context {
-    Context::from([
-        ("keywarden.purpose".to_owned(), "subject-key".to_owned()),
-        ("keywarden.subject".to_owned(), hex::encode(id.0)),
-    ])
+/// Refuses what tenant key `version` protects when the tenant's policy sets
+/// a higher minimum decryption version.
+fn check_min_version(tenant: &ActiveTenant, version: u32, what: &str) -> Result<()> {
+    let min = tenant.policy().min_decrypt_version;
+    if version < min {
+        return Err(Error::FailedPrecondition(format!(
+            "tenant {}'s policy refuses {what} {version}: its minimum decryption version is {min}",
+            tenant.id
+        )));
+    }
+    Ok(())
 }
 
 fn kms_error(tenant: &TenantId, e: KmsError) -> Error {

@@ -49,6 +49,8 @@ impl KeyManager {
     pub async fn update_policy(&self, id: &TenantId, policy: &TenantPolicy) -> Result<TenantInfo> {
         let result = self.store.set_policy(id, policy).await;
         self.tenants.invalidate(id);
+        // Open streams check their key against the new policy.
+        self.watchers.tenant(id);
         result?;
         tracing::info!(tenant = %id, ?policy, "tenant policy updated");
         self.tenant_info(id).await

@@ -17,9 +17,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    sync::OwnedSemaphorePermit,
+};
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::Connected;
 
 /// The longest a closed connection is drained before its socket is released.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,15 +31,19 @@ pub struct Lingering<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     /// `Some` until dropped; `Drop` hands it to the lingering task.
     io: Option<T>,
     tracker: TaskTracker,
+    /// The connection's place under `server.max_connections`: held until
+    /// the lingering close is over and the socket released.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Lingering<T> {
     /// Wraps `io`; its lingering task is spawned on `tracker`, so shutdown can
     /// wait for it.
-    pub fn new(io: T, tracker: TaskTracker) -> Self {
+    pub fn new(io: T, tracker: TaskTracker, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             io: Some(io),
             tracker,
+            permit,
         }
     }
 
@@ -56,7 +62,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Drop for Lingering<T> {
         if tokio::runtime::Handle::try_current().is_err() {
             return; // No runtime left to linger on: the process is exiting.
         }
+        let permit = self.permit.take();
         self.tracker.spawn(async move {
+            let _permit = permit;
             let _ = io.shutdown().await;
             let mut discard = [0u8; 4096];
             let _ = tokio::time::timeout(LINGER_TIMEOUT, async {
@@ -104,16 +112,5 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Lingerin
 
     fn is_write_vectored(&self) -> bool {
         self.io.as_ref().is_some_and(T::is_write_vectored)
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static> Connected for Lingering<T> {
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io
-            .as_ref()
-            .expect("the connection is present until drop")
-            .connect_info()
     }
 }

@@ -5,11 +5,18 @@
 //! calls in flight finish (up to [`DRAIN_TIMEOUT`]), connections close with a
 //! lingering close (see [`linger`]), and unix socket files are removed.
 
+mod conn;
 mod linger;
+mod listen;
+mod tls;
+
+pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
+pub use listen::Listener;
+pub use tls::tls_config;
 
 use std::{
     fs, io,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::unix::fs::DirBuilderExt,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -17,30 +24,27 @@ use std::{
 
 use secrecy::{ExposeSecret, SecretString};
 use thiserror::Error;
-use tokio::{
-    net::{TcpListener, UnixListener},
-    sync::watch,
-    task::JoinSet,
-};
-use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
+use tokio::{sync::watch, task::JoinSet};
 use tokio_util::task::TaskTracker;
-use tonic::{
-    service::Routes,
-    transport::{Certificate, Identity, ServerTlsConfig, server::TcpIncoming},
-};
+use tonic::service::Routes;
 
 use crate::{
-    api::{Shared, admin::AdminService, crypto::CryptoService, pb},
+    api::{
+        Shared,
+        admin::AdminService,
+        budget::DecodeBudget,
+        codec,
+        crypto::CryptoService,
+        edge::{Edge, EdgeLimits},
+        pb,
+    },
     audit::{AuditLog, counts::Counts},
     auth::{
         Guard, Policy, StaticTokens,
         jwt::JwtVerifier,
         tokens::{ADMIN_TOKEN_FILE, ADMIN_TOKEN_NAME, load_or_create_admin_token},
     },
-    config::{
-        AuditSink, AuthConfig, ClientAuth, Config, ConfigError, KmsProvider, ListenAddr,
-        StoreBackend, TlsConfig,
-    },
+    config::{AuditSink, AuthConfig, Config, ConfigError, KmsProvider, ServerConfig, StoreBackend},
     events::{self, Signal},
     keys::{KeyManager, KeySettings},
     kms::{
@@ -83,56 +87,6 @@ pub enum StartError {
         path: PathBuf,
         source: io::Error,
     },
-}
-
-/// A bound listener.
-pub enum Listener {
-    Tcp(TcpListener),
-    /// The socket and its path, removed at shutdown.
-    Unix(UnixListener, PathBuf),
-}
-
-impl Listener {
-    /// Binds `addr`. A unix socket path left over from a process that is gone
-    /// is replaced; one that a live process answers on is refused.
-    pub async fn bind(addr: &ListenAddr) -> Result<Self, StartError> {
-        let failed = |source| StartError::Listen {
-            addr: addr.to_string(),
-            source,
-        };
-        match addr {
-            ListenAddr::Tcp(tcp) => {
-                Ok(Listener::Tcp(TcpListener::bind(tcp).await.map_err(failed)?))
-            }
-            ListenAddr::Unix(path) => {
-                if path.exists() {
-                    if tokio::net::UnixStream::connect(path).await.is_ok() {
-                        return Err(failed(io::Error::new(
-                            io::ErrorKind::AddrInUse,
-                            "another process is serving on this socket",
-                        )));
-                    }
-                    fs::remove_file(path).map_err(failed)?;
-                }
-                let listener = UnixListener::bind(path).map_err(failed)?;
-                // The app's container shares the socket through a volume; the
-                // group may connect, others may not.
-                fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(failed)?;
-                Ok(Listener::Unix(listener, path.clone()))
-            }
-        }
-    }
-
-    /// The address actually bound (with the real port for `:0`).
-    pub fn local_addr(&self) -> String {
-        match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "tcp:?".into()),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
-        }
-    }
 }
 
 /// What [`open`] opened.
@@ -242,9 +196,16 @@ fn open_local_root(dir: &std::path::Path) -> Result<LocalRootKey, StartError> {
     Ok(root)
 }
 
-/// The gRPC routes: Crypto, Admin, health and reflection.
-pub async fn routes(shared: Shared) -> Routes {
+/// The sidecar's gRPC service: Crypto, Admin, health and reflection, behind
+/// the edge ([`crate::api::edge`]: authentication on headers, the decode
+/// budget, message size limits and deadlines).
+pub type Service = Edge<Routes>;
+
+/// The gRPC routes: Crypto, Admin, health and reflection, behind the edge.
+pub async fn routes(shared: Shared) -> Service {
     let max = shared.limits.max_request_bytes;
+    let server = shared.server.clone();
+    codec::raise_max_batch_items(shared.limits.max_batch_items);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -261,12 +222,22 @@ pub async fn routes(shared: Shared) -> Routes {
     builder
         .add_service(crypto_server(CryptoService::new(shared.clone()), max))
         .add_service(
-            pb::admin_server::AdminServer::new(AdminService::new(shared))
-                .max_decoding_message_size(max),
+            pb::admin_server::AdminServer::new(AdminService::new(shared.clone()))
+                .max_decoding_message_size(server.admin_max_request_bytes),
         )
         .add_service(health_service)
         .add_service(reflection);
-    builder.routes()
+    Edge::new(
+        builder.routes(),
+        shared,
+        DecodeBudget::new(server.decode_budget_bytes),
+        EdgeLimits {
+            crypto_max_request_bytes: max,
+            admin_max_request_bytes: server.admin_max_request_bytes,
+            call_timeout: Duration::from_secs(server.call_timeout_seconds),
+            stream_timeout: Duration::from_secs(server.stream_timeout_seconds),
+        },
+    )
 }
 
 /// A `keywarden.v1.Crypto` service as the sidecar serves it, accepting
@@ -309,87 +280,87 @@ pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Gu
     })
 }
 
-/// The TLS settings of TCP listeners, from the configured files.
-pub fn tls_config(tls: &TlsConfig) -> Result<ServerTlsConfig, StartError> {
-    let read = |what: &'static str, path: &PathBuf| {
-        fs::read(path).map_err(|source| StartError::File {
-            what,
-            path: path.clone(),
-            source,
-        })
-    };
-    let cert = read("tls.cert_file", &tls.cert_file)?;
-    // The key's bytes are secret: they are handed to rustls and dropped.
-    let key = zeroize::Zeroizing::new(read("tls.key_file", &tls.key_file)?);
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key.as_slice()));
-    if let Some(ca) = &tls.client_ca_file {
-        config = config
-            .client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?))
-            .client_auth_optional(tls.client_auth == ClientAuth::Optional);
-    }
-    Ok(config.timeout(Duration::from_secs(10)))
-}
-
-/// Serves `routes` on every listener until `shutdown` resolves, then drains.
-/// TCP listeners use `tls` when given.
-pub async fn serve(
-    routes: Routes,
+/// Serves `service` on every listener until `shutdown` resolves, then
+/// drains: listeners close, every connection gets a GOAWAY, calls in flight
+/// finish (up to [`DRAIN_TIMEOUT`]), closed connections linger. TCP
+/// listeners use `tls` when given. `server` bounds connections and their
+/// timeouts ([`conn`], [`listen`]).
+pub async fn serve<S, B>(
+    service: S,
     listeners: Vec<Listener>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    server: &ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> io::Result<()>
+where
+    S: tower::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (stop_tx, stop_rx) = watch::channel(false);
     let lingering = TaskTracker::new();
-    let mut servers = JoinSet::new();
+    let connections = TaskTracker::new();
+    let places = Arc::new(tokio::sync::Semaphore::new(server.max_connections));
+    let limits = Arc::new(ConnLimits::from(server));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut loops = JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
-        let mut stop = stop_rx.clone();
-        let signal = async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
+        let tls = match &listener {
+            Listener::Tcp(_) => acceptor.clone(),
+            Listener::Unix(_, path) => {
+                socket_paths.push(path.clone());
+                None
+            }
         };
-        let mut server = tonic::transport::Server::builder();
-        match listener {
-            Listener::Tcp(l) => {
-                if let Some(tls) = &tls {
-                    server = server.tls_config(tls.clone())?;
+        let (service, limits, stop, lingering, connections) = (
+            service.clone(),
+            limits.clone(),
+            stop_rx.clone(),
+            lingering.clone(),
+            connections.clone(),
+        );
+        loops.spawn(listener.accept_loop(
+            places.clone(),
+            stop_rx.clone(),
+            move |io, mut peer, place| {
+                if tls.is_some() {
+                    peer.transport = crate::auth::Transport::Tls;
                 }
-                let server = server.add_routes(routes.clone());
-                let tracker = lingering.clone();
-                let incoming = TcpIncoming::from(l)
-                    .with_nodelay(Some(true))
-                    .map(move |conn| conn.map(|io| linger::Lingering::new(io, tracker.clone())));
-                servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
-            }
-            Listener::Unix(l, path) => {
-                let server = server.add_routes(routes.clone());
-                socket_paths.push(path);
-                let tracker = lingering.clone();
-                let incoming = UnixListenerStream::new(l)
-                    .map(move |conn| conn.map(|io| linger::Lingering::new(io, tracker.clone())));
-                servers.spawn(server.serve_with_incoming_shutdown(incoming, signal));
-            }
-        }
+                let io = Box::new(linger::Lingering::new(io, lingering.clone(), Some(place)));
+                connections.spawn(conn::serve_connection(
+                    io,
+                    peer,
+                    tls.clone(),
+                    service.clone(),
+                    limits.clone(),
+                    stop.clone(),
+                ));
+            },
+        ));
     }
-    let mut result = Ok(());
+    tokio::pin!(shutdown);
     tokio::select! {
-        () = shutdown => {}
-        Some(joined) = servers.join_next() => {
-            // A listener failed on its own: stop the others too.
-            result = joined.unwrap_or(Ok(()));
+        () = &mut shutdown => {}
+        Some(_) = loops.join_next() => {
+            tracing::error!("a listener stopped accepting on its own; stopping");
         }
     }
     tracing::info!("shutting down: no new calls; draining calls in flight");
     let _ = stop_tx.send(true);
     let started = Instant::now();
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(joined) = servers.join_next().await {
-            if let Ok(Err(e)) = joined {
-                tracing::warn!(error = %e, "listener ended with an error");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
+    // The accept loops end at once, closing their listening sockets.
+    while loops.join_next().await.is_some() {}
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(timeout = ?DRAIN_TIMEOUT, "calls still in flight after the drain timeout; stopping anyway");
     }
     // Let closed connections finish their lingering close, so clients read
@@ -400,7 +371,7 @@ pub async fn serve(
         let _ = fs::remove_file(path);
     }
     tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "stopped");
-    result
+    Ok(())
 }
 
 /// What the gRPC services share, as `config` says, around `keys` and
@@ -439,6 +410,7 @@ pub fn shared(
     Ok(Shared {
         keys,
         limits: config.limits.clone(),
+        server: config.server.clone(),
         audit,
         data_plane_audit: config.audit.data_plane,
         counts,
@@ -469,6 +441,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         },
     ));
     keys.spawn_cache_sweeper(config.cache.limits().sweep_interval());
+    // Subject keys still in the legacy form move into the subject-key
+    // domain in the background (docs/FORMAT.md, "The legacy form").
+    keys.spawn_subject_key_upgrade(Duration::from_secs(60));
     if let Some(url) = opened.events {
         follow_events(url, keys.clone());
     }
@@ -498,7 +473,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, tls, shutdown_signal()).await?;
+    serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
     }

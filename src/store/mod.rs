@@ -199,7 +199,8 @@ pub struct NewTenant {
     pub index_key: WrappedKey,
 }
 
-/// A subject key, wrapped by a tenant key version (as a tenant-key envelope).
+/// A subject key, wrapped by a tenant key version (in the subject-key
+/// domain: [`crate::envelope::wrap`]).
 #[derive(Clone)]
 pub struct SubjectKeyRecord {
     pub wrapped: Vec<u8>,
@@ -474,6 +475,17 @@ pub trait Keystore: Send + Sync + 'static {
         version: u32,
         limit: u32,
     ) -> Result<Vec<(SubjectKeyId, SubjectKeyRecord)>, StoreError>;
+
+    /// Up to `limit` subject keys of any tenant still in the legacy wrapped
+    /// form (a tenant-key envelope, whose second byte, the suite, is 0x01;
+    /// the current form's is 0x03: see docs/FORMAT.md), in (tenant id,
+    /// subject key id) order, after `after` when given. Drives the upgrade
+    /// that rewraps them ([`crate::keys::KeyManager::upgrade_subject_keys`]).
+    async fn legacy_subject_keys(
+        &self,
+        after: Option<(&TenantId, &SubjectKeyId)>,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, SubjectKeyId, SubjectKeyRecord)>, StoreError>;
 
     /// Compare and swap: replaces a subject key's wrap with `new` only if it
     /// is still wrapped by `expected_version`; `Ok(false)` when it changed or

@@ -708,6 +708,36 @@ impl Keystore for PostgresKeystore {
         .collect()
     }
 
+    async fn legacy_subject_keys(
+        &self,
+        after: Option<(&TenantId, &SubjectKeyId)>,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, SubjectKeyId, SubjectKeyRecord)>, StoreError> {
+        // ("", no bytes) sorts before every real row.
+        let (tenant, subject) = after.map_or(("", &[][..]), |(t, s)| (t.as_str(), &s.0[..]));
+        sqlx::query(&format!(
+            "SELECT tenant_id, {SUBJECT_KEY_COLUMNS} FROM subject_keys \
+             WHERE (tenant_id, subject_key_id) > ($1, $2) AND get_byte(wrapped, 1) = 1 \
+             ORDER BY tenant_id, subject_key_id LIMIT $3"
+        ))
+        .bind(tenant)
+        .bind(subject)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|row| {
+            let (id, record) = subject_key_from_row(row)?;
+            Ok((
+                rows::tenant_id(&rows::KeystoreRow::text(row, "tenant_id")?)?,
+                id,
+                record,
+            ))
+        })
+        .collect()
+    }
+
     async fn replace_subject_wrap(
         &self,
         id: &TenantId,

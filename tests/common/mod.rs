@@ -3,6 +3,7 @@
 //! test can count the calls that reach the root-key provider.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod moto;
 pub mod postgres;
 pub mod process;
@@ -14,7 +15,7 @@ use keywarden::{
     api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
     audit::AuditLog,
     client::{self, Authed, Bearer},
-    config::{AuditConfig, AuthConfig, CacheConfig, Config, Limits, TlsConfig},
+    config::{AuditConfig, AuthConfig, CacheConfig, Config, Limits, ServerConfig, TlsConfig},
     envelope::Provider,
     keys::{KeyManager, KeySettings},
     kms::{
@@ -87,6 +88,8 @@ pub async fn provider(kms: Kms, dir: &Path, endpoint: Option<&str>) -> Arc<dyn R
 #[derive(Default)]
 pub struct Options {
     pub limits: Limits,
+    /// Connections and calls: bounds and timeouts.
+    pub server: ServerConfig,
     pub cache: CacheConfig,
     pub kms: Kms,
     /// The audit log; default: `audit.log` in the data directory.
@@ -172,13 +175,16 @@ impl TestSidecar {
         let config = Config {
             data_dir: dir.path().to_owned(),
             limits: options.limits,
+            server: options.server,
             cache: options.cache,
             auth: options.auth,
             tls: options.tls,
             audit: options.audit_config,
             ..Config::default()
         };
-        let shared = server::shared(&config, keys, audit).unwrap();
+        let shared = server::shared(&config, keys, audit.clone()).unwrap();
+        // Flushed when the server stops, as `keywarden serve` does.
+        let counts = shared.counts.clone();
         let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()
             .map(|t| SecretString::from(t.trim().to_owned()));
@@ -189,12 +195,14 @@ impl TestSidecar {
         let addr = listener.local_addr();
         let routes = server::routes(shared).await;
         let (stop, stopped) = oneshot::channel::<()>();
+        let server_config = config.server.clone();
         let task = tokio::spawn(async move {
-            server::serve(routes, vec![listener], tls, async {
+            server::serve(routes, vec![listener], tls, &server_config, async {
                 let _ = stopped.await;
             })
             .await
             .unwrap();
+            counts.flush(&audit).await.unwrap();
         });
         Self {
             addr,
