@@ -581,3 +581,81 @@ async fn sidecars_write_one_audit_chain_into_postgres_and_tampering_is_named() {
     one.terminate();
     two.terminate();
 }
+
+/// A stream open on one sidecar ends when another sidecar shreds its
+/// tenant: the shred's event wakes it (docs/SECURITY.md 12.5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_on_one_sidecar_ends_when_another_shreds_its_tenant() {
+    use keywarden::api::pb::decrypt_stream_request::Part as DPart;
+    use keywarden::api::pb::encrypt_stream_request::Part as EPart;
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        sidecar(dir.path(), "a", &url),
+        sidecar(dir.path(), "b", &url),
+    );
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    create(&ca, "acme").await;
+    // A 1 MiB streaming envelope, made on b.
+    let mut sealed = cb
+        .crypto()
+        .encrypt_stream(tokio_stream::iter([
+            pb::EncryptStreamRequest {
+                part: Some(EPart::Start(pb::EncryptStreamStart {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                })),
+            },
+            pb::EncryptStreamRequest {
+                part: Some(EPart::Chunk(vec![3; 1 << 20])),
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut envelope = Vec::new();
+    while let Some(m) = sealed.message().await.unwrap() {
+        envelope.extend(m.chunk);
+    }
+    // b opens it slowly; a shreds the tenant meanwhile.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::DecryptStreamRequest {
+        part: Some(DPart::Start(pb::DecryptStreamStart {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::DecryptStreamRequest {
+        part: Some(DPart::Chunk(envelope[..100_000].to_vec())),
+    })
+    .await
+    .unwrap();
+    let mut opened = cb
+        .crypto()
+        .decrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!opened.message().await.unwrap().unwrap().chunk.is_empty());
+    shred(&ca, "acme").await;
+    // No more input is needed for the stream to end: the event wakes it.
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match opened.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended OK after the shred"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends soon after the shred on the other sidecar");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().starts_with("tenant acme was shredded at "),
+        "{status:?}"
+    );
+    drop(tx);
+}

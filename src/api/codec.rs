@@ -35,20 +35,33 @@ use tonic_prost::ProstEncoder;
 
 use super::{MAX_CONTEXT_ENTRIES, pb};
 
-/// The most batch items the scan lets through: the largest
-/// `limits.max_batch_items` of the servers this process runs (one, in
-/// production); set by [`raise_max_batch_items`] when a server starts.
+tokio::task_local! {
+    /// The batch item limit of the server decoding this call: set by the
+    /// edge around each call it admits ([`with_batch_limit`]).
+    static BATCH_LIMIT: usize;
+}
+
+/// The largest `limits.max_batch_items` of the servers this process runs
+/// (one, in production): the limit of a decode outside any call's scope.
 static MAX_BATCH_ITEMS: AtomicUsize = AtomicUsize::new(0);
 
-/// Lets batches of `items` through the scan (the handlers enforce each
-/// server's own limit after decoding).
+/// Records that a server of this process allows batches of `items`.
 pub fn raise_max_batch_items(items: usize) {
     MAX_BATCH_ITEMS.fetch_max(items, Ordering::Relaxed);
 }
 
+/// Runs a call (its decoding included: tonic decodes a unary request, and a
+/// stream's first message, inside the call's future) with the batch item
+/// limit of the server that admitted it.
+pub async fn with_batch_limit<F: std::future::Future>(items: usize, call: F) -> F::Output {
+    BATCH_LIMIT.scope(items, call).await
+}
+
 /// The most batch items the scan lets through now.
 pub fn max_batch_items() -> usize {
-    MAX_BATCH_ITEMS.load(Ordering::Relaxed)
+    BATCH_LIMIT
+        .try_with(|items| *items)
+        .unwrap_or_else(|_| MAX_BATCH_ITEMS.load(Ordering::Relaxed))
 }
 
 /// Where a message keeps what a decode allocates per element.
@@ -321,6 +334,7 @@ mod tests {
     fn counts_are_refused_before_decoding_and_allowed_up_to_the_limit() {
         raise_max_batch_items(10);
         let max = max_batch_items();
+        assert!(max >= 10);
         let batch = |items: usize, entries: usize| pb::EncryptBatchRequest {
             tenant_id: "acme".into(),
             items: (0..items)

@@ -390,8 +390,10 @@ where
         let request = request
             .map(|body| BudgetedBody::new(body, &self.shared.budget, limit, release, held.clone()));
         let mut inner = self.inner.clone();
+        let batch_limit = self.shared.api.limits.max_batch_items;
         Box::pin(async move {
-            match tokio::time::timeout_at(deadline, inner.call(request)).await {
+            let call = super::codec::with_batch_limit(batch_limit, inner.call(request));
+            match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => Ok(refusal(deadline_exceeded())),
                 Ok(Ok(response)) => Ok(response.map(|body| EdgeBody {
                     inner: body,
