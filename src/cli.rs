@@ -176,6 +176,10 @@ struct PolicyArgs {
     /// Largest plaintext per item, in bytes (0: the sidecar's limit).
     #[arg(long, default_value_t = 0)]
     max_plaintext_bytes: u64,
+    /// How subject ids are told apart: exact, nfc or nfc-casefold. Chosen at
+    /// creation, fixed after (omitted on `tenant policy`: kept).
+    #[arg(long, default_value = "")]
+    subject_ids: String,
 }
 
 impl PolicyArgs {
@@ -187,6 +191,7 @@ impl PolicyArgs {
             max_items_per_second: self.max_items_per_second,
             burst: self.burst,
             max_plaintext_bytes: self.max_plaintext_bytes,
+            subject_ids: self.subject_ids.clone(),
         }
     }
 }

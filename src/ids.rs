@@ -96,6 +96,68 @@ impl fmt::Debug for SubjectId {
     }
 }
 
+/// How a tenant tells two subject ids apart: the rule every path that takes
+/// a subject id (Encrypt, EncryptStream, ShredSubject) applies before the id
+/// is hashed into its subject key id. Chosen when the tenant is created and
+/// fixed after (changing it would change every subject's key id), stated in
+/// each subject erasure receipt.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum SubjectIds {
+    /// Byte for byte: `Ada@Example.com` and `ada@example.com` are two
+    /// subjects, and so are the NFC and NFD forms of `Zoë`.
+    #[default]
+    #[serde(rename = "exact")]
+    Exact,
+    /// Unicode Normalization Form C: canonically equivalent spellings (NFC
+    /// and NFD `Zoë`) are one subject.
+    #[serde(rename = "nfc")]
+    Nfc,
+    /// Unicode canonical caseless matching (Unicode 3.13, D145): NFC of the
+    /// full case folding of the NFD form. `Ada@Example.com`, `ada@example.com`
+    /// and `ADA@EXAMPLE.COM` are one subject; `Straße` and `STRASSE` too.
+    #[serde(rename = "nfc-casefold")]
+    NfcCasefold,
+}
+
+impl SubjectIds {
+    pub const ALL: [SubjectIds; 3] = [SubjectIds::Exact, SubjectIds::Nfc, SubjectIds::NfcCasefold];
+
+    /// The rule's name, as the API, the policy and receipts spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SubjectIds::Exact => "exact",
+            SubjectIds::Nfc => "nfc",
+            SubjectIds::NfcCasefold => "nfc-casefold",
+        }
+    }
+
+    /// The rule named `name` ("" is the default, exact).
+    pub fn parse(name: &str) -> Option<Self> {
+        if name.is_empty() {
+            return Some(Self::default());
+        }
+        Self::ALL.into_iter().find(|rule| rule.name() == name)
+    }
+
+    /// The form of `id` this rule hashes (personal data: only hash it).
+    pub fn apply(self, id: &SubjectId) -> std::borrow::Cow<'_, [u8]> {
+        use unicode_normalization::UnicodeNormalization;
+        match self {
+            SubjectIds::Exact => id.0.as_bytes().into(),
+            SubjectIds::Nfc => id.0.nfc().collect::<String>().into_bytes().into(),
+            SubjectIds::NfcCasefold => {
+                caseless::default_case_fold_str(&id.0.nfd().collect::<String>())
+                    .nfc()
+                    .collect::<String>()
+                    .into_bytes()
+                    .into()
+            }
+        }
+    }
+}
+
 /// The 128-bit keyed hash that stands for a subject in the keystore and in
 /// ciphertexts (see `keys::subject_key_id`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -123,6 +185,45 @@ mod tests {
             err.to_string(),
             "tenant_id: is 129 bytes; at most 128 are allowed"
         );
+    }
+
+    #[test]
+    fn subject_id_rules_match_what_they_say() {
+        let id = |s: &str| SubjectId::parse("s", s).unwrap();
+        let same = |rule: SubjectIds, a: &str, b: &str| rule.apply(&id(a)) == rule.apply(&id(b));
+        let nfc = "Zo\u{eb}";
+        let nfd = "Zoe\u{308}";
+        assert!(!same(SubjectIds::Exact, nfc, nfd));
+        assert!(!same(
+            SubjectIds::Exact,
+            "Ada@Example.com",
+            "ada@example.com"
+        ));
+        assert!(same(SubjectIds::Nfc, nfc, nfd));
+        assert!(!same(SubjectIds::Nfc, "Ada@Example.com", "ada@example.com"));
+        assert!(same(
+            SubjectIds::NfcCasefold,
+            "Ada@Example.com",
+            "ADA@example.COM"
+        ));
+        assert!(same(SubjectIds::NfcCasefold, nfd, "zo\u{eb}"));
+        assert!(same(SubjectIds::NfcCasefold, "Stra\u{df}e", "STRASSE"));
+        assert!(same(
+            SubjectIds::NfcCasefold,
+            "\u{3a3}\u{391}\u{3a3}",
+            "\u{3c3}\u{3b1}\u{3c2}"
+        ));
+        assert!(!same(SubjectIds::NfcCasefold, "ada", "ada "));
+        // The output is NFC: composed.
+        assert_eq!(
+            &*SubjectIds::NfcCasefold.apply(&id(nfd)),
+            "zo\u{eb}".as_bytes()
+        );
+        for rule in SubjectIds::ALL {
+            assert_eq!(SubjectIds::parse(rule.name()), Some(rule));
+        }
+        assert_eq!(SubjectIds::parse(""), Some(SubjectIds::Exact));
+        assert_eq!(SubjectIds::parse("lowercase"), None);
     }
 
     #[test]

@@ -97,9 +97,15 @@ pub struct Receipt {
     /// "tenant" or "subject".
     pub kind: ReceiptKind,
     pub tenant: String,
-    /// Keyed hash (hex) of the subject id, never the id.
+    /// Keyed hash (hex) of the subject id, never the id: of the id as the
+    /// tenant's subject id rule makes it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subject: Option<String>,
+    /// For a subject: the tenant's subject id rule ("exact", "nfc",
+    /// "nfc-casefold"), which decides which spellings of an id this erasure
+    /// covers.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subject_ids: Option<String>,
     /// RFC 3339: when the keys were destroyed.
     pub shredded_at: String,
     /// RFC 3339: when this receipt was made.
@@ -289,6 +295,7 @@ mod tests {
             kind,
             tenant: "acme".into(),
             subject: (kind == ReceiptKind::Subject).then(|| "ab".repeat(32)),
+            subject_ids: (kind == ReceiptKind::Subject).then(|| "nfc-casefold".into()),
             shredded_at: shredded_at.to_string(),
             issued_at: UnixMillis(1_790_000_000_456).to_string(),
             already_shredded: false,

@@ -444,7 +444,7 @@ async fn bad_policies_are_refused_and_change_nothing() {
         let status = admin
             .update_tenant_policy(pb::UpdateTenantPolicyRequest {
                 tenant_id: "acme".into(),
-                policy: Some(policy),
+                policy: Some(policy.clone()),
             })
             .await
             .unwrap_err();
@@ -606,5 +606,173 @@ async fn a_flooding_tenant_does_not_slow_the_others() {
             "tenant B's p99 grew {ratio:.2}× during the flood"
         );
     }
+    sidecar.stop().await;
+}
+
+/// A tenant's subject id rule decides which spellings are one subject, on
+/// every path, and the receipt says which rule an erasure used (the review
+/// at df0a846: a shred of `ada@example.com` left `Ada@Example.com`'s data
+/// readable, behind a valid receipt, with no rule anywhere).
+#[tokio::test]
+async fn subject_ids_follow_the_tenants_rule_and_receipts_state_it() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    let mut c = sidecar.crypto().await;
+    let public_key = admin
+        .get_audit_head(pb::GetAuditHeadRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt_public_key;
+    let rule = |name: &str| {
+        Some(pb::TenantPolicy {
+            subject_ids: name.into(),
+            ..Default::default()
+        })
+    };
+    assert_eq!(
+        create(&mut admin, "exact", None)
+            .await
+            .policy
+            .unwrap()
+            .subject_ids,
+        "exact"
+    );
+    create(&mut admin, "nfc", rule("nfc")).await;
+    let folded = create(&mut admin, "folded", rule("nfc-casefold")).await;
+    assert_eq!(folded.policy.unwrap().subject_ids, "nfc-casefold");
+
+    let nfd_zoe = "Zoe\u{308}@example.com";
+    let nfc_zoe = "Zo\u{eb}@example.com";
+    let shred = async |admin: &mut Admin, tenant: &str, subject: &str| {
+        let r = admin
+            .shred_subject(pb::ShredSubjectRequest {
+                tenant_id: tenant.into(),
+                subject_id: subject.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keywarden::receipt::verify(&r.receipt, &public_key).unwrap()
+    };
+    let shredded = |r: Result<Vec<u8>, tonic::Status>| {
+        let status = r.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    };
+
+    // exact: byte for byte.
+    let ada = encrypt(&mut c, "exact", "Ada@Example.com", b"ada")
+        .await
+        .unwrap();
+    let zoe = encrypt(&mut c, "exact", nfd_zoe, b"zoe").await.unwrap();
+    let receipt = shred(&mut admin, "exact", "ada@example.com").await;
+    assert_eq!(receipt.subject_ids.as_deref(), Some("exact"));
+    assert_eq!(receipt.destroyed_subject_keys, 0);
+    let receipt = shred(&mut admin, "exact", nfc_zoe).await;
+    assert_eq!(receipt.destroyed_subject_keys, 0);
+    assert_eq!(
+        decrypt(&mut c, "exact", &ada.ciphertext).await.unwrap(),
+        b"ada"
+    );
+    assert_eq!(
+        decrypt(&mut c, "exact", &zoe.ciphertext).await.unwrap(),
+        b"zoe"
+    );
+
+    // nfc: canonically equivalent spellings are one subject; case is not.
+    let ada = encrypt(&mut c, "nfc", "Ada@Example.com", b"ada")
+        .await
+        .unwrap();
+    let zoe = encrypt(&mut c, "nfc", nfd_zoe, b"zoe").await.unwrap();
+    let receipt = shred(&mut admin, "nfc", nfc_zoe).await;
+    assert_eq!(
+        (
+            receipt.subject_ids.as_deref(),
+            receipt.destroyed_subject_keys
+        ),
+        (Some("nfc"), 1)
+    );
+    shredded(decrypt(&mut c, "nfc", &zoe.ciphertext).await);
+    assert_eq!(
+        shred(&mut admin, "nfc", "ada@example.com")
+            .await
+            .destroyed_subject_keys,
+        0
+    );
+    assert_eq!(
+        decrypt(&mut c, "nfc", &ada.ciphertext).await.unwrap(),
+        b"ada"
+    );
+
+    // nfc-casefold: case and canonical equivalence both fold.
+    let ada = encrypt(&mut c, "folded", "Ada@Example.com", b"ada")
+        .await
+        .unwrap();
+    let zoe = encrypt(&mut c, "folded", nfd_zoe, b"zoe").await.unwrap();
+    let strasse = encrypt(&mut c, "folded", "Stra\u{df}e", b"street")
+        .await
+        .unwrap();
+    for (spelling, sealed) in [
+        ("ada@example.com", &ada),
+        ("ZO\u{cb}@EXAMPLE.COM", &zoe),
+        ("STRASSE", &strasse),
+    ] {
+        let receipt = shred(&mut admin, "folded", spelling).await;
+        assert_eq!(
+            (
+                receipt.subject_ids.as_deref(),
+                receipt.destroyed_subject_keys
+            ),
+            (Some("nfc-casefold"), 1),
+            "{spelling}"
+        );
+        shredded(decrypt(&mut c, "folded", &sealed.ciphertext).await);
+    }
+    // The same subject shredded again under another spelling: the first
+    // shred, and the same subject hash in the receipt.
+    let again = shred(&mut admin, "folded", "ADA@example.com").await;
+    let first = shred(&mut admin, "folded", "Ada@Example.com").await;
+    assert!(again.already_shredded && first.already_shredded);
+    assert_eq!(again.subject, first.subject);
+    // New data for a shredded spelling is refused too.
+    shredded(
+        encrypt(&mut c, "folded", "ada@EXAMPLE.com", b"x")
+            .await
+            .map(|r| r.ciphertext),
+    );
+
+    // The rule is fixed at creation; an empty value keeps it.
+    let update = |tenant: &str, subject_ids: &str| pb::UpdateTenantPolicyRequest {
+        tenant_id: tenant.into(),
+        policy: Some(pb::TenantPolicy {
+            burst: 3,
+            subject_ids: subject_ids.into(),
+            ..Default::default()
+        }),
+    };
+    let status = admin
+        .update_tenant_policy(update("folded", "exact"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().starts_with("policy.subject_ids is fixed"),
+        "{status:?}"
+    );
+    let kept = admin
+        .update_tenant_policy(update("folded", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.policy.unwrap().subject_ids, "nfc-casefold");
+    let status = admin
+        .update_tenant_policy(update("folded", "lowercase"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("policy.subject_ids: must be"),
+        "{status:?}"
+    );
     sidecar.stop().await;
 }

@@ -1370,6 +1370,7 @@ fn strict_policy() -> TenantPolicy {
         max_items_per_second: u32::MAX,
         burst: 50,
         max_plaintext_bytes: 1 << 20,
+        subject_ids: keywarden::ids::SubjectIds::NfcCasefold,
     }
 }
 

@@ -10,7 +10,7 @@ use crate::{
     audit::{Entry, Phase},
     auth::{Caller, Permission},
     error::{Dependency, Error},
-    ids::{SubjectId, TenantId},
+    ids::{SubjectId, SubjectIds, TenantId},
     keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
     receipt::{RECEIPT_VERSION, Receipt, ReceiptKind},
     store::{TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis},
@@ -259,7 +259,7 @@ impl AdminService {
             root_key: parse_root_key(&r.root_key)?,
             region: parse_region(&r.region)?,
         };
-        let policy = parse_policy(r.policy.unwrap_or_default(), &self.shared.limits)?;
+        let policy = parse_policy(r.policy.clone().unwrap_or_default(), &self.shared.limits)?;
         let info = self
             .shared
             .keys
@@ -382,11 +382,12 @@ impl AdminService {
         let r = request.into_inner();
         let id = TenantId::parse("tenant_id", &r.tenant_id)?;
         let subject = SubjectId::parse("subject_id", &r.subject_id)?;
-        let shred = self.shared.keys.shred_subject(&id, &subject).await?;
+        let (shred, rule) = self.shared.keys.shred_subject(&id, &subject).await?;
         let receipt = self.receipt(Receipt {
             kind: ReceiptKind::Subject,
             tenant: id.to_string(),
-            subject: Some(self.shared.audit.subject_hash(r.subject_id.as_bytes())),
+            subject: Some(self.shared.audit.subject_hash(&rule.apply(&subject))),
+            subject_ids: Some(rule.name().to_owned()),
             shredded_at: shred.at.to_string(),
             already_shredded: shred.already_shredded,
             destroyed_key_versions: 0,
@@ -425,7 +426,21 @@ impl AdminService {
     ) -> Result<Response<pb::Tenant>, Status> {
         let r = request.into_inner();
         let id = TenantId::parse("tenant_id", &r.tenant_id)?;
-        let policy = parse_policy(r.policy.unwrap_or_default(), &self.shared.limits)?;
+        let requested = r.policy.unwrap_or_default();
+        let keep_rule = requested.subject_ids.is_empty();
+        let mut policy = parse_policy(requested, &self.shared.limits)?;
+        let current = self.shared.keys.subject_id_rule(&id).await?;
+        if keep_rule {
+            policy.subject_ids = current;
+        }
+        if policy.subject_ids != current {
+            return Err(Error::FailedPrecondition(format!(
+                "policy.subject_ids is fixed when the tenant is created (tenant {id} uses \"{}\"): \
+                 changing it would give every subject another key id",
+                current.name()
+            ))
+            .into());
+        }
         let info = self.shared.keys.update_policy(&id, &policy).await?;
         Ok(Response::new(self.tenant_info(info)))
     }
@@ -457,6 +472,12 @@ fn parse_policy(
             ));
         }
     }
+    let subject_ids = SubjectIds::parse(&p.subject_ids).ok_or_else(|| {
+        Error::invalid(
+            "policy.subject_ids",
+            "must be \"exact\" (or empty), \"nfc\" or \"nfc-casefold\"",
+        )
+    })?;
     if p.max_plaintext_bytes > limits.max_plaintext_bytes as u64 {
         return Err(Error::invalid(
             "policy.max_plaintext_bytes",
@@ -473,6 +494,7 @@ fn parse_policy(
         max_items_per_second: p.max_items_per_second,
         burst: p.burst,
         max_plaintext_bytes: p.max_plaintext_bytes,
+        subject_ids,
     })
 }
 
@@ -484,6 +506,7 @@ fn policy_message(p: &TenantPolicy) -> pb::TenantPolicy {
         max_items_per_second: p.max_items_per_second,
         burst: p.burst,
         max_plaintext_bytes: p.max_plaintext_bytes,
+        subject_ids: p.subject_ids.name().to_owned(),
     }
 }
 
@@ -594,7 +617,18 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let r = request.get_ref();
         let tenant = r.tenant_id.clone();
-        let subject = r.subject_id.as_bytes().to_vec();
+        // The audit record hashes the subject id as the tenant's rule makes
+        // it, as the receipt does (the id as given if the tenant is unknown).
+        let subject = match (
+            TenantId::parse("tenant_id", &r.tenant_id),
+            SubjectId::parse("subject_id", &r.subject_id),
+        ) {
+            (Ok(id), Ok(subject)) => match self.shared.keys.subject_id_rule(&id).await {
+                Ok(rule) => rule.apply(&subject).into_owned(),
+                Err(_) => r.subject_id.as_bytes().to_vec(),
+            },
+            _ => r.subject_id.as_bytes().to_vec(),
+        };
         self.call(
             "ShredSubject",
             Permission::AdminShred,

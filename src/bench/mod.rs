@@ -14,6 +14,7 @@
 
 pub mod baseline;
 pub mod echo;
+pub mod flood;
 pub mod load;
 pub mod report;
 pub mod startup;
@@ -60,6 +61,10 @@ pub enum BenchCommand {
     /// Send one large object through EncryptStream and back through
     /// DecryptStream: throughput, and with --pid the sidecar's peak memory.
     Stream(streams::StreamArgs),
+    /// Flood a sidecar (--pid) with 16 MiB batches from N senders,
+    /// anonymous or not, and report its peak memory and a legitimate
+    /// caller's latency meanwhile (docs/SECURITY.md 12.2).
+    Flood(flood::FloodArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -191,6 +196,14 @@ pub async fn main(
         BenchCommand::Stream(args) => {
             let json = args.json;
             let report = async { streams::run(args, resolve(sidecar)?).await }.await;
+            finish(report.map(|report| {
+                report.print(json);
+                true
+            }))
+        }
+        BenchCommand::Flood(args) => {
+            let json = args.json;
+            let report = async { flood::run(args, resolve(sidecar)?).await }.await;
             finish(report.map(|report| {
                 report.print(json);
                 true

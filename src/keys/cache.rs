@@ -239,6 +239,11 @@ where
         result
     }
 
+    /// Whether a fresh value is cached for `key` (no load).
+    pub fn contains_fresh(&self, key: &K) -> bool {
+        matches!(self.answer(key), Some(Ok(_)))
+    }
+
     /// Caches a value made elsewhere (e.g. a key just generated).
     pub fn insert(&self, key: K, value: V) {
         self.inner.insert(key, self.hold(value, Instant::now()));

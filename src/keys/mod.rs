@@ -37,7 +37,7 @@ use crate::{
     },
     error::{Dependency, Error, Result},
     events::Event,
-    ids::{SubjectId, SubjectKeyId, TenantId},
+    ids::{SubjectId, SubjectIds, SubjectKeyId, TenantId},
     kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
     store::{
@@ -104,6 +104,7 @@ pub struct CallPolicy {
     pub min_decrypt_version: u32,
     pub max_items_per_second: u32,
     pub burst: u32,
+    pub subject_ids: SubjectIds,
 }
 
 impl From<&TenantPolicy> for CallPolicy {
@@ -113,6 +114,7 @@ impl From<&TenantPolicy> for CallPolicy {
             min_decrypt_version: p.min_decrypt_version,
             max_items_per_second: p.max_items_per_second,
             burst: p.burst,
+            subject_ids: p.subject_ids,
         }
     }
 }
@@ -304,6 +306,12 @@ pub struct KeyManager {
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
+    /// Subject key ids the keystore did not know when a ciphertext named
+    /// them (forged or altered references): answered without another
+    /// keystore read for a cache lifetime. A subject key id is a keyed hash
+    /// only this sidecar can compute, so a real subject's id is here only
+    /// if its first ciphertext was guessed before it existed.
+    absent: TtlCache<SealingKeyId, ()>,
     /// Keys in use by open streams, woken by the evictions below.
     watchers: Arc<watch::Watchers>,
     /// How often an open stream checks its key again even without an
@@ -327,6 +335,7 @@ impl KeyManager {
             tenants: TtlCache::new(limits),
             sealing: TtlCache::new(limits),
             index: TtlCache::new(limits),
+            absent: TtlCache::new(limits),
             watchers: Arc::default(),
             recheck_every: limits.time_to_live,
             settings,
@@ -790,8 +799,25 @@ impl KeyManager {
         Ok(state)
     }
 
-    /// Destroys one data subject's key and leaves a tombstone.
-    pub async fn shred_subject(&self, id: &TenantId, subject: &SubjectId) -> Result<SubjectShred> {
+    /// The tenant's subject id rule, from its stored policy (no key is
+    /// unwrapped).
+    pub async fn subject_id_rule(&self, id: &TenantId) -> Result<SubjectIds> {
+        Ok(self
+            .store
+            .tenant(id)
+            .await?
+            .ok_or_else(|| Error::TenantNotFound(id.clone()))?
+            .policy
+            .subject_ids)
+    }
+
+    /// Destroys one data subject's key and leaves a tombstone. Answers the
+    /// subject id rule the subject was found under.
+    pub async fn shred_subject(
+        &self,
+        id: &TenantId,
+        subject: &SubjectId,
+    ) -> Result<(SubjectShred, SubjectIds)> {
         let tenant = self.active_tenant(id).await?;
         let subject_key_id = self.subject_key_id(&tenant, subject).await?;
         let result = self
@@ -805,7 +831,7 @@ impl KeyManager {
         self.watchers.subject(id, subject_key_id);
         let shred = result?;
         tracing::info!(tenant = %id, key_destroyed = shred.key_destroyed, already = shred.already_shredded, "subject shredded");
-        Ok(shred)
+        Ok((shred, tenant.policy().subject_ids))
     }
 
     /// Applies a keystore event from another sidecar: evicts what it made
@@ -829,6 +855,7 @@ impl KeyManager {
         self.tenants.invalidate_all();
         self.sealing.invalidate_all();
         self.index.invalidate_all();
+        self.absent.invalidate_all();
         self.watchers.all();
     }
 
@@ -836,6 +863,7 @@ impl KeyManager {
         self.tenants.invalidate(id);
         self.index.invalidate(id);
         self.sealing.invalidate_if(|k| &k.tenant == id);
+        self.absent.invalidate_if(|k| &k.tenant == id);
         self.watchers.tenant(id);
     }
 
@@ -870,6 +898,7 @@ impl KeyManager {
         self.tenants.sweep();
         self.sealing.sweep();
         self.index.sweep();
+        self.absent.sweep();
     }
 
     /// Sweeps the caches every `every` while the manager lives.
@@ -1097,7 +1126,8 @@ impl KeyManager {
     }
 
     /// The subject's key id: HMAC-SHA256 under the tenant's subject-index key,
-    /// truncated to 128 bits.
+    /// truncated to 128 bits, of the id as the tenant's subject id rule
+    /// ([`SubjectIds`]) makes it.
     async fn subject_key_id(
         &self,
         tenant: &ActiveTenant,
@@ -1135,7 +1165,7 @@ impl KeyManager {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(index_key.expose())
             .expect("HMAC takes any key length");
         mac.update(SUBJECT_ID_LABEL);
-        mac.update(subject.expose());
+        mac.update(&tenant.policy().subject_ids.apply(subject));
         let digest = mac.finalize().into_bytes();
         let mut id = [0u8; envelope::SUBJECT_KEY_ID_LEN];
         id.copy_from_slice(&digest[..envelope::SUBJECT_KEY_ID_LEN]);
@@ -1154,11 +1184,22 @@ impl KeyManager {
             tenant: tenant.id.clone(),
             slot: Slot::Subject(id),
         };
+        if !create && self.absent.contains_fresh(&cache_key) {
+            return Err(Error::Undecryptable);
+        }
         let key = self
             .sealing
             .get_or_load(&cache_key, || async {
                 let lookup = match self.store.subject_key(&tenant.id, id).await? {
-                    SubjectLookup::Absent if create => self.create_subject_key(tenant, id).await?,
+                    SubjectLookup::Absent if create => {
+                        let made = self.create_subject_key(tenant, id).await?;
+                        self.absent.invalidate(&cache_key);
+                        made
+                    }
+                    SubjectLookup::Absent => {
+                        self.absent.insert(cache_key.clone(), ());
+                        SubjectLookup::Absent
+                    }
                     other => other,
                 };
                 match lookup {

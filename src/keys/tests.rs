@@ -276,3 +276,60 @@ fn a_cached_tenant_stays_small() {
     println!("Held<CachedTenant>: {size} bytes");
     assert!(size <= 104, "{size} bytes");
 }
+
+/// A forged subject key reference costs one keystore read, then none for a
+/// cache lifetime (the review at df0a846: a batch of forged references cost a
+/// read each, every time).
+#[tokio::test]
+async fn a_forged_subject_reference_is_looked_up_once_per_cache_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, _, store) = manager(&dir).await;
+    let id = tenant("acme");
+    keys.create_tenant(&id, &PlacementRequest::default(), &Default::default())
+        .await
+        .unwrap();
+    let active = keys.active_tenant(&id).await.unwrap();
+    let forged_id = SubjectKeyId([0x42; 16]);
+    let forged = envelope::seal(
+        &EnvelopeKey::new(Provider::RustCrypto, &Key256::from_slice(&[9; 32]).unwrap()),
+        KeyRef::Subject {
+            id: forged_id.0,
+            version: SUBJECT_KEY_VERSION,
+        },
+        "acme",
+        &Context::new(),
+        b"x",
+    )
+    .unwrap();
+    assert!(matches!(
+        keys.decrypt(&active, &Context::new(), &forged).await,
+        Err(Error::Undecryptable)
+    ));
+    // The keystore gains a row for that id behind the cache's back (a
+    // garbage one: reading it would fail as corrupt, INTERNAL).
+    store
+        .insert_subject_key(
+            &id,
+            forged_id,
+            SubjectKeyRecord {
+                wrapped: vec![0; 83],
+                tenant_version: 1,
+            },
+            UnixMillis(1),
+        )
+        .await
+        .unwrap();
+    // Answered from the cache of absent references: no keystore read.
+    for _ in 0..3 {
+        assert!(matches!(
+            keys.decrypt(&active, &Context::new(), &forged).await,
+            Err(Error::Undecryptable)
+        ));
+    }
+    // Once the cache is dropped, the keystore is read again.
+    keys.evict_all();
+    assert!(matches!(
+        keys.decrypt(&active, &Context::new(), &forged).await,
+        Err(Error::Internal)
+    ));
+}

@@ -118,6 +118,8 @@ pub struct TenantPolicy {
     pub max_items_per_second: u32,
     pub burst: u32,
     pub max_plaintext_bytes: u64,
+    /// How subject ids are told apart; fixed at creation.
+    pub subject_ids: crate::ids::SubjectIds,
 }
 
 impl TenantPolicy {
@@ -535,10 +537,24 @@ mod tests {
             max_items_per_second: u32::MAX,
             burst: 10,
             max_plaintext_bytes: 1 << 20,
+            subject_ids: crate::ids::SubjectIds::NfcCasefold,
         };
         assert_eq!(
             TenantPolicy::from_json(&policy.to_json().unwrap()).unwrap(),
             policy
+        );
+        assert!(
+            policy
+                .to_json()
+                .unwrap()
+                .contains(r#""subject_ids":"nfc-casefold""#)
+        );
+        // Policies stored before the rule existed are exact.
+        assert_eq!(
+            TenantPolicy::from_json(r#"{"burst": 1}"#)
+                .unwrap()
+                .subject_ids,
+            crate::ids::SubjectIds::Exact
         );
         // Missing fields are 0.
         assert_eq!(
@@ -559,6 +575,7 @@ mod tests {
             r#"{"burst": "5"}"#,
             r#"{"unknown_setting": 1}"#,
             r#"{"burst": 1} trailing"#,
+            r#"{"subject_ids": "lowercase"}"#,
         ] {
             assert!(
                 matches!(TenantPolicy::from_json(bad), Err(StoreError::Corrupt(_))),
