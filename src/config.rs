@@ -24,7 +24,7 @@
 //! call_timeout_seconds = 60       # longest unary call (a shorter grpc-timeout wins)
 //! stream_timeout_seconds = 3600   # longest streaming call
 //! stream_message_timeout_seconds = 30   # wait for a stream's next message
-//! decode_budget_bytes = 67108864  # request bytes received and decoded at once, all calls
+//! decode_budget_bytes = 33554432  # request bytes received and decoded at once, all calls
 //! admin_max_request_bytes = 65536 # largest Admin request
 //!
 //! [cache]
@@ -239,7 +239,7 @@ impl Default for ServerConfig {
             call_timeout_seconds: 60,
             stream_timeout_seconds: 3600,
             stream_message_timeout_seconds: 30,
-            decode_budget_bytes: 64 << 20,
+            decode_budget_bytes: 32 << 20,
             admin_max_request_bytes: 64 << 10,
         }
     }

@@ -462,7 +462,10 @@ async fn bad_policies_are_refused_and_change_nothing() {
     }
     assert_eq!(
         tenant(&mut admin, "acme").await.policy,
-        Some(pb::TenantPolicy::default())
+        Some(pb::TenantPolicy {
+            subject_ids: "exact".into(),
+            ..Default::default()
+        })
     );
     let status = admin
         .get_tenant(pb::GetTenantRequest {

@@ -89,6 +89,104 @@ impl Held {
     }
 }
 
+/// Counts one top-level field of a protobuf message fed in pieces, and
+/// says when it occurs more than `limit` times: a batch's items, counted
+/// while the message arrives, so an oversized batch is refused after the
+/// bytes of its first `limit + 1` items, not after all of them.
+#[derive(Clone, Copy, Debug)]
+pub struct FieldCounter {
+    field: u32,
+    limit: usize,
+    count: usize,
+    state: Wire,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Wire {
+    /// Reading a field's key (a varint).
+    Key { value: u64, shift: u32 },
+    /// Skipping a varint value.
+    Varint,
+    /// Reading a length-delimited field's length.
+    Len { value: u64, shift: u32 },
+    /// Skipping this many bytes of a value.
+    Skip(u64),
+    /// Not protobuf: counting stops (the decoder will refuse the message).
+    Lost,
+}
+
+impl FieldCounter {
+    pub fn new(field: u32, limit: usize) -> Self {
+        Self {
+            field,
+            limit,
+            count: 0,
+            state: Wire::Key { value: 0, shift: 0 },
+        }
+    }
+
+    /// A new message starts.
+    fn reset(&mut self) {
+        *self = Self::new(self.field, self.limit);
+    }
+
+    /// Feeds the next bytes of the message; `false` once the field occurred
+    /// more than `limit` times.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        while let Some((&byte, rest)) = bytes.split_first() {
+            match &mut self.state {
+                Wire::Lost => return true,
+                Wire::Skip(n) => {
+                    let take = usize::try_from(*n).unwrap_or(usize::MAX).min(bytes.len());
+                    *n -= take as u64;
+                    if *n == 0 {
+                        self.state = Wire::Key { value: 0, shift: 0 };
+                    }
+                    bytes = &bytes[take..];
+                    continue;
+                }
+                Wire::Varint => {
+                    if byte & 0x80 == 0 {
+                        self.state = Wire::Key { value: 0, shift: 0 };
+                    }
+                }
+                Wire::Key { value, shift } | Wire::Len { value, shift } => {
+                    if *shift > 63 {
+                        self.state = Wire::Lost;
+                        return true;
+                    }
+                    *value |= u64::from(byte & 0x7f) << *shift;
+                    *shift += 7;
+                    if byte & 0x80 == 0 {
+                        let value = *value;
+                        self.state = match self.state {
+                            Wire::Key { .. } => {
+                                if value >> 3 == u64::from(self.field) {
+                                    self.count += 1;
+                                    if self.count > self.limit {
+                                        return false;
+                                    }
+                                }
+                                match value & 7 {
+                                    0 => Wire::Varint,
+                                    1 => Wire::Skip(8),
+                                    2 => Wire::Len { value: 0, shift: 0 },
+                                    5 => Wire::Skip(4),
+                                    _ => Wire::Lost,
+                                }
+                            }
+                            _ if value == 0 => Wire::Key { value: 0, shift: 0 },
+                            _ => Wire::Skip(value),
+                        };
+                    }
+                }
+            }
+            bytes = rest;
+        }
+        true
+    }
+}
+
 /// Where the reader is in the stream of gRPC messages.
 #[derive(Default)]
 struct Framing {
@@ -97,6 +195,10 @@ struct Framing {
     header_len: usize,
     /// Payload bytes of the current message not yet seen.
     remaining: usize,
+    /// Counts a batch's items as they arrive.
+    counter: Option<FieldCounter>,
+    /// The counter saw more items than allowed.
+    over: bool,
 }
 
 impl Framing {
@@ -112,6 +214,11 @@ impl Framing {
         while !chunk.is_empty() {
             if self.remaining > 0 {
                 let take = self.remaining.min(chunk.len());
+                if let Some(counter) = &mut self.counter
+                    && !counter.feed(&chunk[..take])
+                {
+                    self.over = true;
+                }
                 self.remaining -= take;
                 chunk = &chunk[take..];
                 continue;
@@ -125,6 +232,9 @@ impl Framing {
                 let len =
                     u32::from_be_bytes(self.header[1..].try_into().expect("4 bytes")) as usize;
                 self.remaining = len;
+                if let Some(counter) = &mut self.counter {
+                    counter.reset();
+                }
                 if len <= limit {
                     need = need.saturating_add(len + MESSAGE_HEADER);
                 }
@@ -153,12 +263,15 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> BudgetedBody<B> {
+    /// `items`, for a batch method: its items' field number and limit,
+    /// counted as the message arrives.
     pub fn new(
         inner: B,
         budget: &DecodeBudget,
         limit: usize,
         release: Release,
         held: Arc<Held>,
+        items: Option<FieldCounter>,
     ) -> Self {
         Self {
             inner,
@@ -167,23 +280,29 @@ impl<B> BudgetedBody<B> {
             limit,
             release,
             held,
-            framing: Framing::default(),
+            framing: Framing {
+                counter: items,
+                ..Framing::default()
+            },
             pending: None,
         }
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl<B> Body for BudgetedBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             if let Some((chunk, need)) = this.pending.take() {
@@ -211,11 +330,18 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => {
                         let need = this.framing.scan(&chunk, *this.limit);
+                        if this.framing.over {
+                            let max = this.framing.counter.map_or(0, |c| c.limit);
+                            return Poll::Ready(Some(Err(Box::new(super::codec::too_many_items(
+                                max,
+                            )))));
+                        }
                         *this.pending = Some((chunk, need));
                     }
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                other => return Poll::Ready(other),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => return Poll::Ready(None),
             }
         }
     }
@@ -257,6 +383,55 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_over_its_item_limit_is_seen_while_it_arrives() {
+        use prost::Message;
+        let batch = |items: usize| {
+            crate::api::pb::EncryptBatchRequest {
+                tenant_id: "acme".into(),
+                items: vec![crate::api::pb::EncryptItem::default(); items],
+            }
+            .encode_to_vec()
+        };
+        for (items, over) in [(0, false), (10, false), (11, true), (1000, true)] {
+            let payload = batch(items);
+            let mut wire = message_header_of(payload.len());
+            wire.extend(&payload);
+            for split in [1, 3, 7, wire.len()] {
+                let mut framing = Framing {
+                    counter: Some(FieldCounter::new(2, 10)),
+                    ..Framing::default()
+                };
+                for chunk in wire.chunks(split) {
+                    framing.scan(chunk, usize::MAX);
+                }
+                assert_eq!(framing.over, over, "{items} items, split {split}");
+            }
+        }
+        // Items with content, and fields of every wire type around them.
+        let mut counter = FieldCounter::new(2, 2);
+        let message = crate::api::pb::EncryptBatchRequest {
+            tenant_id: "a".repeat(300),
+            items: vec![
+                crate::api::pb::EncryptItem {
+                    subject_id: "s".into(),
+                    context: [("k".to_owned(), "v".to_owned())].into(),
+                    plaintext: vec![1; 200],
+                };
+                2
+            ],
+        }
+        .encode_to_vec();
+        assert!(message.chunks(5).all(|c| counter.feed(c)));
+        assert_eq!(counter.count, 2);
+    }
+
+    fn message_header_of(len: usize) -> Vec<u8> {
+        let mut h = vec![0];
+        h.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+        h
+    }
+
+    #[test]
     fn framing_counts_each_message_once_across_any_split() {
         let mut wire = message(10);
         wire.extend(message(0));
@@ -292,6 +467,7 @@ mod tests {
             limit,
             release,
             held.clone(),
+            None,
         ))
     }
 

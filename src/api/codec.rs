@@ -131,6 +131,13 @@ fn refuse(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
+/// A batch with more than `max` items.
+pub fn too_many_items(max: usize) -> Status {
+    refuse(format!(
+        "items: more than {max} items; the limit is {max} per batch"
+    ))
+}
+
 fn malformed() -> Status {
     Status::internal("failed to decode the request message")
 }
@@ -243,9 +250,7 @@ pub fn check(shape: Shape, bytes: &[u8]) -> Result<(), Status> {
                 }
                 n += 1;
                 if n > max {
-                    return Err(refuse(format!(
-                        "items: more than {max} items; the limit is {max} per batch"
-                    )));
+                    return Err(too_many_items(max));
                 }
                 if let Some(item) = payload {
                     check_context(item, context)?;

@@ -40,7 +40,7 @@ use tonic::{Code, Status};
 
 use super::{
     Shared,
-    budget::{BudgetedBody, DecodeBudget, Held, Release},
+    budget::{BudgetedBody, DecodeBudget, FieldCounter, Held, Release},
 };
 use crate::auth::{Caller, Peer, Permission};
 
@@ -58,6 +58,8 @@ pub struct Method {
     /// Whether the call is a stream either way (its deadline ceiling).
     pub streaming: bool,
     pub service: Service,
+    /// A batch's items' field number: counted as the request arrives.
+    pub batch_items: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +84,16 @@ const fn method(
         client_streaming: streams.0,
         streaming: streams.0 || streams.1,
         service,
+        batch_items: None,
+    }
+}
+
+/// A batch method: its items (field 2 of the request) are counted as they
+/// arrive.
+const fn batch(method: Method) -> Method {
+    Method {
+        batch_items: Some(2),
+        ..method
     }
 }
 
@@ -112,22 +124,22 @@ pub const METHODS: [Method; 16] = {
             UNARY,
             Crypto,
         ),
-        method(
+        batch(method(
             "/keywarden.v1.Crypto/EncryptBatch",
             "EncryptBatch",
             P::Encrypt,
             true,
             UNARY,
             Crypto,
-        ),
-        method(
+        )),
+        batch(method(
             "/keywarden.v1.Crypto/DecryptBatch",
             "DecryptBatch",
             P::Decrypt,
             true,
             UNARY,
             Crypto,
-        ),
+        )),
         method(
             "/keywarden.v1.Crypto/Rewrap",
             "Rewrap",
@@ -273,6 +285,8 @@ enum Admission {
         limit: usize,
         release: Release,
         ceiling: Duration,
+        /// A batch's items, counted as they arrive.
+        items: Option<FieldCounter>,
     },
 }
 
@@ -289,6 +303,7 @@ impl EdgeShared {
                 limit: OTHER_MAX_REQUEST_BYTES,
                 release: Release::OnNextMessage,
                 ceiling: self.limits.stream_timeout,
+                items: None,
             };
         };
         let Some(peer) = request.extensions().get::<Peer>().cloned() else {
@@ -325,6 +340,9 @@ impl EdgeShared {
             } else {
                 self.limits.call_timeout
             },
+            items: method
+                .batch_items
+                .map(|field| FieldCounter::new(field, self.api.limits.max_batch_items)),
         }
     }
 }
@@ -363,6 +381,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = http::Response<EdgeBody>;
     type Error = S::Error;
@@ -374,7 +393,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let (limit, release, ceiling) = match self.shared.admit(&mut request) {
+        let (limit, release, ceiling, items) = match self.shared.admit(&mut request) {
             Admission::Refused(status) => {
                 return Box::pin(std::future::ready(Ok(refusal(status))));
             }
@@ -382,13 +401,22 @@ where
                 limit,
                 release,
                 ceiling,
-            } => (limit, release, ceiling),
+                items,
+            } => (limit, release, ceiling, items),
         };
         let timeout = grpc_timeout(request.headers()).map_or(ceiling, |t| t.min(ceiling));
         let deadline = Instant::now() + timeout;
         let held = Arc::new(Held::default());
-        let request = request
-            .map(|body| BudgetedBody::new(body, &self.shared.budget, limit, release, held.clone()));
+        let request = request.map(|body| {
+            BudgetedBody::new(
+                body,
+                &self.shared.budget,
+                limit,
+                release,
+                held.clone(),
+                items,
+            )
+        });
         let mut inner = self.inner.clone();
         let batch_limit = self.shared.api.limits.max_batch_items;
         Box::pin(async move {
