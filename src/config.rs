@@ -63,7 +63,8 @@
 //! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
 //! max_connections = 8
 //! migrate = true                  # false: only check the schema, never change it
-//! backup_retention_days = 30      # how long keystore backups are kept (erasure receipts say so)
+//! backup_retention_days = 30      # the longest any copy of the keystore is kept: backups,
+//!                                 # WAL archives, replicas, snapshots (erasure receipts say so)
 //! ```
 
 use std::{
@@ -347,8 +348,9 @@ pub struct StoreConfig {
     /// postgres: apply pending migrations at start (true), or only check
     /// that none is pending and refuse to start otherwise (false).
     pub migrate: bool,
-    /// How long backups of the keystore are kept: a shredded key may survive
-    /// in one until then, as erasure receipts state.
+    /// The longest time any copy of the keystore is kept (backups, base
+    /// backups, WAL archives, delayed replicas, snapshots): a shredded key
+    /// may survive in one until then, as erasure receipts state.
     pub backup_retention_days: u32,
 }
 
