@@ -86,6 +86,8 @@ pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// Most runtime threads `worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 256;
+/// Longest cache time to live, time to idle or grace, in seconds: a year.
+pub const MAX_CACHE_SECONDS: u64 = 365 * 86_400;
 
 #[derive(Debug, Error)]
 #[error("invalid configuration: {setting}: {reason}")]
@@ -851,7 +853,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if limits.max_request_bytes < limits.max_plaintext_bytes + 64 * 1024 {
+        // Checked: a value near usize::MAX (from KEYWARDEN_MAX_PLAINTEXT_BYTES)
+        // must not wrap around into a small sum and pass.
+        if limits
+            .max_plaintext_bytes
+            .checked_add(64 * 1024)
+            .is_none_or(|needed| limits.max_request_bytes < needed)
+        {
             return Err(ConfigError::new(
                 "limits.max_request_bytes",
                 "must exceed limits.max_plaintext_bytes by at least 64 KiB, or the largest plaintext cannot arrive",
@@ -862,6 +870,23 @@ impl Config {
                 "cache.ttl_seconds / cache.tti_seconds",
                 "must be at least 1 second",
             ));
+        }
+        // The cache adds these up (time to live plus grace): numbers near
+        // u64::MAX would overflow there. Far beyond any sensible setting.
+        for (setting, seconds) in [
+            ("cache.ttl_seconds", self.cache.ttl_seconds),
+            ("cache.tti_seconds", self.cache.tti_seconds),
+            (
+                "cache.stale_if_error_seconds",
+                self.cache.stale_if_error_seconds,
+            ),
+        ] {
+            if seconds > MAX_CACHE_SECONDS {
+                return Err(ConfigError::new(
+                    setting,
+                    format!("must be at most {MAX_CACHE_SECONDS} (a year)"),
+                ));
+            }
         }
         if !self.crypto.provider.allowed() {
             return Err(ConfigError::new(
@@ -1224,5 +1249,61 @@ mod tests {
             assert_eq!(err.setting, expected);
             assert!(config.tls.is_none(), "a refused variable changes nothing");
         }
+    }
+
+    /// Found in review while writing the configuration's fuzz target: the largest
+    /// plaintext plus 64 KiB overflowed (a panic in debug builds, and in
+    /// release a sum that wrapped to under 64 KiB and let the check pass).
+    #[test]
+    fn a_plaintext_limit_near_the_largest_number_is_refused_not_wrapped() {
+        for value in [u64::MAX.to_string(), (u64::MAX - 65_535).to_string()] {
+            let mut config = Config::default();
+            config
+                .apply_env(env(&[("KEYWARDEN_MAX_PLAINTEXT_BYTES", &value)]))
+                .unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.setting, "limits.max_request_bytes", "{value}");
+        }
+    }
+
+    /// Found in review while writing the configuration's fuzz target (which
+    /// now checks what a valid configuration must let the server build): a
+    /// time to live and a grace near u64::MAX seconds validated, and their
+    /// sum, which the key cache's sweeper computes, overflowed (a panic in
+    /// that task, which then stopped sweeping).
+    #[test]
+    fn cache_durations_are_bounded_so_the_cache_can_add_them() {
+        for name in [
+            "KEYWARDEN_CACHE_TTL_SECONDS",
+            "KEYWARDEN_CACHE_TTI_SECONDS",
+            "KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS",
+        ] {
+            let mut config = Config::default();
+            config
+                .apply_env(env(&[(name, &u64::MAX.to_string())]))
+                .unwrap();
+            let err = config.validate().unwrap_err();
+            let setting = name
+                .strip_prefix("KEYWARDEN_CACHE_")
+                .unwrap()
+                .to_lowercase();
+            assert_eq!(err.setting, format!("cache.{setting}"));
+            assert_eq!(err.reason, "must be at most 31536000 (a year)");
+        }
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_CACHE_TTL_SECONDS", "31536000"),
+                ("KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS", "31536000"),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        let limits = config.cache.limits();
+        assert!(
+            limits
+                .time_to_live
+                .checked_add(limits.stale_if_error)
+                .is_some()
+        );
     }
 }

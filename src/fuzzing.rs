@@ -437,8 +437,20 @@ pub fn config(data: &[u8]) {
         }
         config
     };
-    if let Err(e) = config.validate() {
-        assert!(!e.setting.is_empty());
+    match config.validate() {
+        Err(e) => assert!(!e.setting.is_empty()),
+        // What the server builds from a valid configuration must not
+        // overflow: the key cache adds its time to live and grace.
+        Ok(()) => {
+            let limits = config.cache.limits();
+            assert!(
+                limits
+                    .time_to_live
+                    .checked_add(limits.stale_if_error)
+                    .is_some()
+            );
+            let _ = limits.sweep_interval();
+        }
     }
 }
 
