@@ -59,7 +59,9 @@
 //! cert_file = "/etc/keywarden/tls/server.crt"
 //! key_file = "/etc/keywarden/tls/server.key"
 //! client_ca_file = "/etc/keywarden/tls/clients-ca.crt"   # mutual TLS
-//! client_auth = "required"        # or "optional": clients may use a token instead
+//! client_auth = "required"        # the default with a client CA; or "optional":
+//!                                 # clients may use a token instead. Only with
+//!                                 # client_ca_file: without it, an error
 //!
 //! [audit]
 //! sink = "file"                   # or "postgres": the keystore's database, one chain for all sidecars
@@ -74,7 +76,8 @@
 //! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
 //! max_connections = 8
 //! migrate = true                  # false: only check the schema, never change it
-//! backup_retention_days = 30      # how long keystore backups are kept (erasure receipts say so)
+//! backup_retention_days = 30      # the longest any copy of the keystore is kept: backups,
+//!                                 # WAL archives, replicas, snapshots (erasure receipts say so)
 //! ```
 
 use std::{
@@ -96,6 +99,8 @@ pub const DEFAULT_DATA_DIR: &str = "./keywarden-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
 /// Most runtime threads `worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 256;
+/// Longest cache time to live, time to idle or grace, in seconds: a year.
+pub const MAX_CACHE_SECONDS: u64 = 365 * 86_400;
 
 #[derive(Debug, Error)]
 #[error("invalid configuration: {setting}: {reason}")]
@@ -511,8 +516,9 @@ pub struct StoreConfig {
     /// postgres: apply pending migrations at start (true), or only check
     /// that none is pending and refuse to start otherwise (false).
     pub migrate: bool,
-    /// How long backups of the keystore are kept: a shredded key may survive
-    /// in one until then, as erasure receipts state.
+    /// The longest time any copy of the keystore is kept (backups, base
+    /// backups, WAL archives, delayed replicas, snapshots): a shredded key
+    /// may survive in one until then, as erasure receipts state.
     pub backup_retention_days: u32,
 }
 
@@ -578,15 +584,38 @@ fn default_reload() -> u64 {
 }
 
 /// Whether clients of a TLS listener must present a certificate.
+///
+/// The rule, exactly: with `tls.client_ca_file`, clients must present a
+/// certificate it signed (`"required"`, also when `client_auth` is not set)
+/// or may (`"optional"`). Without `tls.client_ca_file`, no client
+/// certificate is asked for, and `tls.client_auth` must not be set: a
+/// `"required"` that nothing could enforce stops the start (exit 78) instead
+/// of serving without client certificates.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
-    /// Mutual TLS: a certificate signed by the client CA, or no connection.
+    /// Not set: `Required` when a client CA is given, else no client
+    /// certificates. Not a value a file or variable can name.
     #[default]
+    #[serde(skip)]
+    Unset,
+    /// Mutual TLS: a certificate signed by the client CA, or no connection.
     Required,
     /// A certificate, when given, must verify; callers without one may
     /// present a bearer token.
     Optional,
+}
+
+impl FromStr for ClientAuth {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "required" => Ok(ClientAuth::Required),
+            "optional" => Ok(ClientAuth::Optional),
+            _ => Err("must be required or optional".into()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -597,6 +626,7 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// CA certificates that sign client certificates: mutual TLS.
     pub client_ca_file: Option<PathBuf>,
+    /// See [`ClientAuth`]: set only together with `client_ca_file`.
     #[serde(default)]
     pub client_auth: ClientAuth,
 }
@@ -705,13 +735,19 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
         })?;
-        toml::from_str(&text).map_err(|e| {
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses a configuration file's text over the defaults; `source` (the
+    /// file's name) names the place of an error.
+    pub fn from_toml(text: &str, source: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             // toml's message quotes the offending line, which could hold a
             // secret in later versions of this file; name the place only.
             let setting = e
                 .span()
-                .map(|span| format!("{} (byte {})", path.display(), span.start))
-                .unwrap_or_else(|| path.display().to_string());
+                .map(|span| format!("{source} (byte {})", span.start))
+                .unwrap_or_else(|| source.to_owned());
             ConfigError::new(setting, e.message().to_owned())
         })
     }
@@ -869,26 +905,7 @@ impl Config {
                 }
             };
         }
-        match (
-            text("KEYWARDEN_TLS_CERT_FILE"),
-            text("KEYWARDEN_TLS_KEY_FILE"),
-        ) {
-            (Some(cert_file), Some(key_file)) => {
-                self.tls = Some(TlsConfig {
-                    cert_file: cert_file.into(),
-                    key_file: key_file.into(),
-                    client_ca_file: text("KEYWARDEN_TLS_CLIENT_CA_FILE").map(PathBuf::from),
-                    client_auth: ClientAuth::Required,
-                });
-            }
-            (None, None) => {}
-            _ => {
-                return Err(ConfigError::new(
-                    "KEYWARDEN_TLS_CERT_FILE / KEYWARDEN_TLS_KEY_FILE",
-                    "set both or neither",
-                ));
-            }
-        }
+        self.apply_tls_env(&text)?;
         if let Some(v) = text("KEYWARDEN_KMS_REGION") {
             self.kms.region = Some(v);
         }
@@ -930,6 +947,60 @@ impl Config {
         Ok(())
     }
 
+    /// The `KEYWARDEN_TLS_*` variables, each over its own field of `[tls]`:
+    /// a variable replaces that field and keeps the file's others (a new
+    /// certificate from the environment keeps the file's client CA). Without
+    /// a `[tls]` section, the certificate and key variables make one and
+    /// must come together. Checks nothing else: [`Config::validate`] does.
+    fn apply_tls_env(&mut self, text: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let cert_file = text("KEYWARDEN_TLS_CERT_FILE").map(PathBuf::from);
+        let key_file = text("KEYWARDEN_TLS_KEY_FILE").map(PathBuf::from);
+        let client_ca_file = text("KEYWARDEN_TLS_CLIENT_CA_FILE").map(PathBuf::from);
+        let client_auth = text("KEYWARDEN_TLS_CLIENT_AUTH")
+            .map(|v| v.parse::<ClientAuth>())
+            .transpose()
+            .map_err(|reason| ConfigError::new("KEYWARDEN_TLS_CLIENT_AUTH", reason))?;
+        let tls = match self.tls.take() {
+            Some(tls) => tls,
+            None => match (cert_file.clone(), key_file.clone()) {
+                (Some(cert_file), Some(key_file)) => TlsConfig {
+                    cert_file,
+                    key_file,
+                    client_ca_file: None,
+                    client_auth: ClientAuth::Unset,
+                },
+                (None, None) if client_ca_file.is_none() && client_auth.is_none() => {
+                    return Ok(());
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        if client_ca_file.is_some() {
+                            "KEYWARDEN_TLS_CLIENT_CA_FILE"
+                        } else {
+                            "KEYWARDEN_TLS_CLIENT_AUTH"
+                        },
+                        "needs a TLS certificate and key: set KEYWARDEN_TLS_CERT_FILE and \
+                         KEYWARDEN_TLS_KEY_FILE, or tls.cert_file and tls.key_file",
+                    ));
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        "KEYWARDEN_TLS_CERT_FILE / KEYWARDEN_TLS_KEY_FILE",
+                        "set both or neither (the configuration file has no [tls] section to \
+                         take the other from)",
+                    ));
+                }
+            },
+        };
+        self.tls = Some(TlsConfig {
+            cert_file: cert_file.unwrap_or(tls.cert_file),
+            key_file: key_file.unwrap_or(tls.key_file),
+            client_ca_file: client_ca_file.or(tls.client_ca_file),
+            client_auth: client_auth.unwrap_or(tls.client_auth),
+        });
+        Ok(())
+    }
+
     /// Checks what no single field can check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.is_empty() {
@@ -956,7 +1027,13 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if limits.max_request_bytes < limits.max_plaintext_bytes + 64 * 1024 {
+        // Checked: a value near usize::MAX (from KEYWARDEN_MAX_PLAINTEXT_BYTES)
+        // must not wrap around into a small sum and pass.
+        if limits
+            .max_plaintext_bytes
+            .checked_add(64 * 1024)
+            .is_none_or(|needed| limits.max_request_bytes < needed)
+        {
             return Err(ConfigError::new(
                 "limits.max_request_bytes",
                 "must exceed limits.max_plaintext_bytes by at least 64 KiB, or the largest plaintext cannot arrive",
@@ -968,6 +1045,23 @@ impl Config {
                 "cache.ttl_seconds / cache.tti_seconds",
                 "must be at least 1 second",
             ));
+        }
+        // The cache adds these up (time to live plus grace): numbers near
+        // u64::MAX would overflow there. Far beyond any sensible setting.
+        for (setting, seconds) in [
+            ("cache.ttl_seconds", self.cache.ttl_seconds),
+            ("cache.tti_seconds", self.cache.tti_seconds),
+            (
+                "cache.stale_if_error_seconds",
+                self.cache.stale_if_error_seconds,
+            ),
+        ] {
+            if seconds > MAX_CACHE_SECONDS {
+                return Err(ConfigError::new(
+                    setting,
+                    format!("must be at most {MAX_CACHE_SECONDS} (a year)"),
+                ));
+            }
         }
         if !self.crypto.provider.allowed() {
             return Err(ConfigError::new(
@@ -1026,13 +1120,24 @@ impl Config {
             ));
         }
         if let Some(tls) = &self.tls
-            && tls.client_auth == ClientAuth::Optional
             && tls.client_ca_file.is_none()
         {
-            return Err(ConfigError::new(
-                "tls.client_auth",
-                "\"optional\" needs tls.client_ca_file (without it no client certificate is asked for)",
-            ));
+            let asked = match tls.client_auth {
+                ClientAuth::Unset => None,
+                ClientAuth::Required => Some("required"),
+                ClientAuth::Optional => Some("optional"),
+            };
+            if let Some(asked) = asked {
+                return Err(ConfigError::new(
+                    "tls.client_auth",
+                    format!(
+                        "is \"{asked}\" but tls.client_ca_file is not set, so no client \
+                         certificate could be checked: set tls.client_ca_file (or \
+                         KEYWARDEN_TLS_CLIENT_CA_FILE) to the CA that signs client certificates, \
+                         or remove tls.client_auth for TLS without client certificates"
+                    ),
+                ));
+            }
         }
         if self.store.max_connections == 0 {
             return Err(ConfigError::new(
@@ -1154,7 +1259,7 @@ mod tests {
                 cert_file: "server.crt".into(),
                 key_file: "server.key".into(),
                 client_ca_file: None,
-                client_auth: ClientAuth::Required,
+                client_auth: ClientAuth::Unset,
             }),
             ..config
         };
@@ -1198,5 +1303,182 @@ mod tests {
             .apply_env(env(&[("KEYWARDEN_STORE_MIGRATE", "maybe")]))
             .unwrap_err();
         assert_eq!(err.setting, "KEYWARDEN_STORE_MIGRATE");
+    }
+
+    fn toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "k.toml")
+    }
+
+    const TLS_FILES: &str = "[tls]\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
+
+    #[test]
+    fn client_auth_without_a_client_ca_is_a_configuration_error() {
+        for value in ["required", "optional"] {
+            let config = toml(&format!("{TLS_FILES}client_auth = \"{value}\"\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.setting, "tls.client_auth");
+            assert_eq!(
+                err.reason,
+                format!(
+                    "is \"{value}\" but tls.client_ca_file is not set, so no client certificate \
+                     could be checked: set tls.client_ca_file (or KEYWARDEN_TLS_CLIENT_CA_FILE) to \
+                     the CA that signs client certificates, or remove tls.client_auth for TLS \
+                     without client certificates"
+                )
+            );
+            // The environment can name the CA the file lacks.
+            let mut fixed = config.clone();
+            fixed
+                .apply_env(env(&[("KEYWARDEN_TLS_CLIENT_CA_FILE", "ca.crt")]))
+                .unwrap();
+            fixed.validate().unwrap();
+        }
+        // Set through the environment alone, the same.
+        let mut config = toml(TLS_FILES).unwrap();
+        config
+            .apply_env(env(&[("KEYWARDEN_TLS_CLIENT_AUTH", "required")]))
+            .unwrap();
+        assert_eq!(config.validate().unwrap_err().setting, "tls.client_auth");
+        let err = toml(TLS_FILES)
+            .unwrap()
+            .apply_env(env(&[("KEYWARDEN_TLS_CLIENT_AUTH", "always")]))
+            .unwrap_err();
+        assert_eq!(err.setting, "KEYWARDEN_TLS_CLIENT_AUTH");
+        // "unset" is not a value anyone can write.
+        let err = toml(&format!("{TLS_FILES}client_auth = \"unset\"\n")).unwrap_err();
+        assert!(err.reason.contains("unknown variant"), "{err}");
+    }
+
+    #[test]
+    fn client_auth_left_unset_means_required_with_a_ca_and_none_without() {
+        let server_only = toml(TLS_FILES).unwrap();
+        server_only.validate().unwrap();
+        let tls = server_only.tls.unwrap();
+        assert_eq!(tls.client_auth, ClientAuth::Unset);
+        assert_eq!(tls.client_ca_file, None);
+
+        let mutual = toml(&format!("{TLS_FILES}client_ca_file = \"ca.crt\"\n")).unwrap();
+        mutual.validate().unwrap();
+        let tls = mutual.tls.unwrap();
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("ca.crt")));
+        // The server reads anything but Optional as Required.
+        assert_eq!(tls.client_auth, ClientAuth::Unset);
+    }
+
+    #[test]
+    fn tls_environment_overrides_merge_per_field() {
+        let file =
+            format!("{TLS_FILES}client_ca_file = \"file-ca.crt\"\nclient_auth = \"required\"\n");
+        let mut config = toml(&file).unwrap();
+        config
+            .apply_env(env(&[("KEYWARDEN_TLS_CERT_FILE", "env.crt")]))
+            .unwrap();
+        config.validate().unwrap();
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("env.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("server.key"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("file-ca.crt")));
+        assert_eq!(tls.client_auth, ClientAuth::Required);
+
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_TLS_KEY_FILE", "env.key"),
+                ("KEYWARDEN_TLS_CLIENT_CA_FILE", "env-ca.crt"),
+                ("KEYWARDEN_TLS_CLIENT_AUTH", "optional"),
+            ]))
+            .unwrap();
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("env.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("env.key"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("env-ca.crt")));
+        assert_eq!(tls.client_auth, ClientAuth::Optional);
+
+        // Without a [tls] section the environment makes one, with the
+        // certificate and key together.
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_TLS_CERT_FILE", "env.crt"),
+                ("KEYWARDEN_TLS_KEY_FILE", "env.key"),
+            ]))
+            .unwrap();
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca_file, None);
+        assert_eq!(tls.client_auth, ClientAuth::Unset);
+        config.validate().unwrap();
+
+        for alone in [
+            "KEYWARDEN_TLS_CERT_FILE",
+            "KEYWARDEN_TLS_KEY_FILE",
+            "KEYWARDEN_TLS_CLIENT_CA_FILE",
+            "KEYWARDEN_TLS_CLIENT_AUTH",
+        ] {
+            let mut config = Config::default();
+            let err = config.apply_env(env(&[(alone, "required")])).unwrap_err();
+            let expected = match alone {
+                "KEYWARDEN_TLS_CERT_FILE" | "KEYWARDEN_TLS_KEY_FILE" => {
+                    "KEYWARDEN_TLS_CERT_FILE / KEYWARDEN_TLS_KEY_FILE"
+                }
+                other => other,
+            };
+            assert_eq!(err.setting, expected);
+            assert!(config.tls.is_none(), "a refused variable changes nothing");
+        }
+    }
+
+    /// Found in review while writing the configuration's fuzz target: the largest
+    /// plaintext plus 64 KiB overflowed (a panic in debug builds, and in
+    /// release a sum that wrapped to under 64 KiB and let the check pass).
+    #[test]
+    fn a_plaintext_limit_near_the_largest_number_is_refused_not_wrapped() {
+        for value in [u64::MAX.to_string(), (u64::MAX - 65_535).to_string()] {
+            let mut config = Config::default();
+            config
+                .apply_env(env(&[("KEYWARDEN_MAX_PLAINTEXT_BYTES", &value)]))
+                .unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.setting, "limits.max_request_bytes", "{value}");
+        }
+    }
+
+    /// Found in review while writing the configuration's fuzz target (which
+    /// now checks what a valid configuration must let the server build): a
+    /// time to live and a grace near u64::MAX seconds validated, and their
+    /// sum, which the key cache's sweeper computes, overflowed (a panic in
+    /// that task, which then stopped sweeping).
+    #[test]
+    fn cache_durations_are_bounded_so_the_cache_can_add_them() {
+        for name in [
+            "KEYWARDEN_CACHE_TTL_SECONDS",
+            "KEYWARDEN_CACHE_TTI_SECONDS",
+            "KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS",
+        ] {
+            let mut config = Config::default();
+            config
+                .apply_env(env(&[(name, &u64::MAX.to_string())]))
+                .unwrap();
+            let err = config.validate().unwrap_err();
+            let setting = name
+                .strip_prefix("KEYWARDEN_CACHE_")
+                .unwrap()
+                .to_lowercase();
+            assert_eq!(err.setting, format!("cache.{setting}"));
+            assert_eq!(err.reason, "must be at most 31536000 (a year)");
+        }
+        let mut config = Config::default();
+        config
+            .apply_env(env(&[
+                ("KEYWARDEN_CACHE_TTL_SECONDS", "31536000"),
+                ("KEYWARDEN_CACHE_STALE_IF_ERROR_SECONDS", "31536000"),
+            ]))
+            .unwrap();
+        config.validate().unwrap();
+        let limits = config.cache.limits();
+        assert!(
+            limits
+                .time_to_live
+                .checked_add(limits.stale_if_error)
+                .is_some()
+        );
     }
 }

@@ -14,6 +14,9 @@ pub mod config;
 pub mod envelope;
 pub mod error;
 pub mod events;
+/// Entry points for the fuzz targets and the property tests.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod kms;

@@ -42,14 +42,26 @@
 //!
 //! It does not prove that copies outside keywarden's control are gone:
 //! plaintext an application decrypted and kept, exports, logs, replicas of
-//! the application's own data. Backups of the keystore may still hold the
-//! wrapped keys until `backups_may_hold_copies_until` (the shred time plus
-//! the configured backup retention). Wrapped keys are useless without the
-//! root key that wraps them: when the tenant's tier is dedicated and its KMS
-//! key is deleted (`root_key_id`, `root_key_deletion_date`), those backup
-//! copies can no longer be unwrapped by anyone after that date. Under a
-//! shared or customer root key, someone holding both a backup and access to
-//! the root key could still unwrap them until the backups expire.
+//! the application's own data. Nor does it prove that every copy of the
+//! keystore is gone. A shred deletes rows; copies of those rows live on in
+//! keystore backups and base backups, PostgreSQL WAL archives, streaming and
+//! logical replicas (delayed ones, and WAL a replication slot retains),
+//! volume, file-system and VM snapshots, and, until an operator reclaims
+//! them, in the live database's own files: dead tuples and free space in
+//! PostgreSQL's heap, its WAL segments (README, "Erasure on PostgreSQL"),
+//! and freed disk blocks. `backups_may_hold_copies_until` is the horizon for
+//! all of these, not for backups alone: the shred time plus
+//! `store.backup_retention_days`, which the operator must set to the
+//! longest time any of these copies is kept. keywarden neither measures nor
+//! enforces it; a wrong setting makes a wrong receipt.
+//!
+//! Wrapped keys are useless without the root key that wraps them: when the
+//! tenant's tier is dedicated and its KMS key is deleted (`root_key_id`,
+//! `root_key_deletion_date`), every copy of them, wherever it is, can no
+//! longer be unwrapped by anyone after that date: the one way to erase from
+//! every copy at once. Under a shared or customer root key, and for
+//! subjects, someone holding any such copy and access to the root key could
+//! still unwrap the keys until the horizon.
 
 use std::{
     fmt, fs,
@@ -118,7 +130,11 @@ pub struct Receipt {
     pub by: String,
     /// Hash (hex) of the audit record of the shred.
     pub audit_record: String,
-    /// RFC 3339: `shredded_at` plus the configured backup retention.
+    /// RFC 3339: until when copies of the keystore taken before the shred
+    /// may still hold the destroyed keys (backups, WAL archives, replicas,
+    /// snapshots, the database's own unreclaimed files): `shredded_at` plus
+    /// `store.backup_retention_days`, as configured, not measured. The name
+    /// says backups; the statement covers every copy (see the module docs).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub backups_may_hold_copies_until: Option<String>,
     /// The tenant's dedicated KMS key.

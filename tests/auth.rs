@@ -697,3 +697,194 @@ async fn static_tokens_and_the_default_policy() {
     );
     default.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// TLS settings that would look like client authentication without enforcing
+// it (issue 14, finding 8), against the real binary.
+
+#[test]
+fn client_auth_without_a_client_ca_stops_the_start_with_exit_78() {
+    let files = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(&["127.0.0.1"]);
+    let cert = write(files.path(), "server.pem", &cert);
+    let key = write(files.path(), "server.key", &key);
+    let data = files.path().join("data");
+    let config = write(
+        files.path(),
+        "keywarden.toml",
+        &format!(
+            "listen = [\"127.0.0.1:7498\"]\n[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
+             client_auth = \"required\"\n"
+        ),
+    );
+    let mut command = common::process::keywarden();
+    command
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config);
+    let (code, stderr) = common::process::exit_and_stderr(command);
+    assert_eq!(code, 78, "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "keywarden: invalid configuration: tls.client_auth: is \"required\" but \
+         tls.client_ca_file is not set, so no client certificate could be checked: set \
+         tls.client_ca_file (or KEYWARDEN_TLS_CLIENT_CA_FILE) to the CA that signs client \
+         certificates, or remove tls.client_auth for TLS without client certificates"
+    );
+    assert!(
+        !data.exists(),
+        "a refused configuration created the data dir"
+    );
+
+    // The same through the environment alone.
+    let mut command = common::process::keywarden();
+    command
+        .env("KEYWARDEN_TLS_CERT_FILE", &cert)
+        .env("KEYWARDEN_TLS_KEY_FILE", &key)
+        .env("KEYWARDEN_TLS_CLIENT_AUTH", "optional")
+        .args(["serve", "--listen", "127.0.0.1:7498", "--data-dir"])
+        .arg(&data);
+    let (code, stderr) = common::process::exit_and_stderr(command);
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "keywarden: invalid configuration: tls.client_auth: is \"optional\" but tls.client_ca_file is not set"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !data.exists(),
+        "a refused configuration created the data dir"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_the_environment_keeps_the_files_client_ca() {
+    let files = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(&["127.0.0.1"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let socket = files.path().join("kw.sock");
+    let data = files.path().join("data");
+    // The file names the client CA (client_auth left to its default:
+    // required with a CA) and a certificate the environment replaces.
+    let config = write(
+        files.path(),
+        "keywarden.toml",
+        &format!(
+            "listen = [\"127.0.0.1:{port}\", \"unix:{}\"]\n[tls]\n\
+             cert_file = \"/nonexistent/old-server.pem\"\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+            socket.display(),
+            write(files.path(), "server.key", &key),
+            write(files.path(), "ca.pem", &pki.ca_pem),
+        ),
+    );
+    let mut command = common::process::keywarden();
+    command
+        .env(
+            "KEYWARDEN_TLS_CERT_FILE",
+            write(files.path(), "server.pem", &cert),
+        )
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config);
+    let sidecar =
+        common::process::Sidecar::spawn(command, &data, &socket, files.path().join("serve.log"));
+    let addr = format!("127.0.0.1:{port}");
+    let admin_token = SecretString::from(
+        std::fs::read_to_string(data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned(),
+    );
+    let bearer = Bearer::new(Some(&admin_token)).unwrap();
+    let tls = |identity: Option<(String, String)>| ClientTls {
+        ca: pki.ca_pem.clone().into_bytes(),
+        identity: identity.map(|(c, k)| (c.into_bytes(), SecretString::from(k))),
+        domain: None,
+    };
+
+    // With a certificate the CA signed, the handshake completes and the
+    // admin token is honoured.
+    let with_cert = client::connect(
+        &addr,
+        Some(&tls(Some(pki.issue(&["spiffe://test.example/ops"])))),
+    )
+    .await
+    .unwrap();
+    let head = client::admin(with_cert, bearer.clone())
+        .get_audit_head(pb::GetAuditHeadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(head.receipt_public_key.starts_with("ed25519:"), "{head:?}");
+
+    // Without one, not even the admin token gets a call through: the
+    // handshake fails (the client learns it on its first call with TLS 1.3).
+    let refused = match client::connect(&addr, Some(&tls(None))).await {
+        Err(e) => {
+            assert!(e.starts_with(&format!("cannot connect to {addr}")), "{e}");
+            None
+        }
+        Ok(channel) => Some(
+            client::admin(channel, bearer)
+                .get_audit_head(pb::GetAuditHeadRequest {})
+                .await
+                .expect_err("a client without a certificate got a call through"),
+        ),
+    };
+    if let Some(status) = refused {
+        // The server's alert reaches the client as its first read fails.
+        assert_eq!(status.code(), Code::Unknown, "{status:?}");
+        assert!(
+            format!("{status:?}").contains("received fatal alert: CertificateRequired"),
+            "{status:?}"
+        );
+    }
+    let log = sidecar.log();
+    assert!(!log.contains("BEGIN"), "the log shows PEM: {log}");
+}
+
+#[test]
+fn the_cli_refuses_to_send_a_token_over_plain_tcp_beyond_loopback() {
+    let files = tempfile::tempdir().unwrap();
+    let token_file = write(files.path(), "token", "kw_not_a_real_token_but_secret\n");
+    // 192.0.2.1 is TEST-NET-1: nothing answers there, so a CLI that tried
+    // would hang until its connect timeout instead of refusing at once.
+    for (args, env) in [
+        (vec!["--token-file", token_file.to_str().unwrap()], vec![]),
+        (
+            vec![],
+            vec![("KEYWARDEN_TOKEN", "kw_not_a_real_token_but_secret")],
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let output = common::process::keywarden()
+            .env("KEYWARDEN_DATA_DIR", "/nonexistent/keywarden-test")
+            .envs(env.iter().copied())
+            .args(["--addr", "192.0.2.1:7400"])
+            .args(&args)
+            .args(["tenant", "list"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run the keywarden client");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "INVALID_ARGUMENT: refusing to send a token to 192.0.2.1:7400 without TLS: set --tls-ca"
+        );
+        assert!(output.stdout.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the CLI tried to connect before refusing"
+        );
+    }
+}

@@ -166,6 +166,51 @@ async fn automatic_rotation_and_retention_run_on_schedule() {
         decrypt(&mut c, "plain", &plain.ciphertext).await.unwrap(),
         b"no policy"
     );
+
+    // Each of the scheduler's changes is in the audit log, in order, caller
+    // "scheduler" (written just after the change: wait for the last one).
+    let rotation = |v: u32| {
+        (
+            "AutomaticRotation".to_owned(),
+            format!("version {v} is primary (rotation period)"),
+        )
+    };
+    let destroy = |v: u32, moved: u32| {
+        (
+            "RetentionDestroy".to_owned(),
+            format!("version {v} destroyed; {moved} subject keys moved to the primary"),
+        )
+    };
+    let expected = vec![
+        rotation(2),
+        rotation(3),
+        rotation(4),
+        destroy(1, 1), // alice's key, sealed by version 1
+        rotation(5),
+        destroy(2, 0),
+    ];
+    let scheduled = || -> Vec<(String, String)> {
+        std::fs::read_to_string(sidecar.dir.path().join("audit.log"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|r| r["caller"] == "scheduler")
+            .map(|r| {
+                assert_eq!(r["tenant"], "acme", "{r}");
+                assert_eq!(r["phase"], "answered", "{r}");
+                assert_eq!(r["outcome"], "OK", "{r}");
+                (
+                    r["action"].as_str().unwrap().to_owned(),
+                    r["detail"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scheduled().len() < expected.len() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(scheduled(), expected);
     sidecar.stop().await;
 }
 

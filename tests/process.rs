@@ -8,7 +8,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -229,22 +229,7 @@ fn cli_failures_exit_1_with_the_code_name_on_stderr() {
 fn serve_refuses_a_non_loopback_tcp_listener_naming_the_setting() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let run = |mut command: Command| -> (i32, String) {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn keywarden serve");
-        let Some(status) = wait_for_exit(&mut child, PATIENCE) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("serve with an invalid configuration did not exit");
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-        (status.code().expect("an exit code"), stderr)
-    };
+    let run = common::process::exit_and_stderr;
 
     let mut command = keywarden();
     command

@@ -27,15 +27,7 @@ use crate::{
     receipt::ReceiptSigner,
 };
 
-/// The generated protobuf types and service stubs.
-pub mod pb {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("keywarden.v1");
-
-    /// The encoded descriptors, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("keywarden_descriptor");
-}
+pub mod pb;
 
 /// Most entries in a context map.
 pub const MAX_CONTEXT_ENTRIES: usize = 64;

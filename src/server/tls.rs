@@ -65,8 +65,9 @@ pub fn tls_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, StartError> {
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            // Unset with a client CA means required (config::ClientAuth).
             let verifier = match tls.client_auth {
-                ClientAuth::Required => verifier,
+                ClientAuth::Required | ClientAuth::Unset => verifier,
                 ClientAuth::Optional => verifier.allow_unauthenticated(),
             }
             .build()

@@ -5,7 +5,10 @@
 //! with `synchronous = FULL`: a key is on disk before any ciphertext made with
 //! it is returned. `secure_delete` overwrites deleted rows, and every shred
 //! (and every version destroyed by retention) checkpoints the WAL, so a
-//! destroyed wrapped key does not linger in free pages or in the log. Write
+//! destroyed wrapped key does not linger in free pages or in the log. That
+//! checkpoint is best effort (a reader can hold it off, a crash can come
+//! first), so opening the keystore checkpoints too, before anything is
+//! served: frames a crash left behind go at the next start. Write
 //! transactions start with `BEGIN IMMEDIATE`, which takes the write lock at
 //! once and makes each check-then-write atomic.
 //!
@@ -212,10 +215,14 @@ impl SqliteKeystore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Corrupt(format!("migrations failed: {e}")))?;
-        Ok(Self {
+        let store = Self {
             pool,
             readers: Readers::new(path),
-        })
+        };
+        // Nothing else reads yet, so this one completes: the WAL a crash left
+        // (with the frames of keys destroyed just before it) is emptied.
+        store.checkpoint("at start").await;
+        Ok(store)
     }
 
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
@@ -227,13 +234,21 @@ impl SqliteKeystore {
 
     /// Moves the WAL into the database file and truncates it, so deleted key
     /// material (shreds, destroyed versions) leaves the log. Best effort: a
-    /// busy reader can postpone it to the next automatic checkpoint.
-    async fn checkpoint(&self) {
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&self.pool)
+    /// busy reader can hold it off (SQLite answers busy), and then the next
+    /// one (the next destruction, or the next start) finishes the work.
+    async fn checkpoint(&self, when: &'static str) {
+        match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
             .await
         {
-            tracing::warn!(error = %e, "WAL checkpoint after a key's destruction failed");
+            // The first column is 1 when a reader or writer kept the
+            // checkpoint from completing.
+            Ok(row) if row.try_get::<i64, _>(0).is_ok_and(|busy| busy == 0) => {}
+            Ok(_) => tracing::warn!(
+                when,
+                "the WAL checkpoint could not complete (a reader was busy); the next one will"
+            ),
+            Err(e) => tracing::warn!(when, error = %e, "the WAL checkpoint failed"),
         }
     }
 }
@@ -559,7 +574,7 @@ impl Keystore for SqliteKeystore {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        self.checkpoint().await;
+        self.checkpoint("after a key's destruction").await;
         Ok(TenantShred {
             at,
             already_shredded: false,
@@ -720,7 +735,7 @@ impl Keystore for SqliteKeystore {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        self.checkpoint().await;
+        self.checkpoint("after a key's destruction").await;
         Ok(SubjectShred {
             at,
             already_shredded: false,
@@ -911,7 +926,7 @@ impl Keystore for SqliteKeystore {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        self.checkpoint().await;
+        self.checkpoint("after a key's destruction").await;
         Ok(true)
     }
 }
@@ -988,4 +1003,97 @@ fn classify_sync(e: rusqlite::Error) -> StoreError {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Placement, TenantPolicy};
+
+    /// The files of the keystore at `path` (database, WAL, shared memory)
+    /// that hold `needle`.
+    fn files_holding(path: &Path, needle: &[u8]) -> Vec<String> {
+        ["", "-wal", "-shm"]
+            .into_iter()
+            .filter(|suffix| {
+                let mut file = path.as_os_str().to_owned();
+                file.push(suffix);
+                std::fs::read(&file)
+                    .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            })
+            .map(|suffix| format!("keystore{suffix}"))
+            .collect()
+    }
+
+    fn wrapped(marker: u8) -> WrappedKey {
+        WrappedKey {
+            root_key_id: "local:test".into(),
+            // Distinct, and unlike anything else SQLite writes.
+            ciphertext: (0..60u8).map(|i| marker ^ i.wrapping_mul(37)).collect(),
+        }
+    }
+
+    /// A crash between a shred's commit and its checkpoint leaves the shred
+    /// tenant's wrapped keys in the WAL (here the checkpoint is held off by a
+    /// reader, and the files are copied as a crash would leave them); the
+    /// next start removes them before the keystore is used.
+    #[tokio::test]
+    async fn opening_checkpoints_what_a_crash_left_in_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEYSTORE_FILE);
+        let store = SqliteKeystore::open(&path).await.unwrap();
+        let (first_key, index_key) = (wrapped(0xA5), wrapped(0x5A));
+        let (first, index) = (first_key.ciphertext.clone(), index_key.ciphertext.clone());
+        let acme = TenantId::parse("tenant_id", "acme").unwrap();
+        store
+            .create_tenant(NewTenant {
+                id: acme.clone(),
+                created_at: UnixMillis(1_000),
+                placement: Placement::shared(),
+                policy: TenantPolicy::default(),
+                first_key,
+                index_key,
+            })
+            .await
+            .unwrap();
+
+        // A reader in a read transaction: the shred's checkpoint cannot
+        // complete while it lasts.
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let tenants: i64 = reader
+            .query_row("SELECT count(*) FROM tenants", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(tenants, 1);
+        let shred = store.shred_tenant(&acme, UnixMillis(2_000)).await.unwrap();
+        assert_eq!(shred.destroyed_key_versions, 1);
+
+        // The files as a crash now would leave them.
+        let crashed = tempfile::tempdir().unwrap();
+        let copy = crashed.path().join(KEYSTORE_FILE);
+        for suffix in ["", "-wal"] {
+            let (mut from, mut to) = (path.as_os_str().to_owned(), copy.as_os_str().to_owned());
+            from.push(suffix);
+            to.push(suffix);
+            std::fs::copy(&from, &to).unwrap();
+        }
+        assert_eq!(files_holding(&copy, &first), ["keystore-wal"]);
+        assert_eq!(files_holding(&copy, &index), ["keystore-wal"]);
+        drop(reader);
+        drop(store);
+
+        let restarted = SqliteKeystore::open(&copy).await.unwrap();
+        assert_eq!(files_holding(&copy, &first), Vec::<String>::new());
+        assert_eq!(files_holding(&copy, &index), Vec::<String>::new());
+        let mut wal = copy.as_os_str().to_owned();
+        wal.push("-wal");
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        // The shred survived the crash.
+        let record = restarted.tenant(&acme).await.unwrap().unwrap();
+        assert!(
+            matches!(record.state, TenantState::Shredded { at, .. } if at == UnixMillis(2_000)),
+            "{:?}",
+            record.state
+        );
+    }
 }

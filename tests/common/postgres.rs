@@ -114,7 +114,14 @@ pub fn server() -> &'static PgServer {
 /// without disturbing the tests sharing [`server`]. Dropping it stops it and
 /// deletes its files.
 pub fn dedicated() -> PgServer {
-    PgServer::start_local()
+    PgServer::start_local_with("")
+}
+
+/// [`dedicated`] with more server settings (`-c name=value ...`), which
+/// override the harness's own (e.g. `-c full_page_writes=on`, as in
+/// production).
+pub fn dedicated_with(settings: &str) -> PgServer {
+    PgServer::start_local_with(settings)
 }
 
 /// A new, empty database on the shared server; answers its URL.
@@ -209,6 +216,12 @@ impl PgServer {
         self.start();
     }
 
+    /// The data directory of a local server (`PGDATA`: the heap files under
+    /// `base/`, the WAL under `pg_wal/`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.local().scratch.join("data")
+    }
+
     /// What PostgreSQL and pg_ctl logged, for a failure message.
     pub fn log(&self) -> String {
         log_of(&self.local().scratch)
@@ -228,6 +241,10 @@ impl PgServer {
     }
 
     fn start_local() -> PgServer {
+        Self::start_local_with("")
+    }
+
+    fn start_local_with(settings: &str) -> PgServer {
         let started = Instant::now();
         let bins = Binaries::find();
         let owner = run_as();
@@ -261,7 +278,7 @@ impl PgServer {
         // loses no committed transaction, as in production.
         let options = format!(
             "-p {port} -k '{}' -c listen_addresses=127.0.0.1 -c max_connections=300 \
-             -c fsync=off -c full_page_writes=off",
+             -c fsync=off -c full_page_writes=off {settings}",
             scratch.display()
         );
         let mut command = Command::new("sh");

@@ -49,6 +49,25 @@ pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
     }
 }
 
+/// Runs `command`, which must exit on its own (a `serve` that refuses its
+/// configuration): its exit code and stderr.
+pub fn exit_and_stderr(mut command: Command) -> (i32, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keywarden");
+    let Some(status) = wait_for_exit(&mut child, PATIENCE) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("keywarden did not exit within {PATIENCE:?}");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.code().expect("an exit code"), stderr)
+}
+
 pub fn sigterm(pid: u32) {
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -1,0 +1,438 @@
+//! The generated protobuf types and service stubs, and the Debug of the
+//! messages that carry secrets.
+//!
+//! prost derives Debug for every message, which would print plaintext,
+//! ciphertext, stream chunks and subject ids byte for byte wherever a request
+//! is logged or a test fails. build.rs turns the derive off for those
+//! messages (`skip_debug`); the impls below print their lengths instead, and
+//! a context map as its number of entries (its values may name a record).
+//! Tenant ids, versions and codes print as they are: they are in errors and
+//! audit records anyway. Messages that only contain these (batches, results)
+//! keep the derived Debug, which calls the impls below for their parts.
+
+#![allow(clippy::all, clippy::pedantic)]
+
+use std::fmt;
+
+tonic::include_proto!("keywarden.v1");
+
+/// The encoded descriptors, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keywarden_descriptor");
+
+/// Prints `<N bytes>` in place of secret bytes.
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
+}
+
+/// Prints `<N entries>` in place of a context map.
+struct Entries(usize);
+
+impl fmt::Debug for Entries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} entries>", self.0)
+    }
+}
+
+impl fmt::Debug for EncryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("subject_id", &Redacted(self.subject_id.len()))
+            .field("context", &Entries(self.context.len()))
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for EncryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptResponse")
+            .field("ciphertext", &Redacted(self.ciphertext.len()))
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("context", &Entries(self.context.len()))
+            .field("ciphertext", &Redacted(self.ciphertext.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for EncryptItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptItem")
+            .field("subject_id", &Redacted(self.subject_id.len()))
+            .field("context", &Entries(self.context.len()))
+            .field("plaintext", &Redacted(self.plaintext.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptItem")
+            .field("context", &Entries(self.context.len()))
+            .field("ciphertext", &Redacted(self.ciphertext.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for RewrapRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RewrapRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("context", &Entries(self.context.len()))
+            .field("ciphertext", &Redacted(self.ciphertext.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for RewrapResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RewrapResponse")
+            .field("ciphertext", &Redacted(self.ciphertext.len()))
+            .field("key_version", &self.key_version)
+            .field("previous_key_version", &self.previous_key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for EncryptStreamStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptStreamStart")
+            .field("tenant_id", &self.tenant_id)
+            .field("subject_id", &Redacted(self.subject_id.len()))
+            .field("context", &Entries(self.context.len()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for EncryptStreamRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptStreamRequest")
+            .field("part", &self.part)
+            .finish()
+    }
+}
+
+impl fmt::Debug for encrypt_stream_request::Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Start(start) => f.debug_tuple("Start").field(start).finish(),
+            Self::Chunk(chunk) => f
+                .debug_tuple("Chunk")
+                .field(&Redacted(chunk.len()))
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for EncryptStreamResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptStreamResponse")
+            .field("chunk", &Redacted(self.chunk.len()))
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptStreamRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptStreamRequest")
+            .field("part", &self.part)
+            .finish()
+    }
+}
+
+impl fmt::Debug for decrypt_stream_request::Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Start(start) => f.debug_tuple("Start").field(start).finish(),
+            Self::Chunk(chunk) => f
+                .debug_tuple("Chunk")
+                .field(&Redacted(chunk.len()))
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for DecryptStreamResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptStreamResponse")
+            .field("chunk", &Redacted(self.chunk.len()))
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ShredSubjectRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShredSubjectRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("subject_id", &Redacted(self.subject_id.len()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use base64::{
+        Engine,
+        engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    };
+
+    use super::*;
+
+    /// Distinct secret bytes per field, each long enough to be unmistakable.
+    const PLAINTEXT: &[u8] = b"plaintext-of-a-patient-diagnosis";
+    const CIPHERTEXT: &[u8] = b"\x01\x01\x01\x00\x00\x00\x07ciphertext-bytes-of-a-record";
+    const CHUNK: &[u8] = b"chunk-of-a-large-medical-scan";
+    const SUBJECT: &str = "ada.lovelace@example.com";
+    const CONTEXT_VALUE: &str = "row-8812-of-patients";
+
+    fn context() -> BTreeMap<String, String> {
+        [("record".to_owned(), CONTEXT_VALUE.to_owned())].into()
+    }
+
+    /// Every form a secret could take in Debug output.
+    fn forms(secret: &[u8]) -> Vec<String> {
+        let mut forms = vec![
+            String::from_utf8_lossy(secret).into_owned(),
+            hex::encode(secret),
+            STANDARD.encode(secret),
+            URL_SAFE_NO_PAD.encode(secret),
+            // How Debug prints a Vec<u8>, without the brackets.
+            format!("{secret:?}").trim_matches(['[', ']']).to_owned(),
+        ];
+        // A string's Debug (escaped).
+        if let Ok(text) = std::str::from_utf8(secret) {
+            forms.push(format!("{text:?}"));
+        }
+        forms
+    }
+
+    /// Every message that holds a secret, alone and inside the messages
+    /// that contain it.
+    fn messages() -> Vec<(&'static str, String)> {
+        let encrypt_response = EncryptResponse {
+            ciphertext: CIPHERTEXT.to_vec(),
+            key_version: 3,
+        };
+        let decrypt_response = DecryptResponse {
+            plaintext: PLAINTEXT.to_vec(),
+            key_version: 3,
+        };
+        let encrypt_item = EncryptItem {
+            subject_id: SUBJECT.into(),
+            context: context(),
+            plaintext: PLAINTEXT.to_vec(),
+        };
+        let decrypt_item = DecryptItem {
+            context: context(),
+            ciphertext: CIPHERTEXT.to_vec(),
+        };
+        let start = EncryptStreamStart {
+            tenant_id: "acme".into(),
+            subject_id: SUBJECT.into(),
+            context: context(),
+        };
+        let decrypt_start = DecryptStreamStart {
+            tenant_id: "acme".into(),
+            context: BTreeMap::new(),
+        };
+        let both = |value: &dyn fmt::Debug| format!("{value:?}\n{value:#?}");
+        vec![
+            (
+                "EncryptRequest",
+                both(&EncryptRequest {
+                    tenant_id: "acme".into(),
+                    subject_id: SUBJECT.into(),
+                    context: context(),
+                    plaintext: PLAINTEXT.to_vec(),
+                }),
+            ),
+            ("EncryptResponse", both(&encrypt_response)),
+            (
+                "DecryptRequest",
+                both(&DecryptRequest {
+                    tenant_id: "acme".into(),
+                    context: context(),
+                    ciphertext: CIPHERTEXT.to_vec(),
+                }),
+            ),
+            ("DecryptResponse", both(&decrypt_response)),
+            ("EncryptItem", both(&encrypt_item)),
+            ("DecryptItem", both(&decrypt_item)),
+            (
+                "EncryptBatchRequest",
+                both(&EncryptBatchRequest {
+                    tenant_id: "acme".into(),
+                    items: vec![encrypt_item],
+                }),
+            ),
+            (
+                "EncryptBatchResponse",
+                both(&EncryptBatchResponse {
+                    results: vec![EncryptResult {
+                        result: Some(encrypt_result::Result::Ok(encrypt_response)),
+                    }],
+                }),
+            ),
+            (
+                "DecryptBatchRequest",
+                both(&DecryptBatchRequest {
+                    tenant_id: "acme".into(),
+                    items: vec![decrypt_item],
+                }),
+            ),
+            (
+                "DecryptBatchResponse",
+                both(&DecryptBatchResponse {
+                    results: vec![DecryptResult {
+                        result: Some(decrypt_result::Result::Ok(decrypt_response)),
+                    }],
+                }),
+            ),
+            (
+                "RewrapRequest",
+                both(&RewrapRequest {
+                    tenant_id: "acme".into(),
+                    context: context(),
+                    ciphertext: CIPHERTEXT.to_vec(),
+                }),
+            ),
+            (
+                "RewrapResponse",
+                both(&RewrapResponse {
+                    ciphertext: CIPHERTEXT.to_vec(),
+                    key_version: 4,
+                    previous_key_version: 3,
+                }),
+            ),
+            ("EncryptStreamStart", both(&start)),
+            (
+                "EncryptStreamRequest start",
+                both(&EncryptStreamRequest {
+                    part: Some(encrypt_stream_request::Part::Start(start)),
+                }),
+            ),
+            (
+                "EncryptStreamRequest chunk",
+                both(&EncryptStreamRequest {
+                    part: Some(encrypt_stream_request::Part::Chunk(CHUNK.to_vec())),
+                }),
+            ),
+            (
+                "EncryptStreamResponse",
+                both(&EncryptStreamResponse {
+                    chunk: CHUNK.to_vec(),
+                    key_version: 3,
+                }),
+            ),
+            (
+                "DecryptStreamRequest start",
+                both(&DecryptStreamRequest {
+                    part: Some(decrypt_stream_request::Part::Start(decrypt_start)),
+                }),
+            ),
+            (
+                "DecryptStreamRequest chunk",
+                both(&DecryptStreamRequest {
+                    part: Some(decrypt_stream_request::Part::Chunk(CHUNK.to_vec())),
+                }),
+            ),
+            (
+                "DecryptStreamResponse",
+                both(&DecryptStreamResponse {
+                    chunk: CHUNK.to_vec(),
+                    key_version: 3,
+                }),
+            ),
+            (
+                "ShredSubjectRequest",
+                both(&ShredSubjectRequest {
+                    tenant_id: "acme".into(),
+                    subject_id: SUBJECT.into(),
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn debug_of_messages_with_secrets_shows_no_secret_byte() {
+        let secrets: [&[u8]; 5] = [
+            PLAINTEXT,
+            CIPHERTEXT,
+            CHUNK,
+            SUBJECT.as_bytes(),
+            CONTEXT_VALUE.as_bytes(),
+        ];
+        let messages = messages();
+        assert_eq!(messages.len(), 20);
+        for (name, printed) in &messages {
+            assert!(
+                printed.contains(name.split(' ').next().unwrap()),
+                "{printed}"
+            );
+            for secret in secrets {
+                for form in forms(secret) {
+                    assert!(
+                        !printed.contains(&form),
+                        "Debug of {name} shows {form:?}:\n{printed}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn debug_shows_lengths_and_the_fields_that_are_not_secret() {
+        let request = EncryptRequest {
+            tenant_id: "acme".into(),
+            subject_id: SUBJECT.into(),
+            context: context(),
+            plaintext: PLAINTEXT.to_vec(),
+        };
+        assert_eq!(
+            format!("{request:?}"),
+            "EncryptRequest { tenant_id: \"acme\", subject_id: <24 bytes>, \
+             context: <1 entries>, plaintext: <32 bytes> }"
+        );
+        let chunk = DecryptStreamRequest {
+            part: Some(decrypt_stream_request::Part::Chunk(CHUNK.to_vec())),
+        };
+        assert_eq!(
+            format!("{chunk:?}"),
+            "DecryptStreamRequest { part: Some(Chunk(<29 bytes>)) }"
+        );
+        let response = RewrapResponse {
+            ciphertext: CIPHERTEXT.to_vec(),
+            key_version: 4,
+            previous_key_version: 3,
+        };
+        assert_eq!(
+            format!("{response:?}"),
+            "RewrapResponse { ciphertext: <35 bytes>, key_version: 4, previous_key_version: 3 }"
+        );
+    }
+}
