@@ -610,7 +610,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(kms: Kms) {
         })
         .await,
         Code::InvalidArgument,
-        "items: 4 items; the limit is 3 per batch",
+        "items: more than 3 items; the limit is 3 per batch",
     );
     assert_status(
         c.decrypt_batch(pb::DecryptBatchRequest {

@@ -536,7 +536,9 @@ async fn bad_policies_are_refused_and_change_nothing() {
 /// over thousands of calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_tenant_does_not_slow_the_others() {
-    const LIMIT: u32 = 200;
+    // The flood must offer 10 times the limit and complete at least 8 times
+    // it: a debug build on two shared cores completes about 1,500 calls/s.
+    const LIMIT: u32 = if cfg!(debug_assertions) { 100 } else { 200 };
     // Enough calls for a stable p99: ~3 s of calls per phase when optimized.
     const CALLS: usize = if cfg!(debug_assertions) { 3000 } else { 10_000 };
     let sidecar = TestSidecar::start().await;
@@ -578,14 +580,17 @@ async fn a_flooding_tenant_does_not_slow_the_others() {
         let stop = stop.clone();
         let counts = counts.clone();
         tokio::spawn(async move {
-            // Evenly paced: 2 calls every millisecond.
+            // Evenly paced: 10 × LIMIT calls per second.
             let per_tick = 10 * LIMIT / 1000;
             let mut tick = tokio::time::interval(Duration::from_millis(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut calls = tokio::task::JoinSet::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
-                for _ in 0..per_tick {
+                // At most 2,000 calls in flight: a slow sidecar makes the
+                // flood weaker (and the test fail), not the test process
+                // grow without bound.
+                for _ in 0..per_tick.min(2000u32.saturating_sub(calls.len() as u32)) {
                     let mut c = noisy.clone();
                     let counts = counts.clone();
                     // Fired without waiting for the answer, so the offered

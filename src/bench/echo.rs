@@ -172,6 +172,8 @@ pub async fn serve(listen: ListenAddr) -> Result<(), String> {
             .and_then(|()| out.flush())
             .map_err(|e| format!("cannot write to standard output: {e}"))?;
     }
+    // The same wire bounds as the sidecar's defaults.
+    crate::api::codec::raise_max_batch_items(Limits::default().max_batch_items);
     let mut routes = Routes::builder();
     routes.add_service(server::crypto_server(
         Echo,
