@@ -125,6 +125,24 @@ async fn subject_ids_appear_only_as_keyed_hashes() {
 }
 
 #[test]
+fn an_entry_debug_prints_the_subject_ids_length_only() {
+    let entry = Entry {
+        action: "ShredSubject",
+        caller: "unix".into(),
+        subject: Some(b"alice@example.com".to_vec()),
+        ..Entry::default()
+    };
+    let shown = format!("{entry:?} {entry:#?}");
+    for needle in ["alice", "example", "97, 108", "616c696365"] {
+        assert!(!shown.contains(needle), "{shown}");
+    }
+    assert_eq!(
+        format!("{entry:?}"),
+        r#"Entry { action: "ShredSubject", phase: Asked, caller: "unix", tenant: None, subject: Some(<17 bytes>), outcome: None, detail: None }"#
+    );
+}
+
+#[test]
 fn the_last_line_is_read_from_the_end_whatever_the_windows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
