@@ -462,7 +462,7 @@ fn report_audit(name: &str, log: impl std::io::BufRead) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(broken) => {
-            eprintln!("{name} is broken at {broken}");
+            eprintln!("{name} is broken {broken}");
             ExitCode::FAILURE
         }
     }

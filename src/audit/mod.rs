@@ -8,26 +8,28 @@
 //! "the same subject" without saying who.
 //!
 //! Each record carries `prev`, the hash of the record before (64 zeros for
-//! the first), and `hash`, the SHA-256 of its own fields (all but `hash`, as
-//! serialized). [`verify`] walks a log and names the first line that was
-//! edited, deleted, inserted or moved. A log cut at its end cannot be told
-//! from a shorter log by itself: export the latest hash (`audit verify`
-//! prints it) to somewhere else to anchor it.
+//! the first), and `hash`, the SHA-256 of its own bytes as written (the rule,
+//! byte by byte, is in [`record`]). [`verify`] walks a log and names the first
+//! line that was edited, deleted, inserted or moved. A log cut at its end
+//! cannot be told from a shorter log by itself: export the latest hash
+//! (`audit verify` prints it) to somewhere else to anchor it.
 
 pub mod counts;
+pub mod record;
 
 use std::{
     fmt, fs,
-    io::{self, BufRead, Read, Seek, Write},
+    io::{self, Read, Seek, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tokio::sync::Mutex;
+
+pub use record::{Body, Broken, GENESIS, NotARecord, Problem, Record, Verified, verify};
 
 use crate::{
     secret::{Key256, load_or_create_key_file},
@@ -38,51 +40,6 @@ use crate::{
 pub const AUDIT_LOG_FILE: &str = "audit.log";
 /// File name of the key that hashes subject ids in audit records.
 pub const AUDIT_KEY_FILE: &str = "audit.key";
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// What a record says, in the order it is serialized and hashed.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Body {
-    /// 1 for the first record, one more for each.
-    pub seq: u64,
-    /// RFC 3339, UTC, milliseconds.
-    pub time: String,
-    /// The gRPC method, e.g. "ShredTenant".
-    pub action: String,
-    /// "asked", "answered", "refused" or "counted".
-    pub phase: String,
-    /// Who called: the authenticated identity (`token:NAME`, `jwt:SUB`, a
-    /// certificate's URI SAN, `unix`, `anonymous`), or for a caller that
-    /// failed to authenticate, the transport's peer.
-    pub caller: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tenant: Option<String>,
-    /// Keyed hash of the subject id (hex), never the id.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub subject: Option<String>,
-    /// For "answered" and "refused": "OK" or the gRPC code's name.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub outcome: Option<String>,
-    /// What changed, in words without secrets (e.g. "version 3").
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub detail: Option<String>,
-    /// Hash of the record before.
-    pub prev: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Line {
-    #[serde(flatten)]
-    body: Body,
-    hash: String,
-}
-
-fn hash_of(body: &Body) -> String {
-    hex::encode(Sha256::digest(
-        serde_json::to_vec(body).expect("a record serializes"),
-    ))
-}
-
 /// Which moment of a call a record describes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {
@@ -203,7 +160,7 @@ impl AuditLog {
         let (seq, head) = match last_line(&path).map_err(fail)? {
             None => (0, GENESIS.to_owned()),
             Some(line) => {
-                let parsed: Line = serde_json::from_str(&line).map_err(|e| {
+                let parsed = Record::parse(line.as_bytes()).map_err(|e| {
                     fail(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("last record: {e}"),
@@ -391,13 +348,7 @@ fn sealed(mut body: Body, seq: u64, prev: String) -> (String, String) {
     body.seq = seq;
     body.time = UnixMillis::now().to_string();
     body.prev = prev;
-    let hash = hash_of(&body);
-    let line = serde_json::to_string(&Line {
-        body,
-        hash: hash.clone(),
-    })
-    .expect("a record serializes");
-    (hash, line)
+    record::seal(&body)
 }
 
 /// Every record of the PostgreSQL audit log, in order, as JSON lines (for
@@ -437,58 +388,6 @@ fn last_line(path: &Path) -> io::Result<Option<String>> {
         }
         window *= 4;
     }
-}
-
-/// A verified log: how many records, and the hash of the last one.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Verified {
-    pub records: u64,
-    pub head: String,
-}
-
-/// The first broken record: its line number (from 1) and what is wrong.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {problem}")]
-pub struct Broken {
-    pub line: usize,
-    pub problem: String,
-}
-
-/// Checks a whole log: every line parses, its hash matches its fields, its
-/// sequence number follows, and it names the hash of the line before.
-pub fn verify(reader: impl BufRead) -> Result<Verified, Broken> {
-    let mut head = GENESIS.to_owned();
-    let mut seq = 0;
-    for (index, line) in reader.lines().enumerate() {
-        let number = index + 1;
-        let broken = |problem: String| Broken {
-            line: number,
-            problem,
-        };
-        let line = line.map_err(|e| broken(format!("cannot be read: {e}")))?;
-        let parsed: Line =
-            serde_json::from_str(&line).map_err(|e| broken(format!("is not a record: {e}")))?;
-        if hash_of(&parsed.body) != parsed.hash {
-            return Err(broken(
-                "its content does not match its hash: the record was edited".into(),
-            ));
-        }
-        if parsed.body.seq != seq + 1 {
-            return Err(broken(format!(
-                "is record {} where record {} belongs: records were deleted, inserted or moved",
-                parsed.body.seq,
-                seq + 1
-            )));
-        }
-        if parsed.body.prev != head {
-            return Err(broken(
-                "does not name the hash of the record before it: the chain is broken here".into(),
-            ));
-        }
-        seq = parsed.body.seq;
-        head = parsed.hash;
-    }
-    Ok(Verified { records: seq, head })
 }
 
 #[cfg(test)]

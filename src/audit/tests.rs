@@ -1,3 +1,6 @@
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
 use super::*;
 
 async fn log_with(records: usize) -> (tempfile::TempDir, AuditLog) {
@@ -25,7 +28,27 @@ fn lines(dir: &tempfile::TempDir) -> Vec<String> {
 }
 
 fn check(lines: &[String]) -> Result<Verified, Broken> {
-    verify(io::Cursor::new(lines.join("\n")))
+    verify(io::Cursor::new(lines.join("\n") + "\n"))
+}
+
+fn at(line: usize, problem: Problem) -> Broken {
+    Broken::Record { line, problem }
+}
+
+/// A line with `body` as its hashed bytes, whatever they are: what a
+/// forger who recomputes hashes writes.
+fn forged(body: &str) -> String {
+    let hash = hex::encode(Sha256::digest(body.as_bytes()));
+    format!("{},\"hash\":\"{hash}\"}}", body.strip_suffix('}').unwrap())
+}
+
+/// The hashed bytes of a line, by the rule.
+fn hashed(line: &str) -> String {
+    format!("{}}}", &line[..line.len() - 75])
+}
+
+fn ok(records: u64, head: String) -> Result<Verified, Broken> {
+    Ok(Verified { records, head })
 }
 
 #[tokio::test]
@@ -44,7 +67,7 @@ async fn an_intact_chain_verifies_and_reopening_continues_it() {
         .await
         .unwrap();
     let all = lines(&dir);
-    assert_eq!(check(&all), Ok(Verified { records: 4, head }));
+    assert_eq!(check(&all), ok(4, head));
     assert!(all[3].contains(r#""phase":"answered""#) && all[3].contains(r#""outcome":"OK""#));
 }
 
@@ -66,16 +89,14 @@ async fn an_edited_line_is_named() {
     let (dir, _log) = log_with(5).await;
     let mut all = lines(&dir);
     all[2] = all[2].replace("t2", "t9");
-    assert_eq!(check(&all).unwrap_err().line, 3);
+    assert_eq!(
+        check(&all),
+        Err(at(3, Problem::NotARecord(NotARecord::Edited)))
+    );
     // Editing and recomputing the hash breaks the next line's link instead.
-    let mut body: Line = serde_json::from_str(&lines(&dir)[2]).unwrap();
-    body.body.tenant = Some("t9".into());
-    body.hash = hash_of(&body.body);
     let mut all = lines(&dir);
-    all[2] = serde_json::to_string(&body).unwrap();
-    let broken = check(&all).unwrap_err();
-    assert_eq!(broken.line, 4);
-    assert!(broken.problem.contains("chain is broken"), "{broken}");
+    all[2] = forged(&hashed(&all[2]).replace("t2", "t9"));
+    assert_eq!(check(&all), Err(at(4, Problem::Chain)));
 }
 
 #[tokio::test]
@@ -83,19 +104,198 @@ async fn a_deleted_or_moved_line_is_named() {
     let (dir, _log) = log_with(5).await;
     let mut deleted = lines(&dir);
     deleted.remove(1);
-    let broken = check(&deleted).unwrap_err();
-    assert_eq!(broken.line, 2);
-    assert!(
-        broken.problem.contains("record 3 where record 2 belongs"),
-        "{broken}"
+    assert_eq!(
+        check(&deleted),
+        Err(at(
+            2,
+            Problem::Sequence {
+                found: 3,
+                expected: 2
+            }
+        ))
+    );
+    assert_eq!(
+        check(&deleted).unwrap_err().to_string(),
+        "at line 2: is record 3 where record 2 belongs: records were deleted, inserted or moved"
     );
 
     let mut swapped = lines(&dir);
     swapped.swap(3, 4);
-    assert_eq!(check(&swapped).unwrap_err().line, 4);
+    assert_eq!(
+        check(&swapped),
+        Err(at(
+            4,
+            Problem::Sequence {
+                found: 5,
+                expected: 4
+            }
+        ))
+    );
     let mut garbage = lines(&dir);
     garbage[0] = "not json".into();
-    assert_eq!(check(&garbage).unwrap_err().line, 1);
+    assert_eq!(
+        check(&garbage),
+        Err(at(1, Problem::NotARecord(NotARecord::NoHash)))
+    );
+}
+
+/// Finding 12: the hash covers the line's exact bytes, and verify takes
+/// only the form keywarden writes. Each change fails as an edit; made by a
+/// forger who recomputes the hash, it fails as not keywarden's form.
+#[tokio::test]
+async fn any_change_to_a_records_bytes_fails_even_with_its_hash_recomputed() {
+    let (dir, log) = log_with(0).await;
+    log.record(Entry {
+        action: "ShredTenant",
+        caller: "token:Admin".into(),
+        tenant: Some("acme".into()),
+        ..Entry::default()
+    })
+    .await
+    .unwrap();
+    let line = lines(&dir).remove(0);
+    let body = hashed(&line);
+    assert!(body.starts_with(r#"{"seq":1,"time":""#), "{body}");
+    let time = &body[body.find(r#""time""#).unwrap()..body.find(r#","action""#).unwrap()];
+    // None: the parse error of the changed body (an unknown or duplicated
+    // field).
+    let changes: [(&str, String, Option<NotARecord>); 6] = [
+        (
+            "an added field",
+            body.replacen(r#"{"seq":1,"#, r#"{"seq":1,"approved_by":"cfo","#, 1),
+            None,
+        ),
+        (
+            "a reordered field",
+            body.replacen(&format!("{time},"), "", 1).replacen(
+                r#""prev""#,
+                &format!("{time},\"prev\""),
+                1,
+            ),
+            Some(NotARecord::NotCanonical),
+        ),
+        (
+            "a character re-encoded",
+            body.replacen("Admin", r"\u0041dmin", 1),
+            Some(NotARecord::NotCanonical),
+        ),
+        (
+            "a space",
+            body.replacen(r#""seq":1"#, r#""seq": 1"#, 1),
+            Some(NotARecord::NotCanonical),
+        ),
+        (
+            "an absent field written as null",
+            body.replacen(r#","prev""#, r#","subject":null,"prev""#, 1),
+            Some(NotARecord::NotCanonical),
+        ),
+        (
+            "a duplicated field",
+            body.replacen(r#","prev""#, r#","tenant":"acme","prev""#, 1),
+            None,
+        ),
+    ];
+    for (what, changed, forged_as) in changes {
+        assert_ne!(changed, body, "{what}: the change did nothing");
+        let edited = format!(
+            "{}{}",
+            &changed[..changed.len() - 1],
+            &line[body.len() - 1..]
+        );
+        assert_eq!(
+            Record::parse(edited.as_bytes()),
+            Err(NotARecord::Edited),
+            "{what}"
+        );
+        let forged_as = forged_as.unwrap_or_else(|| {
+            NotARecord::Unreadable(
+                serde_json::from_str::<Body>(&changed)
+                    .unwrap_err()
+                    .to_string(),
+            )
+        });
+        assert_eq!(
+            Record::parse(forged(&changed).as_bytes()),
+            Err(forged_as),
+            "{what}"
+        );
+    }
+    let added = forged(&body.replacen(r#"{"seq":1,"#, r#"{"seq":1,"approved_by":"cfo","#, 1));
+    assert!(
+        matches!(Record::parse(added.as_bytes()), Err(NotARecord::Unreadable(m)) if m.starts_with("unknown field `approved_by`")),
+        "{added}"
+    );
+    let duplicated = forged(&body.replacen(r#","prev""#, r#","tenant":"acme","prev""#, 1));
+    assert!(
+        matches!(Record::parse(duplicated.as_bytes()), Err(NotARecord::Unreadable(m)) if m.starts_with("duplicate field `tenant`")),
+        "{duplicated}"
+    );
+    // The suffix itself: a space, uppercase hex, a field after the hash.
+    let hash = Record::parse(line.as_bytes()).unwrap().hash;
+    for suffix_change in [
+        line.replacen(r#","hash":""#, r#", "hash":""#, 1),
+        line.replacen(&hash, &hash.to_uppercase(), 1),
+        line.replacen(&format!("{hash}\"}}"), &format!("{hash}\",\"x\":1}}"), 1),
+    ] {
+        assert_ne!(suffix_change, line);
+        assert_eq!(
+            Record::parse(suffix_change.as_bytes()),
+            Err(NotARecord::NoHash),
+            "{suffix_change}"
+        );
+    }
+    let (seq, head) = (1, Record::parse(line.as_bytes()).unwrap().hash);
+    assert_eq!(log.head().await.unwrap(), (seq, head));
+}
+
+/// Records written by keywarden up to 5404065 verify under the byte rule:
+/// that writer's line (`serde_json` of the body with the hash flattened in)
+/// is byte for byte what `seal` writes.
+#[test]
+fn lines_of_the_former_writer_are_the_same_bytes() {
+    #[derive(Serialize)]
+    struct FormerLine<'a> {
+        #[serde(flatten)]
+        body: &'a Body,
+        hash: String,
+    }
+    let body = Body {
+        seq: 7,
+        time: "2026-01-02T03:04:05.678Z".into(),
+        action: "ShredSubject".into(),
+        phase: "answered".into(),
+        caller: "jwt:\u{e9}ve \"q\" \\ / \u{1}\u{7f}\n\t".into(),
+        tenant: Some("acme".into()),
+        subject: Some("ab".repeat(32)),
+        outcome: Some("OK".into()),
+        detail: Some("version 3 \u{2028} \u{1F600}".into()),
+        prev: "cd".repeat(32),
+    };
+    let former_hash = hex::encode(Sha256::digest(serde_json::to_vec(&body).unwrap()));
+    let former = serde_json::to_string(&FormerLine {
+        body: &body,
+        hash: former_hash.clone(),
+    })
+    .unwrap();
+    assert_eq!(record::seal(&body), (former_hash.clone(), former.clone()));
+    assert_eq!(
+        Record::parse(former.as_bytes()),
+        Ok(Record {
+            body,
+            hash: former_hash
+        })
+    );
+    // A log the former writer wrote (a sidecar built from 5404065: an
+    // admin call asked and answered, a subject shred, a refused tenant
+    // shred, a count), kept as it was.
+    let kept = include_str!("../../tests/data/audit-5404065.log");
+    assert_eq!(
+        verify(kept.as_bytes()),
+        ok(
+            7,
+            "888df35e7cba4e4604991e91896b58e56912ee890aa874f8adcc488e15ef820d".into()
+        )
+    );
 }
 
 #[tokio::test]
@@ -114,7 +314,7 @@ async fn subject_ids_appear_only_as_keyed_hashes() {
     let all = lines(&dir);
     assert!(!all.join("").contains("alice"));
     let subject = |line: &str| {
-        serde_json::from_str::<Line>(line)
+        Record::parse(line.as_bytes())
             .unwrap()
             .body
             .subject
