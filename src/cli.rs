@@ -195,7 +195,10 @@ impl PolicyArgs {
 enum AuditCommand {
     /// Walk the hash chain of a log file; name the first record that was
     /// edited, deleted, inserted or moved. Prints the latest hash, to anchor
-    /// elsewhere. No sidecar needed.
+    /// elsewhere. No sidecar needed. Exit 0: intact; 1: broken; 2: cannot
+    /// read the log, or bad arguments; 3: intact but for the remains of a
+    /// failed write (a partial record), which the sidecar cuts off at its
+    /// next start.
     Verify {
         #[arg(default_value = "./keywarden-data/audit.log")]
         file: PathBuf,
@@ -434,7 +437,10 @@ async fn verify_postgres_audit() -> ExitCode {
         }
     };
     match crate::audit::postgres_lines(&pool).await {
-        Ok(text) => report_audit("the PostgreSQL audit log", text.as_bytes()),
+        Ok(text) => report_audit(
+            "the PostgreSQL audit log",
+            crate::audit::verify(text.as_bytes()),
+        ),
         Err(e) => {
             eprintln!("cannot read the audit log: {e}");
             ExitCode::from(2)
@@ -444,7 +450,10 @@ async fn verify_postgres_audit() -> ExitCode {
 
 fn verify_audit(file: &std::path::Path) -> ExitCode {
     match std::fs::File::open(file) {
-        Ok(f) => report_audit(&file.display().to_string(), std::io::BufReader::new(f)),
+        Ok(f) => report_audit(
+            &file.display().to_string(),
+            crate::audit::verify(std::io::BufReader::new(f)),
+        ),
         Err(e) => {
             eprintln!("cannot read {}: {e}", file.display());
             ExitCode::from(2)
@@ -452,14 +461,28 @@ fn verify_audit(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn report_audit(name: &str, log: impl std::io::BufRead) -> ExitCode {
-    match crate::audit::verify(log) {
-        Ok(verified) => {
+/// Prints what `audit verify` found; exit 0, 1 or 3 (see `AuditCommand`).
+fn report_audit(
+    name: &str,
+    verified: Result<crate::audit::Verified, crate::audit::Broken>,
+) -> ExitCode {
+    match verified {
+        Ok(verified) if verified.partial.is_empty() => {
             println!(
                 "ok: {} records, chain intact; latest hash {}",
                 verified.records, verified.head
             );
             ExitCode::SUCCESS
+        }
+        Ok(verified) => {
+            for partial in &verified.partial {
+                eprintln!("{name}: {partial}");
+            }
+            println!(
+                "partial: {} records, chain intact but for the partial records above; latest hash {}",
+                verified.records, verified.head
+            );
+            ExitCode::from(3)
         }
         Err(broken) => {
             eprintln!("{name} is broken {broken}");

@@ -1,30 +1,46 @@
 //! The audit log as an auditor meets it: every Admin call recorded when asked
 //! and when answered, refusals included, no secret in any record, the chain
-//! checked by `keywarden audit verify`, and admin calls refused while the log
-//! cannot be written.
+//! checked by `keywarden audit verify` (telling a torn write from an edit),
+//! admin calls refused while the log cannot be written, and a failed write
+//! cut back and a torn one repaired at start.
 
 mod common;
 
-use std::{collections::BTreeMap, process::Command, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+};
 
-use common::{Options, TestSidecar};
-use keywarden::{api::pb, audit::AuditLog};
+use common::{
+    Options, TestSidecar,
+    process::{Sidecar, keywarden},
+};
+use keywarden::{
+    api::pb,
+    audit::{AuditLog, Entry, Phase, Record},
+};
 use tonic::Code;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
-
-fn verify(file: &std::path::Path) -> (Option<i32>, String) {
-    let out = Command::new(BIN)
+/// Runs `keywarden audit verify ARGS...`: its exit code, stdout and stderr.
+fn verify_with(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = keywarden()
+        .envs(env.iter().copied())
         .args(["audit", "verify"])
-        .arg(file)
+        .args(args)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn verify(file: &Path) -> (Option<i32>, String) {
+    let (code, stdout, stderr) = verify_with(&[file.to_str().unwrap()], &[]);
+    (code, format!("{stdout}{stderr}"))
 }
 
 #[tokio::test]
@@ -201,7 +217,11 @@ async fn admin_calls_fail_closed_while_the_audit_log_cannot_be_written() {
 }
 
 fn records(sidecar: &TestSidecar) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(sidecar.dir.path().join("audit.log"))
+    records_in(sidecar.dir.path())
+}
+
+fn records_in(data_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(data_dir.join("audit.log"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -296,4 +316,252 @@ async fn data_plane_calls_are_recorded_one_by_one_or_counted() {
     counted.stop().await;
     let (code, text) = verify(&dir.path().join("audit.log"));
     assert_eq!(code, Some(0), "{text}");
+}
+
+/// The head of a log file: its record count and its last record's hash.
+fn file_head(data_dir: &Path) -> (u64, String) {
+    let text = std::fs::read(data_dir.join("audit.log")).unwrap();
+    let last = text[..text.len() - 1]
+        .rsplit(|&b| b == b'\n')
+        .next()
+        .unwrap();
+    let record = Record::parse(last).unwrap();
+    (record.body.seq, record.hash)
+}
+
+/// Appends a padding record with `detail_len` bytes of detail.
+async fn pad(log: &AuditLog, detail_len: usize) {
+    log.record(Entry {
+        action: "Padding",
+        phase: Phase::Answered,
+        caller: "test".into(),
+        detail: Some("x".repeat(detail_len)),
+        ..Entry::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Grows the audit log in `data_dir` with padding records to exactly
+/// `target` bytes.
+async fn pad_log_to(data_dir: &Path, target: u64) {
+    let file = data_dir.join("audit.log");
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let log = AuditLog::open(data_dir).unwrap();
+    while target - size() > 2 << 20 {
+        pad(&log, 1 << 20).await;
+    }
+    // What a record adds beyond its detail, measured, and one more byte if
+    // the next sequence number has one more digit.
+    let before = size();
+    pad(&log, 1).await;
+    let (seq, _) = file_head(data_dir);
+    let digits = |n: u64| n.to_string().len() as u64;
+    let overhead = size() - before - 1 + digits(seq + 1) - digits(seq);
+    let detail = target - size() - overhead;
+    pad(&log, usize::try_from(detail).unwrap()).await;
+    assert_eq!(size(), target, "padding missed");
+}
+
+/// Bytes in one block of `ulimit -f` in this system's sh.
+fn ulimit_block() -> u64 {
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -f 1; cat /proc/self/limits"])
+        .output()
+        .unwrap();
+    let limits = String::from_utf8(out.stdout).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// A temporary directory holding a data directory in which a sidecar,
+/// now stopped, created tenant `acme` (two records), and where its socket
+/// goes.
+fn a_stopped_sidecar_with_tenant_acme() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let socket = tmp.path().join("kw.sock");
+    let first = Sidecar::start(&data, &socket);
+    first.ok(&["tenant", "create", "acme"]);
+    let (status, log) = first.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    (tmp, data, socket)
+}
+
+/// Finding 4: a write that fails part-way (here EFBIG: the sidecar runs
+/// under a file-size limit that falls inside its next record, so the write
+/// is really partial) leaves the log at its last complete record, the chain
+/// does not advance, the data plane still serves, and a restart with room
+/// continues the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_file_size_limit_is_cut_back_and_a_restart_continues_the_chain() {
+    let (tmp, data, socket) = a_stopped_sidecar_with_tenant_acme();
+
+    // 8 MiB: above every other file the sidecar writes (the SQLite WAL
+    // stays under 4 MiB); the log stops 60 bytes short of it.
+    let block = ulimit_block();
+    let blocks = (8 << 20) / block;
+    let limit = blocks * block;
+    pad_log_to(&data, limit - 60).await;
+    let (records, head) = file_head(&data);
+
+    let mut command = common::process::command("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            r#"trap "" XFSZ; ulimit -f {blocks}; exec "$0" "$@""#
+        ))
+        .arg(common::process::BIN)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()));
+    let limited = Sidecar::spawn(command, &data, &socket, tmp.path().join("limited.log"));
+    for tenant in ["beta", "gamma"] {
+        limited
+            .cli(&["tenant", "create", tenant])
+            .assert_failure("UNAVAILABLE", "an admin call past the file-size limit");
+        assert_eq!(
+            std::fs::metadata(data.join("audit.log")).unwrap().len(),
+            limit - 60,
+            "the failed write was not cut back"
+        );
+        assert_eq!(file_head(&data), (records, head.clone()));
+    }
+    // The data plane does not wait on the log.
+    let sealed = limited.encrypt(&["--tenant", "acme", "still served"]);
+    let (status, log) = limited.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("the audit log could not record the last data-plane counts"),
+        "{log}"
+    );
+    assert!(log.contains("File too large"), "{log}");
+    let (code, text) = verify(&data.join("audit.log"));
+    assert_eq!(
+        (code, text),
+        (
+            Some(0),
+            format!("ok: {records} records, chain intact; latest hash {head}\n")
+        )
+    );
+
+    let again = Sidecar::start(&data, &socket);
+    again.ok(&["tenant", "create", "beta"]);
+    assert_eq!(
+        again.ok(&["decrypt", "--tenant", "acme", &sealed]),
+        "still served"
+    );
+    let (status, log) = again.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let all = records_in(&data);
+    let tail: Vec<_> = all[all.len() - 3..]
+        .iter()
+        .map(|r| {
+            (
+                r["seq"].as_u64().unwrap(),
+                r["action"].as_str().unwrap(),
+                r["phase"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            (records + 1, "CreateTenant", "asked"),
+            (records + 2, "CreateTenant", "answered"),
+            (records + 3, "Decrypt", "counted"),
+        ]
+    );
+    let (code, text) = verify(&data.join("audit.log"));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.starts_with(&format!("ok: {} records, chain intact", records + 3)),
+        "{text}"
+    );
+}
+
+/// Finding 4: a torn last record (a crash mid-write, or a disk that filled
+/// under keywarden up to 5404065) is told apart from an edit by `audit
+/// verify`, and cut off and recorded when the sidecar starts.
+#[test]
+fn a_torn_tail_is_told_from_an_edit_and_repaired_and_recorded_at_restart() {
+    let (tmp, data, socket) = a_stopped_sidecar_with_tenant_acme();
+    let file = data.join("audit.log");
+    let intact = std::fs::read_to_string(&file).unwrap();
+    let torn = &intact.lines().nth(1).unwrap()[..50];
+
+    // An edited copy: exit 1, the line named.
+    let copy = tmp.path().join("copy.log");
+    std::fs::write(&copy, intact.replacen("acme", "acne", 1)).unwrap();
+    let (code, stdout, stderr) = verify_with(&[copy.to_str().unwrap()], &[]);
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "{} is broken at line 1: its content does not match its hash: the record was edited\n",
+            copy.display()
+        )
+    );
+
+    // The torn log: exit 3, the partial record named.
+    std::fs::write(&file, format!("{intact}{torn}")).unwrap();
+    let (code, stdout, stderr) = verify_with(&[file.to_str().unwrap()], &[]);
+    let (_, head) = file_head_of(&intact);
+    assert_eq!(code, Some(3), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "partial: 2 records, chain intact but for the partial records above; latest hash {head}\n"
+        )
+    );
+    assert!(
+        stderr.starts_with(&format!(
+            "{}: the log ends in a partial record: 50 bytes after record 2 (",
+            file.display()
+        )),
+        "{stderr}"
+    );
+
+    // The restart cuts it off and records that.
+    let again = Sidecar::start(&data, &socket);
+    again.ok(&["tenant", "create", "beta"]);
+    let (status, log) = again.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("cut it off; recording the cut"), "{log}");
+    let all = records_in(&data);
+    let actions: Vec<_> = all
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["caller"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("CreateTenant", "token:admin"),
+            ("CreateTenant", "token:admin"),
+            ("AuditRepair", "keywarden"),
+            ("CreateTenant", "token:admin"),
+            ("CreateTenant", "token:admin"),
+        ]
+    );
+    use sha2::Digest;
+    assert_eq!(
+        all[2]["detail"],
+        format!(
+            "cut 50 bytes after record 2 at start: a partial record (no newline) (SHA-256 of the cut bytes: {})",
+            hex::encode(sha2::Sha256::digest(torn.as_bytes()))
+        )
+    );
+    let (code, text) = verify(&file);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("ok: 5 records, chain intact"), "{text}");
+}
+
+fn file_head_of(text: &str) -> (u64, String) {
+    let record = Record::parse(text.lines().last().unwrap().as_bytes()).unwrap();
+    (record.body.seq, record.hash)
 }

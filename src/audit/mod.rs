@@ -10,16 +10,17 @@
 //! Each record carries `prev`, the hash of the record before (64 zeros for
 //! the first), and `hash`, the SHA-256 of its own bytes as written (the rule,
 //! byte by byte, is in [`record`]). [`verify`] walks a log and names the first
-//! line that was edited, deleted, inserted or moved. A log cut at its end
-//! cannot be told from a shorter log by itself: export the latest hash
-//! (`audit verify` prints it) to somewhere else to anchor it.
+//! line that was edited, deleted, inserted or moved, and tells the remains of
+//! a failed write from an edit. A log cut at its end cannot be told from a
+//! shorter log by itself: export the latest hash (`audit verify` prints it)
+//! to somewhere else to anchor it.
 
 pub mod counts;
+mod file;
 pub mod record;
 
 use std::{
-    fmt, fs,
-    io::{self, Read, Seek, Write},
+    fmt, fs, io,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -29,17 +30,19 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Mutex;
 
-pub use record::{Body, Broken, GENESIS, NotARecord, Problem, Record, Verified, verify};
+pub use record::{Body, Broken, GENESIS, NotARecord, Partial, Problem, Record, Verified, verify};
 
 use crate::{
     secret::{Key256, load_or_create_key_file},
     store::UnixMillis,
 };
+use file::Chain;
 
 /// File name of the audit log inside the data directory.
 pub const AUDIT_LOG_FILE: &str = "audit.log";
 /// File name of the key that hashes subject ids in audit records.
 pub const AUDIT_KEY_FILE: &str = "audit.key";
+
 /// Which moment of a call a record describes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {
@@ -109,12 +112,6 @@ pub struct AuditError {
     source: io::Error,
 }
 
-struct Chain {
-    file: fs::File,
-    seq: u64,
-    head: String,
-}
-
 /// Where records go.
 enum Sink {
     /// A file of this sidecar's, open for appending.
@@ -142,8 +139,11 @@ impl AuditLog {
         let subject_key = load_or_create_key_file(&dir.join(AUDIT_KEY_FILE))
             .map(|(key, _)| key)
             .map_err(fail)?;
+        // Read too: the start reads the log's end, to find its head and
+        // a torn last line.
         let file = fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(&path)
@@ -157,22 +157,11 @@ impl AuditLog {
                 format!("another process writes this audit log ({e}): give every sidecar its own data directory"),
             ))
         })?;
-        let (seq, head) = match last_line(&path).map_err(fail)? {
-            None => (0, GENESIS.to_owned()),
-            Some(line) => {
-                let parsed = Record::parse(line.as_bytes()).map_err(|e| {
-                    fail(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("last record: {e}"),
-                    ))
-                })?;
-                (parsed.body.seq, parsed.hash)
-            }
-        };
+        let chain = Chain::resume(file).map_err(fail)?;
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Arc::new(Mutex::new(Chain { file, seq, head }))),
+            sink: Sink::File(Arc::new(Mutex::new(chain))),
         })
     }
 
@@ -206,14 +195,14 @@ impl AuditLog {
                 path: path.clone(),
                 source,
             })?;
+        let chain = Chain::new(file).map_err(|source| AuditError {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Arc::new(Mutex::new(Chain {
-                file,
-                seq: 0,
-                head: GENESIS.to_owned(),
-            }))),
+            sink: Sink::File(Arc::new(Mutex::new(chain))),
         })
     }
 
@@ -278,29 +267,16 @@ impl AuditLog {
                 // flush of counts can hold 100,000), the write and its sync
                 // (milliseconds on a disk) run on a blocking thread, not on
                 // a runtime worker whose other calls would wait. That thread
-                // holds the chain and advances it after the sync, so a
-                // caller that goes away meanwhile cannot leave the file
-                // ahead of the chain.
+                // holds the chain and advances it after the sync (or cuts a
+                // failed write back), so a caller that goes away meanwhile
+                // cannot leave the file ahead of the chain.
                 let bodies: Vec<Body> = entries.iter().map(body).collect();
                 let mut chain = Arc::clone(chain).lock_owned().await;
                 let path = self.path.clone();
                 tokio::task::spawn_blocking(move || {
-                    let (mut seq, mut head) = (chain.seq, chain.head.clone());
-                    let mut text = String::new();
-                    for body in bodies {
-                        seq += 1;
-                        let (hash, line) = sealed(body, seq, head);
-                        text.push_str(&line);
-                        text.push('\n');
-                        head = hash;
-                    }
-                    let written = (&chain.file)
-                        .write_all(text.as_bytes())
-                        .and_then(|()| chain.file.sync_data());
-                    written.map_err(|source| AuditError { path, source })?;
-                    chain.seq = seq;
-                    chain.head = head.clone();
-                    Ok(head)
+                    chain
+                        .append(bodies)
+                        .map_err(|source| AuditError { path, source })
                 })
                 .await
                 .map_err(|e| AuditError {
@@ -363,31 +339,6 @@ pub async fn postgres_lines(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> 
         text.push('\n');
     }
     Ok(text)
-}
-
-/// The last non-empty line of the file, read from its end: start-up must
-/// not read a log of millions of records.
-fn last_line(path: &Path) -> io::Result<Option<String>> {
-    let mut file = fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut window = 64 * 1024u64;
-    loop {
-        let from = len.saturating_sub(window);
-        file.seek(io::SeekFrom::Start(from))?;
-        let mut tail = Vec::new();
-        Read::by_ref(&mut file)
-            .take(len - from)
-            .read_to_end(&mut tail)?;
-        let text = String::from_utf8_lossy(&tail);
-        let mut lines = text.lines().rev().filter(|l| !l.trim().is_empty());
-        let last = lines.next();
-        // The last line is whole once another line, or the file's start, is
-        // before it in the window.
-        if last.is_none() || from == 0 || lines.next().is_some() {
-            return Ok(last.map(str::to_owned));
-        }
-        window *= 4;
-    }
 }
 
 #[cfg(test)]

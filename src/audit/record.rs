@@ -46,6 +46,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 const HASH_FIELD: &[u8] = br#","hash":""#;
 /// The length of a record's suffix `,"hash":"<64 hex>"}`.
 const SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
+/// The first bytes of every record: where [`verify`] finds a whole record
+/// after the remains of a failed write on the same line.
+const RECORD_START: &[u8] = br#"{"seq":"#;
 
 /// What a record says, in the order it is serialized and hashed.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -153,13 +156,73 @@ impl Record {
         }
         Ok(Record { body, hash })
     }
+
+    /// [`Record::parse`], or failing that, the remains of a failed write
+    /// followed on the same line by a whole record (what keywarden up to
+    /// `5404065` left after a write that failed part-way: it did not cut the
+    /// file back, and its next record went on the same line). Answers the
+    /// record and how many bytes came before it.
+    pub fn parse_after_remains(line: &[u8]) -> Result<(usize, Record), NotARecord> {
+        match Record::parse(line) {
+            Ok(record) => Ok((0, record)),
+            Err(e) => {
+                let start = line
+                    .windows(RECORD_START.len())
+                    .rposition(|w| w == RECORD_START)
+                    .filter(|&at| at > 0)
+                    .ok_or(e.clone())?;
+                Record::parse(&line[start..])
+                    .map(|record| (start, record))
+                    .map_err(|_| e)
+            }
+        }
+    }
 }
 
-/// A verified log: how many records, and the hash of the last one.
+/// A verified log: how many records, the hash of the last one, and the
+/// remains of failed writes found among them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
     pub records: u64,
     pub head: String,
+    /// Bytes that are not records but break no record: a write that failed
+    /// part-way. The sidecar cuts one at the end of its log when it starts.
+    pub partial: Vec<Partial>,
+}
+
+/// The remains of a failed write: `bytes` bytes on line `line`, after
+/// record `after`. At the end of the log (`at_end`) they have no newline;
+/// elsewhere (left by keywarden up to `5404065`) a whole record follows
+/// them on the same line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partial {
+    pub line: usize,
+    pub bytes: u64,
+    pub after: u64,
+    pub at_end: bool,
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.at_end {
+            write!(
+                f,
+                "the log ends in a partial record: {} bytes after record {} (a write that failed \
+                 or was cut short; the sidecar cuts them off, and records that it did, when it \
+                 next starts)",
+                self.bytes, self.after
+            )
+        } else {
+            write!(
+                f,
+                "line {}: {} bytes of a partial record before record {} (a write that failed; \
+                 the records around it are intact)",
+                self.line,
+                self.bytes,
+                self.after + 1
+            )
+        }
+    }
 }
 
 /// What is wrong with a log, first thing first.
@@ -187,10 +250,13 @@ pub enum Problem {
 
 /// Checks a whole log: every line is a record (see the module's rule), its
 /// sequence number follows, and it names the hash of the record before.
-/// Names the first problem.
+/// Names the first problem. Bytes without a newline at the end, and the
+/// remains of a failed write before a record, are not problems:
+/// [`Verified::partial`] lists them.
 pub fn verify(mut reader: impl BufRead) -> Result<Verified, Broken> {
     let mut head = GENESIS.to_owned();
     let mut seq = 0;
+    let mut partial = Vec::new();
     let mut buf = Vec::new();
     let mut number = 0;
     loop {
@@ -206,8 +272,25 @@ pub fn verify(mut reader: impl BufRead) -> Result<Verified, Broken> {
         if read == 0 {
             break;
         }
-        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let record = Record::parse(line).map_err(|e| broken(Problem::NotARecord(e)))?;
+        let Some(line) = buf.strip_suffix(b"\n") else {
+            partial.push(Partial {
+                line: number,
+                bytes: buf.len() as u64,
+                after: seq,
+                at_end: true,
+            });
+            break;
+        };
+        let (remains, record) =
+            Record::parse_after_remains(line).map_err(|e| broken(Problem::NotARecord(e)))?;
+        if remains > 0 {
+            partial.push(Partial {
+                line: number,
+                bytes: remains as u64,
+                after: seq,
+                at_end: false,
+            });
+        }
         if record.body.seq != seq + 1 {
             return Err(broken(Problem::Sequence {
                 found: record.body.seq,
@@ -220,5 +303,9 @@ pub fn verify(mut reader: impl BufRead) -> Result<Verified, Broken> {
         seq = record.body.seq;
         head = record.hash;
     }
-    Ok(Verified { records: seq, head })
+    Ok(Verified {
+        records: seq,
+        head,
+        partial,
+    })
 }

@@ -1,3 +1,5 @@
+use std::io::Write;
+
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -48,7 +50,11 @@ fn hashed(line: &str) -> String {
 }
 
 fn ok(records: u64, head: String) -> Result<Verified, Broken> {
-    Ok(Verified { records, head })
+    Ok(Verified {
+        records,
+        head,
+        partial: Vec::new(),
+    })
 }
 
 #[tokio::test]
@@ -299,6 +305,170 @@ fn lines_of_the_former_writer_are_the_same_bytes() {
 }
 
 #[tokio::test]
+async fn a_torn_tail_is_told_from_an_edit_and_the_remains_of_a_failed_write_are_named() {
+    let (dir, _log) = log_with(3).await;
+    let all = lines(&dir);
+    let head = Record::parse(all[2].as_bytes()).unwrap().hash;
+    let torn = format!("{}\n{}", all.join("\n"), &all[1][..40]);
+    let verified = verify(torn.as_bytes()).unwrap();
+    assert_eq!(
+        verified,
+        Verified {
+            records: 3,
+            head: head.clone(),
+            partial: vec![Partial {
+                line: 4,
+                bytes: 40,
+                after: 3,
+                at_end: true
+            }],
+        }
+    );
+    assert!(
+        verified.partial[0]
+            .to_string()
+            .starts_with("the log ends in a partial record: 40 bytes after record 3 ("),
+        "{}",
+        verified.partial[0]
+    );
+    // What keywarden up to 5404065 left after a failed write: the remains,
+    // then the next record on the same line.
+    let glued = format!("{}\n{}{}\n{}\n", all[0], &all[1][..55], all[1], all[2]);
+    let verified = verify(glued.as_bytes()).unwrap();
+    assert_eq!(
+        verified.partial,
+        [Partial {
+            line: 2,
+            bytes: 55,
+            after: 1,
+            at_end: false
+        }]
+    );
+    assert_eq!((verified.records, verified.head), (3, head));
+    assert_eq!(
+        verified.partial[0].to_string(),
+        "line 2: 55 bytes of a partial record before record 2 (a write that failed; the records \
+         around it are intact)"
+    );
+    // Remains before an edited record are no excuse.
+    let edited = format!(
+        "{}\n{}{}\n",
+        all[0],
+        &all[1][..55],
+        all[1].replace("t1", "t7")
+    );
+    assert_eq!(
+        verify(edited.as_bytes()),
+        Err(at(2, Problem::NotARecord(NotARecord::Edited)))
+    );
+}
+
+fn append(dir: &tempfile::TempDir, bytes: &[u8]) {
+    fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join(AUDIT_LOG_FILE))
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_cut_off_at_start_and_the_cut_is_recorded() {
+    let (dir, log) = log_with(3).await;
+    drop(log);
+    let before = lines(&dir);
+    let torn = &before[2].as_bytes()[..40];
+    append(&dir, torn);
+    let log = AuditLog::open(dir.path()).unwrap();
+    let all = lines(&dir);
+    assert_eq!(all[..3], before[..]);
+    let repair = Record::parse(all[3].as_bytes()).unwrap();
+    assert_eq!(
+        (
+            repair.body.action.as_str(),
+            repair.body.phase.as_str(),
+            repair.body.caller.as_str(),
+            repair.body.outcome.as_deref(),
+            repair.body.detail.as_deref(),
+        ),
+        (
+            "AuditRepair",
+            "answered",
+            "keywarden",
+            Some("OK"),
+            Some(
+                format!(
+                    "cut 40 bytes after record 3 at start: a partial record (no newline) \
+                     (SHA-256 of the cut bytes: {})",
+                    hex::encode(Sha256::digest(torn))
+                )
+                .as_str()
+            ),
+        )
+    );
+    assert_eq!(log.head().await.unwrap(), (4, repair.hash.clone()));
+    assert_eq!(check(&all), ok(4, repair.hash));
+}
+
+#[tokio::test]
+async fn a_last_line_that_is_not_a_record_is_cut_off_but_an_edited_one_stops_the_start() {
+    let (dir, log) = log_with(2).await;
+    drop(log);
+    append(&dir, b"\0\0\0\0\0\0\n");
+    drop(AuditLog::open(dir.path()).unwrap());
+    let all = lines(&dir);
+    assert_eq!(all.len(), 3);
+    let detail = Record::parse(all[2].as_bytes())
+        .unwrap()
+        .body
+        .detail
+        .unwrap();
+    assert!(
+        detail.starts_with("cut 7 bytes after record 2 at start: a last line that is not a record"),
+        "{detail}"
+    );
+
+    let edited = lines(&dir)
+        .into_iter()
+        .map(|l| l.replace("AuditRepair", "AuditRepaid"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    fs::write(dir.path().join(AUDIT_LOG_FILE), &edited).unwrap();
+    let err = AuditLog::open(dir.path()).err().unwrap().to_string();
+    assert!(
+        err.contains("its content does not match its hash: the record was edited; keywarden repairs only a torn last line"),
+        "{err}"
+    );
+    // Nothing was changed.
+    assert_eq!(
+        fs::read_to_string(dir.path().join(AUDIT_LOG_FILE)).unwrap(),
+        edited
+    );
+}
+
+#[tokio::test]
+async fn a_failed_write_leaves_the_chain_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    // Writes to /dev/full fail with ENOSPC, as a full disk would.
+    let full = fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/full")
+        .unwrap();
+    let log = AuditLog::with_file(dir.path(), full).unwrap();
+    for _ in 0..2 {
+        log.record(Entry {
+            action: "CreateTenant",
+            caller: "unix".into(),
+            ..Entry::default()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(log.head().await.unwrap(), (0, GENESIS.to_owned()));
+    }
+}
+
+#[tokio::test]
 async fn subject_ids_appear_only_as_keyed_hashes() {
     let (dir, log) = log_with(0).await;
     for _ in 0..2 {
@@ -343,25 +513,44 @@ fn an_entry_debug_prints_the_subject_ids_length_only() {
 }
 
 #[test]
-fn the_last_line_is_read_from_the_end_whatever_the_windows() {
+fn the_tail_is_read_from_the_end_whatever_the_windows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
-    let check = |text: &str, expected: Option<&str>| {
+    let check = |text: &str, complete: usize, expected: Option<(usize, &str)>| {
         std::fs::write(&path, text).unwrap();
-        assert_eq!(last_line(&path).unwrap().as_deref(), expected);
+        let found = file::tail(&fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(found.len, text.len() as u64);
+        assert_eq!(found.complete, complete as u64);
+        assert_eq!(
+            found
+                .last
+                .map(|(at, line)| (at as usize, String::from_utf8(line).unwrap())),
+            expected.map(|(at, line)| (at, line.to_owned()))
+        );
     };
-    check("", None);
-    check("\n\n", None);
-    check("one", Some("one"));
-    check("one\ntwo\n", Some("two"));
+    check("", 0, None);
+    check("torn", 0, None);
+    check("\n\n", 2, Some((1, "")));
+    check("one\n", 4, Some((0, "one")));
+    check("one\ntwo\ntor", 8, Some((4, "two")));
     let long = "x".repeat(300 * 1024);
-    check(&format!("first\n{long}\n"), Some(long.as_str()));
-    check(&format!("{long}\n"), Some(long.as_str()));
+    check(
+        &format!("first\n{long}\n"),
+        6 + long.len() + 1,
+        Some((6, long.as_str())),
+    );
+    check(
+        &format!("{long}\n"),
+        long.len() + 1,
+        Some((0, long.as_str())),
+    );
+    check(&format!("a\nb\n{long}"), 4, Some((2, "b")));
     let many: String = (0..20_000).map(|i| format!("record {i}\n")).collect();
-    check(&many, Some("record 19999"));
+    check(&many, many.len(), Some((many.len() - 13, "record 19999")));
     // A window that starts exactly at the last line's first byte.
-    let exact = format!("{}\n{}\n", "a".repeat(10), "b".repeat(64 * 1024 - 1));
-    check(&exact, Some("b".repeat(64 * 1024 - 1).as_str()));
+    let b = "b".repeat(64 * 1024 - 1);
+    let exact = format!("{}\n{b}\n", "a".repeat(10));
+    check(&exact, exact.len(), Some((11, b.as_str())));
 }
 
 #[tokio::test]
