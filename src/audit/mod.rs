@@ -44,7 +44,7 @@ pub const AUDIT_LOG_FILE: &str = "audit.log";
 pub const AUDIT_KEY_FILE: &str = "audit.key";
 
 /// Which moment of a call a record describes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Before an admin call runs.
     #[default]
