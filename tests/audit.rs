@@ -1,5 +1,5 @@
 //! The audit log as an auditor meets it: every Admin call recorded when asked
-//! and when answered, refusals included, no secret in any record, the chain
+//! and when answered, refusals counted, no secret in any record, the chain
 //! checked by `keywarden audit verify` (telling a torn write from an edit),
 //! admin calls refused while the log cannot be written, and a failed write
 //! cut back and a torn one repaired at start.
@@ -20,6 +20,7 @@ use common::{
 use keywarden::{
     api::pb,
     audit::{AuditLog, Entry, Phase, Record},
+    client,
 };
 use tonic::Code;
 
@@ -327,6 +328,70 @@ fn file_head(data_dir: &Path) -> (u64, String) {
         .unwrap();
     let record = Record::parse(last).unwrap();
     (record.body.seq, record.hash)
+}
+
+#[tokio::test]
+async fn refusals_are_counted_per_peer_and_reason_not_written_one_by_one() {
+    let sidecar = TestSidecar::start().await;
+    let bogus = client::Bearer::new(Some(&secrecy::SecretString::from(
+        "kw_bogus_token_0000000000000000".to_owned(),
+    )))
+    .unwrap();
+    // Three connections, so three source ports.
+    for _ in 0..3 {
+        let mut admin = client::admin(sidecar.channel().await, bogus.clone());
+        for _ in 0..4 {
+            let status = admin
+                .list_tenants(pb::ListTenantsRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+        }
+        let status = admin
+            .get_audit_head(pb::GetAuditHeadRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    // Nothing written, nothing synced per refusal.
+    assert_eq!(records(&sidecar), Vec::<serde_json::Value>::new());
+    sidecar.flush_audit_counts().await;
+    let counted: Vec<_> = records(&sidecar)
+        .iter()
+        .map(|r| {
+            (
+                r["seq"].as_u64().unwrap(),
+                r["action"].as_str().unwrap().to_owned(),
+                r["phase"].as_str().unwrap().to_owned(),
+                r["caller"].as_str().unwrap().to_owned(),
+                r.get("tenant").is_some(),
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let row = |seq, action: &str, calls: &str| {
+        (
+            seq,
+            action.to_owned(),
+            "refused".to_owned(),
+            "tcp 127.0.0.1".to_owned(),
+            false,
+            "UNAUTHENTICATED".to_owned(),
+            calls.to_owned(),
+        )
+    };
+    assert_eq!(
+        counted,
+        [
+            row(1, "GetAuditHead", "3 calls"),
+            row(2, "ListTenants", "12 calls")
+        ]
+    );
+    let dir = sidecar.dir.clone();
+    sidecar.stop().await;
+    let (code, text) = verify(&dir.path().join("audit.log"));
+    assert_eq!(code, Some(0), "{text}");
 }
 
 /// Appends a padding record with `detail_len` bytes of detail.

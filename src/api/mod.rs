@@ -88,8 +88,9 @@ impl Shared {
         Err(status)
     }
 
-    /// Records a call refused before it ran. A refusal stands whether or not
-    /// it could be recorded.
+    /// Counts a call refused before it ran (per interval, caller, tenant
+    /// and code: a flood of refusals is a counter, not a record and a disk
+    /// sync each). A refusal stands whether or not its count is written.
     pub async fn record_refusal(
         &self,
         action: &'static str,
@@ -97,17 +98,8 @@ impl Shared {
         tenant: Option<&str>,
         code: tonic::Code,
     ) {
-        let entry = Entry {
-            action,
-            phase: Phase::Refused,
-            caller,
-            tenant: valid_tenant(tenant),
-            outcome: Some(status::code_name(code).to_owned()),
-            ..Entry::default()
-        };
-        if let Err(e) = self.audit.record(entry).await {
-            tracing::error!(error = %e, "the audit log could not record a refused call");
-        }
+        self.counts
+            .refused(action, tenant, &caller, status::code_name(code));
     }
 
     /// Records a data-plane call that ran, as `audit.data_plane` says. In

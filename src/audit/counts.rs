@@ -1,6 +1,9 @@
-//! Data-plane calls counted rather than recorded one by one: one record per
-//! interval for each tenant, caller, call and outcome, saying how many
-//! (`audit.data_plane = "counts"`, and rate-limit refusals in every mode).
+//! Calls counted rather than recorded one by one: one record per interval
+//! for each tenant, caller, call and outcome, saying how many. Data-plane
+//! calls (`audit.data_plane = "counts"`, and rate-limit refusals in every
+//! mode) are `counted`; calls refused by authentication or authorization are
+//! `refused`, so that a flood of bad credentials costs a counter, not a
+//! record and a disk sync each.
 //!
 //! Counting runs on every call, under one lock, in constant time whatever
 //! the number of callers (it was a linear search of the interval's callers
@@ -9,11 +12,14 @@
 //! counter (almost always one), or a search of up to [`FEW`], or past that
 //! a hash of the caller. A call whose counter exists allocates nothing.
 //!
-//! Memory is bounded: at most [`MAX_COUNTERS`] counters per interval. Past
-//! the bound, a call that would need a new counter is added to one for
-//! tenant none and caller [`OVERFLOW_CALLER`] (one per call, phase and
-//! outcome), the first such call of an interval logs a warning, and the
-//! flush logs how many. Nothing is lost: every call is in some count.
+//! Memory is bounded: at most [`MAX_COUNTERS`] counters of calls that ran
+//! and [`MAX_REFUSED_COUNTERS`] of refusals per interval, held apart so that
+//! a flood of refusals (from many addresses) cannot push authenticated
+//! callers out. Past a bound, a call that would need a new counter is added
+//! to one for tenant none and caller [`OVERFLOW_CALLER`] (one per call,
+//! phase and outcome), the first such call of an interval logs a warning,
+//! and the flush logs how many. Nothing is lost: every call is in some
+//! count.
 
 use std::{
     collections::HashMap,
@@ -23,17 +29,21 @@ use std::{
 };
 
 use super::{AuditError, AuditLog, Entry, Phase};
+use crate::ids::TenantId;
 
 /// Records written per write-and-sync when counts are flushed.
 const FLUSH_BATCH: usize = 1000;
 
-/// Most counters held per interval: 200,000 tenant,
+/// Most counters of calls that ran held per interval: 200,000 tenant,
 /// caller, call and outcome combinations (at worst, each a new tenant and a
 /// new caller, about 31 MB: see BENCHMARKS.md), and as many records at the
 /// next flush.
 pub const MAX_COUNTERS: usize = 200_000;
 
-/// The caller of the counters that hold calls past the bound.
+/// Most counters of refused calls held per interval.
+pub const MAX_REFUSED_COUNTERS: usize = 50_000;
+
+/// The caller of the counters that hold calls past the bounds.
 pub const OVERFLOW_CALLER: &str = "(other)";
 
 /// Counters a tenant holds in a list, searched in order; past that, they
@@ -315,15 +325,30 @@ impl Pending {
     }
 }
 
+/// A caller named by its transport's peer (`tcp IP:PORT`) without its
+/// port: one peer's calls from many ports are one caller.
+pub fn without_port(caller: &str) -> &str {
+    match caller.strip_prefix("tcp ") {
+        Some(addr) if addr.parse::<std::net::SocketAddr>().is_ok() => {
+            caller.rsplit_once(':').map_or(caller, |(peer, _)| peer)
+        }
+        _ => caller,
+    }
+}
+
 /// Counts since the last flush.
 pub struct Counts {
+    /// Calls that ran, and rate-limit refusals.
     ran: Mutex<Pending>,
+    /// Refusals by authentication and authorization.
+    refused: Mutex<Pending>,
 }
 
 impl Default for Counts {
     fn default() -> Self {
         Counts {
             ran: Mutex::new(Pending::new(MAX_COUNTERS)),
+            refused: Mutex::new(Pending::new(MAX_REFUSED_COUNTERS)),
         }
     }
 }
@@ -341,6 +366,24 @@ impl Counts {
         self.count(action, tenant, caller, Phase::Counted, outcome);
     }
 
+    /// Counts a call refused by authentication or authorization: phase
+    /// `refused`, `reason` the gRPC code's name (or a reason of the same
+    /// kind: a constant, never request data). `tenant` is counted only if it
+    /// is a valid tenant id (an invalid one could be anything the caller
+    /// sent); `caller` is the authenticated identity, or for a caller that
+    /// failed to authenticate its peer (`tcp IP:PORT`, counted without the
+    /// port, or `unix socket`).
+    pub fn refused(
+        &self,
+        action: &'static str,
+        tenant: Option<&str>,
+        caller: &str,
+        reason: &'static str,
+    ) {
+        let tenant = tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok());
+        self.count(action, tenant, without_port(caller), Phase::Refused, reason);
+    }
+
     fn count(
         &self,
         action: &'static str,
@@ -354,15 +397,21 @@ impl Counts {
             action,
             outcome,
         };
-        let mut pending = self.ran.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = match phase {
+            Phase::Refused => &self.refused,
+            _ => &self.ran,
+        };
+        let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.add(tenant.unwrap_or(""), caller, kind, 1);
     }
 
-    /// Writes one record per counter since the last flush, a thousand per
-    /// write and sync (one sync per record took 20 s for 100,000 tenants).
-    /// Counts that could not be written are kept for the next flush.
+    /// Writes one record per counter since the last flush (refusals last), a
+    /// thousand per write and sync (one sync per record took 20 s for
+    /// 100,000 tenants). Counts that could not be written are kept for the
+    /// next flush.
     pub async fn flush(&self, log: &AuditLog) -> Result<(), AuditError> {
-        flush(&self.ran, log).await
+        flush(&self.ran, log).await?;
+        flush(&self.refused, log).await
     }
 
     /// Flushes every `every` for as long as the log is open (the flusher
@@ -551,5 +600,88 @@ mod tests {
         }
         assert_eq!(rows(&pending), expected);
         assert_eq!(pending.held, 2 * callers.len());
+    }
+
+    #[test]
+    fn a_refusal_flood_from_many_peers_cannot_crowd_out_calls_that_ran() {
+        let counts = Counts::default();
+        for i in 0..MAX_REFUSED_COUNTERS + 10 {
+            let peer = format!("tcp 10.{}.{}.{}:40000", i >> 16, (i >> 8) & 255, i & 255);
+            counts.refused("Encrypt", None, &peer, "UNAUTHENTICATED");
+        }
+        counts.add("Encrypt", Some("acme"), "token:app", "OK");
+        let refused = counts.refused.lock().unwrap();
+        assert_eq!(refused.held, MAX_REFUSED_COUNTERS + 1);
+        assert_eq!(refused.overflowed, 10);
+        let ran = counts.ran.lock().unwrap();
+        assert_eq!(
+            rows(&ran),
+            [("acme", "token:app", "counted", "Encrypt", "OK", 1)]
+        );
+    }
+
+    #[test]
+    fn refusals_count_a_peer_without_its_port_and_only_valid_tenants() {
+        let counts = Counts::default();
+        for port in [40001, 40002, 40003] {
+            counts.refused(
+                "Decrypt",
+                Some("acme"),
+                &format!("tcp 192.0.2.1:{port}"),
+                "UNAUTHENTICATED",
+            );
+        }
+        counts.refused(
+            "Decrypt",
+            Some("acme"),
+            "tcp [2001:db8::1]:443",
+            "UNAUTHENTICATED",
+        );
+        counts.refused(
+            "Decrypt",
+            Some("bad\ntenant"),
+            "unix socket",
+            "UNAUTHENTICATED",
+        );
+        counts.refused("GetTenant", Some("acme"), "jwt:bob", "PERMISSION_DENIED");
+        assert_eq!(
+            rows(&counts.refused.lock().unwrap()),
+            [
+                (
+                    "",
+                    "unix socket",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    1
+                ),
+                (
+                    "acme",
+                    "jwt:bob",
+                    "refused",
+                    "GetTenant",
+                    "PERMISSION_DENIED",
+                    1
+                ),
+                (
+                    "acme",
+                    "tcp 192.0.2.1",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    3
+                ),
+                (
+                    "acme",
+                    "tcp [2001:db8::1]",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    1
+                ),
+            ]
+        );
+        assert_eq!(without_port("tcp not-an-address:1"), "tcp not-an-address:1");
+        assert_eq!(without_port("token:a:b"), "token:a:b");
     }
 }

@@ -14,6 +14,9 @@
 //! a failed write from an edit. A log cut at its end cannot be told from a
 //! shorter log by itself: export the latest hash (`audit verify` prints it)
 //! to somewhere else to anchor it.
+//!
+//! Calls refused by authentication or authorization, and data-plane calls,
+//! are counted ([`counts`]), not recorded one by one.
 
 pub mod counts;
 mod file;
@@ -51,7 +54,9 @@ pub enum Phase {
     Asked,
     /// After a call ran, with its outcome.
     Answered,
-    /// A call refused before it ran (authentication, authorization, limits).
+    /// A count of calls refused before they ran, by authentication or
+    /// authorization, over an interval (`detail` says how many; see
+    /// [`counts::Counts::refused`]).
     Refused,
     /// A count of data-plane calls over an interval (`detail` says how many).
     Counted,

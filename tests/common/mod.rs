@@ -118,6 +118,9 @@ pub struct TestSidecar {
     /// Counts every call that reaches the root-key provider.
     pub root: Arc<Metered>,
     pub dir: Arc<tempfile::TempDir>,
+    /// The audit log and its counts, to flush them when a test needs them
+    /// (the server flushes them every `audit.count_interval_seconds`).
+    audit: (Arc<AuditLog>, Arc<keywarden::audit::counts::Counts>),
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -178,7 +181,8 @@ impl TestSidecar {
             audit: options.audit_config,
             ..Config::default()
         };
-        let shared = server::shared(&config, keys, audit).unwrap();
+        let shared = server::shared(&config, keys, audit.clone()).unwrap();
+        let audit = (audit, shared.counts.clone());
         let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()
             .map(|t| SecretString::from(t.trim().to_owned()));
@@ -201,6 +205,7 @@ impl TestSidecar {
             admin_token,
             root,
             dir,
+            audit,
             stop: Some(stop),
             task: Some(task),
         }
@@ -222,6 +227,12 @@ impl TestSidecar {
 
     pub async fn admin(&self) -> AdminClient<Authed> {
         client::admin(self.channel().await, self.admin_bearer())
+    }
+
+    /// Writes the counts of calls (data-plane calls, refusals) held since
+    /// the last flush, as the server does every interval.
+    pub async fn flush_audit_counts(&self) {
+        self.audit.1.flush(&self.audit.0).await.unwrap();
     }
 
     /// Decrypt calls that reached the root-key provider so far.
