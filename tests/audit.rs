@@ -1,8 +1,9 @@
 //! The audit log as an auditor meets it: every Admin call recorded when asked
 //! and when answered, refusals counted, no secret in any record, the chain
-//! checked by `keywarden audit verify` (telling a torn write from an edit),
-//! admin calls refused while the log cannot be written, and a failed write
-//! cut back and a torn one repaired at start.
+//! checked by `keywarden audit verify` (against anchors, telling a torn
+//! write from an edit), admin calls refused while the log cannot be written,
+//! a failed write cut back and a torn one repaired at start, and the
+//! PostgreSQL sink's guards.
 
 mod common;
 
@@ -14,13 +15,14 @@ use std::{
 };
 
 use common::{
-    Options, TestSidecar,
+    Options, TestSidecar, postgres,
     process::{Sidecar, keywarden},
 };
 use keywarden::{
     api::pb,
-    audit::{AuditLog, Entry, Phase, Record},
+    audit::{AuditLog, Entry, GENESIS, Phase, Record},
     client,
+    store::postgres::{PostgresKeystore, PostgresOptions},
 };
 use tonic::Code;
 
@@ -629,4 +631,290 @@ fn a_torn_tail_is_told_from_an_edit_and_repaired_and_recorded_at_restart() {
 fn file_head_of(text: &str) -> (u64, String) {
     let record = Record::parse(text.lines().last().unwrap().as_bytes()).unwrap();
     (record.body.seq, record.hash)
+}
+
+#[tokio::test]
+async fn verify_checks_anchors_and_refuses_a_malformed_one_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    for _ in 0..3 {
+        pad(&log, 10).await;
+    }
+    let file = dir.path().join("audit.log");
+    let (records, head) = file_head(dir.path());
+    let anchor = format!("{records}:{head}");
+    let (code, stdout, _) = verify_with(&[file.to_str().unwrap(), "--anchor", &anchor], &[]);
+    assert_eq!(
+        (code, stdout),
+        (
+            Some(0),
+            format!("ok: 3 records, chain intact; latest hash {head}\n")
+        )
+    );
+    // The log moved away and a new one begun: the anchor is not in it.
+    drop(log);
+    std::fs::rename(&file, dir.path().join("old.log")).unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    pad(&log, 10).await;
+    let (code, stdout, stderr) = verify_with(&[file.to_str().unwrap(), "--anchor", &anchor], &[]);
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "{} is broken at its end: it holds 1 records, but the anchor names record 3: records \
+             were removed from its end, or the log was replaced\n",
+            file.display()
+        )
+    );
+    for bad in ["3", "3:abc", &format!("three:{head}")] {
+        let (code, stdout, stderr) = verify_with(&[file.to_str().unwrap(), "--anchor", bad], &[]);
+        assert_eq!((code, stdout.as_str()), (Some(2), ""), "{bad}");
+        assert!(
+            stderr.contains("expected SEQ:HASH, a record's sequence number"),
+            "{stderr}"
+        );
+    }
+}
+
+/// An audit log in a fresh PostgreSQL database, migrated, with `records`
+/// records written through the sink.
+async fn postgres_log(records: usize) -> (String, tempfile::TempDir, AuditLog) {
+    let url = postgres::fresh_database().await;
+    let store = PostgresKeystore::connect(&url, PostgresOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::postgres(dir.path(), store.pool()).unwrap();
+    for i in 0..records {
+        log.record(Entry {
+            action: "CreateTenant",
+            caller: "token:admin".into(),
+            tenant: Some(format!("t{i}")),
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+    (url, dir, log)
+}
+
+/// `keywarden audit verify --postgres` passes with `records` records.
+fn assert_postgres_log_verifies(url: &str, records: u64) {
+    let (code, stdout, stderr) = verify_with(&["--postgres"], &[("KEYWARDEN_DATABASE_URL", url)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("ok: {records} records, chain intact")),
+        "{stdout}"
+    );
+}
+
+async fn sql_error(db: &mut sqlx::PgConnection, sql: &str) -> String {
+    match sqlx::raw_sql(sql).execute(db).await {
+        Ok(_) => panic!("{sql}: not refused"),
+        Err(e) => e
+            .as_database_error()
+            .map(|e| e.message().to_owned())
+            .unwrap_or_else(|| e.to_string()),
+    }
+}
+
+/// Finding 6: TRUNCATE refused, the head cannot be set back or removed,
+/// even by the table's owner as long as the triggers stand; the sink keeps
+/// writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_audit_log_cannot_be_truncated_nor_its_head_set_back() {
+    let (url, _dir, log) = postgres_log(3).await;
+    let (seq, head) = log.head().await.unwrap();
+    assert_eq!(seq, 3);
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let refusals = [
+        ("TRUNCATE audit_log", "audit_log is append-only"),
+        ("TRUNCATE audit_log CASCADE", "audit_log is append-only"),
+        (
+            "TRUNCATE audit_head",
+            "audit_head cannot be deleted or truncated",
+        ),
+        (
+            "DELETE FROM audit_head",
+            "audit_head cannot be deleted or truncated",
+        ),
+        (
+            &format!("UPDATE audit_head SET seq = 0, hash = '{GENESIS}'"),
+            "audit_head only moves forward: it is at record 3, not 0",
+        ),
+        (
+            &format!("UPDATE audit_head SET hash = '{GENESIS}'"),
+            "audit_head only moves forward: it is at record 3, not 3",
+        ),
+        (
+            &format!("UPDATE audit_head SET seq = 4, hash = '{head}'"),
+            "audit_head must name the last record of audit_log and its hash",
+        ),
+        // A record inserted and the head pointed at it with a wrong hash.
+        (
+            &format!(
+                "BEGIN; INSERT INTO audit_log (seq, record) VALUES (4, 'x'); \
+                 UPDATE audit_head SET seq = 4, hash = '{head}'"
+            ),
+            "audit_head must name the last record of audit_log and its hash",
+        ),
+    ];
+    for (sql, refused) in refusals {
+        assert_eq!(sql_error(&mut db, sql).await, refused, "{sql}");
+        sqlx::raw_sql("ROLLBACK").execute(&mut db).await.ok();
+    }
+    assert_eq!(log.head().await.unwrap(), (3, head));
+    log.record(Entry {
+        action: "ShredTenant",
+        caller: "token:admin".into(),
+        ..Entry::default()
+    })
+    .await
+    .unwrap();
+    assert_postgres_log_verifies(&url, 4);
+}
+
+/// Finding 6: the runtime role of the two-role setup (README, "Database
+/// roles") can write the log but neither empty it nor lift its guards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_role_can_append_but_not_truncate_nor_drop_the_guards() {
+    let (url, dir, owner_log) = postgres_log(1).await;
+    drop(owner_log);
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let role = format!("{database}_app");
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE \"{role}\" LOGIN PASSWORD 'app-secret'; \
+         GRANT CONNECT ON DATABASE \"{database}\" TO \"{role}\"; \
+         GRANT USAGE ON SCHEMA public TO \"{role}\"; \
+         GRANT SELECT, INSERT ON audit_log TO \"{role}\"; \
+         GRANT SELECT, UPDATE ON audit_head TO \"{role}\";"
+    ))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let options = options.username(&role).password("app-secret");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await
+        .unwrap();
+    let log = AuditLog::postgres(dir.path(), pool).unwrap();
+    log.record(Entry {
+        action: "CreateTenant",
+        caller: "token:admin".into(),
+        ..Entry::default()
+    })
+    .await
+    .unwrap();
+    let mut app = <sqlx::PgConnection as sqlx::Connection>::connect_with(&options)
+        .await
+        .unwrap();
+    for (sql, refused) in [
+        (
+            "TRUNCATE audit_log",
+            "permission denied for table audit_log",
+        ),
+        (
+            "DELETE FROM audit_log",
+            "permission denied for table audit_log",
+        ),
+        (
+            "UPDATE audit_log SET record = 'x'",
+            "permission denied for table audit_log",
+        ),
+        // (PostgreSQL says "relation" or "table" here, by command and
+        // version.)
+        (
+            "ALTER TABLE audit_log DISABLE TRIGGER USER",
+            "must be owner of table audit_log",
+        ),
+        (
+            "DROP TRIGGER audit_head_forward ON audit_head",
+            "must be owner of relation audit_head",
+        ),
+        (
+            "SET session_replication_role = replica",
+            "permission denied to set parameter \"session_replication_role\"",
+        ),
+        (
+            "UPDATE audit_head SET seq = 1",
+            "audit_head only moves forward: it is at record 2, not 1",
+        ),
+    ] {
+        let error = sql_error(&mut app, sql).await;
+        let owner = |e: &str| e.replace(" of relation ", " of table ");
+        assert_eq!(owner(&error), owner(refused), "{sql}");
+    }
+    assert_postgres_log_verifies(&url, 2);
+}
+
+/// Finding 6: the table's owner can lift the guards and empty the log; the
+/// head table then disagrees, or, reset too, only an anchor kept elsewhere
+/// shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_with_an_anchor_catches_a_postgres_log_emptied_by_its_owner() {
+    let (url, _dir, log) = postgres_log(5).await;
+    let (seq, head) = log.head().await.unwrap();
+    let anchor = format!("{seq}:{head}");
+    let env = [("KEYWARDEN_DATABASE_URL", url.as_str())];
+    let (code, stdout, _) = verify_with(&["--postgres", "--anchor", &anchor], &env);
+    assert_eq!(
+        (code, stdout),
+        (
+            Some(0),
+            format!("ok: 5 records, chain intact; latest hash {head}\n")
+        )
+    );
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE audit_log DISABLE TRIGGER USER; \
+         ALTER TABLE audit_head DISABLE TRIGGER USER; \
+         DELETE FROM audit_log WHERE seq > 2",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // The head still names record 5.
+    let (code, stdout, stderr) = verify_with(&["--postgres"], &env);
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "the PostgreSQL audit log is broken at its end: it holds 2 records, but audit_head \
+             names record 5 (hash {head}): the log or its head was changed behind the sidecars\n"
+        )
+    );
+    // Emptied, and the head reset: intact by itself, caught by the anchor.
+    sqlx::raw_sql(&format!(
+        "TRUNCATE audit_log; UPDATE audit_head SET seq = 0, hash = '{GENESIS}'"
+    ))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let (code, stdout, _) = verify_with(&["--postgres"], &env);
+    assert_eq!(
+        (code, stdout),
+        (
+            Some(0),
+            format!("ok: 0 records, chain intact; latest hash {GENESIS}\n")
+        )
+    );
+    let (code, stdout, stderr) = verify_with(&["--postgres", "--anchor", &anchor], &env);
+    assert_eq!((code, stdout.as_str()), (Some(1), ""));
+    assert_eq!(
+        stderr,
+        "the PostgreSQL audit log is broken at its end: it holds 0 records, but the anchor names \
+         record 5: records were removed from its end, or the log was replaced\n"
+    );
 }

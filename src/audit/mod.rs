@@ -12,8 +12,9 @@
 //! byte by byte, is in [`record`]). [`verify`] walks a log and names the first
 //! line that was edited, deleted, inserted or moved, and tells the remains of
 //! a failed write from an edit. A log cut at its end cannot be told from a
-//! shorter log by itself: export the latest hash (`audit verify` prints it)
-//! to somewhere else to anchor it.
+//! shorter log by itself: export the latest hash (`audit verify` and `audit
+//! head` print it) to somewhere else, and give it back to
+//! [`verify_anchored`].
 //!
 //! Calls refused by authentication or authorization, and data-plane calls,
 //! are counted ([`counts`]), not recorded one by one.
@@ -33,7 +34,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Mutex;
 
-pub use record::{Body, Broken, GENESIS, NotARecord, Partial, Problem, Record, Verified, verify};
+pub use record::{
+    Anchor, Body, Broken, GENESIS, NotARecord, Partial, Problem, Record, Verified, verify,
+    verify_anchored,
+};
 
 use crate::{
     secret::{Key256, load_or_create_key_file},
@@ -332,18 +336,53 @@ fn sealed(mut body: Body, seq: u64, prev: String) -> (String, String) {
     record::seal(&body)
 }
 
-/// Every record of the PostgreSQL audit log, in order, as JSON lines (for
-/// [`verify`]).
-pub async fn postgres_lines(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
-        .fetch_all(pool)
-        .await?;
-    let mut text = String::new();
-    for (line,) in rows {
-        text.push_str(&line);
-        text.push('\n');
+/// The PostgreSQL audit log as of one snapshot: every record, in order, as
+/// JSON lines (for [`verify`]), and what `audit_head` says.
+pub struct PostgresLog {
+    pub lines: String,
+    /// `audit_head`: the last record's sequence number and hash.
+    pub head: (u64, String),
+}
+
+impl PostgresLog {
+    /// Reads both in one read-only, repeatable-read transaction, so a
+    /// sidecar appending meanwhile cannot make them disagree.
+    pub async fn read(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await?;
+        let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut lines = String::new();
+        for (line,) in rows {
+            lines.push_str(&line);
+            lines.push('\n');
+        }
+        Ok(PostgresLog {
+            lines,
+            head: (u64::try_from(seq).unwrap_or(0), hash),
+        })
     }
-    Ok(text)
+
+    /// Verifies the records against `anchors`, then checks that
+    /// `audit_head` names the last of them.
+    pub fn verify(&self, anchors: &[Anchor]) -> Result<Verified, Broken> {
+        let verified = verify_anchored(self.lines.as_bytes(), anchors)?;
+        if (verified.records, &verified.head) != (self.head.0, &self.head.1) {
+            return Err(Broken::HeadDiffers {
+                records: verified.records,
+                head_seq: self.head.0,
+                head_hash: self.head.1.clone(),
+            });
+        }
+        Ok(verified)
+    }
 }
 
 #[cfg(test)]

@@ -179,6 +179,38 @@ impl Record {
     }
 }
 
+/// A record that must be in the log: `SEQ:HASH`, as `keywarden audit head`
+/// prints it, kept somewhere the log's writer cannot reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let expected = "expected SEQ:HASH, a record's sequence number (from 1) and its hash \
+                        (64 lowercase hex digits), as `keywarden audit head` prints them";
+        let (seq, hash) = raw.split_once(':').ok_or(expected)?;
+        let seq: u64 = seq.parse().ok().filter(|&seq| seq >= 1).ok_or(expected)?;
+        if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(expected.to_owned());
+        }
+        Ok(Anchor {
+            seq,
+            hash: hash.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.hash)
+    }
+}
+
 /// A verified log: how many records, the hash of the last one, and the
 /// remains of failed writes found among them.
 #[derive(Debug, PartialEq, Eq)]
@@ -231,6 +263,33 @@ pub enum Broken {
     /// A line that is not a record, or breaks the chain.
     #[error("at line {line}: {problem}")]
     Record { line: usize, problem: Problem },
+    /// An anchored record is not in the log as anchored.
+    #[error(
+        "at line {line}: record {seq} has hash {found}, but the anchor says {anchored}: the log \
+         was rewritten at or before record {seq}"
+    )]
+    AnchorDiffers {
+        line: usize,
+        seq: u64,
+        found: String,
+        anchored: String,
+    },
+    /// The log ends before an anchored record.
+    #[error(
+        "at its end: it holds {records} records, but the anchor names record {seq}: records \
+         were removed from its end, or the log was replaced"
+    )]
+    ShorterThanAnchor { records: u64, seq: u64 },
+    /// PostgreSQL's `audit_head` does not name the log's last record.
+    #[error(
+        "at its end: it holds {records} records, but audit_head names record {head_seq} (hash \
+         {head_hash}): the log or its head was changed behind the sidecars"
+    )]
+    HeadDiffers {
+        records: u64,
+        head_seq: u64,
+        head_hash: String,
+    },
 }
 
 /// What is wrong with one line.
@@ -248,12 +307,18 @@ pub enum Problem {
     Chain,
 }
 
+/// Checks a whole log: [`verify_anchored`] without anchors.
+pub fn verify(reader: impl BufRead) -> Result<Verified, Broken> {
+    verify_anchored(reader, &[])
+}
+
 /// Checks a whole log: every line is a record (see the module's rule), its
-/// sequence number follows, and it names the hash of the record before.
-/// Names the first problem. Bytes without a newline at the end, and the
-/// remains of a failed write before a record, are not problems:
-/// [`Verified::partial`] lists them.
-pub fn verify(mut reader: impl BufRead) -> Result<Verified, Broken> {
+/// sequence number follows, it names the hash of the record before, and
+/// every anchored record is there with the anchored hash. Names the first
+/// problem. Bytes without a newline at the end, and the remains of a failed
+/// write before a record, are not problems: [`Verified::partial`] lists
+/// them.
+pub fn verify_anchored(mut reader: impl BufRead, anchors: &[Anchor]) -> Result<Verified, Broken> {
     let mut head = GENESIS.to_owned();
     let mut seq = 0;
     let mut partial = Vec::new();
@@ -302,6 +367,20 @@ pub fn verify(mut reader: impl BufRead) -> Result<Verified, Broken> {
         }
         seq = record.body.seq;
         head = record.hash;
+        if let Some(anchor) = anchors.iter().find(|a| a.seq == seq && a.hash != head) {
+            return Err(Broken::AnchorDiffers {
+                line: number,
+                seq,
+                found: head,
+                anchored: anchor.hash.clone(),
+            });
+        }
+    }
+    if let Some(anchor) = anchors.iter().filter(|a| a.seq > seq).min_by_key(|a| a.seq) {
+        return Err(Broken::ShorterThanAnchor {
+            records: seq,
+            seq: anchor.seq,
+        });
     }
     Ok(Verified {
         records: seq,

@@ -363,6 +363,58 @@ async fn a_torn_tail_is_told_from_an_edit_and_the_remains_of_a_failed_write_are_
     );
 }
 
+#[tokio::test]
+async fn anchors_catch_a_log_cut_emptied_or_rewritten() {
+    let (dir, _log) = log_with(4).await;
+    let all = lines(&dir);
+    let hash = |i: usize| Record::parse(all[i].as_bytes()).unwrap().hash;
+    let text = all.join("\n") + "\n";
+    let anchor = |seq: u64, hash: String| Anchor { seq, hash };
+    assert_eq!(
+        verify_anchored(text.as_bytes(), &[anchor(2, hash(1)), anchor(4, hash(3))]),
+        ok(4, hash(3))
+    );
+    assert_eq!(
+        verify_anchored(text.as_bytes(), &[anchor(3, hash(1))]),
+        Err(Broken::AnchorDiffers {
+            line: 3,
+            seq: 3,
+            found: hash(2),
+            anchored: hash(1)
+        })
+    );
+    let cut = all[..2].join("\n") + "\n";
+    assert_eq!(
+        verify_anchored(cut.as_bytes(), &[anchor(4, hash(3))]),
+        Err(Broken::ShorterThanAnchor { records: 2, seq: 4 })
+    );
+    assert_eq!(
+        verify_anchored(&b""[..], &[anchor(4, hash(3))]),
+        Err(Broken::ShorterThanAnchor { records: 0, seq: 4 })
+    );
+    assert_eq!(
+        Broken::ShorterThanAnchor { records: 0, seq: 4 }.to_string(),
+        "at its end: it holds 0 records, but the anchor names record 4: records were removed \
+         from its end, or the log was replaced"
+    );
+    assert_eq!(
+        format!("4:{}", hash(3)).parse::<Anchor>(),
+        Ok(anchor(4, hash(3)))
+    );
+    for bad in [
+        String::new(),
+        "4".into(),
+        format!("0:{}", hash(3)),
+        format!("-1:{}", hash(3)),
+        format!("4:{}", hash(3).to_uppercase()),
+        format!("4:{}", &hash(3)[1..]),
+        format!("4:{} ", hash(3)),
+    ] {
+        let err = bad.parse::<Anchor>().unwrap_err();
+        assert!(err.starts_with("expected SEQ:HASH"), "{bad:?}: {err}");
+    }
+}
+
 fn append(dir: &tempfile::TempDir, bytes: &[u8]) {
     fs::OpenOptions::new()
         .append(true)
