@@ -200,14 +200,23 @@ impl PolicyArgs {
 enum AuditCommand {
     /// Walk the hash chain of a log file; name the first record that was
     /// edited, deleted, inserted or moved. Prints the latest hash, to anchor
-    /// elsewhere. No sidecar needed.
+    /// elsewhere. No sidecar needed. Exit 0: intact (and every anchor
+    /// found); 1: broken, or an anchor not found; 2: cannot read the log,
+    /// or bad arguments; 3: intact but for the remains of a failed write
+    /// (a partial record), which the sidecar cuts off at its next start.
     Verify {
         #[arg(default_value = "./keywarden-data/audit.log")]
         file: PathBuf,
         /// Check the PostgreSQL audit log (audit.sink = "postgres") instead,
-        /// at KEYWARDEN_DATABASE_URL.
+        /// at KEYWARDEN_DATABASE_URL, and that audit_head names its last
+        /// record.
         #[arg(long, conflicts_with = "file")]
         postgres: bool,
+        /// A record that must be in the log, SEQ:HASH, as `audit head` and
+        /// earlier runs of `audit verify` print them (kept somewhere the
+        /// log's writer cannot change). Repeat for several.
+        #[arg(long = "anchor", value_name = "SEQ:HASH")]
+        anchors: Vec<crate::audit::Anchor>,
     },
     /// Ask the sidecar for its log's length and latest hash (audit:read).
     Head,
@@ -322,10 +331,12 @@ pub fn main() -> ExitCode {
     };
     match command {
         Command::Serve(_) => unreachable!("handled above"),
-        Command::Audit(AuditCommand::Verify { postgres: true, .. }) => {
-            runtime.block_on(verify_postgres_audit())
-        }
-        Command::Audit(AuditCommand::Verify { file, .. }) => verify_audit(&file),
+        Command::Audit(AuditCommand::Verify {
+            postgres: true,
+            anchors,
+            ..
+        }) => runtime.block_on(verify_postgres_audit(&anchors)),
+        Command::Audit(AuditCommand::Verify { file, anchors, .. }) => verify_audit(&file, &anchors),
         Command::Receipt(ReceiptCommand::Verify { file, public_key }) => {
             verify_receipt(&file, &public_key)
         }
@@ -420,7 +431,7 @@ fn save_receipt(receipt: &str, file: Option<PathBuf>) -> Result<(), Status> {
     }
 }
 
-async fn verify_postgres_audit() -> ExitCode {
+async fn verify_postgres_audit(anchors: &[crate::audit::Anchor]) -> ExitCode {
     // The URL holds a password: from the environment, never a flag (which
     // any local user could read in the process list).
     let Ok(url) = std::env::var("KEYWARDEN_DATABASE_URL") else {
@@ -438,8 +449,8 @@ async fn verify_postgres_audit() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match crate::audit::postgres_lines(&pool).await {
-        Ok(text) => report_audit("the PostgreSQL audit log", text.as_bytes()),
+    match crate::audit::PostgresLog::read(&pool).await {
+        Ok(log) => report_audit("the PostgreSQL audit log", log.verify(anchors)),
         Err(e) => {
             eprintln!("cannot read the audit log: {e}");
             ExitCode::from(2)
@@ -447,9 +458,12 @@ async fn verify_postgres_audit() -> ExitCode {
     }
 }
 
-fn verify_audit(file: &std::path::Path) -> ExitCode {
+fn verify_audit(file: &std::path::Path, anchors: &[crate::audit::Anchor]) -> ExitCode {
     match std::fs::File::open(file) {
-        Ok(f) => report_audit(&file.display().to_string(), std::io::BufReader::new(f)),
+        Ok(f) => report_audit(
+            &file.display().to_string(),
+            crate::audit::verify_anchored(std::io::BufReader::new(f), anchors),
+        ),
         Err(e) => {
             eprintln!("cannot read {}: {e}", file.display());
             ExitCode::from(2)
@@ -457,17 +471,31 @@ fn verify_audit(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn report_audit(name: &str, log: impl std::io::BufRead) -> ExitCode {
-    match crate::audit::verify(log) {
-        Ok(verified) => {
+/// Prints what `audit verify` found; exit 0, 1 or 3 (see `AuditCommand`).
+fn report_audit(
+    name: &str,
+    verified: Result<crate::audit::Verified, crate::audit::Broken>,
+) -> ExitCode {
+    match verified {
+        Ok(verified) if verified.partial.is_empty() => {
             println!(
                 "ok: {} records, chain intact; latest hash {}",
                 verified.records, verified.head
             );
             ExitCode::SUCCESS
         }
+        Ok(verified) => {
+            for partial in &verified.partial {
+                eprintln!("{name}: {partial}");
+            }
+            println!(
+                "partial: {} records, chain intact but for the partial records above; latest hash {}",
+                verified.records, verified.head
+            );
+            ExitCode::from(3)
+        }
         Err(broken) => {
-            eprintln!("{name} is broken at {broken}");
+            eprintln!("{name} is broken {broken}");
             ExitCode::FAILURE
         }
     }
@@ -599,6 +627,11 @@ async fn client_command(cli: &Connection, command: Command) -> Result<(), Status
                 "records: {}\nhead:    {}\nreceipt key: {}",
                 head.records, head.head, head.receipt_public_key
             );
+            // What `audit verify --anchor` takes (the call is itself
+            // recorded, so there is always a record to name).
+            if head.records > 0 {
+                println!("anchor:  {}:{}", head.records, head.head);
+            }
             Ok(())
         }
         Command::Tenant(command) => tenant_command(client::admin(channel, bearer), command).await,

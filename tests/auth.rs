@@ -323,30 +323,41 @@ async fn a_jwt_for_tenant_a_cannot_touch_tenant_b() {
         "jwt:bob may not encrypt for any tenant",
     );
 
-    // Every refusal is counted in the audit log, with the caller and, once
-    // the body named it, the tenant (the counts are written at the latest
-    // when the sidecar stops).
-    let dir = sidecar.dir.clone();
-    sidecar.stop().await;
-    let refused: Vec<_> = audit_lines_in(dir.path())
+    // Every refusal is counted in the audit log, with the caller and, when
+    // the body was read (refusals at the edge come before it), the tenant.
+    sidecar.flush_audit_counts().await;
+    let refused: Vec<_> = audit_lines_in(sidecar.dir.path())
         .into_iter()
         .filter(|r| r["phase"] == "refused")
         .collect();
-    assert!(refused.len() >= 3, "{refused:?}");
-    assert!(
-        refused.iter().any(|r| r["caller"] == "jwt:alice"
-            && r["tenant"] == "globex"
-            && r["action"] == "Decrypt"
-            && r["outcome"] == "PERMISSION_DENIED"),
-        "{refused:?}"
+    let counted: Vec<_> = refused
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap(),
+                r["caller"].as_str().unwrap(),
+                r.get("tenant").map(|t| t.as_str().unwrap()),
+                r["outcome"].as_str().unwrap(),
+                r["detail"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let denied = "PERMISSION_DENIED";
+    assert_eq!(
+        counted,
+        [
+            // Refused on their headers: alice has no admin grant, bob's
+            // token names no tenant.
+            ("GetTenant", "jwt:alice", None, denied, "3 calls"),
+            ("ShredTenant", "jwt:alice", None, denied, "3 calls"),
+            ("Encrypt", "jwt:bob", None, denied, "1 calls"),
+            // Refused for the tenant the body named.
+            ("Decrypt", "jwt:alice", Some("globex"), denied, "3 calls"),
+            ("Encrypt", "jwt:alice", Some("globex"), denied, "3 calls"),
+            ("Rewrap", "jwt:alice", Some("globex"), denied, "3 calls"),
+        ]
     );
-    assert!(
-        refused.iter().any(|r| r["caller"] == "jwt:bob"
-            && r.get("tenant").is_none()
-            && r["action"] == "Encrypt"
-            && r["outcome"] == "PERMISSION_DENIED"),
-        "{refused:?}"
-    );
+    sidecar.stop().await;
 }
 
 #[tokio::test]

@@ -79,8 +79,8 @@ impl Shared {
     }
 
     /// Counts a call refused before it ran (authentication, authorization),
-    /// per interval, caller and reason: a flood of refusals is a handful of
-    /// audit records, not one written and synced per call.
+    /// per interval, caller, tenant and code: a flood of refusals is a
+    /// counter, not a record and a disk sync each.
     pub fn count_refusal(
         &self,
         action: &'static str,
@@ -88,8 +88,7 @@ impl Shared {
         tenant: Option<&str>,
         error: &Error,
     ) {
-        let tenant = tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok());
-        self.counts.add(
+        self.counts.refused(
             action,
             tenant,
             caller,

@@ -1,28 +1,65 @@
-//! Data-plane calls counted rather than recorded one by one: one record per
-//! interval for each tenant, caller, call and outcome, saying how many.
+//! Calls counted rather than recorded one by one: one record per interval
+//! for each tenant, caller, call and outcome, saying how many. Data-plane
+//! calls (`audit.data_plane = "counts"`, and rate-limit refusals in every
+//! mode) are `counted`; calls refused by authentication or authorization are
+//! `refused`, so that a flood of bad credentials costs a counter, not a
+//! record and a disk sync each.
+//!
+//! Counting runs on every call, under one lock, in constant time whatever
+//! the number of callers (it was a linear search of the interval's callers
+//! and of the tenant's counters, which halved throughput with 40,000 JWT
+//! users): one hash of the tenant id, then a compare with the tenant's
+//! counter (almost always one), or a search of up to [`FEW`], or past that
+//! a hash of the caller. A call whose counter exists allocates nothing.
+//!
+//! Memory is bounded: at most [`MAX_COUNTERS`] counters of calls that ran
+//! and [`MAX_REFUSED_COUNTERS`] of refusals per interval, held apart so that
+//! a flood of refusals (from many addresses) cannot push authenticated
+//! callers out. Past a bound, a call that would need a new counter is added
+//! to one for tenant none and caller [`OVERFLOW_CALLER`] (one per call,
+//! phase and outcome), the first such call of an interval logs a warning,
+//! and the flush logs how many. Nothing is lost: every call is in some
+//! count.
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use super::{AuditError, AuditLog, Entry, Phase};
+use crate::ids::TenantId;
 
 /// Records written per write-and-sync when counts are flushed.
 const FLUSH_BATCH: usize = 1000;
 
-/// One counter as flushed: a caller (an index into [`Pending::callers`]), a
-/// call and an outcome.
-struct Count {
-    caller: u32,
+/// Most counters of calls that ran held per interval: 200,000 tenant,
+/// caller, call and outcome combinations (at worst, each a new tenant and a
+/// new caller, about 31 MB: see BENCHMARKS.md), and as many records at the
+/// next flush.
+pub const MAX_COUNTERS: usize = 200_000;
+
+/// Most counters of refused calls held per interval.
+pub const MAX_REFUSED_COUNTERS: usize = 50_000;
+
+/// The caller of the counters that hold calls past the bounds.
+pub const OVERFLOW_CALLER: &str = "(other)";
+
+/// Counters a tenant holds in a list, searched in order; past that, they
+/// are indexed by caller and kind.
+const FEW: usize = 8;
+
+/// A call and its outcome, as counted.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Kind {
+    phase: Phase,
     action: &'static str,
     outcome: &'static str,
-    calls: u64,
 }
 
-/// One counter as held: a caller (an index into [`Pending::callers`]) and a
-/// call with its outcome (an index into [`Pending::kinds`]). 16 bytes.
+/// One counter: a caller and a kind (indexes into [`Names`]) and how many
+/// calls. 16 bytes.
 #[derive(Clone, Copy)]
 struct Counter {
     caller: u32,
@@ -30,33 +67,113 @@ struct Counter {
     calls: u64,
 }
 
+impl Counter {
+    /// Its key in [`Indexed::by_key`].
+    fn key(&self) -> u64 {
+        u64::from(self.caller) << 32 | u64::from(self.kind)
+    }
+}
+
+/// Callers and kinds, each once, by index.
+#[derive(Default)]
+struct Names {
+    callers: Vec<Arc<str>>,
+    caller_index: HashMap<Arc<str>, u32>,
+    kinds: Vec<Kind>,
+    kind_index: HashMap<Kind, u32>,
+}
+
+impl Names {
+    /// Whether `counter` is the one of `caller` and `kind`.
+    fn is(&self, counter: &Counter, caller: &str, kind: Kind) -> bool {
+        self.kinds[counter.kind as usize] == kind
+            && *self.callers[counter.caller as usize] == *caller
+    }
+
+    /// The key of `caller` and `kind` if both are known.
+    fn key(&self, caller: &str, kind: Kind) -> Option<u64> {
+        let caller = self.caller_index.get(caller)?;
+        let kind = self.kind_index.get(&kind)?;
+        Some(u64::from(*caller) << 32 | u64::from(*kind))
+    }
+
+    fn caller(&mut self, caller: &str) -> u32 {
+        if let Some(&i) = self.caller_index.get(caller) {
+            return i;
+        }
+        let i = u32::try_from(self.callers.len()).expect("bounded by the counters");
+        let name: Arc<str> = caller.into();
+        self.callers.push(name.clone());
+        self.caller_index.insert(name, i);
+        i
+    }
+
+    fn kind(&mut self, kind: Kind) -> u32 {
+        let next = u32::try_from(self.kinds.len()).expect("bounded by the code's calls");
+        let i = *self.kind_index.entry(kind).or_insert(next);
+        if i == next {
+            self.kinds.push(kind);
+        }
+        i
+    }
+}
+
 /// A tenant's counters: almost always one (one caller, one call, one
-/// outcome), held without an allocation of its own.
+/// outcome), held without an allocation of its own; up to [`FEW`] in a
+/// list; more indexed by caller and kind.
 enum Counters {
     One(Counter),
-    Many(Vec<Counter>),
+    Few(Vec<Counter>),
+    Many(Box<Indexed>),
+}
+
+/// Many counters of one tenant (say, one per JWT user).
+struct Indexed {
+    all: Vec<Counter>,
+    /// [`Counter::key`] to its place in `all`.
+    by_key: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
 }
 
 impl Counters {
-    fn add(&mut self, caller: u32, kind: u32, calls: u64) {
-        let found = match self {
-            Counters::One(c) => (c.caller == caller && c.kind == kind).then_some(c),
-            Counters::Many(all) => all
-                .iter_mut()
-                .find(|c| c.caller == caller && c.kind == kind),
-        };
-        match found {
-            Some(counter) => counter.calls += calls,
-            None => {
-                let new = Counter {
-                    caller,
-                    kind,
-                    calls,
-                };
-                match self {
-                    Counters::One(first) => *self = Counters::Many(vec![*first, new]),
-                    Counters::Many(all) => all.push(new),
-                }
+    /// The counter of `caller` and `kind`, if the tenant has one.
+    fn find(&mut self, caller: &str, kind: Kind, names: &Names) -> Option<&mut Counter> {
+        match self {
+            Counters::One(c) => names.is(c, caller, kind).then_some(c),
+            Counters::Few(all) => all.iter_mut().find(|c| names.is(c, caller, kind)),
+            Counters::Many(many) => {
+                let at = *many.by_key.get(&names.key(caller, kind)?)?;
+                Some(&mut many.all[at as usize])
+            }
+        }
+    }
+
+    /// The counter with `key`, if the tenant has one.
+    fn find_key(&mut self, key: u64) -> Option<&mut Counter> {
+        match self {
+            Counters::One(c) => (c.key() == key).then_some(c),
+            Counters::Few(all) => all.iter_mut().find(|c| c.key() == key),
+            Counters::Many(many) => {
+                let at = *many.by_key.get(&key)?;
+                Some(&mut many.all[at as usize])
+            }
+        }
+    }
+
+    /// Adds a counter the tenant does not have.
+    fn push(&mut self, counter: Counter) {
+        match self {
+            Counters::One(first) => *self = Counters::Few(vec![*first, counter]),
+            Counters::Few(all) if all.len() < FEW => all.push(counter),
+            Counters::Few(all) => {
+                let mut all = std::mem::take(all);
+                all.push(counter);
+                let by_key = all.iter().zip(0..).map(|(c, at)| (c.key(), at)).collect();
+                *self = Counters::Many(Box::new(Indexed { all, by_key }));
+            }
+            Counters::Many(many) => {
+                let at = u32::try_from(many.all.len()).expect("bounded by the counters");
+                many.by_key.insert(counter.key(), at);
+                many.all.push(counter);
             }
         }
     }
@@ -64,109 +181,181 @@ impl Counters {
     fn as_slice(&self) -> &[Counter] {
         match self {
             Counters::One(c) => std::slice::from_ref(c),
-            Counters::Many(all) => all,
+            Counters::Few(all) => all,
+            Counters::Many(many) => &many.all,
         }
+    }
+}
+
+/// Hashes a [`Counter::key`] with one multiply (SipHash, for the names a
+/// caller sends, costs ~20 ns): it is made of indexes this module hands
+/// out, not of values a caller chooses, so there is nothing to collide on
+/// purpose.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("a key hashes as one u64")
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        // Folds the caller bits down, then mixes: the map takes its bucket
+        // from the low bits and a tag from the top seven.
+        let mixed = (key ^ (key >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = mixed ^ (mixed >> 32);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 
 /// Counts since the last flush. Compact, because it holds an entry for every
 /// tenant that called in the interval: tenants by id ("" when none), each
 /// with its counters inline; callers and (call, outcome) pairs, of which
-/// there are few, interned. About 90 bytes per tenant (heaptrack: the map's
-/// bucket, the id's copy; it was 310 with a `Vec` of 48-byte counters, and
-/// 1.1 KB with nested maps). Counting a call whose tenant and caller are
-/// known allocates nothing: this runs on every data-plane call.
-#[derive(Default)]
+/// there are few, once each. About 90 bytes per tenant with one counter
+/// (the map's bucket, the id's copy; see BENCHMARKS.md).
 struct Pending {
-    callers: Vec<String>,
-    kinds: Vec<(&'static str, &'static str)>,
+    /// Most counters (the overflow's aside).
+    limit: usize,
+    /// Counters held.
+    held: usize,
     by_tenant: HashMap<Box<str>, Counters>,
+    names: Names,
+    /// Calls added to [`OVERFLOW_CALLER`]'s counters this interval.
+    overflowed: u64,
+}
+
+/// One counter as flushed.
+struct Count<'a> {
+    tenant: &'a str,
+    caller: &'a str,
+    kind: Kind,
+    calls: u64,
 }
 
 impl Pending {
-    fn add(
-        &mut self,
-        tenant: &str,
-        caller: &str,
-        action: &'static str,
-        outcome: &'static str,
-        calls: u64,
-    ) {
-        let caller = match self.callers.iter().position(|c| c == caller) {
-            Some(i) => i,
-            None => {
-                self.callers.push(caller.to_owned());
-                self.callers.len() - 1
-            }
-        } as u32;
-        let kind = match self.kinds.iter().position(|k| *k == (action, outcome)) {
-            Some(i) => i,
-            None => {
-                self.kinds.push((action, outcome));
-                self.kinds.len() - 1
-            }
-        } as u32;
-        match self.by_tenant.get_mut(tenant) {
-            Some(counters) => counters.add(caller, kind, calls),
-            None => {
-                self.by_tenant.insert(
-                    tenant.into(),
-                    Counters::One(Counter {
-                        caller,
-                        kind,
-                        calls,
-                    }),
+    fn new(limit: usize) -> Self {
+        Pending {
+            limit,
+            held: 0,
+            by_tenant: HashMap::new(),
+            names: Names::default(),
+            overflowed: 0,
+        }
+    }
+
+    fn add(&mut self, tenant: &str, caller: &str, kind: Kind, calls: u64) {
+        if let Some(counter) = self
+            .by_tenant
+            .get_mut(tenant)
+            .and_then(|counters| counters.find(caller, kind, &self.names))
+        {
+            counter.calls += calls;
+            return;
+        }
+        if self.held >= self.limit {
+            if self.overflowed == 0 {
+                tracing::warn!(
+                    limit = self.limit,
+                    "more distinct tenants and callers called in this audit interval than it counts apart; \
+                     the rest are counted as caller (other), tenant none"
                 );
+            }
+            self.overflowed += calls;
+            let counter = Counter {
+                caller: self.names.caller(OVERFLOW_CALLER),
+                kind: self.names.kind(kind),
+                calls,
+            };
+            return self.count("", counter);
+        }
+        let counter = Counter {
+            caller: self.names.caller(caller),
+            kind: self.names.kind(kind),
+            calls,
+        };
+        self.count(tenant, counter);
+    }
+
+    /// Adds `counter`'s calls to the tenant's counter of its caller and
+    /// kind, or holds it as a new one.
+    fn count(&mut self, tenant: &str, counter: Counter) {
+        match self.by_tenant.get_mut(tenant) {
+            Some(counters) => match counters.find_key(counter.key()) {
+                Some(held) => held.calls += counter.calls,
+                None => {
+                    counters.push(counter);
+                    self.held += 1;
+                }
+            },
+            None => {
+                self.by_tenant.insert(tenant.into(), Counters::One(counter));
+                self.held += 1;
             }
         }
     }
 
-    /// Every counter with its tenant, in the order of tenant, caller, call
-    /// and outcome; and the callers they index.
-    fn sorted(self) -> (Vec<String>, Vec<(Box<str>, Count)>) {
-        let (callers, kinds) = (self.callers, self.kinds);
-        let mut flat: Vec<(Box<str>, Count)> = self
+    /// Every counter, in the order of tenant, caller, phase, call and
+    /// outcome.
+    fn sorted(&self) -> Vec<Count<'_>> {
+        let mut all: Vec<Count<'_>> = self
             .by_tenant
-            .into_iter()
+            .iter()
             .flat_map(|(tenant, counters)| {
-                counters
-                    .as_slice()
-                    .iter()
-                    .map(|c| {
-                        let (action, outcome) = kinds[c.kind as usize];
-                        (
-                            tenant.clone(),
-                            Count {
-                                caller: c.caller,
-                                action,
-                                outcome,
-                                calls: c.calls,
-                            },
-                        )
-                    })
-                    .collect::<Vec<_>>()
+                counters.as_slice().iter().map(|c| Count {
+                    tenant,
+                    caller: &self.names.callers[c.caller as usize],
+                    kind: self.names.kinds[c.kind as usize],
+                    calls: c.calls,
+                })
             })
             .collect();
-        let key = |(tenant, c): &(Box<str>, Count)| {
+        all.sort_unstable_by_key(|c| {
             (
-                tenant.clone(),
-                callers[c.caller as usize].clone(),
-                c.action,
-                c.outcome,
+                c.tenant,
+                c.caller,
+                c.kind.phase.name(),
+                c.kind.action,
+                c.kind.outcome,
             )
-        };
-        flat.sort_by_cached_key(key);
-        (callers, flat)
+        });
+        all
+    }
+}
+
+/// A caller named by its transport's peer (`tcp IP:PORT`) without its
+/// port: one peer's calls from many ports are one caller.
+pub fn without_port(caller: &str) -> &str {
+    match caller.strip_prefix("tcp ") {
+        Some(addr) if addr.parse::<std::net::SocketAddr>().is_ok() => {
+            caller.rsplit_once(':').map_or(caller, |(peer, _)| peer)
+        }
+        _ => caller,
     }
 }
 
 /// Counts since the last flush.
-#[derive(Default)]
 pub struct Counts {
-    pending: Mutex<Pending>,
+    /// Calls that ran, and rate-limit refusals.
+    ran: Mutex<Pending>,
+    /// Refusals by authentication and authorization.
+    refused: Mutex<Pending>,
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts {
+            ran: Mutex::new(Pending::new(MAX_COUNTERS)),
+            refused: Mutex::new(Pending::new(MAX_REFUSED_COUNTERS)),
+        }
+    }
 }
 
 impl Counts {
+    /// Counts a data-plane call that ran (or was refused by a tenant's rate
+    /// limit): phase `counted`, `outcome` "OK" or the gRPC code's name.
     pub fn add(
         &self,
         action: &'static str,
@@ -174,40 +363,55 @@ impl Counts {
         caller: &str,
         outcome: &'static str,
     ) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.add(tenant.unwrap_or(""), caller, action, outcome, 1);
+        self.count(action, tenant, caller, Phase::Counted, outcome);
     }
 
-    /// Writes one record per counter since the last flush, a thousand per
-    /// write and sync (one sync per record took 20 s for 100,000 tenants).
-    /// Counts that could not be written are kept for the next flush.
+    /// Counts a call refused by authentication or authorization: phase
+    /// `refused`, `reason` the gRPC code's name (or a reason of the same
+    /// kind: a constant, never request data). `tenant` is counted only if it
+    /// is a valid tenant id (an invalid one could be anything the caller
+    /// sent); `caller` is the authenticated identity, or for a caller that
+    /// failed to authenticate its peer (`tcp IP:PORT`, counted without the
+    /// port, or `unix socket`).
+    pub fn refused(
+        &self,
+        action: &'static str,
+        tenant: Option<&str>,
+        caller: &str,
+        reason: &'static str,
+    ) {
+        let tenant = tenant.filter(|t| TenantId::parse("tenant_id", t).is_ok());
+        self.count(action, tenant, without_port(caller), Phase::Refused, reason);
+    }
+
+    fn count(
+        &self,
+        action: &'static str,
+        tenant: Option<&str>,
+        caller: &str,
+        phase: Phase,
+        outcome: &'static str,
+    ) {
+        let kind = Kind {
+            phase,
+            action,
+            outcome,
+        };
+        let pending = match phase {
+            Phase::Refused => &self.refused,
+            _ => &self.ran,
+        };
+        let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.add(tenant.unwrap_or(""), caller, kind, 1);
+    }
+
+    /// Writes one record per counter since the last flush (refusals last), a
+    /// thousand per write and sync (one sync per record took 20 s for
+    /// 100,000 tenants). Counts that could not be written are kept for the
+    /// next flush.
     pub async fn flush(&self, log: &AuditLog) -> Result<(), AuditError> {
-        let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        let (callers, counts) = taken.sorted();
-        for (i, batch) in counts.chunks(FLUSH_BATCH).enumerate() {
-            let entries: Vec<Entry> = batch
-                .iter()
-                .map(|(tenant, count)| Entry {
-                    action: count.action,
-                    phase: Phase::Counted,
-                    caller: callers[count.caller as usize].clone(),
-                    tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
-                    outcome: Some(count.outcome.to_owned()),
-                    detail: Some(format!("{} calls", count.calls)),
-                    ..Entry::default()
-                })
-                .collect();
-            if let Err(e) = log.record_all(&entries).await {
-                // Keep what was not written for the next flush.
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                for (tenant, c) in &counts[i * FLUSH_BATCH..] {
-                    let caller = &callers[c.caller as usize];
-                    pending.add(tenant, caller, c.action, c.outcome, c.calls);
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
+        flush(&self.ran, log).await?;
+        flush(&self.refused, log).await
     }
 
     /// Flushes every `every` for as long as the log is open (the flusher
@@ -227,45 +431,257 @@ impl Counts {
     }
 }
 
+/// [`Counts::flush`] of one set of counters.
+async fn flush(pending: &Mutex<Pending>, log: &AuditLog) -> Result<(), AuditError> {
+    let taken = {
+        let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+        let limit = pending.limit;
+        std::mem::replace(&mut *pending, Pending::new(limit))
+    };
+    if taken.overflowed > 0 {
+        tracing::warn!(
+            calls = taken.overflowed,
+            limit = taken.limit,
+            "audit counts: calls past the interval's distinct counters were counted as caller (other)"
+        );
+    }
+    let counts = taken.sorted();
+    for (i, batch) in counts.chunks(FLUSH_BATCH).enumerate() {
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|count| Entry {
+                action: count.kind.action,
+                phase: count.kind.phase,
+                caller: count.caller.to_owned(),
+                tenant: (!count.tenant.is_empty()).then(|| count.tenant.to_owned()),
+                outcome: Some(count.kind.outcome.to_owned()),
+                detail: Some(format!("{} calls", count.calls)),
+                ..Entry::default()
+            })
+            .collect();
+        if let Err(e) = log.record_all(&entries).await {
+            // Keep what was not written for the next flush.
+            let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &counts[i * FLUSH_BATCH..] {
+                pending.add(c.tenant, c.caller, c.kind, c.calls);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn counters_add_up_per_tenant_caller_call_and_outcome_and_flush_in_order() {
-        let mut pending = Pending::default();
-        for _ in 0..3 {
-            pending.add("acme", "token:app", "Encrypt", "OK", 1);
+    fn counted(action: &'static str, outcome: &'static str) -> Kind {
+        Kind {
+            phase: Phase::Counted,
+            action,
+            outcome,
         }
-        pending.add("acme", "token:app", "Encrypt", "INVALID_ARGUMENT", 1);
-        pending.add("acme", "token:batch", "Encrypt", "OK", 1000);
-        pending.add("acme", "token:app", "Decrypt", "OK", 2);
-        pending.add("acme", "token:app", "Encrypt", "OK", 4);
-        pending.add("", "anonymous", "Encrypt", "UNAUTHENTICATED", 1);
-        pending.add("zeta", "token:app", "Decrypt", "OK", 1);
-        let (callers, flat) = pending.sorted();
-        let rows: Vec<_> = flat
-            .iter()
-            .map(|(tenant, c)| {
+    }
+
+    fn rows(pending: &Pending) -> Vec<(&str, &str, &str, &str, &str, u64)> {
+        pending
+            .sorted()
+            .into_iter()
+            .map(|c| {
                 (
-                    &**tenant,
-                    callers[c.caller as usize].as_str(),
-                    c.action,
-                    c.outcome,
+                    c.tenant,
+                    c.caller,
+                    c.kind.phase.name(),
+                    c.kind.action,
+                    c.kind.outcome,
                     c.calls,
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn counters_add_up_per_tenant_caller_call_and_outcome_and_flush_in_order() {
+        let mut pending = Pending::new(MAX_COUNTERS);
+        for _ in 0..3 {
+            pending.add("acme", "token:app", counted("Encrypt", "OK"), 1);
+        }
+        pending.add(
+            "acme",
+            "token:app",
+            counted("Encrypt", "INVALID_ARGUMENT"),
+            1,
+        );
+        pending.add("acme", "token:batch", counted("Encrypt", "OK"), 1000);
+        pending.add("acme", "token:app", counted("Decrypt", "OK"), 2);
+        pending.add("acme", "token:app", counted("Encrypt", "OK"), 4);
+        let refused = Kind {
+            phase: Phase::Refused,
+            action: "Encrypt",
+            outcome: "UNAUTHENTICATED",
+        };
+        pending.add("", "tcp 10.0.0.7", refused, 1);
+        pending.add("zeta", "token:app", counted("Decrypt", "OK"), 1);
         assert_eq!(
-            rows,
+            rows(&pending),
             [
-                ("", "anonymous", "Encrypt", "UNAUTHENTICATED", 1),
-                ("acme", "token:app", "Decrypt", "OK", 2),
-                ("acme", "token:app", "Encrypt", "INVALID_ARGUMENT", 1),
-                ("acme", "token:app", "Encrypt", "OK", 7),
-                ("acme", "token:batch", "Encrypt", "OK", 1000),
-                ("zeta", "token:app", "Decrypt", "OK", 1),
+                (
+                    "",
+                    "tcp 10.0.0.7",
+                    "refused",
+                    "Encrypt",
+                    "UNAUTHENTICATED",
+                    1
+                ),
+                ("acme", "token:app", "counted", "Decrypt", "OK", 2),
+                (
+                    "acme",
+                    "token:app",
+                    "counted",
+                    "Encrypt",
+                    "INVALID_ARGUMENT",
+                    1
+                ),
+                ("acme", "token:app", "counted", "Encrypt", "OK", 7),
+                ("acme", "token:batch", "counted", "Encrypt", "OK", 1000),
+                ("zeta", "token:app", "counted", "Decrypt", "OK", 1),
             ]
         );
+        assert_eq!(pending.overflowed, 0);
+    }
+
+    #[test]
+    fn past_the_bound_new_counters_fold_into_other_and_known_ones_still_count() {
+        let mut pending = Pending::new(3);
+        for tenant in ["a", "b", "c"] {
+            pending.add(tenant, "jwt:ada", counted("Encrypt", "OK"), 1);
+        }
+        // New tenants, a new caller, a known pair with a new outcome: all
+        // past the bound.
+        pending.add("d", "jwt:ada", counted("Encrypt", "OK"), 1);
+        pending.add("e", "jwt:eve", counted("Encrypt", "OK"), 5);
+        pending.add("a", "jwt:ada", counted("Encrypt", "NOT_FOUND"), 1);
+        // A known counter still counts as itself.
+        pending.add("b", "jwt:ada", counted("Encrypt", "OK"), 10);
+        assert_eq!(
+            rows(&pending),
+            [
+                ("", "(other)", "counted", "Encrypt", "NOT_FOUND", 1),
+                ("", "(other)", "counted", "Encrypt", "OK", 6),
+                ("a", "jwt:ada", "counted", "Encrypt", "OK", 1),
+                ("b", "jwt:ada", "counted", "Encrypt", "OK", 11),
+                ("c", "jwt:ada", "counted", "Encrypt", "OK", 1),
+            ]
+        );
+        assert_eq!(pending.overflowed, 7);
+        // Neither the folded tenants nor the folded caller were kept.
+        assert_eq!(pending.by_tenant.len(), 4, "a, b, c and none");
+        assert_eq!(
+            pending.names.callers,
+            ["jwt:ada".into(), "(other)".into()] as [Arc<str>; 2]
+        );
+    }
+
+    #[test]
+    fn a_tenant_with_many_callers_counts_each_apart_through_its_index() {
+        let mut pending = Pending::new(MAX_COUNTERS);
+        let callers: Vec<String> = (0..3 * FEW).map(|i| format!("jwt:user-{i:02}")).collect();
+        for round in 1..=3 {
+            for caller in &callers {
+                pending.add("acme", caller, counted("Encrypt", "OK"), round);
+                pending.add("acme", caller, counted("Decrypt", "OK"), 1);
+            }
+        }
+        assert!(matches!(pending.by_tenant["acme"], Counters::Many(_)));
+        let mut expected = Vec::new();
+        for caller in &callers {
+            expected.push(("acme", caller.as_str(), "counted", "Decrypt", "OK", 3));
+            expected.push(("acme", caller.as_str(), "counted", "Encrypt", "OK", 6));
+        }
+        assert_eq!(rows(&pending), expected);
+        assert_eq!(pending.held, 2 * callers.len());
+    }
+
+    #[test]
+    fn a_refusal_flood_from_many_peers_cannot_crowd_out_calls_that_ran() {
+        let counts = Counts::default();
+        for i in 0..MAX_REFUSED_COUNTERS + 10 {
+            let peer = format!("tcp 10.{}.{}.{}:40000", i >> 16, (i >> 8) & 255, i & 255);
+            counts.refused("Encrypt", None, &peer, "UNAUTHENTICATED");
+        }
+        counts.add("Encrypt", Some("acme"), "token:app", "OK");
+        let refused = counts.refused.lock().unwrap();
+        assert_eq!(refused.held, MAX_REFUSED_COUNTERS + 1);
+        assert_eq!(refused.overflowed, 10);
+        let ran = counts.ran.lock().unwrap();
+        assert_eq!(
+            rows(&ran),
+            [("acme", "token:app", "counted", "Encrypt", "OK", 1)]
+        );
+    }
+
+    #[test]
+    fn refusals_count_a_peer_without_its_port_and_only_valid_tenants() {
+        let counts = Counts::default();
+        for port in [40001, 40002, 40003] {
+            counts.refused(
+                "Decrypt",
+                Some("acme"),
+                &format!("tcp 192.0.2.1:{port}"),
+                "UNAUTHENTICATED",
+            );
+        }
+        counts.refused(
+            "Decrypt",
+            Some("acme"),
+            "tcp [2001:db8::1]:443",
+            "UNAUTHENTICATED",
+        );
+        counts.refused(
+            "Decrypt",
+            Some("bad\ntenant"),
+            "unix socket",
+            "UNAUTHENTICATED",
+        );
+        counts.refused("GetTenant", Some("acme"), "jwt:bob", "PERMISSION_DENIED");
+        assert_eq!(
+            rows(&counts.refused.lock().unwrap()),
+            [
+                (
+                    "",
+                    "unix socket",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    1
+                ),
+                (
+                    "acme",
+                    "jwt:bob",
+                    "refused",
+                    "GetTenant",
+                    "PERMISSION_DENIED",
+                    1
+                ),
+                (
+                    "acme",
+                    "tcp 192.0.2.1",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    3
+                ),
+                (
+                    "acme",
+                    "tcp [2001:db8::1]",
+                    "refused",
+                    "Decrypt",
+                    "UNAUTHENTICATED",
+                    1
+                ),
+            ]
+        );
+        assert_eq!(without_port("tcp not-an-address:1"), "tcp not-an-address:1");
+        assert_eq!(without_port("token:a:b"), "token:a:b");
     }
 }

@@ -8,90 +8,59 @@
 //! "the same subject" without saying who.
 //!
 //! Each record carries `prev`, the hash of the record before (64 zeros for
-//! the first), and `hash`, the SHA-256 of its own fields (all but `hash`, as
-//! serialized). [`verify`] walks a log and names the first line that was
-//! edited, deleted, inserted or moved. A log cut at its end cannot be told
-//! from a shorter log by itself: export the latest hash (`audit verify`
-//! prints it) to somewhere else to anchor it.
+//! the first), and `hash`, the SHA-256 of its own bytes as written (the rule,
+//! byte by byte, is in [`record`]). [`verify`] walks a log and names the first
+//! line that was edited, deleted, inserted or moved, and tells the remains of
+//! a failed write from an edit. A log cut at its end cannot be told from a
+//! shorter log by itself: export the latest hash (`audit verify` and `audit
+//! head` print it) to somewhere else, and give it back to
+//! [`verify_anchored`].
+//!
+//! Calls refused by authentication or authorization, and data-plane calls,
+//! are counted ([`counts`]), not recorded one by one.
 
 pub mod counts;
+mod file;
+pub mod record;
 
 use std::{
-    fs,
-    io::{self, BufRead, Read, Seek, Write},
+    fmt, fs, io,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tokio::sync::Mutex;
+
+pub use record::{
+    Anchor, Body, Broken, GENESIS, NotARecord, Partial, Problem, Record, Verified, verify,
+    verify_anchored,
+};
 
 use crate::{
     secret::{Key256, load_or_create_key_file},
     store::UnixMillis,
 };
+use file::Chain;
 
 /// File name of the audit log inside the data directory.
 pub const AUDIT_LOG_FILE: &str = "audit.log";
 /// File name of the key that hashes subject ids in audit records.
 pub const AUDIT_KEY_FILE: &str = "audit.key";
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// What a record says, in the order it is serialized and hashed.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Body {
-    /// 1 for the first record, one more for each.
-    pub seq: u64,
-    /// RFC 3339, UTC, milliseconds.
-    pub time: String,
-    /// The gRPC method, e.g. "ShredTenant".
-    pub action: String,
-    /// "asked", "answered", "refused" or "counted".
-    pub phase: String,
-    /// Who called: the authenticated identity (`token:NAME`, `jwt:SUB`, a
-    /// certificate's URI SAN, `unix`, `anonymous`), or for a caller that
-    /// failed to authenticate, the transport's peer.
-    pub caller: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub tenant: Option<String>,
-    /// Keyed hash of the subject id (hex), never the id.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub subject: Option<String>,
-    /// For "answered" and "refused": "OK" or the gRPC code's name.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub outcome: Option<String>,
-    /// What changed, in words without secrets (e.g. "version 3").
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub detail: Option<String>,
-    /// Hash of the record before.
-    pub prev: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Line {
-    #[serde(flatten)]
-    body: Body,
-    hash: String,
-}
-
-fn hash_of(body: &Body) -> String {
-    hex::encode(Sha256::digest(
-        serde_json::to_vec(body).expect("a record serializes"),
-    ))
-}
 
 /// Which moment of a call a record describes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Before an admin call runs.
     #[default]
     Asked,
     /// After a call ran, with its outcome.
     Answered,
-    /// A call refused before it ran (authentication, authorization, limits).
+    /// A count of calls refused before they ran, by authentication or
+    /// authorization, over an interval (`detail` says how many; see
+    /// [`counts::Counts::refused`]).
     Refused,
     /// A count of data-plane calls over an interval (`detail` says how many).
     Counted,
@@ -109,7 +78,7 @@ impl Phase {
 }
 
 /// What to record about one call.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Entry {
     pub action: &'static str,
     pub phase: Phase,
@@ -121,17 +90,35 @@ pub struct Entry {
     pub detail: Option<String>,
 }
 
+/// Shows the subject id's length only: it names a person.
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("action", &self.action)
+            .field("phase", &self.phase)
+            .field("caller", &self.caller)
+            .field("tenant", &self.tenant)
+            .field("subject", &self.subject.as_ref().map(|id| Length(id.len())))
+            .field("outcome", &self.outcome)
+            .field("detail", &self.detail)
+            .finish()
+    }
+}
+
+/// Debug-prints as `<N bytes>`.
+struct Length(usize);
+
+impl fmt::Debug for Length {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes>", self.0)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("audit log {path}: {source}")]
 pub struct AuditError {
     path: PathBuf,
     source: io::Error,
-}
-
-struct Chain {
-    file: fs::File,
-    seq: u64,
-    head: String,
 }
 
 /// Where records go.
@@ -161,8 +148,11 @@ impl AuditLog {
         let subject_key = load_or_create_key_file(&dir.join(AUDIT_KEY_FILE))
             .map(|(key, _)| key)
             .map_err(fail)?;
+        // Read too: the start reads the log's end, to find its head and
+        // a torn last line.
         let file = fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(&path)
@@ -176,22 +166,11 @@ impl AuditLog {
                 format!("another process writes this audit log ({e}): give every sidecar its own data directory"),
             ))
         })?;
-        let (seq, head) = match last_line(&path).map_err(fail)? {
-            None => (0, GENESIS.to_owned()),
-            Some(line) => {
-                let parsed: Line = serde_json::from_str(&line).map_err(|e| {
-                    fail(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("last record: {e}"),
-                    ))
-                })?;
-                (parsed.body.seq, parsed.hash)
-            }
-        };
+        let chain = Chain::resume(file).map_err(fail)?;
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Arc::new(Mutex::new(Chain { file, seq, head }))),
+            sink: Sink::File(Arc::new(Mutex::new(chain))),
         })
     }
 
@@ -225,14 +204,14 @@ impl AuditLog {
                 path: path.clone(),
                 source,
             })?;
+        let chain = Chain::new(file).map_err(|source| AuditError {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self {
             path,
             subject_key,
-            sink: Sink::File(Arc::new(Mutex::new(Chain {
-                file,
-                seq: 0,
-                head: GENESIS.to_owned(),
-            }))),
+            sink: Sink::File(Arc::new(Mutex::new(chain))),
         })
     }
 
@@ -297,29 +276,16 @@ impl AuditLog {
                 // flush of counts can hold 100,000), the write and its sync
                 // (milliseconds on a disk) run on a blocking thread, not on
                 // a runtime worker whose other calls would wait. That thread
-                // holds the chain and advances it after the sync, so a
-                // caller that goes away meanwhile cannot leave the file
-                // ahead of the chain.
+                // holds the chain and advances it after the sync (or cuts a
+                // failed write back), so a caller that goes away meanwhile
+                // cannot leave the file ahead of the chain.
                 let bodies: Vec<Body> = entries.iter().map(body).collect();
                 let mut chain = Arc::clone(chain).lock_owned().await;
                 let path = self.path.clone();
                 tokio::task::spawn_blocking(move || {
-                    let (mut seq, mut head) = (chain.seq, chain.head.clone());
-                    let mut text = String::new();
-                    for body in bodies {
-                        seq += 1;
-                        let (hash, line) = sealed(body, seq, head);
-                        text.push_str(&line);
-                        text.push('\n');
-                        head = hash;
-                    }
-                    let written = (&chain.file)
-                        .write_all(text.as_bytes())
-                        .and_then(|()| chain.file.sync_data());
-                    written.map_err(|source| AuditError { path, source })?;
-                    chain.seq = seq;
-                    chain.head = head.clone();
-                    Ok(head)
+                    chain
+                        .append(bodies)
+                        .map_err(|source| AuditError { path, source })
                 })
                 .await
                 .map_err(|e| AuditError {
@@ -367,104 +333,56 @@ fn sealed(mut body: Body, seq: u64, prev: String) -> (String, String) {
     body.seq = seq;
     body.time = UnixMillis::now().to_string();
     body.prev = prev;
-    let hash = hash_of(&body);
-    let line = serde_json::to_string(&Line {
-        body,
-        hash: hash.clone(),
-    })
-    .expect("a record serializes");
-    (hash, line)
+    record::seal(&body)
 }
 
-/// Every record of the PostgreSQL audit log, in order, as JSON lines (for
-/// [`verify`]).
-pub async fn postgres_lines(pool: &sqlx::PgPool) -> Result<String, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
-        .fetch_all(pool)
-        .await?;
-    let mut text = String::new();
-    for (line,) in rows {
-        text.push_str(&line);
-        text.push('\n');
+/// The PostgreSQL audit log as of one snapshot: every record, in order, as
+/// JSON lines (for [`verify`]), and what `audit_head` says.
+pub struct PostgresLog {
+    pub lines: String,
+    /// `audit_head`: the last record's sequence number and hash.
+    pub head: (u64, String),
+}
+
+impl PostgresLog {
+    /// Reads both in one read-only, repeatable-read transaction, so a
+    /// sidecar appending meanwhile cannot make them disagree.
+    pub async fn read(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let rows: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
+            .fetch_all(&mut *tx)
+            .await?;
+        let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut lines = String::new();
+        for (line,) in rows {
+            lines.push_str(&line);
+            lines.push('\n');
+        }
+        Ok(PostgresLog {
+            lines,
+            head: (u64::try_from(seq).unwrap_or(0), hash),
+        })
     }
-    Ok(text)
-}
 
-/// The last non-empty line of the file, read from its end: start-up must
-/// not read a log of millions of records.
-fn last_line(path: &Path) -> io::Result<Option<String>> {
-    let mut file = fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut window = 64 * 1024u64;
-    loop {
-        let from = len.saturating_sub(window);
-        file.seek(io::SeekFrom::Start(from))?;
-        let mut tail = Vec::new();
-        Read::by_ref(&mut file)
-            .take(len - from)
-            .read_to_end(&mut tail)?;
-        let text = String::from_utf8_lossy(&tail);
-        let mut lines = text.lines().rev().filter(|l| !l.trim().is_empty());
-        let last = lines.next();
-        // The last line is whole once another line, or the file's start, is
-        // before it in the window.
-        if last.is_none() || from == 0 || lines.next().is_some() {
-            return Ok(last.map(str::to_owned));
+    /// Verifies the records against `anchors`, then checks that
+    /// `audit_head` names the last of them.
+    pub fn verify(&self, anchors: &[Anchor]) -> Result<Verified, Broken> {
+        let verified = verify_anchored(self.lines.as_bytes(), anchors)?;
+        if (verified.records, &verified.head) != (self.head.0, &self.head.1) {
+            return Err(Broken::HeadDiffers {
+                records: verified.records,
+                head_seq: self.head.0,
+                head_hash: self.head.1.clone(),
+            });
         }
-        window *= 4;
+        Ok(verified)
     }
-}
-
-/// A verified log: how many records, and the hash of the last one.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Verified {
-    pub records: u64,
-    pub head: String,
-}
-
-/// The first broken record: its line number (from 1) and what is wrong.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {problem}")]
-pub struct Broken {
-    pub line: usize,
-    pub problem: String,
-}
-
-/// Checks a whole log: every line parses, its hash matches its fields, its
-/// sequence number follows, and it names the hash of the line before.
-pub fn verify(reader: impl BufRead) -> Result<Verified, Broken> {
-    let mut head = GENESIS.to_owned();
-    let mut seq = 0;
-    for (index, line) in reader.lines().enumerate() {
-        let number = index + 1;
-        let broken = |problem: String| Broken {
-            line: number,
-            problem,
-        };
-        let line = line.map_err(|e| broken(format!("cannot be read: {e}")))?;
-        let parsed: Line =
-            serde_json::from_str(&line).map_err(|e| broken(format!("is not a record: {e}")))?;
-        if hash_of(&parsed.body) != parsed.hash {
-            return Err(broken(
-                "its content does not match its hash: the record was edited".into(),
-            ));
-        }
-        if parsed.body.seq != seq + 1 {
-            return Err(broken(format!(
-                "is record {} where record {} belongs: records were deleted, inserted or moved",
-                parsed.body.seq,
-                seq + 1
-            )));
-        }
-        if parsed.body.prev != head {
-            return Err(broken(
-                "does not name the hash of the record before it: the chain is broken here".into(),
-            ));
-        }
-        seq = parsed.body.seq;
-        head = parsed.hash;
-    }
-    Ok(Verified { records: seq, head })
 }
 
 #[cfg(test)]

@@ -121,6 +121,9 @@ pub struct TestSidecar {
     /// Counts every call that reaches the root-key provider.
     pub root: Arc<Metered>,
     pub dir: Arc<tempfile::TempDir>,
+    /// The audit log and its counts, to flush them when a test needs them
+    /// (the server flushes them every `audit.count_interval_seconds`).
+    audit: (Arc<AuditLog>, Arc<keywarden::audit::counts::Counts>),
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -183,8 +186,10 @@ impl TestSidecar {
             ..Config::default()
         };
         let shared = server::shared(&config, keys, audit.clone()).unwrap();
-        // Flushed when the server stops, as `keywarden serve` does.
-        let counts = shared.counts.clone();
+        // The counts are flushed when the server stops, as `keywarden serve`
+        // does, and when a test asks (`flush_audit_counts`).
+        let audit = (audit, shared.counts.clone());
+        let flushed_at_stop = audit.clone();
         let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
             .ok()
             .map(|t| SecretString::from(t.trim().to_owned()));
@@ -202,13 +207,15 @@ impl TestSidecar {
             })
             .await
             .unwrap();
-            counts.flush(&audit).await.unwrap();
+            let (log, counts) = flushed_at_stop;
+            counts.flush(&log).await.unwrap();
         });
         Self {
             addr,
             admin_token,
             root,
             dir,
+            audit,
             stop: Some(stop),
             task: Some(task),
         }
@@ -230,6 +237,12 @@ impl TestSidecar {
 
     pub async fn admin(&self) -> AdminClient<Authed> {
         client::admin(self.channel().await, self.admin_bearer())
+    }
+
+    /// Writes the counts of calls (data-plane calls, refusals) held since
+    /// the last flush, as the server does every interval.
+    pub async fn flush_audit_counts(&self) {
+        self.audit.1.flush(&self.audit.0).await.unwrap();
     }
 
     /// Decrypt calls that reached the root-key provider so far.

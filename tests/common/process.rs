@@ -25,7 +25,13 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// A `keywarden` command with a clean environment: no `KEYWARDEN_*` variable
 /// from the caller's shell, info logging, no colour codes in the log.
 pub fn keywarden() -> Command {
-    let mut command = Command::new(BIN);
+    command(BIN)
+}
+
+/// [`keywarden`]'s clean environment for another program (e.g. a shell
+/// that sets limits, then runs keywarden).
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("KEYWARDEN_") {
             command.env_remove(name);
