@@ -180,6 +180,9 @@ struct PolicyArgs {
     /// creation, fixed after (omitted on `tenant policy`: kept).
     #[arg(long, default_value = "")]
     subject_ids: String,
+    /// Most subject keys the tenant may hold at once (0: no quota).
+    #[arg(long, default_value_t = 0)]
+    max_subjects: u64,
 }
 
 impl PolicyArgs {
@@ -192,6 +195,7 @@ impl PolicyArgs {
             burst: self.burst,
             max_plaintext_bytes: self.max_plaintext_bytes,
             subject_ids: self.subject_ids.clone(),
+            max_subjects: self.max_subjects,
         }
     }
 }

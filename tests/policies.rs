@@ -829,3 +829,151 @@ async fn subject_ids_follow_the_tenants_rule_and_receipts_state_it() {
     );
     sidecar.stop().await;
 }
+
+/// `max_subjects` bounds the subject keys encrypt callers can make a tenant
+/// hold (finding 13 of the review of df0a846): the call that would make one
+/// more is RESOURCE_EXHAUSTED on every path that creates one, subjects with a
+/// key keep working, a shred frees a place, and the quota is per tenant.
+#[tokio::test]
+async fn the_subject_quota_bounds_new_subjects_on_every_path() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    let mut c = sidecar.crypto().await;
+    let quota = |n: u64| {
+        Some(pb::TenantPolicy {
+            max_subjects: n,
+            ..Default::default()
+        })
+    };
+    assert_eq!(
+        create(&mut admin, "acme", quota(2))
+            .await
+            .policy
+            .unwrap()
+            .max_subjects,
+        2
+    );
+    create(&mut admin, "globex", None).await;
+    let refusal = "tenant acme holds its quota of 2 subject keys (policy.max_subjects): \
+                   a new subject needs a shred of another or a larger quota";
+    let refused = |result: Result<(), tonic::Status>| {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert_eq!(status.message(), refusal);
+        assert!(status.get_details_retry_info().is_none(), "{status:?}");
+    };
+
+    let ada = encrypt(&mut c, "acme", "ada", b"ada's").await.unwrap();
+    encrypt(&mut c, "acme", "bob", b"bob's").await.unwrap();
+    // The third subject, on each path that would create its key.
+    refused(encrypt(&mut c, "acme", "carol", b"x").await.map(drop));
+    let batch = c
+        .encrypt_batch(pb::EncryptBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![
+                pb::EncryptItem {
+                    subject_id: "carol".into(),
+                    context: BTreeMap::new(),
+                    plaintext: b"x".to_vec(),
+                },
+                pb::EncryptItem {
+                    subject_id: "ada".into(),
+                    context: BTreeMap::new(),
+                    plaintext: b"more".to_vec(),
+                },
+                pb::EncryptItem {
+                    subject_id: String::new(),
+                    context: BTreeMap::new(),
+                    plaintext: b"no subject".to_vec(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &batch.results[0].result {
+        Some(pb::encrypt_result::Result::Error(e)) => {
+            assert_eq!(e.code, Code::ResourceExhausted as i32);
+            assert_eq!(e.message, refusal);
+        }
+        other => panic!("{other:?}"),
+    }
+    for result in &batch.results[1..] {
+        assert!(
+            matches!(result.result, Some(pb::encrypt_result::Result::Ok(_))),
+            "{result:?}"
+        );
+    }
+    let start = |subject: &str| pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Start(
+            pb::EncryptStreamStart {
+                tenant_id: "acme".into(),
+                subject_id: subject.into(),
+                context: BTreeMap::new(),
+            },
+        )),
+    };
+    refused(
+        c.encrypt_stream(tokio_stream::iter([start("carol")]))
+            .await
+            .map(drop),
+    );
+    // Subjects that hold a key are served; the quota is acme's alone.
+    encrypt(&mut c, "acme", "bob", b"again").await.unwrap();
+    assert_eq!(
+        decrypt(&mut c, "acme", &ada.ciphertext).await.unwrap(),
+        b"ada's"
+    );
+    for n in 0..5 {
+        encrypt(&mut c, "globex", &format!("subject {n}"), b"x")
+            .await
+            .unwrap();
+    }
+    // A shred frees a place, which the next new subject takes.
+    admin
+        .shred_subject(pb::ShredSubjectRequest {
+            tenant_id: "acme".into(),
+            subject_id: "bob".into(),
+        })
+        .await
+        .unwrap();
+    let mut sealed = c
+        .encrypt_stream(tokio_stream::iter([start("carol")]))
+        .await
+        .unwrap()
+        .into_inner();
+    while sealed.message().await.unwrap().is_some() {}
+    refused(encrypt(&mut c, "acme", "dave", b"x").await.map(drop));
+    // Lowering the quota below what is held refuses new subjects only;
+    // raising it admits them; 0 lifts it.
+    let set = async |admin: &mut Admin, n: u64| {
+        admin
+            .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+                tenant_id: "acme".into(),
+                policy: quota(n),
+            })
+            .await
+            .unwrap()
+    };
+    set(&mut admin, 1).await;
+    encrypt(&mut c, "acme", "ada", b"still").await.unwrap();
+    let status = encrypt(&mut c, "acme", "dave", b"x").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    set(&mut admin, 3).await;
+    encrypt(&mut c, "acme", "dave", b"x").await.unwrap();
+    set(&mut admin, 0).await;
+    for n in 0..5 {
+        encrypt(&mut c, "acme", &format!("more {n}"), b"x")
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        tenant(&mut admin, "acme")
+            .await
+            .policy
+            .unwrap()
+            .max_subjects,
+        0
+    );
+    sidecar.stop().await;
+}

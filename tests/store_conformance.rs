@@ -811,6 +811,98 @@ async fn concurrent_first_inserts_of_a_subject_all_get_the_winners_key(store: St
     }
 }
 
+async fn a_subject_quota_holds_under_concurrent_creation(store: Store) {
+    const TASKS: u8 = 16;
+    let acme = create(&store, "acme").await;
+    let other = create(&store, "other").await;
+    store
+        .set_policy(
+            &acme,
+            &TenantPolicy {
+                max_subjects: 5,
+                ..TenantPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(usize::from(TASKS)));
+    let tasks: Vec<_> = (1..=TASKS)
+        .map(|n| {
+            let (store, acme, barrier) = (store.clone(), acme.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .insert_subject_key(
+                        &acme,
+                        subject(n),
+                        subject_record(&format!("{n}"), 1),
+                        at(1),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let (mut made, mut refused) = (Vec::new(), 0);
+    for (n, task) in (1..=TASKS).zip(tasks) {
+        match task.await.unwrap() {
+            Ok(SubjectLookup::Key(_)) => made.push(n),
+            Err(StoreError::SubjectQuota { tenant, max: 5 }) if tenant == acme => refused += 1,
+            other => panic!("subject {n}: {other:?}"),
+        }
+    }
+    assert_eq!((made.len(), refused), (5, usize::from(TASKS) - 5));
+    for n in 1..=TASKS {
+        let expected = made.contains(&n);
+        assert_eq!(
+            matches!(
+                subject_key(&store, &acme, subject(n)).await,
+                Seen::Key { .. }
+            ),
+            expected,
+            "subject {n}"
+        );
+    }
+    // A subject that holds a key is answered as before; the quota is acme's.
+    let first = made[0];
+    assert!(matches!(
+        store
+            .insert_subject_key(&acme, subject(first), subject_record("again", 1), at(2))
+            .await,
+        Ok(SubjectLookup::Key(_))
+    ));
+    for n in 1..=TASKS {
+        store
+            .insert_subject_key(&other, subject(n), subject_record("other", 1), at(2))
+            .await
+            .unwrap();
+    }
+    // A shred frees a place; lifting the quota lifts the bound.
+    store
+        .shred_subject(&acme, subject(first), at(3))
+        .await
+        .unwrap();
+    let free = (1..=TASKS).find(|n| !made.contains(n)).unwrap();
+    store
+        .insert_subject_key(&acme, subject(free), subject_record("freed", 1), at(4))
+        .await
+        .unwrap();
+    let next = (1..=TASKS).rev().find(|n| !made.contains(n)).unwrap();
+    assert_err!(
+        store
+            .insert_subject_key(&acme, subject(next), subject_record("over", 1), at(5))
+            .await,
+        StoreError::SubjectQuota { max: 5, .. }
+    );
+    store
+        .set_policy(&acme, &TenantPolicy::default())
+        .await
+        .unwrap();
+    store
+        .insert_subject_key(&acme, subject(next), subject_record("lifted", 1), at(6))
+        .await
+        .unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // Shreds.
 
@@ -1371,6 +1463,7 @@ fn strict_policy() -> TenantPolicy {
         burst: 50,
         max_plaintext_bytes: 1 << 20,
         subject_ids: keywarden::ids::SubjectIds::NfcCasefold,
+        max_subjects: u64::MAX,
     }
 }
 
@@ -1978,6 +2071,7 @@ conformance!(
     concurrent_rotations_make_consecutive_versions,
     subject_keys_are_created_once_and_stopped_by_tombstones,
     concurrent_first_inserts_of_a_subject_all_get_the_winners_key,
+    a_subject_quota_holds_under_concurrent_creation,
     shredding_a_tenant_destroys_every_key_once,
     shredding_a_subject_leaves_a_tombstone,
     a_tenant_shred_racing_subject_inserts_leaves_no_subject_key,

@@ -495,6 +495,7 @@ fn parse_policy(
         burst: p.burst,
         max_plaintext_bytes: p.max_plaintext_bytes,
         subject_ids,
+        max_subjects: p.max_subjects,
     })
 }
 
@@ -507,6 +508,7 @@ fn policy_message(p: &TenantPolicy) -> pb::TenantPolicy {
         burst: p.burst,
         max_plaintext_bytes: p.max_plaintext_bytes,
         subject_ids: p.subject_ids.name().to_owned(),
+        max_subjects: p.max_subjects,
     }
 }
 

@@ -1363,6 +1363,13 @@ impl From<StoreError> for Error {
             StoreError::TenantExists(id) => Error::TenantExists(id),
             StoreError::TenantShredded { tenant, at } => Error::TenantShredded { tenant, at },
             StoreError::Conflict => Error::internal("unexpected keystore conflict"),
+            StoreError::SubjectQuota { tenant, max } => Error::ResourceExhausted {
+                reason: format!(
+                    "tenant {tenant} holds its quota of {max} subject keys (policy.max_subjects): \
+                     a new subject needs a shred of another or a larger quota"
+                ),
+                retry_after: None,
+            },
             StoreError::Unavailable(detail) => Error::unavailable(Dependency::Keystore, detail),
             StoreError::Corrupt(detail) => Error::internal(detail),
         }

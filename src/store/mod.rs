@@ -120,6 +120,9 @@ pub struct TenantPolicy {
     pub max_plaintext_bytes: u64,
     /// How subject ids are told apart; fixed at creation.
     pub subject_ids: crate::ids::SubjectIds,
+    /// Most subject keys the tenant may hold at once (0: no quota). Checked
+    /// by the keystore when it creates one ([`Keystore::insert_subject_key`]).
+    pub max_subjects: u64,
 }
 
 impl TenantPolicy {
@@ -275,6 +278,9 @@ pub enum StoreError {
     /// the caller expected does not hold (now).
     #[error("the tenant changed concurrently, or is not in the state the change requires")]
     Conflict,
+    /// A new subject key would pass the tenant's `max_subjects`.
+    #[error("tenant {tenant} holds its quota of {max} subject keys")]
+    SubjectQuota { tenant: TenantId, max: u64 },
     /// The database could not be reached. For the log.
     #[error("keystore unavailable: {0}")]
     Unavailable(String),
@@ -391,7 +397,9 @@ pub trait Keystore: Send + Sync + 'static {
 
     /// Stores a new subject key unless one exists or the subject was shredded;
     /// answers what the keystore holds afterwards (so the loser of a race for
-    /// a new subject uses the winner's key).
+    /// a new subject uses the winner's key). A new key is refused with
+    /// [`StoreError::SubjectQuota`] when the tenant already holds its stored
+    /// policy's `max_subjects` keys, counted in the same transaction.
     async fn insert_subject_key(
         &self,
         id: &TenantId,
@@ -538,6 +546,7 @@ mod tests {
             burst: 10,
             max_plaintext_bytes: 1 << 20,
             subject_ids: crate::ids::SubjectIds::NfcCasefold,
+            max_subjects: u64::MAX,
         };
         assert_eq!(
             TenantPolicy::from_json(&policy.to_json().unwrap()).unwrap(),

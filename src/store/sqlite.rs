@@ -287,6 +287,41 @@ async fn active_tenant_in(
     }
 }
 
+/// Refuses a new subject key once the tenant holds `policy.max_subjects` of
+/// them (0: no quota), counting under the write lock this transaction holds,
+/// so concurrent creations cannot pass the quota together. The policy is read
+/// here, not taken from a cache, and the count stops at the quota.
+async fn check_subject_quota(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &TenantId,
+) -> Result<(), StoreError> {
+    let json: String = sqlx::query_scalar("SELECT policy FROM tenants WHERE tenant_id = ?")
+        .bind(id.as_str())
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(classify)?;
+    let max = TenantPolicy::from_json(&json)?.max_subjects;
+    if max == 0 {
+        return Ok(());
+    }
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let held: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM subject_keys WHERE tenant_id = ? LIMIT ?) AS s",
+    )
+    .bind(id.as_str())
+    .bind(limit)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(classify)?;
+    if held >= limit {
+        return Err(StoreError::SubjectQuota {
+            tenant: id.clone(),
+            max,
+        });
+    }
+    Ok(())
+}
+
 /// Whether tenant key `version` is live (not destroyed, not unknown).
 async fn version_is_live(
     tx: &mut Transaction<'static, Sqlite>,
@@ -529,6 +564,7 @@ impl Keystore for SqliteKeystore {
             )));
         }
         if let SubjectLookup::Absent = subject_in(&mut tx, id, subject).await? {
+            check_subject_quota(&mut tx, id).await?;
             sqlx::query(
                 "INSERT INTO subject_keys (tenant_id, subject_key_id, wrapped, tenant_version, \
                  created_at_ms) VALUES (?, ?, ?, ?, ?)",
