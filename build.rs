@@ -29,6 +29,10 @@ const REDACTED_MESSAGES: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/keywarden/v1/keywarden.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // sqlx::migrate! embeds migrations/ but does not tell cargo to watch it:
+    // a new migration file would otherwise not reach the binary (sqlx's
+    // documented remedy).
+    println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
