@@ -25,6 +25,8 @@
 //! stream_timeout_seconds = 3600   # longest streaming call
 //! stream_message_timeout_seconds = 30   # wait for a stream's next message
 //! decode_budget_bytes = 33554432  # request bytes received and decoded at once, all calls
+//! decode_budget_per_caller_bytes = 16777216  # of which one caller may hold
+//! request_min_bytes_per_second = 1048576     # a message's bytes, after a 5 s grace
 //! admin_max_request_bytes = 65536 # largest Admin request
 //!
 //! [cache]
@@ -227,6 +229,13 @@ pub struct ServerConfig {
     /// HTTP/2 flow control) instead of taking memory. At least the largest
     /// request (`limits.max_request_bytes`) plus its 5-byte frame header.
     pub decode_budget_bytes: usize,
+    /// Of the decode budget, the most one caller (an authenticated identity)
+    /// may hold over all its calls; a message larger than this takes all of
+    /// it. At least 1024, at most `decode_budget_bytes`.
+    pub decode_budget_per_caller_bytes: usize,
+    /// Once a message has its share of the budget, its bytes must arrive at
+    /// least this fast, after a 5-second grace; else DEADLINE_EXCEEDED.
+    pub request_min_bytes_per_second: u64,
     /// Largest Admin request message, in bytes (Crypto's is
     /// `limits.max_request_bytes`).
     pub admin_max_request_bytes: usize,
@@ -245,6 +254,8 @@ impl Default for ServerConfig {
             stream_timeout_seconds: 3600,
             stream_message_timeout_seconds: 30,
             decode_budget_bytes: 32 << 20,
+            decode_budget_per_caller_bytes: 16 << 20,
+            request_min_bytes_per_second: 1 << 20,
             admin_max_request_bytes: 64 << 10,
         }
     }
@@ -254,7 +265,7 @@ impl ServerConfig {
     /// Every setting, with its environment variable and a way to set it:
     /// one table for `apply_env` and the README.
     #[allow(clippy::type_complexity)]
-    const ENV: [(&'static str, fn(&mut Self, u64) -> Result<(), &'static str>); 11] = [
+    const ENV: [(&'static str, fn(&mut Self, u64) -> Result<(), &'static str>); 13] = [
         ("KEYWARDEN_SERVER_MAX_CONNECTIONS", |c, n| {
             c.max_connections = usize::try_from(n).map_err(|_| "is too large")?;
             Ok(())
@@ -295,6 +306,14 @@ impl ServerConfig {
             c.decode_budget_bytes = usize::try_from(n).map_err(|_| "is too large")?;
             Ok(())
         }),
+        ("KEYWARDEN_SERVER_DECODE_BUDGET_PER_CALLER_BYTES", |c, n| {
+            c.decode_budget_per_caller_bytes = usize::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_REQUEST_MIN_BYTES_PER_SECOND", |c, n| {
+            c.request_min_bytes_per_second = n;
+            Ok(())
+        }),
         ("KEYWARDEN_SERVER_ADMIN_MAX_REQUEST_BYTES", |c, n| {
             c.admin_max_request_bytes = usize::try_from(n).map_err(|_| "is too large")?;
             Ok(())
@@ -323,6 +342,10 @@ impl ServerConfig {
                 "server.stream_message_timeout_seconds",
                 self.stream_message_timeout_seconds,
             ),
+            (
+                "server.request_min_bytes_per_second",
+                self.request_min_bytes_per_second,
+            ),
         ];
         for (setting, value) in at_least_one {
             if value == 0 {
@@ -333,6 +356,14 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 "server.decode_budget_bytes",
                 "must be at least limits.max_request_bytes + 5 (one whole request and its frame header)",
+            ));
+        }
+        if self.decode_budget_per_caller_bytes < 1024
+            || self.decode_budget_per_caller_bytes > self.decode_budget_bytes
+        {
+            return Err(ConfigError::new(
+                "server.decode_budget_per_caller_bytes",
+                "must be at least 1024 and at most server.decode_budget_bytes",
             ));
         }
         if self.admin_max_request_bytes < 1024

@@ -365,12 +365,28 @@ async fn silent_connections_are_closed_and_cannot_hold_the_cap() {
 async fn idle_connections_are_closed_and_streams_per_connection_are_capped() {
     let sidecar = TestSidecar::start_with(server(|s| {
         s.idle_timeout_seconds = 1;
+        s.handshake_timeout_seconds = 60;
         s.max_concurrent_streams = 7;
     }))
     .await;
-    // One call (health needs no credential), then nothing: GOAWAY and close.
-    let (_send, connection, streams) = h2_connect(&sidecar).await;
+    let (mut send, connection, streams) = h2_connect(&sidecar).await;
     assert_eq!(streams, 7);
+    // One admitted call (a health check does not count), then nothing:
+    // GOAWAY and close after the idle timeout, long before the handshake's.
+    let token = sidecar
+        .admin_token
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let (response, mut body) = send
+        .send_request(
+            grpc_request("/keywarden.v1.Admin/GetAuditHead", Some(&token)),
+            false,
+        )
+        .unwrap();
+    body.send_data(message_header(0), true).unwrap();
+    assert_eq!(grpc_status(response).await.0, Code::Ok);
     let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
     assert!(ended.is_ok(), "an idle connection stayed open");
     sidecar.stop().await;
@@ -821,4 +837,201 @@ fn out_of_file_descriptors_the_accept_loop_backs_off_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The attack review of issue 14 (docs/SECURITY.md §12.2, §12.3): without a
+/// credential, a connection held a place under the cap for an hour with a
+/// health `Watch`, or for ever by making a refused call every few seconds,
+/// and a health message announced and never sent held the decode budget.
+/// Now only calls the edge admits keep a connection open, and health and
+/// reflection take no share of the budget, under a 16 KiB message limit.
+#[tokio::test]
+async fn health_watches_and_refused_calls_cannot_hold_a_connection() {
+    let sidecar = TestSidecar::start_with(server(|s| {
+        s.max_connections = 2;
+        s.handshake_timeout_seconds = 1;
+    }))
+    .await;
+    create(&sidecar, "acme").await;
+    // One connection watches health, and announces a 16 KiB + 1 health
+    // message it never sends (refused at once: over the limit).
+    let (mut watching, watch_conn, _) = h2_connect(&sidecar).await;
+    let (_watch, mut watch_body) = watching
+        .send_request(grpc_request("/grpc.health.v1.Health/Watch", None), false)
+        .unwrap();
+    watch_body.send_data(message_header(0), false).unwrap();
+    let (response, mut body) = watching
+        .send_request(grpc_request("/grpc.health.v1.Health/Check", None), false)
+        .unwrap();
+    body.send_data(message_header((16 << 10) + 1), false)
+        .unwrap();
+    let (code, message) = tokio::time::timeout(Duration::from_secs(5), grpc_status(response))
+        .await
+        .expect("refused from its header");
+    assert_eq!(code, Code::OutOfRange, "{message}");
+    // The other makes a refused call every 200 ms.
+    let (mut refused, refused_conn, _) = h2_connect(&sidecar).await;
+    let refusing = tokio::spawn(async move {
+        let mut refusals = 0;
+        loop {
+            let Ok(ready) = refused.clone().ready().await else {
+                return refusals;
+            };
+            refused = ready;
+            let Ok((response, _)) =
+                refused.send_request(grpc_request("/keywarden.v1.Crypto/Encrypt", None), true)
+            else {
+                return refusals;
+            };
+            match response.await {
+                Ok(_) => refusals += 1,
+                Err(_) => return refusals,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // Both are closed after the handshake timeout, and a caller gets in.
+    let mut crypto = sidecar.crypto().await;
+    let sealed = tokio::time::timeout(
+        Duration::from_secs(20),
+        crypto.encrypt(pb::EncryptRequest {
+            tenant_id: "acme".into(),
+            plaintext: b"through".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the cap frees up")
+    .unwrap();
+    assert_eq!(sealed.into_inner().key_version, 1);
+    for connection in [watch_conn, refused_conn] {
+        tokio::time::timeout(Duration::from_secs(10), connection)
+            .await
+            .expect("the server closed the connection")
+            .unwrap()
+            .ok();
+    }
+    let refusals = refusing.await.unwrap();
+    assert!(refusals >= 1, "{refusals}");
+    sidecar.stop().await;
+}
+
+/// The attack review of issue 14 (docs/SECURITY.md §12.2): a caller with
+/// any data permission announced 16 MiB messages and sent nothing more,
+/// holding the whole decode budget for the call's ceiling. Now a message's
+/// bytes must come at `server.request_min_bytes_per_second` after a 5 s
+/// grace, or the call ends and its share goes back.
+#[tokio::test]
+async fn a_message_announced_and_not_sent_gives_its_share_back_after_the_grace() {
+    let budget = (16 << 20) + 5;
+    let sidecar = TestSidecar::start_with(server(|s| {
+        s.decode_budget_bytes = budget;
+        s.decode_budget_per_caller_bytes = budget;
+    }))
+    .await;
+    create(&sidecar, "acme").await;
+    let token = sidecar
+        .admin_token
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let (mut send, _conn, _) = h2_connect(&sidecar).await;
+    let (response, mut body) = send
+        .send_request(
+            grpc_request("/keywarden.v1.Crypto/Encrypt", Some(&token)),
+            false,
+        )
+        .unwrap();
+    body.send_data(message_header(16 << 20), false).unwrap();
+    let started = tokio::time::Instant::now();
+    // The announcement takes the whole budget: a caller waits for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut crypto = sidecar.crypto().await;
+    let sealed = tokio::time::timeout(
+        Duration::from_secs(30),
+        crypto.encrypt(pb::EncryptRequest {
+            tenant_id: "acme".into(),
+            plaintext: b"after the grace".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the share comes back")
+    .unwrap();
+    assert_eq!(sealed.into_inner().key_version, 1);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(4), "{waited:?}");
+    let (code, message) = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+        .await
+        .expect("the stalled call ends");
+    assert_eq!(code, Code::DeadlineExceeded, "{message}");
+    assert!(
+        message.contains("server.request_min_bytes_per_second"),
+        "{message}"
+    );
+    drop(body);
+    sidecar.stop().await;
+}
+
+/// Large calls multiplexed on one connection (a gRPC channel's usual
+/// shape) queue behind the decode budget and all finish: a call waiting for
+/// its share must not stall, through HTTP/2 flow control, the bytes of the
+/// call that holds it, nor small calls beside them.
+#[tokio::test]
+async fn large_calls_on_one_connection_queue_behind_the_budget_and_all_finish() {
+    let sidecar = TestSidecar::start_with(Options {
+        limits: Limits {
+            max_plaintext_bytes: 4 << 20,
+            max_request_bytes: (4 << 20) + (64 << 10),
+            ..Limits::default()
+        },
+        server: ServerConfig {
+            decode_budget_bytes: (4 << 20) + (64 << 10) + 5,
+            decode_budget_per_caller_bytes: (4 << 20) + (64 << 10) + 5,
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    create(&sidecar, "acme").await;
+    let crypto = sidecar.crypto().await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..6u8 {
+        let mut crypto = crypto.clone();
+        calls.spawn(async move {
+            let plaintext = vec![i; 4 << 20];
+            let sealed = crypto
+                .encrypt(pb::EncryptRequest {
+                    tenant_id: "acme".into(),
+                    plaintext: plaintext.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(sealed.ciphertext.len() > plaintext.len());
+        });
+    }
+    for _ in 0..20 {
+        let mut crypto = crypto.clone();
+        calls.spawn(async move {
+            crypto
+                .encrypt(pb::EncryptRequest {
+                    tenant_id: "acme".into(),
+                    plaintext: b"small".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(done) = calls.join_next().await {
+            done.unwrap();
+        }
+    })
+    .await
+    .expect("every call finishes");
+    sidecar.stop().await;
 }

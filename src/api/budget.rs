@@ -20,34 +20,80 @@
 //!
 //! A message longer than the method accepts is not charged: tonic refuses
 //! it as soon as it reads its header, without buffering it.
+//!
+//! What keeps a caller from holding shares without sending (the review of
+//! issue 14, docs/SECURITY.md §12.2):
+//! - **Its bytes must come.** Once a message's share is taken, its bytes
+//!   must arrive at [`DecodeBudget::min_rate`] bytes per second after a
+//!   grace of [`BODY_GRACE`]; slower, the call ends `DEADLINE_EXCEEDED` and
+//!   its share is given back. A message announced and never sent holds its
+//!   share for the grace only.
+//! - **One caller, one share.** Each caller (an authenticated identity) may
+//!   hold at most [`DecodeBudget::per_caller`] bytes over all its calls, so
+//!   one caller, however many calls it opens, leaves the rest of the budget
+//!   to the others.
+//! - **A message's share is taken after the one before it is passed on.** A
+//!   chunk that completes one message and starts the next is split there:
+//!   a stream never waits for the next message's share while it holds the
+//!   share of the one its handler has not read yet.
+//!
+//! Calls that are not keywarden's (gRPC health and reflection, whose
+//! messages are a few bytes, under their own small limit) take no share.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
 use tokio_util::sync::PollSemaphore;
+use tonic::Status;
 
 /// gRPC's message header: a compression flag and a big-endian u32 length.
 const MESSAGE_HEADER: usize = 5;
+
+/// How long a message whose share was taken may send nothing before its
+/// bytes must arrive at the minimum rate.
+pub const BODY_GRACE: Duration = Duration::from_secs(5);
 
 /// The budget, shared by every call.
 #[derive(Clone)]
 pub struct DecodeBudget {
     semaphore: Arc<Semaphore>,
     bytes: usize,
+    per_caller: usize,
+    min_rate: u64,
+    callers: Arc<Mutex<Callers>>,
+}
+
+/// Each caller's share, alive while one of its calls holds it.
+#[derive(Default)]
+struct Callers {
+    shares: HashMap<String, Weak<Semaphore>>,
+    /// Sweep dead entries when the map reaches this size.
+    sweep_at: usize,
 }
 
 impl DecodeBudget {
-    pub fn new(bytes: usize) -> Self {
+    /// `bytes` over all calls, at most `per_caller` of them for one caller,
+    /// and a message's bytes arriving at least at `min_rate` bytes per
+    /// second (after [`BODY_GRACE`]).
+    pub fn new(bytes: usize, per_caller: usize, min_rate: u64) -> Self {
         let bytes = bytes.min(Semaphore::MAX_PERMITS);
         Self {
             semaphore: Arc::new(Semaphore::new(bytes)),
             bytes,
+            per_caller: per_caller.clamp(1, bytes.max(1)),
+            min_rate: min_rate.max(1),
+            callers: Arc::default(),
         }
     }
 
@@ -60,6 +106,60 @@ impl DecodeBudget {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// The most one caller may hold.
+    pub fn per_caller(&self) -> usize {
+        self.per_caller
+    }
+
+    /// The slowest a message's bytes may arrive, in bytes per second.
+    pub fn min_rate(&self) -> u64 {
+        self.min_rate
+    }
+
+    /// `identity`'s share, shared by all its calls.
+    fn caller(&self, identity: &str) -> Arc<Semaphore> {
+        let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(share) = callers.shares.get(identity).and_then(Weak::upgrade) {
+            return share;
+        }
+        if callers.shares.len() >= callers.sweep_at {
+            callers.shares.retain(|_, share| share.strong_count() > 0);
+            callers.sweep_at = (callers.shares.len() * 2).max(64);
+        }
+        let share = Arc::new(Semaphore::new(self.per_caller));
+        callers
+            .shares
+            .insert(identity.to_owned(), Arc::downgrade(&share));
+        share
+    }
+
+    /// Callers whose share is alive (for tests).
+    pub fn callers(&self) -> usize {
+        let callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        callers
+            .shares
+            .values()
+            .filter(|share| share.strong_count() > 0)
+            .count()
+    }
+}
+
+/// Whose call a body belongs to, and whether it is charged at all.
+pub enum Charge<'a> {
+    /// An authenticated caller's call to a keywarden method.
+    Caller(&'a str),
+    /// gRPC health and reflection: no share.
+    Free,
+}
+
+/// The call's message bytes came too slowly after its share was taken.
+pub fn too_slow(min_rate: u64) -> Status {
+    Status::deadline_exceeded(format!(
+        "the request message's bytes arrived slower than {min_rate} bytes per second \
+         (server.request_min_bytes_per_second) after a {} s grace",
+        BODY_GRACE.as_secs()
+    ))
 }
 
 /// When a call gives back its messages' shares.
@@ -206,27 +306,39 @@ impl Framing {
         self.header_len == 0 && self.remaining == 0
     }
 
-    /// Advances over `chunk` and answers the bytes of the messages whose
-    /// header completes in it, each counted only if it is at most `limit`
-    /// long (its header not included).
-    fn scan(&mut self, mut chunk: &[u8], limit: usize) -> usize {
-        let mut need = 0usize;
-        while !chunk.is_empty() {
+    /// Advances over the start of `chunk`, up to the end of the first
+    /// message that ends in it (or all of it), and answers how many bytes it
+    /// took and the share of the message whose header completed in them, if
+    /// any (only if the message is at most `limit` long, its header not
+    /// included). So a piece holds at most one header, and no bytes of the
+    /// message after one that ends in it.
+    fn scan(&mut self, chunk: &[u8], limit: usize) -> (usize, usize) {
+        let mut at = 0;
+        let mut need = 0;
+        while at < chunk.len() {
             if self.remaining > 0 {
-                let take = self.remaining.min(chunk.len());
+                let take = self.remaining.min(chunk.len() - at);
                 if let Some(counter) = &mut self.counter
-                    && !counter.feed(&chunk[..take])
+                    && !counter.feed(&chunk[at..at + take])
                 {
                     self.over = true;
                 }
                 self.remaining -= take;
-                chunk = &chunk[take..];
+                at += take;
+                if self.remaining == 0 {
+                    break;
+                }
                 continue;
             }
-            let take = (MESSAGE_HEADER - self.header_len).min(chunk.len());
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&chunk[..take]);
+            if need > 0 || (at > 0 && self.header_len == 0) {
+                // A second header in one piece: it waits for the next.
+                break;
+            }
+            let take = (MESSAGE_HEADER - self.header_len).min(chunk.len() - at);
+            self.header[self.header_len..self.header_len + take]
+                .copy_from_slice(&chunk[at..at + take]);
             self.header_len += take;
-            chunk = &chunk[take..];
+            at += take;
             if self.header_len == MESSAGE_HEADER {
                 self.header_len = 0;
                 let len =
@@ -236,11 +348,14 @@ impl Framing {
                     counter.reset();
                 }
                 if len <= limit {
-                    need = need.saturating_add(len + MESSAGE_HEADER);
+                    need = len + MESSAGE_HEADER;
+                }
+                if len == 0 {
+                    break;
                 }
             }
         }
-        need
+        (at, need)
     }
 }
 
@@ -250,15 +365,25 @@ pin_project_lite::pin_project! {
     pub struct BudgetedBody<B> {
         #[pin]
         inner: B,
-        budget: PollSemaphore,
+        // The budget and the caller's share; None: a call not charged.
+        budget: Option<(PollSemaphore, PollSemaphore)>,
         budget_bytes: usize,
+        per_caller: usize,
+        min_rate: u64,
         // The longest message the method accepts.
         limit: usize,
         release: Release,
         held: Arc<Held>,
         framing: Framing,
-        // A chunk waiting for its shares, and how many bytes it needs.
-        pending: Option<(Bytes, usize)>,
+        // Bytes received but not yet scanned (after a split).
+        rest: Option<Bytes>,
+        // A piece waiting for its shares, how many bytes it needs, and the
+        // caller's share once taken.
+        pending: Option<(Bytes, usize, Option<OwnedSemaphorePermit>)>,
+        // The message in progress: when its share was taken, the payload
+        // bytes passed on since, and the instant by which more must come.
+        clock: Option<(Instant, u64)>,
+        deadline: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -268,6 +393,7 @@ impl<B> BudgetedBody<B> {
     pub fn new(
         inner: B,
         budget: &DecodeBudget,
+        charge: Charge<'_>,
         limit: usize,
         release: Release,
         held: Arc<Held>,
@@ -275,8 +401,16 @@ impl<B> BudgetedBody<B> {
     ) -> Self {
         Self {
             inner,
-            budget: PollSemaphore::new(budget.semaphore.clone()),
+            budget: match charge {
+                Charge::Caller(identity) => Some((
+                    PollSemaphore::new(budget.semaphore.clone()),
+                    PollSemaphore::new(budget.caller(identity)),
+                )),
+                Charge::Free => None,
+            },
             budget_bytes: budget.bytes,
+            per_caller: budget.per_caller,
+            min_rate: budget.min_rate,
             limit,
             release,
             held,
@@ -284,7 +418,10 @@ impl<B> BudgetedBody<B> {
                 counter: items,
                 ..Framing::default()
             },
+            rest: None,
             pending: None,
+            clock: None,
+            deadline: None,
         }
     }
 }
@@ -305,49 +442,97 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            if let Some((chunk, need)) = this.pending.take() {
-                if need > 0 {
-                    // At most the whole budget: a chunk may complete one
-                    // message and start the largest.
+            if let Some((piece, need, mut mine)) = this.pending.take() {
+                if need > 0
+                    && let Some((budget, caller)) = this.budget
+                {
+                    // The caller's share first, then the budget's, each at
+                    // most its whole: the largest message may take all of
+                    // either. Every call takes them in this order.
+                    if mine.is_none() {
+                        let want = u32::try_from(need.min(*this.per_caller)).unwrap_or(u32::MAX);
+                        match caller.poll_acquire_many(cx, want) {
+                            Poll::Ready(permit) => mine = permit,
+                            Poll::Pending => {
+                                *this.pending = Some((piece, need, None));
+                                return Poll::Pending;
+                            }
+                        }
+                    }
                     let want = u32::try_from(need.min(*this.budget_bytes)).unwrap_or(u32::MAX);
-                    match this.budget.poll_acquire_many(cx, want) {
-                        Poll::Ready(Some(permit)) => this.held.push(permit),
-                        // The semaphore is never closed.
-                        Poll::Ready(None) => {}
+                    match budget.poll_acquire_many(cx, want) {
+                        Poll::Ready(permit) => {
+                            // Neither semaphore is ever closed.
+                            for permit in [permit, mine].into_iter().flatten() {
+                                this.held.push(permit);
+                            }
+                        }
                         Poll::Pending => {
-                            *this.pending = Some((chunk, need));
+                            *this.pending = Some((piece, need, mine));
                             return Poll::Pending;
                         }
                     }
                 }
-                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                if need > 0 {
+                    *this.clock = Some((Instant::now(), 0));
+                }
+                if let Some((_, passed)) = this.clock {
+                    *passed += piece.len() as u64;
+                }
+                if this.framing.remaining == 0 && this.framing.header_len == 0 {
+                    // The message is whole: its clock stops.
+                    *this.clock = None;
+                    *this.deadline = None;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
             }
             if *this.release == Release::OnNextMessage && this.framing.at_boundary() {
                 // Asked for more after whole messages: the handler has them.
                 this.held.release();
             }
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(chunk) => {
-                        let need = this.framing.scan(&chunk, *this.limit);
-                        if this.framing.over {
-                            let max = this.framing.counter.map_or(0, |c| c.limit);
-                            return Poll::Ready(Some(Err(Box::new(super::codec::too_many_items(
-                                max,
-                            )))));
+            let chunk = match this.rest.take() {
+                Some(rest) => rest,
+                None => match this.inner.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(chunk) => chunk,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    },
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {
+                        if let Some((since, passed)) = *this.clock {
+                            // Bytes due by now: min_rate a second after the grace.
+                            let due = since
+                                + BODY_GRACE
+                                + Duration::from_secs_f64(passed as f64 / *this.min_rate as f64);
+                            let sleep = this
+                                .deadline
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                            if sleep.deadline() != due {
+                                sleep.as_mut().reset(due);
+                            }
+                            ready!(sleep.as_mut().poll(cx));
+                            return Poll::Ready(Some(Err(Box::new(too_slow(*this.min_rate)))));
                         }
-                        *this.pending = Some((chunk, need));
+                        return Poll::Pending;
                     }
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => return Poll::Ready(None),
+            };
+            let (took, need) = this.framing.scan(&chunk, *this.limit);
+            if this.framing.over {
+                let max = this.framing.counter.map_or(0, |c| c.limit);
+                return Poll::Ready(Some(Err(Box::new(super::codec::too_many_items(max)))));
             }
+            let mut piece = chunk;
+            if took < piece.len() {
+                *this.rest = Some(piece.split_off(took));
+            }
+            *this.pending = Some((piece, need, None));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.inner.is_end_stream()
+        self.pending.is_none() && self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -402,7 +587,7 @@ mod tests {
                     ..Framing::default()
                 };
                 for chunk in wire.chunks(split) {
-                    framing.scan(chunk, usize::MAX);
+                    scan_all(&mut framing, chunk, usize::MAX);
                 }
                 assert_eq!(framing.over, over, "{items} items, split {split}");
             }
@@ -431,6 +616,19 @@ mod tests {
         h
     }
 
+    /// Scans all of `chunk`, piece by piece as the body does; answers each
+    /// piece's share.
+    fn scan_all(framing: &mut Framing, mut chunk: &[u8], limit: usize) -> Vec<usize> {
+        let mut needs = Vec::new();
+        while !chunk.is_empty() {
+            let (took, need) = framing.scan(chunk, limit);
+            assert!(took > 0);
+            needs.push(need);
+            chunk = &chunk[took..];
+        }
+        needs
+    }
+
     #[test]
     fn framing_counts_each_message_once_across_any_split() {
         let mut wire = message(10);
@@ -439,10 +637,16 @@ mod tests {
         wire.extend(message(1000)); // over the limit below: not counted
         for split in [1, 2, 3, 5, 7, 64, wire.len()] {
             let mut framing = Framing::default();
-            let need: usize = wire.chunks(split).map(|c| framing.scan(c, 500)).sum();
-            assert_eq!(need, 15 + 5 + 105, "split {split}");
+            let needs: Vec<usize> = wire
+                .chunks(split)
+                .flat_map(|c| scan_all(&mut framing, c, 500))
+                .collect();
+            assert_eq!(needs.iter().sum::<usize>(), 15 + 5 + 105, "split {split}");
             assert!(framing.at_boundary());
         }
+        // A piece ends where a message ends: one header per piece.
+        let mut framing = Framing::default();
+        assert_eq!(scan_all(&mut framing, &wire, 500), [15, 5, 105, 0]);
     }
 
     fn poll(body: &mut Pin<Box<BudgetedBody<Chunks>>>) -> Poll<Option<Bytes>> {
@@ -464,6 +668,7 @@ mod tests {
         Box::pin(BudgetedBody::new(
             Chunks(chunks.collect()),
             budget,
+            Charge::Caller("caller"),
             limit,
             release,
             held.clone(),
@@ -473,7 +678,7 @@ mod tests {
 
     #[test]
     fn a_message_waits_until_the_budget_has_room_and_a_unary_call_holds_it_until_done() {
-        let budget = DecodeBudget::new(100);
+        let budget = DecodeBudget::new(100, 100, 1 << 20);
         let held = Arc::new(Held::default());
         let mut first = body(&budget, &[90], 1000, Release::AtResponseEnd, &held);
         assert!(matches!(poll(&mut first), Poll::Ready(Some(_))));
@@ -497,7 +702,7 @@ mod tests {
 
     #[test]
     fn a_stream_gives_a_message_back_when_it_asks_for_the_next() {
-        let budget = DecodeBudget::new(100);
+        let budget = DecodeBudget::new(100, 100, 1 << 20);
         let held = Arc::new(Held::default());
         let mut stream = body(&budget, &[60, 60], 1000, Release::OnNextMessage, &held);
         assert!(matches!(poll(&mut stream), Poll::Ready(Some(_))));
@@ -512,10 +717,165 @@ mod tests {
 
     #[test]
     fn a_message_over_the_limit_is_not_charged() {
-        let budget = DecodeBudget::new(100);
+        let budget = DecodeBudget::new(100, 100, 1 << 20);
         let held = Arc::new(Held::default());
         let mut big = body(&budget, &[500], 50, Release::AtResponseEnd, &held);
         assert!(matches!(poll(&mut big), Poll::Ready(Some(_))));
         assert_eq!(budget.available(), 100);
+    }
+
+    /// Messages as one chunk.
+    fn together(messages: &[usize]) -> Bytes {
+        Bytes::from(
+            messages
+                .iter()
+                .flat_map(|&len| message(len))
+                .collect::<Vec<u8>>(),
+        )
+    }
+
+    /// Issue 14's attack review: one stream sent two messages that each
+    /// needed most of the budget in one chunk. The whole chunk waited for
+    /// the second message's share while holding the first's: forever. Now
+    /// the chunk is split where the first message ends.
+    #[test]
+    fn a_chunk_holding_two_messages_is_split_so_a_stream_never_waits_on_itself() {
+        let budget = DecodeBudget::new(100, 100, 1 << 20);
+        let held = Arc::new(Held::default());
+        let mut stream = Box::pin(BudgetedBody::new(
+            Chunks([together(&[60, 60])].into()),
+            &budget,
+            Charge::Caller("caller"),
+            1000,
+            Release::OnNextMessage,
+            held.clone(),
+            None,
+        ));
+        let first = poll(&mut stream);
+        assert!(
+            matches!(&first, Poll::Ready(Some(b)) if b.len() == 65),
+            "{first:?}"
+        );
+        assert_eq!(budget.available(), 35);
+        let second = poll(&mut stream);
+        assert!(
+            matches!(&second, Poll::Ready(Some(b)) if b.len() == 65),
+            "{second:?}"
+        );
+        assert_eq!(budget.available(), 35);
+        assert!(matches!(poll(&mut stream), Poll::Ready(None)));
+        assert_eq!(budget.available(), 100);
+    }
+
+    #[test]
+    fn one_caller_holds_at_most_its_share_and_others_pass() {
+        let budget = DecodeBudget::new(100, 40, 1 << 20);
+        let caller = |name: &'static str, len: usize| {
+            let held = Arc::new(Held::default());
+            let body = Box::pin(BudgetedBody::new(
+                Chunks([Bytes::from(message(len))].into()),
+                &budget,
+                Charge::Caller(name),
+                1000,
+                Release::AtResponseEnd,
+                held.clone(),
+                None,
+            ));
+            (body, held)
+        };
+        let (mut first, first_held) = caller("mallory", 30);
+        assert!(matches!(poll(&mut first), Poll::Ready(Some(_))));
+        // mallory's second call would pass its share of 40: it waits, though
+        // the budget has room.
+        let (mut second, _second_held) = caller("mallory", 30);
+        assert!(poll(&mut second).is_pending());
+        assert_eq!(budget.available(), 65);
+        // Another caller passes.
+        let (mut other, other_held) = caller("alice", 30);
+        assert!(matches!(poll(&mut other), Poll::Ready(Some(_))));
+        assert_eq!(budget.available(), 30);
+        drop((first, first_held));
+        assert!(matches!(poll(&mut second), Poll::Ready(Some(_))));
+        drop((other, other_held));
+        assert_eq!(budget.callers(), 1);
+        // A message larger than a caller's share takes all of it (and its
+        // whole size of the budget).
+        let (mut large, _large_held) = caller("bob", 60);
+        assert!(matches!(poll(&mut large), Poll::Ready(Some(_))));
+        assert_eq!(budget.available(), 100 - 35 - 65);
+        let (mut more, _more_held) = caller("bob", 0);
+        assert!(poll(&mut more).is_pending());
+    }
+
+    #[test]
+    fn health_and_reflection_take_no_share() {
+        let budget = DecodeBudget::new(100, 100, 1 << 20);
+        let mut free = Box::pin(BudgetedBody::new(
+            Chunks([Bytes::from(message(90))].into()),
+            &budget,
+            Charge::Free,
+            1000,
+            Release::AtResponseEnd,
+            Arc::new(Held::default()),
+            None,
+        ));
+        assert!(matches!(poll(&mut free), Poll::Ready(Some(_))));
+        assert_eq!((budget.available(), budget.callers()), (100, 0));
+    }
+
+    /// Chunks, then nothing ever again: a sender that stopped.
+    struct Stalled(VecDeque<Bytes>);
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.0.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    /// Issue 14's attack review: a caller announced 16 MiB messages and sent
+    /// nothing more, holding the budget for the call's whole ceiling. Now
+    /// the bytes must come at the minimum rate after the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_whose_bytes_do_not_come_ends_after_the_grace_and_gives_its_share_back() {
+        let budget = DecodeBudget::new(2000, 2000, 100);
+        let held = Arc::new(Held::default());
+        let mut wire = message(1000);
+        wire.truncate(5 + 200);
+        let mut body = Box::pin(BudgetedBody::new(
+            Stalled([Bytes::from(wire)].into()),
+            &budget,
+            Charge::Caller("mallory"),
+            10_000,
+            Release::OnNextMessage,
+            held.clone(),
+            None,
+        ));
+        let start = Instant::now();
+        let first = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        assert_eq!(first.unwrap().unwrap().into_data().unwrap().len(), 205);
+        assert_eq!(budget.available(), 2000 - 1005);
+        // 205 bytes at 100 a second are due by 5 s + 2.05 s.
+        let error = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .await
+            .unwrap()
+            .unwrap_err();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(7050) && waited < Duration::from_millis(7100),
+            "{waited:?}"
+        );
+        let status = error.downcast::<Status>().unwrap();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        drop(body);
+        drop(held);
+        assert_eq!(budget.available(), 2000);
     }
 }

@@ -40,9 +40,9 @@ use tonic::{Code, Status};
 
 use super::{
     Shared,
-    budget::{BudgetedBody, DecodeBudget, FieldCounter, Held, Release},
+    budget::{BudgetedBody, Charge, DecodeBudget, FieldCounter, Held, Release},
 };
-use crate::auth::{Caller, Peer, Permission};
+use crate::auth::{CallActivity, Caller, Peer, Permission};
 
 /// What the edge knows of a method.
 #[derive(Clone, Copy, Debug)]
@@ -240,8 +240,9 @@ pub const METHODS: [Method; 16] = {
 };
 
 /// The largest request message of the services that are not keywarden's
-/// (gRPC health and reflection): tonic's default.
-pub const OTHER_MAX_REQUEST_BYTES: usize = 4 << 20;
+/// (gRPC health and reflection): their requests name a service or a symbol.
+/// They take no share of the decode budget.
+pub const OTHER_MAX_REQUEST_BYTES: usize = 16 << 10;
 
 /// What one method may take: its message size limit and its ceiling.
 #[derive(Clone, Copy, Debug)]
@@ -287,6 +288,9 @@ enum Admission {
         ceiling: Duration,
         /// A batch's items, counted as they arrive.
         items: Option<FieldCounter>,
+        /// Whose share of the decode budget; None: health and reflection,
+        /// which take none.
+        caller: Option<String>,
     },
 }
 
@@ -304,6 +308,7 @@ impl EdgeShared {
                 release: Release::OnNextMessage,
                 ceiling: self.limits.stream_timeout,
                 items: None,
+                caller: None,
             };
         };
         let Some(peer) = request.extensions().get::<Peer>().cloned() else {
@@ -324,8 +329,14 @@ impl EdgeShared {
                 .count_refusal(method.action, &caller.identity, None, &e);
             return Admission::Refused(Status::from(e));
         }
+        // Only now does the call keep its connection open (server::conn).
+        if let Some(activity) = request.extensions().get::<CallActivity>() {
+            activity.admitted();
+        }
+        let identity = caller.identity.clone();
         request.extensions_mut().insert(caller);
         Admission::Admitted {
+            caller: Some(identity),
             limit: match method.service {
                 Service::Crypto => self.limits.crypto_max_request_bytes,
                 Service::Admin => self.limits.admin_max_request_bytes,
@@ -393,7 +404,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let (limit, release, ceiling, items) = match self.shared.admit(&mut request) {
+        let (limit, release, ceiling, items, caller) = match self.shared.admit(&mut request) {
             Admission::Refused(status) => {
                 return Box::pin(std::future::ready(Ok(refusal(status))));
             }
@@ -402,7 +413,8 @@ where
                 release,
                 ceiling,
                 items,
-            } => (limit, release, ceiling, items),
+                caller,
+            } => (limit, release, ceiling, items, caller),
         };
         let timeout = grpc_timeout(request.headers()).map_or(ceiling, |t| t.min(ceiling));
         let deadline = Instant::now() + timeout;
@@ -411,6 +423,7 @@ where
             BudgetedBody::new(
                 body,
                 &self.shared.budget,
+                caller.as_deref().map_or(Charge::Free, Charge::Caller),
                 limit,
                 release,
                 held.clone(),

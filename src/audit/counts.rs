@@ -20,6 +20,13 @@
 //! phase and outcome), the first such call of an interval logs a warning,
 //! and the flush logs how many. Nothing is lost: every call is in some
 //! count.
+//!
+//! A tenant id in a refused or failed call is whatever the caller wrote, so
+//! such calls name at most [`MAX_TENANTS_PER_CALLER`] distinct tenants per
+//! caller and interval; past that, they are counted under tenant none. Else
+//! one caller naming a new tenant per call would make one record per call
+//! again (the attack review of issue 14: 444 bytes of log per refused call).
+//! Calls that succeeded name a tenant that exists, and are not capped.
 
 use std::{
     collections::HashMap,
@@ -42,6 +49,10 @@ pub const MAX_COUNTERS: usize = 200_000;
 
 /// Most counters of refused calls held per interval.
 pub const MAX_REFUSED_COUNTERS: usize = 50_000;
+
+/// Distinct tenants a caller's refused or failed calls are counted under
+/// per interval; past it, under tenant none.
+pub const MAX_TENANTS_PER_CALLER: usize = 32;
 
 /// The caller of the counters that hold calls past the bounds.
 pub const OVERFLOW_CALLER: &str = "(other)";
@@ -225,6 +236,11 @@ struct Pending {
     names: Names,
     /// Calls added to [`OVERFLOW_CALLER`]'s counters this interval.
     overflowed: u64,
+    /// The tenants each caller's refused or failed calls named, up to
+    /// [`MAX_TENANTS_PER_CALLER`].
+    named: HashMap<Box<str>, Vec<Box<str>>>,
+    /// Tenants in `named`, at most `limit`.
+    named_total: usize,
 }
 
 /// One counter as flushed.
@@ -243,7 +259,34 @@ impl Pending {
             by_tenant: HashMap::new(),
             names: Names::default(),
             overflowed: 0,
+            named: HashMap::new(),
+            named_total: 0,
         }
+    }
+
+    /// The tenant a refused or failed call of `caller` is counted under:
+    /// `tenant` if the caller named it before in this interval, or has named
+    /// fewer than [`MAX_TENANTS_PER_CALLER`] (and all callers fewer than
+    /// the counters' bound), else none.
+    fn capped<'t>(&mut self, caller: &str, tenant: &'t str) -> &'t str {
+        if tenant.is_empty() {
+            return tenant;
+        }
+        let tenants = self.named.get(caller);
+        if tenants.is_some_and(|named| named.iter().any(|t| &**t == tenant)) {
+            return tenant;
+        }
+        if tenants.is_some_and(|named| named.len() >= MAX_TENANTS_PER_CALLER)
+            || self.named_total >= self.limit
+        {
+            return "";
+        }
+        self.named_total += 1;
+        self.named
+            .entry(caller.into())
+            .or_default()
+            .push(tenant.into());
+        tenant
     }
 
     fn add(&mut self, tenant: &str, caller: &str, kind: Kind, calls: u64) {
@@ -402,7 +445,13 @@ impl Counts {
             _ => &self.ran,
         };
         let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.add(tenant.unwrap_or(""), caller, kind, 1);
+        let tenant = tenant.unwrap_or("");
+        let tenant = if outcome == "OK" {
+            tenant
+        } else {
+            pending.capped(caller, tenant)
+        };
+        pending.add(tenant, caller, kind, 1);
     }
 
     /// Writes one record per counter since the last flush (refusals last), a
@@ -683,5 +732,36 @@ mod tests {
         );
         assert_eq!(without_port("tcp not-an-address:1"), "tcp not-an-address:1");
         assert_eq!(without_port("token:a:b"), "token:a:b");
+    }
+
+    /// Issue 14's attack review: a caller with `encrypt` on one tenant named
+    /// a new valid tenant id in each call, and each refusal became a record
+    /// of its own (444 bytes of log per call).
+    #[test]
+    fn refused_and_failed_calls_name_at_most_a_few_tenants_per_caller() {
+        let counts = Counts::default();
+        for n in 0..1000 {
+            let tenant = format!("t{n:05}");
+            counts.refused("Encrypt", Some(&tenant), "token:enc1", "PERMISSION_DENIED");
+            counts.add("Encrypt", Some(&tenant), "token:star", "NOT_FOUND");
+            counts.add("Encrypt", Some(&tenant), "token:star", "OK");
+        }
+        counts.refused("Encrypt", Some("t00003"), "token:enc1", "PERMISSION_DENIED");
+        counts.refused(
+            "Encrypt",
+            Some("t00003"),
+            "token:other",
+            "PERMISSION_DENIED",
+        );
+        let refused = counts.refused.lock().unwrap();
+        let refused = rows(&refused);
+        assert_eq!(refused.len(), MAX_TENANTS_PER_CALLER + 1 + 1, "{refused:?}");
+        let ran = counts.ran.lock().unwrap();
+        let ran = rows(&ran);
+        // 1000 OK counters (the tenants exist), 32 + 1 NOT_FOUND ones.
+        assert_eq!(ran.len(), 1000 + MAX_TENANTS_PER_CALLER + 1);
+        let tenantless: Vec<_> = refused.iter().filter(|r| r.0.is_empty()).collect();
+        assert_eq!(tenantless.len(), 1, "{refused:?}");
+        assert!(format!("{tenantless:?}").contains(&format!("{}", 1000 - MAX_TENANTS_PER_CALLER)));
     }
 }

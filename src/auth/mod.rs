@@ -130,6 +130,25 @@ impl Caller {
     }
 }
 
+/// Put into every request by the server beside [`Peer`]: the edge calls
+/// [`CallActivity::admitted`] for a call it lets through to a keywarden
+/// method. Only such calls keep a connection open past its handshake and
+/// idle timeouts (`server::conn`); calls refused at the edge, gRPC health
+/// and reflection do not.
+#[derive(Clone)]
+pub struct CallActivity(Arc<dyn Fn() + Send + Sync>);
+
+impl CallActivity {
+    pub fn new(admitted: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(admitted))
+    }
+
+    /// The call passed authentication and the policy's first check.
+    pub fn admitted(&self) {
+        (self.0)();
+    }
+}
+
 /// The connection a call arrived on, as the server saw it: put into every
 /// request's extensions by the server (`server::conn`), read by
 /// authentication and by the audit log's name for an unauthenticated peer.

@@ -1,13 +1,16 @@
 //! One connection, from accept to close: the TLS handshake, HTTP/2, and the
 //! timeouts that keep a stranger from holding it.
 //!
-//! - **Handshake.** The TLS handshake and the first call's headers must
-//!   arrive within `server.handshake_timeout_seconds` of the accept, or the
-//!   connection is closed: a silent connection holds its place under
-//!   `server.max_connections` for at most that long.
-//! - **Idle.** A connection with no call open for
+//! - **Handshake.** The TLS handshake and the first admitted call's headers
+//!   must arrive within `server.handshake_timeout_seconds` of the accept, or
+//!   the connection is closed: a connection that is silent, or makes only
+//!   calls refused at the edge or gRPC health and reflection calls, holds
+//!   its place under `server.max_connections` for at most that long.
+//! - **Idle.** A connection with no admitted call open for
 //!   `server.idle_timeout_seconds` is closed (an HTTP/2 GOAWAY, then the
-//!   close).
+//!   close five seconds later, whatever is still open). An admitted call is
+//!   one the edge let through to a keywarden method
+//!   ([`crate::auth::CallActivity`]).
 //! - **Keepalive.** After `server.keepalive_interval_seconds` without a frame
 //!   from the client, the server sends an HTTP/2 PING; no answer within
 //!   `server.keepalive_timeout_seconds` closes the connection (a peer that
@@ -45,11 +48,30 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use crate::{auth::Peer, config::ServerConfig};
+use crate::{
+    auth::{CallActivity, Peer},
+    config::ServerConfig,
+};
 
 /// Largest request header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE): room
 /// for a JWT of several kilobytes.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
+
+/// HTTP/2 flow-control window of each request stream: what a client may
+/// send on a call before the sidecar reads it.
+pub const STREAM_WINDOW: u32 = 64 << 10;
+
+/// The connection's window: room for every stream's window at once, so
+/// that calls whose bytes wait unread (a call waiting for its share of the
+/// decode budget) can never use up the window of the call they wait for,
+/// nor of small calls beside them. hyper's default (1 MiB each) let one
+/// waiting call stall a whole connection (issue 14's attack review).
+fn connection_window(max_concurrent_streams: u32) -> u32 {
+    max_concurrent_streams
+        .saturating_mul(STREAM_WINDOW)
+        .clamp(STREAM_WINDOW, (1 << 31) - 1)
+}
+
 /// How long a connection closed for idleness or a missed handshake may take
 /// to finish its close before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -102,11 +124,12 @@ impl Activity {
         }
     }
 
+    /// A call arrived; it counts once the edge admits it.
     fn begin(self: &Arc<Self>) -> CallGuard {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        self.started.store(true, Ordering::SeqCst);
-        self.changed.notify_one();
-        CallGuard(self.clone())
+        CallGuard(Arc::new(CallState {
+            activity: self.clone(),
+            admitted: AtomicBool::new(false),
+        }))
     }
 
     /// Resolves once no call has been open for the applicable timeout.
@@ -135,20 +158,49 @@ impl Activity {
     }
 }
 
-/// One open call; its drop ends it.
-struct CallGuard(Arc<Activity>);
+/// One call, and whether the edge admitted it.
+struct CallState {
+    activity: Arc<Activity>,
+    admitted: AtomicBool,
+}
 
-impl Drop for CallGuard {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+impl CallState {
+    fn admit(&self) {
+        if !self.admitted.swap(true, Ordering::SeqCst) {
+            let activity = &self.activity;
+            activity.open.fetch_add(1, Ordering::SeqCst);
+            activity.started.store(true, Ordering::SeqCst);
+            activity.changed.notify_one();
         }
-        self.0.changed.notify_one();
     }
 }
 
-/// The service of one connection: puts the [`Peer`] into every request and
-/// counts the calls open (a call is open until its response body is done).
+/// One call; its drop ends it.
+struct CallGuard(Arc<CallState>);
+
+impl CallGuard {
+    fn activity(&self) -> CallActivity {
+        let state = self.0.clone();
+        CallActivity::new(move || state.admit())
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if !self.0.admitted.load(Ordering::SeqCst) {
+            return;
+        }
+        let activity = &self.0.activity;
+        if activity.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            *activity.since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        activity.changed.notify_one();
+    }
+}
+
+/// The service of one connection: puts the [`Peer`] and a
+/// [`CallActivity`] into every request and counts the admitted calls open (a
+/// call is open until its response body is done).
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
@@ -172,6 +224,7 @@ where
     fn call(&mut self, mut request: http::Request<Incoming>) -> Self::Future {
         let call = self.activity.begin();
         request.extensions_mut().insert(self.peer.clone());
+        request.extensions_mut().insert(call.activity());
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -263,6 +316,8 @@ pub async fn serve_connection<S, B>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(connection_window(limits.max_concurrent_streams))
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(tracked));

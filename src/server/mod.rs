@@ -35,7 +35,7 @@ use crate::{
         budget::DecodeBudget,
         codec,
         crypto::CryptoService,
-        edge::{Edge, EdgeLimits},
+        edge::{Edge, EdgeLimits, OTHER_MAX_REQUEST_BYTES},
         pb,
     },
     audit::{AuditLog, counts::Counts},
@@ -225,12 +225,16 @@ pub async fn routes(shared: Shared) -> Service {
             pb::admin_server::AdminServer::new(AdminService::new(shared.clone()))
                 .max_decoding_message_size(server.admin_max_request_bytes),
         )
-        .add_service(health_service)
-        .add_service(reflection);
+        .add_service(health_service.max_decoding_message_size(OTHER_MAX_REQUEST_BYTES))
+        .add_service(reflection.max_decoding_message_size(OTHER_MAX_REQUEST_BYTES));
     Edge::new(
         builder.routes(),
         shared,
-        DecodeBudget::new(server.decode_budget_bytes),
+        DecodeBudget::new(
+            server.decode_budget_bytes,
+            server.decode_budget_per_caller_bytes,
+            server.request_min_bytes_per_second,
+        ),
         EdgeLimits {
             crypto_max_request_bytes: max,
             admin_max_request_bytes: server.admin_max_request_bytes,
