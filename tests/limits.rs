@@ -62,6 +62,34 @@ async fn create(sidecar: &TestSidecar, tenant: &str) {
         .unwrap();
 }
 
+/// The embedded admin token, for raw HTTP/2 calls.
+fn admin_token(sidecar: &TestSidecar) -> String {
+    sidecar
+        .admin_token
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned()
+}
+
+/// An Encrypt for acme on a new connection that must succeed within `wait`
+/// (`expectation` says why it should).
+async fn encrypt_within(sidecar: &TestSidecar, wait: Duration, expectation: &str) {
+    let mut crypto = sidecar.crypto().await;
+    let sealed = tokio::time::timeout(
+        wait,
+        crypto.encrypt(pb::EncryptRequest {
+            tenant_id: "acme".into(),
+            plaintext: b"through".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect(expectation)
+    .unwrap();
+    assert_eq!(sealed.into_inner().key_version, 1);
+}
+
 fn tcp_addr(sidecar: &TestSidecar) -> std::net::SocketAddr {
     sidecar.addr.parse().unwrap()
 }
@@ -331,19 +359,7 @@ async fn silent_connections_are_closed_and_cannot_hold_the_cap() {
         silent.push(TcpStream::connect(tcp_addr(&sidecar)).await.unwrap());
     }
     // A caller behind them gets through once the silent ones are closed.
-    let mut crypto = sidecar.crypto().await;
-    let sealed = tokio::time::timeout(
-        Duration::from_secs(20),
-        crypto.encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            plaintext: b"through".to_vec(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("the cap frees up")
-    .unwrap();
-    assert_eq!(sealed.into_inner().key_version, 1);
+    encrypt_within(&sidecar, Duration::from_secs(20), "the cap frees up").await;
     // The server closed every silent connection (EOF, or a reset).
     for mut socket in silent {
         let mut buf = [0u8; 64];
@@ -373,12 +389,7 @@ async fn idle_connections_are_closed_and_streams_per_connection_are_capped() {
     assert_eq!(streams, 7);
     // One admitted call (a health check does not count), then nothing:
     // GOAWAY and close after the idle timeout, long before the handshake's.
-    let token = sidecar
-        .admin_token
-        .as_ref()
-        .unwrap()
-        .expose_secret()
-        .to_owned();
+    let token = admin_token(&sidecar);
     let (response, mut body) = send
         .send_request(
             grpc_request("/keywarden.v1.Admin/GetAuditHead", Some(&token)),
@@ -418,12 +429,7 @@ async fn an_unanswered_keepalive_ping_closes_the_connection() {
     });
     let mut send = send.ready().await.unwrap();
     // An open stream, so the connection is not idle.
-    let token = sidecar
-        .admin_token
-        .as_ref()
-        .unwrap()
-        .expose_secret()
-        .to_owned();
+    let token = admin_token(&sidecar);
     let (_response, _body) = send
         .send_request(
             grpc_request("/keywarden.v1.Crypto/EncryptStream", Some(&token)),
@@ -507,12 +513,7 @@ async fn late_stream_messages_and_long_calls_end_with_deadline_exceeded() {
     );
     // A client's shorter grpc-timeout wins: sent by hand, so that only the
     // server can enforce it.
-    let token = sidecar
-        .admin_token
-        .as_ref()
-        .unwrap()
-        .expose_secret()
-        .to_owned();
+    let token = admin_token(&sidecar);
     let (mut send, _conn, _) = h2_connect(&sidecar).await;
     let mut request = grpc_request("/keywarden.v1.Crypto/Encrypt", Some(&token));
     request
@@ -891,19 +892,7 @@ async fn health_watches_and_refused_calls_cannot_hold_a_connection() {
         }
     });
     // Both are closed after the handshake timeout, and a caller gets in.
-    let mut crypto = sidecar.crypto().await;
-    let sealed = tokio::time::timeout(
-        Duration::from_secs(20),
-        crypto.encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            plaintext: b"through".to_vec(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("the cap frees up")
-    .unwrap();
-    assert_eq!(sealed.into_inner().key_version, 1);
+    encrypt_within(&sidecar, Duration::from_secs(20), "the cap frees up").await;
     for connection in [watch_conn, refused_conn] {
         tokio::time::timeout(Duration::from_secs(10), connection)
             .await
@@ -930,12 +919,7 @@ async fn a_message_announced_and_not_sent_gives_its_share_back_after_the_grace()
     }))
     .await;
     create(&sidecar, "acme").await;
-    let token = sidecar
-        .admin_token
-        .as_ref()
-        .unwrap()
-        .expose_secret()
-        .to_owned();
+    let token = admin_token(&sidecar);
     let (mut send, _conn, _) = h2_connect(&sidecar).await;
     let (response, mut body) = send
         .send_request(
@@ -947,19 +931,7 @@ async fn a_message_announced_and_not_sent_gives_its_share_back_after_the_grace()
     let started = tokio::time::Instant::now();
     // The announcement takes the whole budget: a caller waits for it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut crypto = sidecar.crypto().await;
-    let sealed = tokio::time::timeout(
-        Duration::from_secs(30),
-        crypto.encrypt(pb::EncryptRequest {
-            tenant_id: "acme".into(),
-            plaintext: b"after the grace".to_vec(),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("the share comes back")
-    .unwrap();
-    assert_eq!(sealed.into_inner().key_version, 1);
+    encrypt_within(&sidecar, Duration::from_secs(30), "the share comes back").await;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(4), "{waited:?}");
     let (code, message) = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
