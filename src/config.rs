@@ -17,6 +17,7 @@
 //! [server]                        # what a connection or call may hold, and for how long
 //! max_connections = 256           # served at once, over every listener
 //! max_concurrent_streams = 128    # calls open at once on one connection
+//! stream_window_bytes = 65536     # request bytes a call may send before they are read
 //! handshake_timeout_seconds = 10  # TLS handshake and first call's headers
 //! idle_timeout_seconds = 300      # a connection with no call open is closed
 //! keepalive_interval_seconds = 30 # HTTP/2 PING after this much silence (0: never)
@@ -26,7 +27,7 @@
 //! stream_message_timeout_seconds = 30   # wait for a stream's next message
 //! decode_budget_bytes = 33554432  # request bytes received and decoded at once, all calls
 //! decode_budget_per_caller_bytes = 16777216  # of which one caller may hold
-//! request_min_bytes_per_second = 1048576     # a message's bytes, after a 5 s grace
+//! request_min_bytes_per_second = 262144      # a message's bytes, after a 5 s grace
 //! admin_max_request_bytes = 65536 # largest Admin request
 //!
 //! [cache]
@@ -206,6 +207,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// HTTP/2 streams (calls) one connection may have open at once.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of a call: request bytes a client may
+    /// send before the sidecar reads them. A connection's window is
+    /// `max_concurrent_streams` times this. One call's upload is at most
+    /// this much per round trip. 16 KiB to 16 MiB.
+    pub stream_window_bytes: u32,
     /// A new connection must finish its TLS handshake and send its first
     /// call's headers within this, or it is closed.
     pub handshake_timeout_seconds: u64,
@@ -246,6 +252,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 256,
             max_concurrent_streams: 128,
+            stream_window_bytes: 64 << 10,
             handshake_timeout_seconds: 10,
             idle_timeout_seconds: 300,
             keepalive_interval_seconds: 30,
@@ -255,7 +262,7 @@ impl Default for ServerConfig {
             stream_message_timeout_seconds: 30,
             decode_budget_bytes: 32 << 20,
             decode_budget_per_caller_bytes: 16 << 20,
-            request_min_bytes_per_second: 1 << 20,
+            request_min_bytes_per_second: 256 << 10,
             admin_max_request_bytes: 64 << 10,
         }
     }
@@ -265,13 +272,17 @@ impl ServerConfig {
     /// Every setting, with its environment variable and a way to set it:
     /// one table for `apply_env` and the README.
     #[allow(clippy::type_complexity)]
-    const ENV: [(&'static str, fn(&mut Self, u64) -> Result<(), &'static str>); 13] = [
+    const ENV: [(&'static str, fn(&mut Self, u64) -> Result<(), &'static str>); 14] = [
         ("KEYWARDEN_SERVER_MAX_CONNECTIONS", |c, n| {
             c.max_connections = usize::try_from(n).map_err(|_| "is too large")?;
             Ok(())
         }),
         ("KEYWARDEN_SERVER_MAX_CONCURRENT_STREAMS", |c, n| {
             c.max_concurrent_streams = u32::try_from(n).map_err(|_| "is too large")?;
+            Ok(())
+        }),
+        ("KEYWARDEN_SERVER_STREAM_WINDOW_BYTES", |c, n| {
+            c.stream_window_bytes = u32::try_from(n).map_err(|_| "is too large")?;
             Ok(())
         }),
         ("KEYWARDEN_SERVER_HANDSHAKE_TIMEOUT_SECONDS", |c, n| {
@@ -356,6 +367,12 @@ impl ServerConfig {
             return Err(ConfigError::new(
                 "server.decode_budget_bytes",
                 "must be at least limits.max_request_bytes + 5 (one whole request and its frame header)",
+            ));
+        }
+        if !(16 << 10..=16 << 20).contains(&self.stream_window_bytes) {
+            return Err(ConfigError::new(
+                "server.stream_window_bytes",
+                "must be from 16384 to 16777216",
             ));
         }
         if self.decode_budget_per_caller_bytes < 1024

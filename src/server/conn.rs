@@ -57,19 +57,16 @@ use crate::{
 /// for a JWT of several kilobytes.
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
-/// HTTP/2 flow-control window of each request stream: what a client may
-/// send on a call before the sidecar reads it.
-pub const STREAM_WINDOW: u32 = 64 << 10;
-
-/// The connection's window: room for every stream's window at once, so
-/// that calls whose bytes wait unread (a call waiting for its share of the
-/// decode budget) can never use up the window of the call they wait for,
-/// nor of small calls beside them. hyper's default (1 MiB each) let one
-/// waiting call stall a whole connection (issue 14's attack review).
-fn connection_window(max_concurrent_streams: u32) -> u32 {
+/// The connection's HTTP/2 flow-control window: room for every stream's
+/// window (`server.stream_window_bytes`) at once, so that calls whose bytes
+/// wait unread (a call waiting for its share of the decode budget) can never
+/// use up the window of the call they wait for, nor of small calls beside
+/// them. hyper's default (1 MiB each) let one waiting call stall a whole
+/// connection (issue 14's attack review).
+fn connection_window(max_concurrent_streams: u32, stream_window: u32) -> u32 {
     max_concurrent_streams
-        .saturating_mul(STREAM_WINDOW)
-        .clamp(STREAM_WINDOW, (1 << 31) - 1)
+        .saturating_mul(stream_window)
+        .clamp(stream_window, (1 << 31) - 1)
 }
 
 /// How long a connection closed for idleness or a missed handshake may take
@@ -88,6 +85,7 @@ pub struct ConnLimits {
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Duration,
     pub max_concurrent_streams: u32,
+    pub stream_window: u32,
 }
 
 impl From<&ServerConfig> for ConnLimits {
@@ -99,6 +97,7 @@ impl From<&ServerConfig> for ConnLimits {
                 .then(|| Duration::from_secs(c.keepalive_interval_seconds)),
             keepalive_timeout: Duration::from_secs(c.keepalive_timeout_seconds),
             max_concurrent_streams: c.max_concurrent_streams,
+            stream_window: c.stream_window_bytes,
         }
     }
 }
@@ -316,8 +315,11 @@ pub async fn serve_connection<S, B>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(connection_window(limits.max_concurrent_streams))
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(connection_window(
+            limits.max_concurrent_streams,
+            limits.stream_window,
+        ))
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout);
     let conn = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(tracked));
