@@ -179,8 +179,16 @@ pub async fn serve(listen: ListenAddr) -> Result<(), String> {
         Echo,
         Limits::default().max_request_bytes,
     ));
+    // No edge here: every call counts as admitted, so that the connection
+    // stays open under the same idle rule as the sidecar's callers.
+    let routes = tower::ServiceExt::map_request(routes.routes(), |request: http::Request<_>| {
+        if let Some(activity) = request.extensions().get::<crate::auth::CallActivity>() {
+            activity.admitted();
+        }
+        request
+    });
     server::serve(
-        routes.routes(),
+        routes,
         vec![listener],
         None,
         &crate::config::ServerConfig::default(),
