@@ -922,7 +922,7 @@ fn print_tenant(t: &pb::Tenant) {
 fn time(ts: Option<prost_types::Timestamp>) -> String {
     let Some(ts) = ts else { return "-".into() };
     let millis = ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000);
-    crate::store::UnixMillis(millis).to_string()
+    crate::time::UnixMillis(millis).to_string()
 }
 
 fn context(pairs: Vec<(String, String)>) -> Context {

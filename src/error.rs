@@ -8,7 +8,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-use crate::{ids::TenantId, store::UnixMillis};
+use crate::{ids::TenantId, time::UnixMillis};
 
 /// The outside systems keywarden depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,3 +25,4 @@ pub mod receipt;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod time;

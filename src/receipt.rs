@@ -302,7 +302,7 @@ mod tests {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
 
     use super::*;
-    use crate::store::UnixMillis;
+    use crate::time::UnixMillis;
 
     fn sample(kind: ReceiptKind) -> Receipt {
         let shredded_at = UnixMillis(1_790_000_000_123);

@@ -230,7 +230,7 @@ fn valid_tenant(tenant: Option<&str>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn timestamp(at: crate::store::UnixMillis) -> prost_types::Timestamp {
+fn timestamp(at: crate::time::UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.0.div_euclid(1000),
         nanos: i32::try_from(at.0.rem_euclid(1000) * 1_000_000).unwrap_or(0),

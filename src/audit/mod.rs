@@ -41,7 +41,7 @@ pub use record::{
 
 use crate::{
     secret::{Key256, load_or_create_key_file},
-    store::UnixMillis,
+    time::UnixMillis,
 };
 use file::Chain;
 

@@ -28,7 +28,7 @@ use aws_sdk_kms::{
 use zeroize::Zeroizing;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{ids::TenantId, secret::Key256, store::UnixMillis};
+use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
 
 /// How to reach AWS KMS and which root keys to use.
 #[derive(Clone, Debug)]

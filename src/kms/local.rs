@@ -22,7 +22,7 @@ use crate::{
     envelope::associated_data,
     ids::TenantId,
     secret::{Key256, load_or_create_key_file},
-    store::UnixMillis,
+    time::UnixMillis,
 };
 
 /// File name of the root key inside the data directory.

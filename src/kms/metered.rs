@@ -11,7 +11,7 @@ use std::sync::{
 use async_trait::async_trait;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{ids::TenantId, secret::Key256, store::UnixMillis};
+use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
 
 /// Calls made so far, per operation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

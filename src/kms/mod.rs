@@ -14,7 +14,7 @@ pub mod metered;
 use async_trait::async_trait;
 use thiserror::Error;
 
-use crate::{ids::TenantId, secret::Key256, store::UnixMillis};
+use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
 
 /// What a wrapped key is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

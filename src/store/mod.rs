@@ -1,7 +1,7 @@
 //! The keystore: wrapped keys, tenants and tombstones, behind one trait.
 //!
-//! Backends: [`sqlite`] (embedded, the default). PostgreSQL, for many sidecars
-//! sharing one keystore, comes next behind the same trait. Every method that
+//! Backends: [`sqlite`] (embedded, the default) and [`postgres`], for many
+//! sidecars sharing one keystore, behind the same trait. Every method that
 //! changes more than one row does so in one transaction; conditional writes
 //! make concurrent rotations and shreds safe.
 
@@ -9,10 +9,7 @@ pub mod postgres;
 mod rows;
 pub mod sqlite;
 
-use std::{
-    fmt,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::fmt;
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -22,33 +19,8 @@ use crate::{
     kms::WrappedKey,
 };
 
-/// A point in time as Unix milliseconds, as the keystore records it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct UnixMillis(pub i64);
-
-impl UnixMillis {
-    pub fn now() -> Self {
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        Self(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
-    }
-
-    pub fn to_system_time(self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(u64::try_from(self.0).unwrap_or(0))
-    }
-}
-
-impl fmt::Display for UnixMillis {
-    /// RFC 3339 in UTC, e.g. `2026-11-23T06:40:12.345Z`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}",
-            humantime::format_rfc3339_millis(self.to_system_time())
-        )
-    }
-}
+/// Kept here too: the keystore's records carry it.
+pub use crate::time::UnixMillis;
 
 /// Which root key wraps a tenant's keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
