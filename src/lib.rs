@@ -1,7 +1,9 @@
 //! keywarden: per-tenant envelope encryption with crypto-shredding, as a
-//! sidecar. See DESIGN.md's components: `envelope` (the format), `keys` (the
-//! hierarchy and its cache), `kms` (the root key), `store` (wrapped keys and
-//! tombstones), `api` (gRPC), plus `config`, `server` and `cli` to run it.
+//! sidecar. Its components: `envelope` (the format, docs/FORMAT.md), `keys`
+//! (the hierarchy and its cache), `kms` (the root key), `store` (wrapped keys
+//! and tombstones), `api` (gRPC), `time` (Unix milliseconds, below them all),
+//! plus `config`, `server` and `cli` to run it. docs/SECURITY.md is the
+//! threat model.
 #![forbid(unsafe_code)]
 
 pub mod api;
