@@ -204,6 +204,20 @@ fn progress_message(p: RootRotationProgress) -> pb::RotateRootKeyProgress {
     }
 }
 
+/// A request's `page_size`: 0 for the default, at most [`MAX_PAGE_SIZE`]
+/// `things` per page.
+fn page_size(asked: u32, things: &str) -> Result<u32, Status> {
+    match asked {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(Error::invalid(
+            "page_size",
+            format!("at most {MAX_PAGE_SIZE} {things} per page"),
+        )
+        .into()),
+        n => Ok(n),
+    }
+}
+
 impl AdminService {
     async fn handle_rotate_root_key(
         &self,
@@ -211,17 +225,7 @@ impl AdminService {
     ) -> Result<Response<RotateRootKeyStream>, Status> {
         let r = request.into_inner();
         let region = parse_region(&r.region)?;
-        let page_size = match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("at most {MAX_PAGE_SIZE} keys per page"),
-                )
-                .into());
-            }
-            n => n,
-        };
+        let page_size = page_size(r.page_size, "keys")?;
         let to = (!r.to.is_empty()).then_some(r.to);
         let keys = self.shared.keys.clone();
         let (out, stream) = mpsc::channel(4);
@@ -282,17 +286,7 @@ impl AdminService {
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
         let r = request.into_inner();
-        let size = match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("at most {MAX_PAGE_SIZE} tenants per page"),
-                )
-                .into());
-            }
-            n => n,
-        };
+        let size = page_size(r.page_size, "tenants")?;
         let after = parse_page_token(&r.page_token)?;
         // One more than asked tells whether another page follows.
         let mut records = self
