@@ -679,3 +679,18 @@ impl pb::admin_server::Admin for AdminService {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_default_and_are_bounded() {
+        assert_eq!(page_size(0, "tenants").unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(1, "tenants").unwrap(), 1);
+        assert_eq!(page_size(MAX_PAGE_SIZE, "keys").unwrap(), MAX_PAGE_SIZE);
+        let refused = page_size(MAX_PAGE_SIZE + 1, "keys").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert_eq!(refused.message(), "page_size: at most 1000 keys per page");
+    }
+}
