@@ -293,22 +293,28 @@ async fn counts_that_decoding_multiplies_are_refused_before_decoding() {
     sidecar.stop().await;
 }
 
-#[tokio::test]
-async fn large_authorized_calls_queue_behind_the_decode_budget_and_all_finish() {
-    // Room for one 1 MiB request at a time.
-    let sidecar = TestSidecar::start_with(Options {
+/// A sidecar whose decode budget has room for one request of `plaintext`
+/// bytes at a time, for any caller.
+fn room_for_one(plaintext: usize) -> Options {
+    let request = plaintext + (64 << 10);
+    Options {
         limits: Limits {
-            max_plaintext_bytes: 1 << 20,
-            max_request_bytes: (1 << 20) + (64 << 10),
+            max_plaintext_bytes: plaintext,
+            max_request_bytes: request,
             ..Limits::default()
         },
         server: ServerConfig {
-            decode_budget_bytes: (1 << 20) + (64 << 10) + 5,
+            decode_budget_bytes: request + 5,
+            decode_budget_per_caller_bytes: request + 5,
             ..ServerConfig::default()
         },
         ..Options::default()
-    })
-    .await;
+    }
+}
+
+#[tokio::test]
+async fn large_authorized_calls_queue_behind_the_decode_budget_and_all_finish() {
+    let sidecar = TestSidecar::start_with(room_for_one(1 << 20)).await;
     create(&sidecar, "acme").await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..8u8 {
@@ -952,20 +958,7 @@ async fn a_message_announced_and_not_sent_gives_its_share_back_after_the_grace()
 /// call that holds it, nor small calls beside them.
 #[tokio::test]
 async fn large_calls_on_one_connection_queue_behind_the_budget_and_all_finish() {
-    let sidecar = TestSidecar::start_with(Options {
-        limits: Limits {
-            max_plaintext_bytes: 4 << 20,
-            max_request_bytes: (4 << 20) + (64 << 10),
-            ..Limits::default()
-        },
-        server: ServerConfig {
-            decode_budget_bytes: (4 << 20) + (64 << 10) + 5,
-            decode_budget_per_caller_bytes: (4 << 20) + (64 << 10) + 5,
-            ..ServerConfig::default()
-        },
-        ..Options::default()
-    })
-    .await;
+    let sidecar = TestSidecar::start_with(room_for_one(4 << 20)).await;
     create(&sidecar, "acme").await;
     let crypto = sidecar.crypto().await;
     let mut calls = tokio::task::JoinSet::new();
