@@ -37,160 +37,59 @@ impl fmt::Debug for Entries {
     }
 }
 
-impl fmt::Debug for EncryptRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptRequest")
-            .field("tenant_id", &self.tenant_id)
-            .field("subject_id", &Redacted(self.subject_id.len()))
-            .field("context", &Entries(self.context.len()))
-            .field("plaintext", &Redacted(self.plaintext.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for EncryptResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptResponse")
-            .field("ciphertext", &Redacted(self.ciphertext.len()))
-            .field("key_version", &self.key_version)
-            .finish()
-    }
-}
-
-impl fmt::Debug for DecryptRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptRequest")
-            .field("tenant_id", &self.tenant_id)
-            .field("context", &Entries(self.context.len()))
-            .field("ciphertext", &Redacted(self.ciphertext.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for DecryptResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptResponse")
-            .field("plaintext", &Redacted(self.plaintext.len()))
-            .field("key_version", &self.key_version)
-            .finish()
-    }
-}
-
-impl fmt::Debug for EncryptItem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptItem")
-            .field("subject_id", &Redacted(self.subject_id.len()))
-            .field("context", &Entries(self.context.len()))
-            .field("plaintext", &Redacted(self.plaintext.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for DecryptItem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptItem")
-            .field("context", &Entries(self.context.len()))
-            .field("ciphertext", &Redacted(self.ciphertext.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for RewrapRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RewrapRequest")
-            .field("tenant_id", &self.tenant_id)
-            .field("context", &Entries(self.context.len()))
-            .field("ciphertext", &Redacted(self.ciphertext.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for RewrapResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RewrapResponse")
-            .field("ciphertext", &Redacted(self.ciphertext.len()))
-            .field("key_version", &self.key_version)
-            .field("previous_key_version", &self.previous_key_version)
-            .finish()
-    }
-}
-
-impl fmt::Debug for EncryptStreamStart {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptStreamStart")
-            .field("tenant_id", &self.tenant_id)
-            .field("subject_id", &Redacted(self.subject_id.len()))
-            .field("context", &Entries(self.context.len()))
-            .finish()
-    }
-}
-
-impl fmt::Debug for EncryptStreamRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptStreamRequest")
-            .field("part", &self.part)
-            .finish()
-    }
-}
-
-impl fmt::Debug for encrypt_stream_request::Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Start(start) => f.debug_tuple("Start").field(start).finish(),
-            Self::Chunk(chunk) => f
-                .debug_tuple("Chunk")
-                .field(&Redacted(chunk.len()))
-                .finish(),
+/// Debug for a message, field by field: `shown` as it is, `bytes` as
+/// [`Redacted`], `entries` as [`Entries`].
+macro_rules! redacted_debug {
+    ($($message:ident { $($field:ident: $how:ident),* $(,)? })*) => {$(
+        impl fmt::Debug for $message {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($message))
+                    $(.field(stringify!($field), &redacted_debug!(@$how self.$field)))*
+                    .finish()
+            }
         }
-    }
+    )*};
+    (@shown $value:expr) => { &$value };
+    (@bytes $value:expr) => { Redacted($value.len()) };
+    (@entries $value:expr) => { Entries($value.len()) };
 }
 
-impl fmt::Debug for EncryptStreamResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptStreamResponse")
-            .field("chunk", &Redacted(self.chunk.len()))
-            .field("key_version", &self.key_version)
-            .finish()
-    }
+redacted_debug! {
+    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes }
+    EncryptResponse { ciphertext: bytes, key_version: shown }
+    DecryptRequest { tenant_id: shown, context: entries, ciphertext: bytes }
+    DecryptResponse { plaintext: bytes, key_version: shown }
+    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes }
+    DecryptItem { context: entries, ciphertext: bytes }
+    RewrapRequest { tenant_id: shown, context: entries, ciphertext: bytes }
+    RewrapResponse { ciphertext: bytes, key_version: shown, previous_key_version: shown }
+    EncryptStreamStart { tenant_id: shown, subject_id: bytes, context: entries }
+    EncryptStreamRequest { part: shown }
+    EncryptStreamResponse { chunk: bytes, key_version: shown }
+    DecryptStreamRequest { part: shown }
+    DecryptStreamResponse { chunk: bytes, key_version: shown }
+    ShredSubjectRequest { tenant_id: shown, subject_id: bytes }
 }
 
-impl fmt::Debug for DecryptStreamRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptStreamRequest")
-            .field("part", &self.part)
-            .finish()
-    }
-}
-
-impl fmt::Debug for decrypt_stream_request::Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Start(start) => f.debug_tuple("Start").field(start).finish(),
-            Self::Chunk(chunk) => f
-                .debug_tuple("Chunk")
-                .field(&Redacted(chunk.len()))
-                .finish(),
+/// Debug for a stream request's part: its start as it prints, a chunk as
+/// [`Redacted`].
+macro_rules! stream_part_debug {
+    ($($part:ty),*) => {$(
+        impl fmt::Debug for $part {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    Self::Start(start) => f.debug_tuple("Start").field(start).finish(),
+                    Self::Chunk(chunk) => f
+                        .debug_tuple("Chunk")
+                        .field(&Redacted(chunk.len()))
+                        .finish(),
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl fmt::Debug for DecryptStreamResponse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptStreamResponse")
-            .field("chunk", &Redacted(self.chunk.len()))
-            .field("key_version", &self.key_version)
-            .finish()
-    }
-}
-
-impl fmt::Debug for ShredSubjectRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ShredSubjectRequest")
-            .field("tenant_id", &self.tenant_id)
-            .field("subject_id", &Redacted(self.subject_id.len()))
-            .finish()
-    }
-}
+stream_part_debug!(encrypt_stream_request::Part, decrypt_stream_request::Part);
 
 #[cfg(test)]
 mod tests {
