@@ -546,17 +546,22 @@ mod tests {
 
     use super::*;
 
-    /// A request body of fixed chunks.
-    struct Chunks(VecDeque<Bytes>);
+    /// A request body of fixed chunks, then its end, or with `STALL` nothing
+    /// ever again (a sender that stopped).
+    struct Chunks<const STALL: bool = false>(VecDeque<Bytes>);
 
-    impl Body for Chunks {
+    impl<const STALL: bool> Body for Chunks<STALL> {
         type Data = Bytes;
         type Error = Infallible;
         fn poll_frame(
             mut self: Pin<&mut Self>,
             _: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+            match self.0.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None if STALL => Poll::Pending,
+                None => Poll::Ready(None),
+            }
         }
     }
 
@@ -823,23 +828,6 @@ mod tests {
         assert_eq!((budget.available(), budget.callers()), (100, 0));
     }
 
-    /// Chunks, then nothing ever again: a sender that stopped.
-    struct Stalled(VecDeque<Bytes>);
-
-    impl Body for Stalled {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            match self.0.pop_front() {
-                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
-                None => Poll::Pending,
-            }
-        }
-    }
-
     /// Issue 14's attack review: a caller announced 16 MiB messages and sent
     /// nothing more, holding the budget for the call's whole ceiling. Now
     /// the bytes must come at the minimum rate after the grace.
@@ -850,7 +838,7 @@ mod tests {
         let mut wire = message(1000);
         wire.truncate(5 + 200);
         let mut body = Box::pin(BudgetedBody::new(
-            Stalled([Bytes::from(wire)].into()),
+            Chunks::<true>([Bytes::from(wire)].into()),
             &budget,
             Charge::Caller("mallory"),
             10_000,
