@@ -12,11 +12,10 @@ use std::{hint::black_box, sync::Arc};
 use criterion::{Criterion, criterion_group, criterion_main};
 use keywarden::{
     config::CacheConfig,
-    events::Event,
     ids::{SubjectId, TenantId},
     keys::{KeyManager, KeySettings, PlacementRequest},
     kms::local::LocalRootKey,
-    store::{TenantPolicy, sqlite::SqliteKeystore},
+    store::{Event, TenantPolicy, sqlite::SqliteKeystore},
 };
 
 fn resolution(c: &mut Criterion) {

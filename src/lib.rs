@@ -15,7 +15,6 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 pub mod error;
-pub mod events;
 /// Entry points for the fuzz targets and the property tests.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -2219,12 +2219,12 @@ mod unparseable_policies {
 }
 
 /// PostgreSQL announces policy changes and destroyed versions to the other
-/// sidecars (crate::events), in the changing transaction: a refused change
+/// sidecars (crate::store::postgres::events), in the changing transaction: a refused change
 /// announces nothing.
 mod postgres_events {
     use std::time::Duration;
 
-    use keywarden::events::{self, Event, Signal};
+    use keywarden::store::postgres::events::{self, Event, Signal};
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;

@@ -36,12 +36,11 @@ use crate::{
         wrap::{self, KeyDomain},
     },
     error::{Dependency, Error, Result},
-    events::Event,
     ids::{SubjectId, SubjectIds, SubjectKeyId, TenantId},
     kms::{KmsError, Purpose, RootKeyProvider, WrapContext, WrappedKey},
     secret::Key256,
     store::{
-        Keystore, NewTenant, Placement, RootWrappedSlot, StoreError, SubjectKeyRecord,
+        Event, Keystore, NewTenant, Placement, RootWrappedSlot, StoreError, SubjectKeyRecord,
         SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
         TenantState, TenantWithPrimary, Tier, UnixMillis,
     },

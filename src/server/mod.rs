@@ -45,7 +45,6 @@ use crate::{
         tokens::{ADMIN_TOKEN_FILE, ADMIN_TOKEN_NAME, load_or_create_admin_token},
     },
     config::{AuditSink, AuthConfig, Config, ConfigError, KmsProvider, ServerConfig, StoreBackend},
-    events::{self, Signal},
     keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
@@ -57,7 +56,10 @@ use crate::{
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
     store::{
         Keystore, StoreError,
-        postgres::{PostgresKeystore, PostgresOptions},
+        postgres::{
+            PostgresKeystore, PostgresOptions,
+            events::{self, Signal},
+        },
         sqlite::{KEYSTORE_FILE, SqliteKeystore},
     },
 };

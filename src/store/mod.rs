@@ -1,12 +1,14 @@
 //! The keystore: wrapped keys, tenants and tombstones, behind one trait.
 //!
 //! Backends: [`sqlite`] (embedded, the default) and [`postgres`], for many
-//! sidecars sharing one keystore, behind the same trait. Every method that
-//! changes more than one row does so in one transaction; conditional writes
-//! make concurrent rotations and shreds safe.
+//! sidecars sharing one keystore, both the one SQL keystore of [`sql`]
+//! behind the same trait. Every method that changes more than one row does
+//! so in one transaction; conditional writes make concurrent rotations and
+//! shreds safe. This module is the backend-neutral seam: the trait and its
+//! records, no SQL.
 
 pub mod postgres;
-mod rows;
+pub mod sql;
 pub mod sqlite;
 
 use std::fmt;
@@ -21,6 +23,8 @@ use crate::{
 
 /// Kept here too: the keystore's records carry it.
 pub use crate::time::UnixMillis;
+/// What changed in the keystore, for other sidecars' caches.
+pub use postgres::events::Event;
 
 /// Which root key wraps a tenant's keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,61 +264,6 @@ pub enum StoreError {
     #[error("keystore inconsistent: {0}")]
     Corrupt(String),
 }
-
-/// The keystore's invariants as queries that every backend runs alike: each
-/// names the rule and selects the ids of the tenants that break it.
-///
-/// A tenant key version is live (a row of `tenant_keys`) or destroyed by
-/// retention (a row of `destroyed_versions`, which holds no key material);
-/// an active tenant's versions, both kinds together, run 1..=primary.
-pub const INVARIANTS: &[(&str, &str)] = &[
-    (
-        "an active tenant lacks its primary key version",
-        "SELECT t.tenant_id FROM tenants t WHERE t.shredded_at_ms IS NULL AND NOT EXISTS \
-         (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = t.tenant_id AND k.version = t.primary_version)",
-    ),
-    (
-        "an active tenant lacks its subject-index key",
-        "SELECT tenant_id FROM tenants WHERE shredded_at_ms IS NULL \
-         AND (index_key_wrapped IS NULL OR index_key_root IS NULL)",
-    ),
-    (
-        "an active tenant's versions (live and destroyed) do not run 1..=primary",
-        "SELECT t.tenant_id FROM tenants t JOIN ( \
-           SELECT tenant_id, version FROM tenant_keys \
-           UNION SELECT tenant_id, version FROM destroyed_versions) v ON v.tenant_id = t.tenant_id \
-         WHERE t.shredded_at_ms IS NULL GROUP BY t.tenant_id, t.primary_version \
-         HAVING count(*) <> t.primary_version OR min(v.version) <> 1 OR max(v.version) <> t.primary_version",
-    ),
-    (
-        "a tenant key version is both live and destroyed",
-        "SELECT k.tenant_id FROM tenant_keys k JOIN destroyed_versions d \
-         ON d.tenant_id = k.tenant_id AND d.version = k.version",
-    ),
-    (
-        "an active tenant's primary version was destroyed",
-        "SELECT t.tenant_id FROM tenants t JOIN destroyed_versions d \
-         ON d.tenant_id = t.tenant_id AND d.version = t.primary_version \
-         WHERE t.shredded_at_ms IS NULL",
-    ),
-    (
-        "a shredded tenant still has key material",
-        "SELECT t.tenant_id FROM tenants t WHERE t.shredded_at_ms IS NOT NULL AND (\
-         t.index_key_wrapped IS NOT NULL \
-         OR EXISTS (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = t.tenant_id) \
-         OR EXISTS (SELECT 1 FROM subject_keys s WHERE s.tenant_id = t.tenant_id))",
-    ),
-    (
-        "a subject key is wrapped by a tenant key version that does not exist (never made, or destroyed)",
-        "SELECT s.tenant_id FROM subject_keys s WHERE NOT EXISTS \
-         (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = s.tenant_id AND k.version = s.tenant_version)",
-    ),
-    (
-        "a shredded subject still has a key",
-        "SELECT s.tenant_id FROM subject_keys s JOIN subject_tombstones d \
-         ON d.tenant_id = s.tenant_id AND d.subject_key_id = s.subject_key_id",
-    ),
-];
 
 #[async_trait]
 pub trait Keystore: Send + Sync + 'static {

@@ -3,7 +3,7 @@
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{
+use crate::store::{
     Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord, TenantKeyRecord,
     TenantPolicy, TenantRecord, TenantState, TenantWithPrimary, Tier, UnixMillis,
 };
