@@ -102,6 +102,12 @@ pub enum Error {
     Internal,
 }
 
+impl From<crate::ids::InvalidId> for Error {
+    fn from(e: crate::ids::InvalidId) -> Self {
+        Error::invalid(e.field, e.reason)
+    }
+}
+
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {

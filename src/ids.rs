@@ -6,7 +6,23 @@
 
 use std::{fmt, sync::Arc};
 
-use crate::error::Error;
+/// An identifier that breaks its rule: the field, and the rule broken,
+/// without the input. Becomes [`crate::error::Error::InvalidArgument`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidId {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidId {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
 
 /// Longest tenant id, in bytes.
 pub const MAX_TENANT_ID_LEN: usize = 128;
@@ -20,12 +36,12 @@ pub struct TenantId(Arc<str>);
 impl TenantId {
     /// Parses a tenant id; the error names the field and the rule broken,
     /// without echoing the input.
-    pub fn parse(field: &'static str, raw: &str) -> Result<Self, Error> {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, InvalidId> {
         if raw.is_empty() {
-            return Err(Error::invalid(field, "must not be empty"));
+            return Err(InvalidId::new(field, "must not be empty"));
         }
         if raw.len() > MAX_TENANT_ID_LEN {
-            return Err(Error::invalid(
+            return Err(InvalidId::new(
                 field,
                 format!(
                     "is {} bytes; at most {MAX_TENANT_ID_LEN} are allowed",
@@ -37,7 +53,7 @@ impl TenantId {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
-            return Err(Error::invalid(
+            return Err(InvalidId::new(
                 field,
                 "may contain only letters, digits, '.', '_' and '-'",
             ));
@@ -68,12 +84,12 @@ pub struct SubjectId(String);
 
 impl SubjectId {
     /// Parses a subject id: 1 to 256 bytes.
-    pub fn parse(field: &'static str, raw: &str) -> Result<Self, Error> {
+    pub fn parse(field: &'static str, raw: &str) -> Result<Self, InvalidId> {
         if raw.is_empty() {
-            return Err(Error::invalid(field, "must not be empty"));
+            return Err(InvalidId::new(field, "must not be empty"));
         }
         if raw.len() > MAX_SUBJECT_ID_LEN {
-            return Err(Error::invalid(
+            return Err(InvalidId::new(
                 field,
                 format!(
                     "is {} bytes; at most {MAX_SUBJECT_ID_LEN} are allowed",

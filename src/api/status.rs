@@ -25,6 +25,12 @@ pub fn code(error: &Error) -> Code {
     }
 }
 
+impl From<crate::ids::InvalidId> for Status {
+    fn from(e: crate::ids::InvalidId) -> Self {
+        Error::from(e).into()
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         if let Error::ResourceExhausted {

@@ -7,6 +7,7 @@
 //! shreds safe. This module is the backend-neutral seam: the trait and its
 //! records, no SQL.
 
+mod event;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -23,8 +24,7 @@ use crate::{
 
 /// Kept here too: the keystore's records carry it.
 pub use crate::time::UnixMillis;
-/// What changed in the keystore, for other sidecars' caches.
-pub use postgres::events::Event;
+pub use event::Event;
 
 /// Which root key wraps a tenant's keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,53 +1,20 @@
-//! Keystore changes that other sidecars must hear about at once: a rotation,
-//! shred, policy change or destroyed key version makes their cached tenant
-//! state and keys stale. The PostgreSQL
-//! keystore publishes them with NOTIFY inside the changing transaction (so an
-//! event is sent if and only if the change commits) and every sidecar LISTENs
-//! and evicts. The embedded SQLite keystore has one sidecar, which evicts
-//! locally. The cache TTL stays the bound if all else fails.
+//! Keystore changes ([`Event`]) that other sidecars must hear about at once:
+//! a rotation, shred, policy change or destroyed key version makes their
+//! cached tenant state and keys stale. The PostgreSQL keystore publishes them
+//! with NOTIFY inside the changing transaction (so an event is sent if and
+//! only if the change commits) and every sidecar LISTENs and evicts. The
+//! embedded SQLite keystore has one sidecar, which evicts locally. The cache
+//! TTL stays the bound if all else fails.
 
 use std::{future::Future, time::Duration};
 
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::ids::{SubjectKeyId, TenantId};
+pub use crate::store::Event;
 
 /// The PostgreSQL notification channel.
 pub const CHANNEL: &str = "keywarden_events";
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// A tenant was rotated or shredded, its policy changed, or a key version
-    /// of it was destroyed: drop everything cached of it.
-    Tenant(TenantId),
-    /// A subject was shredded: drop its key.
-    Subject(TenantId, SubjectKeyId),
-}
-
-impl Event {
-    /// `tenant:<id>` or `subject:<id>:<32 hex digits>`; ids contain no ':'.
-    pub fn encode(&self) -> String {
-        match self {
-            Event::Tenant(id) => format!("tenant:{id}"),
-            Event::Subject(id, subject) => format!("subject:{id}:{}", hex::encode(subject.0)),
-        }
-    }
-
-    pub fn decode(payload: &str) -> Option<Event> {
-        let mut parts = payload.split(':');
-        let event = match (parts.next()?, parts.next()?, parts.next()) {
-            ("tenant", id, None) => Event::Tenant(TenantId::parse("tenant", id).ok()?),
-            ("subject", id, Some(hex_id)) => {
-                let mut subject = [0u8; crate::envelope::SUBJECT_KEY_ID_LEN];
-                hex::decode_to_slice(hex_id, &mut subject).ok()?;
-                Event::Subject(TenantId::parse("tenant", id).ok()?, SubjectKeyId(subject))
-            }
-            _ => return None,
-        };
-        parts.next().is_none().then_some(event)
-    }
-}
 
 /// What the listener reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,33 +88,6 @@ pub async fn listen(url: &str, out: UnboundedSender<Signal>, stop: impl Future<O
                     break;
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn events_round_trip_and_garbage_is_refused() {
-        let t = TenantId::parse("t", "acme-1").unwrap();
-        for event in [
-            Event::Tenant(t.clone()),
-            Event::Subject(t, SubjectKeyId([0xAB; 16])),
-        ] {
-            assert_eq!(Event::decode(&event.encode()), Some(event));
-        }
-        for bad in [
-            "",
-            "tenant",
-            "tenant:",
-            "tenant:a:b",
-            "subject:a",
-            "subject:a:zz",
-            "other:a",
-        ] {
-            assert_eq!(Event::decode(bad), None, "{bad:?}");
         }
     }
 }

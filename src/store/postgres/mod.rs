@@ -30,10 +30,10 @@ use sqlx::{
 };
 
 use super::{
-    StoreError,
+    Event, StoreError,
     sql::{Backend, SqlKeystore, SqlPool, Tx, rows::corrupt},
 };
-use events::{CHANNEL, Event};
+use events::CHANNEL;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 

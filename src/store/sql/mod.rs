@@ -33,8 +33,8 @@ pub use invariants::INVARIANTS;
 use rows::{KeystoreRow, TENANT_STATE_COLUMNS, tenant_state_from_row};
 
 use super::{
-    StoreError, SubjectKeyRecord, SubjectLookup, TenantKeyRecord, TenantPolicy, TenantState,
-    TenantWithPrimary, UnixMillis, postgres::events::Event,
+    Event, StoreError, SubjectKeyRecord, SubjectLookup, TenantKeyRecord, TenantPolicy, TenantState,
+    TenantWithPrimary, UnixMillis,
 };
 use crate::ids::{SubjectKeyId, TenantId};
 

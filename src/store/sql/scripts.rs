@@ -15,9 +15,9 @@ use crate::{
     ids::{SubjectKeyId, TenantId},
     kms::WrappedKey,
     store::{
-        Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
+        Event, Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
         SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
-        TenantState, TenantWithPrimary, UnixMillis, postgres::events::Event,
+        TenantState, TenantWithPrimary, UnixMillis,
     },
 };
 
