@@ -1,5 +1,8 @@
 //! The embedded keystore: one SQLite file, nothing to install.
 //!
+//! The transaction scripts are the shared ones of [`super::sql`]; this module
+//! supplies what is SQLite's own.
+//!
 //! Durability matters more than speed here (writes are rare: tenant creation,
 //! rotation, a subject's first key, shreds), so the database runs in WAL mode
 //! with `synchronous = FULL`: a key is on disk before any ciphertext made with
@@ -15,12 +18,11 @@
 //! The data plane's read on a cache miss (a tenant with its primary key) does
 //! not go through sqlx: sqlx runs every SQLite statement on a worker thread
 //! of its connection, and hands the query over and the rows back through
-//! channels, two thread wake-ups per read. On a 2-core sidecar those cost
-//! about ten times the read itself (`perf`: 31 % of the sidecar's time on the
-//! worker threads and 35 % in task switches and futex wake-ups, with 100,000
-//! tenants behind a 10,000-key cache; BENCHMARKS.md). That read runs instead
-//! on the calling thread, on one of a few read-only rusqlite connections: an
-//! indexed point read of a page in memory, tens of microseconds at most.
+//! channels, two thread wake-ups per read, which on a 2-core sidecar cost
+//! far more than the read itself (the `perf` profile with 100,000 tenants
+//! behind a 10,000-key cache is in BENCHMARKS.md). That read runs instead on
+//! the calling thread, on one of a few read-only rusqlite connections: an
+//! indexed point read of a page in memory.
 
 use std::{
     os::unix::fs::PermissionsExt,
