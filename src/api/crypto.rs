@@ -11,7 +11,7 @@ use crate::{
     envelope::Context,
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{ActiveTenant, Opened, Sealed},
+    keys::{ActiveTenant, Decrypted, Sealed},
 };
 
 pub struct CryptoService {
@@ -58,7 +58,7 @@ impl CryptoService {
         tenant: &ActiveTenant,
         context: &Context,
         ciphertext: &[u8],
-    ) -> Result<Opened, Error> {
+    ) -> Result<Decrypted, Error> {
         check_context(context)?;
         self.shared.keys.decrypt(tenant, context, ciphertext).await
     }
@@ -121,7 +121,7 @@ fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
     }
 }
 
-fn decrypted(opened: Opened) -> pb::DecryptResponse {
+fn decrypted(opened: Decrypted) -> pb::DecryptResponse {
     pb::DecryptResponse {
         plaintext: opened.plaintext.to_vec(),
         key_version: opened.key_version,

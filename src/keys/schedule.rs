@@ -6,14 +6,10 @@
 //! version, the loser sees ABORTED and moves on), and destroying a version is
 //! idempotent, so doing the work twice changes nothing.
 
-use std::{
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use super::{ActiveTenant, KeyManager, TenantInfo};
 use crate::{
-    audit::{AuditLog, Entry, Phase},
     error::{Error, Result},
     ids::TenantId,
     store::{StoreError, TenantPolicy, TenantRecord, TenantState, UnixMillis},
@@ -219,10 +215,16 @@ impl KeyManager {
     }
 
     /// Runs [`KeyManager::apply_policies`] every `every`, for as long as the
-    /// manager lives, recording each change in `audit` (caller "scheduler").
-    pub fn spawn_policy_scheduler(self: &Arc<Self>, every: Duration, audit: Weak<AuditLog>) {
+    /// manager lives, handing each pass's [`PolicyPass::changes`] to `record`
+    /// (the server writes them to the audit log) before the next pass.
+    pub fn spawn_policy_scheduler<R, Fut>(self: &Arc<Self>, every: Duration, record: R)
+    where
+        R: Fn(Vec<(TenantId, &'static str, String)>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let record = Arc::new(record);
         self.spawn_every(every, move |keys| {
-            let audit = audit.clone();
+            let record = record.clone();
             async move {
                 match keys.apply_policies().await {
                     Ok(pass) if pass != PolicyPass::default() => {
@@ -233,22 +235,7 @@ impl KeyManager {
                             failed = pass.failed,
                             "tenant policies applied"
                         );
-                        if let Some(audit) = audit.upgrade() {
-                            for (tenant, action, detail) in pass.changes {
-                                let entry = Entry {
-                                    action,
-                                    phase: Phase::Answered,
-                                    caller: "scheduler".into(),
-                                    tenant: Some(tenant.to_string()),
-                                    outcome: Some("OK".into()),
-                                    detail: Some(detail),
-                                    ..Entry::default()
-                                };
-                                if let Err(e) = audit.record(entry).await {
-                                    tracing::error!(error = %e, "the audit log could not record a policy change");
-                                }
-                            }
-                        }
+                        record(pass.changes).await;
                     }
                     Ok(_) => {}
                     Err(e) => {

@@ -2,8 +2,10 @@ use std::time::Duration;
 
 use super::*;
 use crate::{
-    kms::{local::LocalRootKey, metered::Metered},
-    store::sqlite::SqliteKeystore,
+    envelope::{self, Context, KeyRef},
+    ids::SubjectId,
+    kms::{Purpose, WrapContext, local::LocalRootKey, metered::Metered},
+    store::{SubjectKeyRecord, SubjectLookup, sqlite::SqliteKeystore},
 };
 
 const TTL: Duration = Duration::from_secs(300);

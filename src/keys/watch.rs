@@ -15,11 +15,17 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::sync::Notify;
 
-use crate::ids::{SubjectKeyId, TenantId};
+use super::KeyManager;
+use crate::{
+    envelope::KeyRef,
+    error::Result,
+    ids::{SubjectKeyId, TenantId},
+};
 
 /// Every open watch, by id.
 #[derive(Default)]
@@ -112,6 +118,32 @@ impl Drop for KeyWatch {
 impl std::fmt::Debug for KeyWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyWatch").field("id", &self.id).finish()
+    }
+}
+
+impl KeyManager {
+    /// Watches the key `key_ref` names for an open stream of `tenant`: the
+    /// watch wakes when an eviction may have destroyed it.
+    pub fn watch(&self, tenant: &TenantId, key_ref: KeyRef) -> KeyWatch {
+        let subject = match key_ref {
+            KeyRef::Tenant { .. } => None,
+            KeyRef::Subject { id, .. } => Some(SubjectKeyId(id)),
+        };
+        self.watchers.watch(tenant, subject)
+    }
+
+    /// How often an open stream checks its key again without being woken.
+    pub fn recheck_every(&self) -> Duration {
+        self.recheck_every
+    }
+
+    /// Resolves an open stream's key again, as a new call would (the
+    /// eviction that woke it made this a keystore read): an error when the
+    /// tenant or subject was shredded, the version destroyed, or the
+    /// tenant's policy now refuses it.
+    pub async fn recheck(&self, tenant: &TenantId, key_ref: KeyRef) -> Result<()> {
+        let tenant = self.active_tenant(tenant).await?;
+        self.key_for(&tenant, key_ref).await.map(drop)
     }
 }
 

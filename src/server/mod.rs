@@ -8,10 +8,12 @@
 mod conn;
 mod linger;
 mod listen;
+mod policies;
 mod tls;
 
 pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
 pub use listen::Listener;
+pub use policies::spawn_policy_scheduler;
 pub use tls::tls_config;
 
 use std::{
@@ -457,7 +459,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         (AuditSink::Postgres, Some(pool)) => AuditLog::postgres(&config.data_dir, pool)?,
         _ => AuditLog::open(&config.data_dir)?,
     });
-    keys.spawn_policy_scheduler(
+    spawn_policy_scheduler(
+        &keys,
         Duration::from_secs(config.policy_interval_seconds),
         Arc::downgrade(&audit),
     );

@@ -173,7 +173,7 @@ impl TestSidecar {
             .audit
             .unwrap_or_else(|| Arc::new(AuditLog::open(dir.path()).unwrap()));
         if let Some(every) = options.policy_interval {
-            keys.spawn_policy_scheduler(every, Arc::downgrade(&audit));
+            server::spawn_policy_scheduler(&keys, every, Arc::downgrade(&audit));
         }
         let config = Config {
             data_dir: dir.path().to_owned(),

@@ -1,0 +1,163 @@
+//! The data plane: sealing and opening envelopes, whole or streamed, and
+//! rewrapping them, under the keys resolution finds (see `resolve.rs`).
+
+use zeroize::Zeroizing;
+
+use super::{
+    ActiveTenant, Decrypted, KeyHandle, KeyManager, Rewrapped, SUBJECT_KEY_VERSION, Sealed,
+};
+use crate::{
+    envelope::{
+        self, Context, KeyRef,
+        stream::{self, StreamOpener, StreamSealer},
+    },
+    error::{Error, Result},
+    ids::SubjectId,
+};
+
+impl KeyManager {
+    /// Seals under the tenant's primary key, or the subject's key.
+    pub async fn encrypt(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+        context: &Context,
+        plaintext: &[u8],
+    ) -> Result<Sealed> {
+        let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
+        let key = handle.get()?;
+        let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
+            .map_err(Error::internal)?;
+        Ok(Sealed {
+            ciphertext,
+            key_version: key.tenant_version,
+        })
+    }
+
+    /// The key new data is sealed under: the tenant's primary version, or
+    /// the subject's key (made on first use). Public for benches/keys.rs.
+    #[doc(hidden)]
+    pub async fn encryption_key(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+    ) -> Result<(KeyHandle, KeyRef)> {
+        Ok(match subject {
+            None => (
+                tenant.primary_key(),
+                KeyRef::Tenant {
+                    version: tenant.primary_version,
+                },
+            ),
+            Some(subject) => {
+                let id = self.subject_key_id(tenant, subject).await?;
+                (
+                    self.subject_key(tenant, id, true).await?,
+                    KeyRef::Subject {
+                        id: id.0,
+                        version: SUBJECT_KEY_VERSION,
+                    },
+                )
+            }
+        })
+    }
+
+    /// Starts a streaming envelope (EncryptStream) under the key [`encrypt`]
+    /// would use: the sealer, the envelope's header, and the tenant key
+    /// version.
+    ///
+    /// [`encrypt`]: KeyManager::encrypt
+    pub async fn encrypt_stream(
+        &self,
+        tenant: &ActiveTenant,
+        subject: Option<&SubjectId>,
+        context: &Context,
+    ) -> Result<(StreamSealer, Vec<u8>, u32)> {
+        let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
+        let key = handle.get()?;
+        let (sealer, header) = StreamSealer::start(&key.key, key_ref, tenant.id.as_str(), context)
+            .map_err(Error::internal)?;
+        Ok((sealer, header, key.tenant_version))
+    }
+
+    /// Starts opening a streaming envelope (DecryptStream) whose whole
+    /// header is `header`: the opener and the tenant key version. A header
+    /// that does not parse is [`Error::Undecryptable`].
+    pub async fn decrypt_stream(
+        &self,
+        tenant: &ActiveTenant,
+        header: &[u8],
+        context: &Context,
+    ) -> Result<(StreamOpener, u32)> {
+        let parsed = stream::parse_header(header)
+            .ok()
+            .flatten()
+            .filter(|h| h.len == header.len())
+            .ok_or(Error::Undecryptable)?;
+        let handle = self.key_for(tenant, parsed.key_ref).await?;
+        let key = handle.get()?;
+        let opener = StreamOpener::start(&key.key, header, tenant.id.as_str(), context)
+            .map_err(|_| Error::Undecryptable)?;
+        Ok((opener, key.tenant_version))
+    }
+
+    /// Opens a ciphertext. Every failure that tampering could cause is
+    /// [`Error::Undecryptable`].
+    pub async fn decrypt(
+        &self,
+        tenant: &ActiveTenant,
+        context: &Context,
+        ciphertext: &[u8],
+    ) -> Result<Decrypted> {
+        let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
+        let handle = self.key_for(tenant, parsed.key_ref).await?;
+        let key = handle.get()?;
+        let plaintext = envelope::open(&key.key, &parsed, tenant.id.as_str(), context)
+            .map_err(|_| Error::Undecryptable)?;
+        Ok(Decrypted {
+            plaintext: Zeroizing::new(plaintext),
+            key_version: key.tenant_version,
+        })
+    }
+
+    /// Re-seals a ciphertext with a fresh salt and nonce: a tenant-key
+    /// ciphertext under the primary version; a subject-key ciphertext under
+    /// its subject key (so shredding the subject still erases it).
+    pub async fn rewrap(
+        &self,
+        tenant: &ActiveTenant,
+        context: &Context,
+        ciphertext: &[u8],
+    ) -> Result<Rewrapped> {
+        let parsed = envelope::parse(ciphertext).map_err(|_| Error::Undecryptable)?;
+        let old_handle = self.key_for(tenant, parsed.key_ref).await?;
+        let old_key = old_handle.get()?;
+        let plaintext = Zeroizing::new(
+            envelope::open(&old_key.key, &parsed, tenant.id.as_str(), context)
+                .map_err(|_| Error::Undecryptable)?,
+        );
+        let primary = tenant.primary_key();
+        let (new_key, new_ref) = match parsed.key_ref {
+            KeyRef::Tenant { .. } => (
+                primary.get()?,
+                KeyRef::Tenant {
+                    version: tenant.primary_version,
+                },
+            ),
+            subject @ KeyRef::Subject { .. } => (old_key, subject),
+        };
+        let ciphertext = envelope::seal(
+            &new_key.key,
+            new_ref,
+            tenant.id.as_str(),
+            context,
+            &plaintext,
+        )
+        .map_err(Error::internal)?;
+        Ok(Rewrapped {
+            ciphertext,
+            key_version: new_key.tenant_version,
+            previous_key_version: old_key.tenant_version,
+        })
+    }
+}
