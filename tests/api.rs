@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Kms, Options, TestSidecar};
-use keywarden::{api::pb, config::Limits};
+use keywarden::{api::pb, config::RequestLimits};
 use tonic::{Code, Status};
 
 type Crypto = pb::crypto_client::CryptoClient<keywarden::client::Authed>;
@@ -474,10 +474,10 @@ async fn a_shredded_subject_is_erased_while_the_rest_of_its_tenant_decrypts(kms:
 
 async fn bad_input_gets_a_clear_error_and_changes_nothing(kms: Kms) {
     let sidecar = TestSidecar::start_with(Options {
-        limits: Limits {
+        limits: RequestLimits {
             max_plaintext_bytes: 1024,
             max_batch_items: 3,
-            ..Limits::default()
+            ..RequestLimits::default()
         },
         kms,
         ..Options::default()

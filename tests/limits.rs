@@ -26,7 +26,7 @@ use keywarden::{
     api::pb::crypto_client::CryptoClient,
     api::pb::{self, decrypt_stream_request::Part as DPart, encrypt_stream_request::Part as EPart},
     client::Authed,
-    config::{Limits, ServerConfig},
+    config::{RequestLimits, ServerConfig},
 };
 use secrecy::ExposeSecret;
 use tokio::{
@@ -216,9 +216,9 @@ async fn unauthenticated_and_unauthorized_calls_are_refused_before_their_body() 
 #[tokio::test]
 async fn counts_that_decoding_multiplies_are_refused_before_decoding() {
     let sidecar = TestSidecar::start_with(Options {
-        limits: Limits {
+        limits: RequestLimits {
             max_batch_items: 100,
-            ..Limits::default()
+            ..RequestLimits::default()
         },
         ..Options::default()
     })
@@ -298,10 +298,10 @@ async fn counts_that_decoding_multiplies_are_refused_before_decoding() {
 fn room_for_one(plaintext: usize) -> Options {
     let request = plaintext + (64 << 10);
     Options {
-        limits: Limits {
+        limits: RequestLimits {
             max_plaintext_bytes: plaintext,
             max_request_bytes: request,
-            ..Limits::default()
+            ..RequestLimits::default()
         },
         server: ServerConfig {
             decode_budget_bytes: request + 5,

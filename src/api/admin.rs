@@ -443,7 +443,7 @@ impl AdminService {
 /// Checks a policy from a request against the rules its fields document.
 fn parse_policy(
     p: pb::TenantPolicy,
-    limits: &crate::config::Limits,
+    limits: &crate::config::RequestLimits,
 ) -> Result<TenantPolicy, Error> {
     const HOUR: u64 = 3600;
     if p.rotation_period_seconds != 0 && p.rotation_period_seconds < HOUR {

@@ -18,7 +18,7 @@ use tonic::{Request, Status};
 use crate::{
     audit::{AuditLog, Entry, Phase, counts::Counts},
     auth::{Caller, Guard, Permission},
-    config::{DataPlaneAudit, Limits, ServerConfig},
+    config::{DataPlaneAudit, RequestLimits, ServerConfig},
     envelope::Context,
     error::{Dependency, Error},
     ids::TenantId,
@@ -38,7 +38,7 @@ pub const MAX_CONTEXT_FIELD_BYTES: usize = 1024;
 #[derive(Clone)]
 pub struct Shared {
     pub keys: Arc<KeyManager>,
-    pub limits: Limits,
+    pub limits: RequestLimits,
     /// Connections and calls: the edge's limits and timeouts.
     pub server: ServerConfig,
     /// Every Admin call is recorded here; admin calls fail closed without it.

@@ -21,10 +21,37 @@ use jsonwebtoken::{
     errors::ErrorKind,
     jwk::{AlgorithmParameters, Jwk, JwkSet},
 };
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::config::{ConfigError, JwtConfig};
+use super::SettingsError;
+
+/// `[auth.jwt]`: where the keys are and what a token must say.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub jwks_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default = "default_tenants_claim")]
+    pub tenants_claim: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    /// How often the JWKS file is checked for changes.
+    #[serde(default = "default_reload")]
+    pub reload_seconds: u64,
+}
+
+fn default_tenants_claim() -> String {
+    "tenants".into()
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_reload() -> u64 {
+    5
+}
 
 /// Why a JWT is refused. The messages name the rule, never the token.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -101,9 +128,11 @@ fn read_jwks(path: &PathBuf) -> Result<Keys, String> {
 }
 
 impl JwtVerifier {
-    pub fn load(config: &JwtConfig) -> Result<Self, ConfigError> {
-        let keys = read_jwks(&config.jwks_file)
-            .map_err(|reason| ConfigError::new("auth.jwt.jwks_file", reason))?;
+    pub fn load(config: &JwtConfig) -> Result<Self, SettingsError> {
+        let keys = read_jwks(&config.jwks_file).map_err(|reason| SettingsError {
+            setting: "auth.jwt.jwks_file",
+            reason,
+        })?;
         Ok(Self {
             path: config.jwks_file.clone(),
             issuer: config.issuer.clone(),

@@ -26,6 +26,25 @@ use crate::error::Error;
 pub use policy::Policy;
 pub use tokens::StaticTokens;
 
+/// A file the auth settings name (tokens, policy, JWKS) that cannot be used:
+/// the setting that names it, and why (never a secret from it). Whoever
+/// loads the settings reports it, as an invalid configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {reason}")]
+pub struct SettingsError {
+    pub setting: &'static str,
+    pub reason: String,
+}
+
+impl SettingsError {
+    pub fn new(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            setting,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// One operation a role may grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Permission {

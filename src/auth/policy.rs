@@ -35,8 +35,8 @@ use std::{
 
 use serde::Deserialize;
 
+use super::SettingsError;
 use super::{Caller, Permission, matches};
-use crate::config::ConfigError;
 
 const DATA_ROLE: [Permission; 3] = [Permission::Encrypt, Permission::Decrypt, Permission::Rewrap];
 const ADMIN_ROLE: [Permission; 6] = [
@@ -102,9 +102,9 @@ impl Policy {
         Self::parse(DEFAULT_POLICY, "the default policy").expect("the default policy is valid")
     }
 
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
         let text = fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
+            SettingsError::new(
                 "auth.policy_file",
                 format!("cannot read {}: {e}", path.display()),
             )
@@ -113,16 +113,16 @@ impl Policy {
     }
 
     /// Parses a policy; `source` names it in errors.
-    pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str, source: &str) -> Result<Self, SettingsError> {
         let setting = "auth.policy_file";
         let file: PolicyFile = toml::from_str(text)
-            .map_err(|e| ConfigError::new(setting, format!("{source}: {}", e.message())))?;
+            .map_err(|e| SettingsError::new(setting, format!("{source}: {}", e.message())))?;
         let mut roles: BTreeMap<String, BTreeSet<Permission>> = BTreeMap::new();
         roles.insert("data".into(), DATA_ROLE.into_iter().collect());
         roles.insert("admin".into(), ADMIN_ROLE.into_iter().collect());
         for (name, permissions) in &file.roles {
             if roles.contains_key(name) || Permission::parse(name).is_some() {
-                return Err(ConfigError::new(
+                return Err(SettingsError::new(
                     setting,
                     format!("{source}: role {name:?} is already defined (built in)"),
                 ));
@@ -131,7 +131,7 @@ impl Policy {
                 .iter()
                 .map(|p| {
                     Permission::parse(p).ok_or_else(|| {
-                        ConfigError::new(
+                        SettingsError::new(
                             setting,
                             format!("{source}: role {name}: unknown permission {p:?}"),
                         )
@@ -149,7 +149,7 @@ impl Policy {
                 } else if let Some(role) = roles.get(item) {
                     permissions.extend(role.iter().copied());
                 } else {
-                    return Err(ConfigError::new(
+                    return Err(SettingsError::new(
                         setting,
                         format!(
                             "{source}: grant for {}: {item:?} is neither a role nor a permission",
@@ -159,7 +159,7 @@ impl Policy {
                 }
             }
             if entry.identity.is_empty() || entry.tenants.iter().any(String::is_empty) {
-                return Err(ConfigError::new(
+                return Err(SettingsError::new(
                     setting,
                     format!("{source}: identities and tenant patterns must not be empty"),
                 ));

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ConfigError;
+use super::SettingsError;
 
 /// Every static token starts with this, so it is told from a JWT at a glance
 /// (and secret scanners can find leaked ones).
@@ -84,13 +84,13 @@ impl StaticTokens {
     }
 
     /// Reads a tokens file.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
         let setting = "auth.tokens_file";
         let text = fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))
+            SettingsError::new(setting, format!("cannot read {}: {e}", path.display()))
         })?;
         let file: TokensFile = toml::from_str(&text).map_err(|e| {
-            ConfigError::new(setting, format!("{}: {}", path.display(), e.message()))
+            SettingsError::new(setting, format!("{}: {}", path.display(), e.message()))
         })?;
         let mut tokens = Self::default();
         for entry in file.token {
@@ -98,14 +98,14 @@ impl StaticTokens {
                 || entry.name.len() > 128
                 || entry.name.contains(char::is_whitespace)
             {
-                return Err(ConfigError::new(
+                return Err(SettingsError::new(
                     setting,
                     "every token needs a name of 1 to 128 characters without spaces",
                 ));
             }
             let mut digest = [0u8; 32];
             hex::decode_to_slice(entry.sha256.trim(), &mut digest).map_err(|_| {
-                ConfigError::new(
+                SettingsError::new(
                     setting,
                     format!("token {}: sha256 must be 64 hex digits", entry.name),
                 )

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming, service::Routes};
 
 use crate::{
     api::{pb, streams::ResponseStream},
-    config::{Limits, ListenAddr},
+    config::{ListenAddr, RequestLimits},
     envelope::TENANT_OVERHEAD,
     server,
 };
@@ -173,11 +173,11 @@ pub async fn serve(listen: ListenAddr) -> Result<(), String> {
             .map_err(|e| format!("cannot write to standard output: {e}"))?;
     }
     // The same wire bounds as the sidecar's defaults.
-    crate::api::codec::raise_max_batch_items(Limits::default().max_batch_items);
+    crate::api::codec::raise_max_batch_items(RequestLimits::default().max_batch_items);
     let mut routes = Routes::builder();
     routes.add_service(server::crypto_server(
         Echo,
-        Limits::default().max_request_bytes,
+        RequestLimits::default().max_request_bytes,
     ));
     // No edge here: every call counts as admitted, so that the connection
     // stays open under the same idle rule as the sidecar's callers.

@@ -15,7 +15,9 @@ use keywarden::{
     api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
     audit::AuditLog,
     client::{self, Authed, Bearer},
-    config::{AuditConfig, AuthConfig, CacheConfig, Config, Limits, ServerConfig, TlsConfig},
+    config::{
+        AuditConfig, AuthConfig, CacheConfig, Config, RequestLimits, ServerConfig, TlsConfig,
+    },
     envelope::Provider,
     keys::{KeyManager, KeySettings},
     kms::{
@@ -87,7 +89,7 @@ pub async fn provider(kms: Kms, dir: &Path, endpoint: Option<&str>) -> Arc<dyn R
 
 #[derive(Default)]
 pub struct Options {
-    pub limits: Limits,
+    pub limits: RequestLimits,
     /// Connections and calls: bounds and timeouts.
     pub server: ServerConfig,
     pub cache: CacheConfig,
