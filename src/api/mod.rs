@@ -23,7 +23,7 @@ use crate::{
     error::{Dependency, Error},
     ids::TenantId,
     keys::KeyManager,
-    limits::TenantLimiter,
+    rate::TenantLimiter,
     receipt::ReceiptSigner,
 };
 
