@@ -7,7 +7,7 @@ use super::{
     streams::{self, ResponseStream},
 };
 use crate::{
-    auth::{Caller, Permission},
+    auth::Permission,
     envelope::Context,
     error::Error,
     ids::{SubjectId, TenantId},
@@ -73,46 +73,7 @@ impl CryptoService {
     fn limit(&self, tenant: &ActiveTenant, items: usize) -> Result<(), Error> {
         self.shared.limiter.check(&tenant.id, tenant.rate(), items)
     }
-
-    /// Authenticates and authorizes a call for the tenant it names.
-    async fn admit<T: TenantRequest>(
-        &self,
-        request: Request<T>,
-        action: &'static str,
-        permission: Permission,
-    ) -> Result<(Caller, T), Status> {
-        let caller = self.shared.admit(
-            &request,
-            action,
-            permission,
-            Some(request.get_ref().tenant_id()),
-        )?;
-        Ok((caller, request.into_inner()))
-    }
 }
-
-/// A data-plane request, which always names its tenant.
-trait TenantRequest {
-    fn tenant_id(&self) -> &str;
-}
-
-macro_rules! tenant_requests {
-    ($($t:ty),*) => {
-        $(impl TenantRequest for $t {
-            fn tenant_id(&self) -> &str {
-                &self.tenant_id
-            }
-        })*
-    };
-}
-
-tenant_requests!(
-    pb::EncryptRequest,
-    pb::DecryptRequest,
-    pb::EncryptBatchRequest,
-    pb::DecryptBatchRequest,
-    pb::RewrapRequest
-);
 
 fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
     pb::EncryptResponse {
@@ -158,7 +119,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let (caller, r) = self.admit(request, "Encrypt", Permission::Encrypt).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Encrypt", Permission::Encrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
@@ -177,7 +140,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let (caller, r) = self.admit(request, "Decrypt", Permission::Decrypt).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Decrypt", Permission::Decrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
@@ -194,9 +159,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let (caller, r) = self
-            .admit(request, "EncryptBatch", Permission::Encrypt)
-            .await?;
+        let (caller, r) =
+            self.shared
+                .admit_request(request, "EncryptBatch", Permission::Encrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.shared.check_batch(r.items.len())?;
@@ -228,9 +193,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let (caller, r) = self
-            .admit(request, "DecryptBatch", Permission::Decrypt)
-            .await?;
+        let (caller, r) =
+            self.shared
+                .admit_request(request, "DecryptBatch", Permission::Decrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.shared.check_batch(r.items.len())?;
@@ -260,7 +225,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let (caller, r) = self.admit(request, "Rewrap", Permission::Rewrap).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Rewrap", Permission::Rewrap)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;

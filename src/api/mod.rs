@@ -78,6 +78,18 @@ impl Shared {
         Ok(caller)
     }
 
+    /// [`Shared::admit`] for a unary call, for the tenant its body names;
+    /// answers the caller and the body.
+    pub(crate) fn admit_request<T: TenantRequest>(
+        &self,
+        request: Request<T>,
+        action: &'static str,
+        permission: Permission,
+    ) -> Result<(Caller, T), Status> {
+        let caller = self.admit(&request, action, permission, request.get_ref().tenant_id())?;
+        Ok((caller, request.into_inner()))
+    }
+
     /// Counts a call refused before it ran (authentication, authorization),
     /// per interval, caller, tenant and code: a flood of refusals is a
     /// counter, not a record and a disk sync each.
@@ -172,6 +184,46 @@ impl Shared {
         Ok(())
     }
 }
+
+/// A unary request's body, and the tenant it names: every data-plane
+/// request names one, an admin request about no one tenant none.
+pub(crate) trait TenantRequest {
+    fn tenant_id(&self) -> Option<&str>;
+}
+
+macro_rules! tenant_requests {
+    (naming: $($t:ty),*; none: $($n:ty),*) => {
+        $(impl TenantRequest for $t {
+            fn tenant_id(&self) -> Option<&str> {
+                Some(&self.tenant_id)
+            }
+        })*
+        $(impl TenantRequest for $n {
+            fn tenant_id(&self) -> Option<&str> {
+                None
+            }
+        })*
+    };
+}
+
+tenant_requests!(
+    naming:
+    pb::EncryptRequest,
+    pb::DecryptRequest,
+    pb::EncryptBatchRequest,
+    pb::DecryptBatchRequest,
+    pb::RewrapRequest,
+    pb::CreateTenantRequest,
+    pb::GetTenantRequest,
+    pb::RotateTenantKeyRequest,
+    pb::ShredTenantRequest,
+    pb::ShredSubjectRequest,
+    pb::UpdateTenantPolicyRequest;
+    none:
+    pb::RotateRootKeyRequest,
+    pb::ListTenantsRequest,
+    pb::GetAuditHeadRequest
+);
 
 /// The caller the edge authenticated ([`edge`]); every keywarden method
 /// passes the edge, which puts it in the request's extensions.
