@@ -73,6 +73,31 @@ impl CryptoService {
     fn limit(&self, tenant: &ActiveTenant, items: usize) -> Result<(), Error> {
         self.shared.limiter.check(&tenant.id, tenant.rate(), items)
     }
+
+    /// A batch for `tenant`: its size checked, one item per entry taken
+    /// from the tenant's rate, then `step` on each entry in order. An
+    /// entry's outcome is its answer alone.
+    async fn batch<'a, I, T, R, Fut>(
+        &self,
+        tenant: &ActiveTenant,
+        items: &'a [I],
+        step: impl Fn(&'a I) -> Fut,
+    ) -> Result<Vec<R>, Error>
+    where
+        Fut: Future<Output = Result<T, Error>>,
+        R: From<Result<T, Error>>,
+    {
+        self.shared.check_batch(items.len())?;
+        self.limit(tenant, items.len())?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            // Sealing a cached key never waits; without this a large batch
+            // would hold its worker thread until done, stalling other calls.
+            tokio::task::consume_budget().await;
+            results.push(R::from(step(item).await));
+        }
+        Ok(results)
+    }
 }
 
 fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
@@ -89,11 +114,38 @@ fn decrypted(opened: Opened) -> pb::DecryptResponse {
     }
 }
 
-fn item_error(error: Error) -> pb::ItemError {
-    pb::ItemError {
-        code: status::code(&error) as i32,
-        message: error.to_string(),
+impl From<Result<Sealed, Error>> for pb::EncryptResult {
+    fn from(outcome: Result<Sealed, Error>) -> Self {
+        use pb::encrypt_result::Result as Item;
+        Self {
+            result: item(outcome, |s| Item::Ok(encrypted(s)), Item::Error),
+        }
     }
+}
+
+impl From<Result<Opened, Error>> for pb::DecryptResult {
+    fn from(outcome: Result<Opened, Error>) -> Self {
+        use pb::decrypt_result::Result as Item;
+        Self {
+            result: item(outcome, |o| Item::Ok(decrypted(o)), Item::Error),
+        }
+    }
+}
+
+/// A batch entry's answer: its response, or its own error, which fails no
+/// other entry.
+fn item<T, A>(
+    outcome: Result<T, Error>,
+    ok: impl FnOnce(T) -> A,
+    error: impl FnOnce(pb::ItemError) -> A,
+) -> Option<A> {
+    Some(match outcome {
+        Ok(answer) => ok(answer),
+        Err(e) => error(pb::ItemError {
+            code: status::code(&e) as i32,
+            message: e.to_string(),
+        }),
+    })
 }
 
 #[tonic::async_trait]
@@ -163,24 +215,12 @@ impl pb::crypto_server::Crypto for CryptoService {
             self.shared
                 .admit_request(request, "EncryptBatch", Permission::Encrypt)?;
         let result = async {
-            let tenant = self.tenant(&r.tenant_id).await?;
-            self.shared.check_batch(r.items.len())?;
-            self.limit(&tenant, r.items.len())?;
-            let mut results = Vec::with_capacity(r.items.len());
-            for item in &r.items {
-                // Sealing a cached key never waits; without this a large batch
-                // would hold its worker thread until done, stalling other calls.
-                tokio::task::consume_budget().await;
-                let outcome = self
-                    .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
-                    .await;
-                results.push(pb::EncryptResult {
-                    result: Some(match outcome {
-                        Ok(sealed) => pb::encrypt_result::Result::Ok(encrypted(sealed)),
-                        Err(e) => pb::encrypt_result::Result::Error(item_error(e)),
-                    }),
-                });
-            }
+            let tenant = &self.tenant(&r.tenant_id).await?;
+            let results = self
+                .batch(tenant, &r.items, |item| {
+                    self.encrypt_one(tenant, &item.subject_id, &item.context, &item.plaintext)
+                })
+                .await?;
             Ok(Response::new(pb::EncryptBatchResponse { results }))
         }
         .await;
@@ -197,22 +237,12 @@ impl pb::crypto_server::Crypto for CryptoService {
             self.shared
                 .admit_request(request, "DecryptBatch", Permission::Decrypt)?;
         let result = async {
-            let tenant = self.tenant(&r.tenant_id).await?;
-            self.shared.check_batch(r.items.len())?;
-            self.limit(&tenant, r.items.len())?;
-            let mut results = Vec::with_capacity(r.items.len());
-            for item in &r.items {
-                tokio::task::consume_budget().await;
-                let outcome = self
-                    .decrypt_one(&tenant, &item.context, &item.ciphertext)
-                    .await;
-                results.push(pb::DecryptResult {
-                    result: Some(match outcome {
-                        Ok(opened) => pb::decrypt_result::Result::Ok(decrypted(opened)),
-                        Err(e) => pb::decrypt_result::Result::Error(item_error(e)),
-                    }),
-                });
-            }
+            let tenant = &self.tenant(&r.tenant_id).await?;
+            let results = self
+                .batch(tenant, &r.items, |item| {
+                    self.decrypt_one(tenant, &item.context, &item.ciphertext)
+                })
+                .await?;
             Ok(Response::new(pb::DecryptBatchResponse { results }))
         }
         .await;
