@@ -7,11 +7,11 @@
 //!
 //! Counting runs on every call, under one lock, in constant time whatever
 //! the number of callers (it was a linear search of the interval's callers
-//! and of the tenant's counters, which halved throughput with 40,000 JWT
-//! users): one hash of the tenant id, then a compare with the tenant's
-//! counter (almost always one), or a search of up to [`counters::FEW`], or
-//! past that a hash of the caller. A call whose counter exists allocates
-//! nothing.
+//! and of the tenant's counters, slow for a tenant with many JWT users:
+//! BENCHMARKS.md, "Counting a call for the audit log"): one hash of the
+//! tenant id, then a compare with the tenant's counter (almost always one),
+//! or a search of up to [`counters::FEW`], or past that a hash of the
+//! caller. A call whose counter exists allocates nothing.
 //!
 //! Memory is bounded: at most [`MAX_COUNTERS`] counters of calls that ran
 //! and [`MAX_REFUSED_COUNTERS`] of refusals per interval, held apart so that
@@ -26,7 +26,7 @@
 //! such calls name at most [`MAX_TENANTS_PER_CALLER`] distinct tenants per
 //! caller and interval; past that, they are counted under tenant none. Else
 //! one caller naming a new tenant per call would make one record per call
-//! again (the attack review of issue 14: 444 bytes of log per refused call).
+//! again (the attack review of issue 14, docs/SECURITY.md §12.15).
 //! Calls that succeeded name a tenant that exists, and are not capped.
 
 use std::{
@@ -49,8 +49,8 @@ const FLUSH_BATCH: usize = 1000;
 
 /// Most counters of calls that ran held per interval: 200,000 tenant,
 /// caller, call and outcome combinations (at worst, each a new tenant and a
-/// new caller, about 31 MB: see BENCHMARKS.md), and as many records at the
-/// next flush.
+/// new caller; the memory that takes is in BENCHMARKS.md, "Counting a call
+/// for the audit log"), and as many records at the next flush.
 pub const MAX_COUNTERS: usize = 200_000;
 
 /// Most counters of refused calls held per interval.
@@ -66,8 +66,9 @@ pub const OVERFLOW_CALLER: &str = "(other)";
 /// Counts since the last flush. Compact, because it holds an entry for every
 /// tenant that called in the interval: tenants by id ("" when none), each
 /// with its counters inline; callers and (call, outcome) pairs, of which
-/// there are few, once each. About 90 bytes per tenant with one counter
-/// (the map's bucket, the id's copy; see BENCHMARKS.md).
+/// there are few, once each. A tenant with one counter costs the map's
+/// bucket and the id's copy (how many bytes: BENCHMARKS.md, "Counting a
+/// call for the audit log").
 struct Pending {
     /// Most counters (the overflow's aside).
     limit: usize,
@@ -296,9 +297,9 @@ impl Counts {
     }
 
     /// Writes one record per counter since the last flush (refusals last), a
-    /// thousand per write and sync (one sync per record took 20 s for
-    /// 100,000 tenants). Counts that could not be written are kept for the
-    /// next flush.
+    /// thousand per write and sync (a sync per record made a flush of many
+    /// tenants take seconds). Counts that could not be written are kept for
+    /// the next flush.
     pub async fn flush(&self, log: &AuditLog) -> Result<(), AuditError> {
         flush(&self.ran, log).await?;
         flush(&self.refused, log).await

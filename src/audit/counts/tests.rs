@@ -212,7 +212,7 @@ fn refusals_count_a_peer_without_its_port_and_only_valid_tenants() {
 
 /// Issue 14's attack review: a caller with `encrypt` on one tenant named
 /// a new valid tenant id in each call, and each refusal became a record
-/// of its own (444 bytes of log per call).
+/// of its own (docs/SECURITY.md §12.15).
 #[test]
 fn refused_and_failed_calls_name_at_most_a_few_tenants_per_caller() {
     let counts = Counts::default();
