@@ -186,7 +186,8 @@ impl Shared {
 }
 
 /// A unary request's body, and the tenant it names: every data-plane
-/// request names one, an admin request about no one tenant none.
+/// request names one; an admin request about no single tenant
+/// (RotateRootKey, ListTenants, GetAuditHead) names none.
 pub(crate) trait TenantRequest {
     fn tenant_id(&self) -> Option<&str>;
 }
