@@ -21,7 +21,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod kms;
-pub mod limits;
+pub mod rate;
 pub mod receipt;
 pub mod secret;
 pub mod server;

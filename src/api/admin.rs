@@ -5,7 +5,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, pb, status::code_name, timestamp, valid_tenant};
+use super::{Shared, TenantRequest, pb, status::code_name, timestamp, valid_tenant};
 use crate::{
     audit::{Entry, Phase},
     auth::{Caller, Permission},
@@ -86,37 +86,53 @@ fn tier(tier: Tier) -> pb::TenantTier {
     }
 }
 
+/// Who asked for an admin call, and the hash of the audit record that says
+/// so: what an erasure receipt names.
+struct Asked {
+    caller: Caller,
+    record: String,
+}
+
 impl AdminService {
-    /// Authenticates and authorizes an admin call, records that it was
-    /// asked (refusing it if that cannot be written), runs it with the
-    /// caller and the hash of that record, and records its outcome. The
-    /// subject id is written only as a keyed hash.
-    async fn call<T, R, Fut>(
+    /// Authenticates and authorizes an admin call for the tenant its body
+    /// names, records that it was asked (refusing it if that cannot be
+    /// written), runs `handler` on the body, and records its outcome.
+    async fn call<T: TenantRequest, R>(
         &self,
         action: &'static str,
         permission: Permission,
         request: Request<T>,
-        tenant: Option<&str>,
+        handler: impl AsyncFnOnce(T, Asked) -> Result<R, Status>,
+    ) -> Result<Response<R>, Status> {
+        self.call_about(action, permission, request, None, handler)
+            .await
+    }
+
+    /// [`Self::call`] for a call about a subject, whose id the audit
+    /// records hold only as a keyed hash.
+    async fn call_about<T: TenantRequest, R>(
+        &self,
+        action: &'static str,
+        permission: Permission,
+        request: Request<T>,
         subject: Option<Vec<u8>>,
-        handler: impl FnOnce(Request<T>, Caller, String) -> Fut,
-    ) -> Result<Response<R>, Status>
-    where
-        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
-    {
-        let caller = self.shared.admit(&request, action, permission, tenant)?;
+        handler: impl AsyncFnOnce(T, Asked) -> Result<R, Status>,
+    ) -> Result<Response<R>, Status> {
+        let tenant = valid_tenant(request.get_ref().tenant_id());
+        let (caller, body) = self.shared.admit_request(request, action, permission)?;
         let asked = Entry {
             action,
             phase: Phase::Asked,
             caller: caller.identity.clone(),
-            tenant: valid_tenant(tenant),
+            tenant,
             subject: subject.filter(|s| !s.is_empty()),
             ..Entry::default()
         };
-        let asked_hash = match self.shared.audit.record(asked.clone()).await {
+        let record = match self.shared.audit.record(asked.clone()).await {
             Ok(hash) => hash,
             Err(e) => return Err(Error::unavailable(Dependency::AuditLog, e).into()),
         };
-        let result = handler(request, caller, asked_hash).await;
+        let result = handler(body, Asked { caller, record }).await;
         let outcome = match &result {
             Ok(_) => "OK",
             Err(status) => code_name(status.code()),
@@ -131,7 +147,7 @@ impl AdminService {
             // log can be written again.
             tracing::error!(error = %e, "the audit log could not record an outcome");
         }
-        result
+        result.map(Response::new)
     }
 
     /// The tenant's current root key id, or empty when it cannot be named
@@ -146,6 +162,21 @@ impl AdminService {
     fn tenant_info(&self, info: TenantInfo) -> pb::Tenant {
         let root_key_id = self.root_key_id(&info.record);
         tenant_message(&info.record, root_key_id, &info.versions, &info.destroyed)
+    }
+
+    /// Signs a receipt, stamped now.
+    fn receipt(&self, receipt: Receipt) -> String {
+        self.shared.receipts.sign(Receipt {
+            version: RECEIPT_VERSION,
+            issued_at: UnixMillis::now().to_string(),
+            ..receipt
+        })
+    }
+
+    /// Until when a keystore backup taken before `at` may still exist.
+    fn backups_until(&self, at: UnixMillis) -> Option<String> {
+        let retention = i64::try_from(self.shared.backup_retention.as_millis()).ok()?;
+        Some(UnixMillis(at.0.saturating_add(retention)).to_string())
     }
 }
 
@@ -215,228 +246,6 @@ fn page_size(asked: u32, things: &str) -> Result<u32, Status> {
         )
         .into()),
         n => Ok(n),
-    }
-}
-
-impl AdminService {
-    async fn handle_rotate_root_key(
-        &self,
-        request: Request<pb::RotateRootKeyRequest>,
-    ) -> Result<Response<RotateRootKeyStream>, Status> {
-        let r = request.into_inner();
-        let region = parse_region(&r.region)?;
-        let page_size = page_size(r.page_size, "keys")?;
-        let to = (!r.to.is_empty()).then_some(r.to);
-        let keys = self.shared.keys.clone();
-        let (out, stream) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let (progress, mut updates) = mpsc::channel(4);
-            let forward = {
-                let out = out.clone();
-                tokio::spawn(async move {
-                    while let Some(update) = updates.recv().await {
-                        if out.send(Ok(progress_message(update))).await.is_err() {
-                            break;
-                        }
-                    }
-                })
-            };
-            let result = keys
-                .rotate_root(region.as_deref(), to.as_deref(), page_size, &progress)
-                .await;
-            drop(progress);
-            let _ = forward.await;
-            if let Err(e) = result {
-                let _ = out.send(Err(e.into())).await;
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(stream)))
-    }
-
-    async fn handle_create_tenant(
-        &self,
-        request: Request<pb::CreateTenantRequest>,
-    ) -> Result<Response<pb::Tenant>, Status> {
-        let r = request.get_ref();
-        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
-        let placement = PlacementRequest {
-            root_key: parse_root_key(&r.root_key)?,
-            region: parse_region(&r.region)?,
-        };
-        let policy = parse_policy(r.policy.clone().unwrap_or_default(), &self.shared.limits)?;
-        let info = self
-            .shared
-            .keys
-            .create_tenant(&id, &placement, &policy)
-            .await?;
-        Ok(Response::new(self.tenant_info(info)))
-    }
-
-    async fn handle_get_tenant(
-        &self,
-        request: Request<pb::GetTenantRequest>,
-    ) -> Result<Response<pb::Tenant>, Status> {
-        let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        let info = self.shared.keys.tenant_info(&id).await?;
-        Ok(Response::new(self.tenant_info(info)))
-    }
-
-    async fn handle_list_tenants(
-        &self,
-        request: Request<pb::ListTenantsRequest>,
-    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let r = request.into_inner();
-        let size = page_size(r.page_size, "tenants")?;
-        let after = parse_page_token(&r.page_token)?;
-        // One more than asked tells whether another page follows.
-        let mut records = self
-            .shared
-            .keys
-            .list_tenants(after.as_ref(), size + 1)
-            .await?;
-        let more = records.len() > size as usize;
-        records.truncate(size as usize);
-        let next_page_token = match records.last() {
-            Some(last) if more => URL_SAFE_NO_PAD.encode(last.id.as_str()),
-            _ => String::new(),
-        };
-        Ok(Response::new(pb::ListTenantsResponse {
-            tenants: records
-                .iter()
-                .map(|r| tenant_message(r, self.root_key_id(r), &[], &[]))
-                .collect(),
-            next_page_token,
-        }))
-    }
-
-    async fn handle_rotate_tenant_key(
-        &self,
-        request: Request<pb::RotateTenantKeyRequest>,
-    ) -> Result<Response<pb::Tenant>, Status> {
-        let id = TenantId::parse("tenant_id", &request.get_ref().tenant_id)?;
-        let info = self.shared.keys.rotate(&id).await?;
-        Ok(Response::new(self.tenant_info(info)))
-    }
-
-    async fn handle_shred_tenant(
-        &self,
-        request: Request<pb::ShredTenantRequest>,
-        caller: Caller,
-        asked: String,
-    ) -> Result<Response<pb::ShredTenantResponse>, Status> {
-        let r = request.into_inner();
-        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
-        if r.confirm != r.tenant_id {
-            return Err(Error::invalid(
-                "confirm",
-                "must repeat tenant_id exactly; shredding destroys the tenant's keys for good",
-            )
-            .into());
-        }
-        let report = self.shared.keys.shred_tenant(&id).await?;
-        let shred = &report.shred;
-        let dedicated = report.placement.tier == Tier::Dedicated;
-        let root_key_id = match (&report.placement.root_key, dedicated) {
-            (Some(key), true) => key.clone(),
-            _ => String::new(),
-        };
-        let receipt = self.receipt(Receipt {
-            kind: ReceiptKind::Tenant,
-            tenant: id.to_string(),
-            subject: None,
-            shredded_at: shred.at.to_string(),
-            already_shredded: shred.already_shredded,
-            destroyed_key_versions: shred.destroyed_key_versions,
-            destroyed_subject_keys: shred.destroyed_subject_keys,
-            by: caller.identity,
-            audit_record: asked,
-            backups_may_hold_copies_until: self.backups_until(shred.at),
-            root_key_id: (!root_key_id.is_empty()).then(|| root_key_id.clone()),
-            root_key_deletion_date: report.root_key_deletion.map(|d| d.to_string()),
-            ..Receipt::default()
-        });
-        Ok(Response::new(pb::ShredTenantResponse {
-            tenant_id: id.to_string(),
-            shredded_at: Some(timestamp(shred.at)),
-            already_shredded: shred.already_shredded,
-            destroyed_key_versions: shred.destroyed_key_versions,
-            destroyed_subject_keys: shred.destroyed_subject_keys,
-            root_key_id,
-            root_key_deletion_date: report.root_key_deletion.map(timestamp),
-            receipt,
-        }))
-    }
-
-    async fn handle_shred_subject(
-        &self,
-        request: Request<pb::ShredSubjectRequest>,
-        caller: Caller,
-        asked: String,
-    ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
-        let r = request.into_inner();
-        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
-        let subject = SubjectId::parse("subject_id", &r.subject_id)?;
-        let (shred, rule) = self.shared.keys.shred_subject(&id, &subject).await?;
-        let receipt = self.receipt(Receipt {
-            kind: ReceiptKind::Subject,
-            tenant: id.to_string(),
-            subject: Some(self.shared.audit.subject_hash(&rule.apply(&subject))),
-            subject_ids: Some(rule.name().to_owned()),
-            shredded_at: shred.at.to_string(),
-            already_shredded: shred.already_shredded,
-            destroyed_key_versions: 0,
-            destroyed_subject_keys: u64::from(shred.key_destroyed),
-            by: caller.identity,
-            audit_record: asked,
-            backups_may_hold_copies_until: self.backups_until(shred.at),
-            ..Receipt::default()
-        });
-        Ok(Response::new(pb::ShredSubjectResponse {
-            shredded_at: Some(timestamp(shred.at)),
-            already_shredded: shred.already_shredded,
-            key_destroyed: shred.key_destroyed,
-            receipt,
-        }))
-    }
-
-    /// Signs a receipt, stamped now.
-    fn receipt(&self, receipt: Receipt) -> String {
-        self.shared.receipts.sign(Receipt {
-            version: RECEIPT_VERSION,
-            issued_at: UnixMillis::now().to_string(),
-            ..receipt
-        })
-    }
-
-    /// Until when a keystore backup taken before `at` may still exist.
-    fn backups_until(&self, at: UnixMillis) -> Option<String> {
-        let retention = i64::try_from(self.shared.backup_retention.as_millis()).ok()?;
-        Some(UnixMillis(at.0.saturating_add(retention)).to_string())
-    }
-
-    async fn handle_update_tenant_policy(
-        &self,
-        request: Request<pb::UpdateTenantPolicyRequest>,
-    ) -> Result<Response<pb::Tenant>, Status> {
-        let r = request.into_inner();
-        let id = TenantId::parse("tenant_id", &r.tenant_id)?;
-        let requested = r.policy.unwrap_or_default();
-        let keep_rule = requested.subject_ids.is_empty();
-        let mut policy = parse_policy(requested, &self.shared.limits)?;
-        let current = self.shared.keys.subject_id_rule(&id).await?;
-        if keep_rule {
-            policy.subject_ids = current;
-        }
-        if policy.subject_ids != current {
-            return Err(Error::FailedPrecondition(format!(
-                "policy.subject_ids is fixed when the tenant is created (tenant {id} uses \"{}\"): \
-                 changing it would give every subject another key id",
-                current.name()
-            ))
-            .into());
-        }
-        let info = self.shared.keys.update_policy(&id, &policy).await?;
-        Ok(Response::new(self.tenant_info(info)))
     }
 }
 
@@ -521,9 +330,35 @@ impl pb::admin_server::Admin for AdminService {
             "RotateRootKey",
             Permission::AdminRotate,
             request,
-            None,
-            None,
-            |request, _, _| self.handle_rotate_root_key(request),
+            async |r, _| {
+                let region = parse_region(&r.region)?;
+                let page_size = page_size(r.page_size, "keys")?;
+                let to = (!r.to.is_empty()).then_some(r.to);
+                let keys = self.shared.keys.clone();
+                let (out, stream) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    let (progress, mut updates) = mpsc::channel(4);
+                    let forward = {
+                        let out = out.clone();
+                        tokio::spawn(async move {
+                            while let Some(update) = updates.recv().await {
+                                if out.send(Ok(progress_message(update))).await.is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                    };
+                    let result = keys
+                        .rotate_root(region.as_deref(), to.as_deref(), page_size, &progress)
+                        .await;
+                    drop(progress);
+                    let _ = forward.await;
+                    if let Err(e) = result {
+                        let _ = out.send(Err(e.into())).await;
+                    }
+                });
+                Ok(ReceiverStream::new(stream))
+            },
         )
         .await
     }
@@ -532,14 +367,24 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let tenant = request.get_ref().tenant_id.clone();
         self.call(
             "CreateTenant",
             Permission::AdminCreate,
             request,
-            Some(&tenant),
-            None,
-            |request, _, _| self.handle_create_tenant(request),
+            async |r, _| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                let placement = PlacementRequest {
+                    root_key: parse_root_key(&r.root_key)?,
+                    region: parse_region(&r.region)?,
+                };
+                let policy = parse_policy(r.policy.unwrap_or_default(), &self.shared.limits)?;
+                let info = self
+                    .shared
+                    .keys
+                    .create_tenant(&id, &placement, &policy)
+                    .await?;
+                Ok(self.tenant_info(info))
+            },
         )
         .await
     }
@@ -548,15 +393,11 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let tenant = request.get_ref().tenant_id.clone();
-        self.call(
-            "GetTenant",
-            Permission::AdminRead,
-            request,
-            Some(&tenant),
-            None,
-            |request, _, _| self.handle_get_tenant(request),
-        )
+        self.call("GetTenant", Permission::AdminRead, request, async |r, _| {
+            let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+            let info = self.shared.keys.tenant_info(&id).await?;
+            Ok(self.tenant_info(info))
+        })
         .await
     }
 
@@ -568,9 +409,29 @@ impl pb::admin_server::Admin for AdminService {
             "ListTenants",
             Permission::AdminRead,
             request,
-            None,
-            None,
-            |request, _, _| self.handle_list_tenants(request),
+            async |r, _| {
+                let size = page_size(r.page_size, "tenants")?;
+                let after = parse_page_token(&r.page_token)?;
+                // One more than asked tells whether another page follows.
+                let mut records = self
+                    .shared
+                    .keys
+                    .list_tenants(after.as_ref(), size + 1)
+                    .await?;
+                let more = records.len() > size as usize;
+                records.truncate(size as usize);
+                let next_page_token = match records.last() {
+                    Some(last) if more => URL_SAFE_NO_PAD.encode(last.id.as_str()),
+                    _ => String::new(),
+                };
+                Ok(pb::ListTenantsResponse {
+                    tenants: records
+                        .iter()
+                        .map(|r| tenant_message(r, self.root_key_id(r), &[], &[]))
+                        .collect(),
+                    next_page_token,
+                })
+            },
         )
         .await
     }
@@ -579,14 +440,15 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RotateTenantKeyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let tenant = request.get_ref().tenant_id.clone();
         self.call(
             "RotateTenantKey",
             Permission::AdminRotate,
             request,
-            Some(&tenant),
-            None,
-            |request, _, _| self.handle_rotate_tenant_key(request),
+            async |r, _| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                let info = self.shared.keys.rotate(&id).await?;
+                Ok(self.tenant_info(info))
+            },
         )
         .await
     }
@@ -595,14 +457,52 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ShredTenantRequest>,
     ) -> Result<Response<pb::ShredTenantResponse>, Status> {
-        let tenant = request.get_ref().tenant_id.clone();
         self.call(
             "ShredTenant",
             Permission::AdminShred,
             request,
-            Some(&tenant),
-            None,
-            |request, caller, asked| self.handle_shred_tenant(request, caller, asked),
+            async |r, asked| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                if r.confirm != r.tenant_id {
+                    return Err(Error::invalid(
+                        "confirm",
+                        "must repeat tenant_id exactly; shredding destroys the tenant's keys for good",
+                    )
+                    .into());
+                }
+                let report = self.shared.keys.shred_tenant(&id).await?;
+                let shred = &report.shred;
+                let dedicated = report.placement.tier == Tier::Dedicated;
+                let root_key_id = match (&report.placement.root_key, dedicated) {
+                    (Some(key), true) => key.clone(),
+                    _ => String::new(),
+                };
+                let receipt = self.receipt(Receipt {
+                    kind: ReceiptKind::Tenant,
+                    tenant: id.to_string(),
+                    subject: None,
+                    shredded_at: shred.at.to_string(),
+                    already_shredded: shred.already_shredded,
+                    destroyed_key_versions: shred.destroyed_key_versions,
+                    destroyed_subject_keys: shred.destroyed_subject_keys,
+                    by: asked.caller.identity,
+                    audit_record: asked.record,
+                    backups_may_hold_copies_until: self.backups_until(shred.at),
+                    root_key_id: (!root_key_id.is_empty()).then(|| root_key_id.clone()),
+                    root_key_deletion_date: report.root_key_deletion.map(|d| d.to_string()),
+                    ..Receipt::default()
+                });
+                Ok(pb::ShredTenantResponse {
+                    tenant_id: id.to_string(),
+                    shredded_at: Some(timestamp(shred.at)),
+                    already_shredded: shred.already_shredded,
+                    destroyed_key_versions: shred.destroyed_key_versions,
+                    destroyed_subject_keys: shred.destroyed_subject_keys,
+                    root_key_id,
+                    root_key_deletion_date: report.root_key_deletion.map(timestamp),
+                    receipt,
+                })
+            },
         )
         .await
     }
@@ -612,7 +512,6 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ShredSubjectRequest>,
     ) -> Result<Response<pb::ShredSubjectResponse>, Status> {
         let r = request.get_ref();
-        let tenant = r.tenant_id.clone();
         // The audit record hashes the subject id as the tenant's rule makes
         // it, as the receipt does (the id as given if the tenant is unknown).
         let subject = match (
@@ -625,13 +524,37 @@ impl pb::admin_server::Admin for AdminService {
             },
             _ => r.subject_id.as_bytes().to_vec(),
         };
-        self.call(
+        let shred = async |r: pb::ShredSubjectRequest, asked: Asked| {
+            let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+            let subject = SubjectId::parse("subject_id", &r.subject_id)?;
+            let (shred, rule) = self.shared.keys.shred_subject(&id, &subject).await?;
+            let receipt = self.receipt(Receipt {
+                kind: ReceiptKind::Subject,
+                tenant: id.to_string(),
+                subject: Some(self.shared.audit.subject_hash(&rule.apply(&subject))),
+                subject_ids: Some(rule.name().to_owned()),
+                shredded_at: shred.at.to_string(),
+                already_shredded: shred.already_shredded,
+                destroyed_key_versions: 0,
+                destroyed_subject_keys: u64::from(shred.key_destroyed),
+                by: asked.caller.identity,
+                audit_record: asked.record,
+                backups_may_hold_copies_until: self.backups_until(shred.at),
+                ..Receipt::default()
+            });
+            Ok(pb::ShredSubjectResponse {
+                shredded_at: Some(timestamp(shred.at)),
+                already_shredded: shred.already_shredded,
+                key_destroyed: shred.key_destroyed,
+                receipt,
+            })
+        };
+        self.call_about(
             "ShredSubject",
             Permission::AdminShred,
             request,
-            Some(&tenant),
             Some(subject),
-            |request, caller, asked| self.handle_shred_subject(request, caller, asked),
+            shred,
         )
         .await
     }
@@ -640,15 +563,26 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UpdateTenantPolicyRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let tenant = request.get_ref().tenant_id.clone();
-        self.call(
-            "UpdateTenantPolicy",
-            Permission::AdminPolicy,
-            request,
-            Some(&tenant),
-            None,
-            |request, _, _| self.handle_update_tenant_policy(request),
-        )
+        self.call("UpdateTenantPolicy", Permission::AdminPolicy, request, async |r, _| {
+            let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+            let requested = r.policy.unwrap_or_default();
+            let keep_rule = requested.subject_ids.is_empty();
+            let mut policy = parse_policy(requested, &self.shared.limits)?;
+            let current = self.shared.keys.subject_id_rule(&id).await?;
+            if keep_rule {
+                policy.subject_ids = current;
+            }
+            if policy.subject_ids != current {
+                return Err(Error::FailedPrecondition(format!(
+                    "policy.subject_ids is fixed when the tenant is created (tenant {id} uses \"{}\"): \
+                     changing it would give every subject another key id",
+                    current.name()
+                ))
+                .into());
+            }
+            let info = self.shared.keys.update_policy(&id, &policy).await?;
+            Ok(self.tenant_info(info))
+        })
         .await
     }
 
@@ -660,20 +594,18 @@ impl pb::admin_server::Admin for AdminService {
             "GetAuditHead",
             Permission::AuditRead,
             request,
-            None,
-            None,
-            |_, _, _| async {
+            async |_, _| {
                 let (records, head) = self
                     .shared
                     .audit
                     .head()
                     .await
                     .map_err(|e| Error::unavailable(Dependency::AuditLog, e))?;
-                Ok(Response::new(pb::AuditHead {
+                Ok(pb::AuditHead {
                     records,
                     head,
                     receipt_public_key: self.shared.receipts.public_key(),
-                }))
+                })
             },
         )
         .await

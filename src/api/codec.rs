@@ -2,13 +2,13 @@
 //! before decoding.
 //!
 //! prost decodes a repeated field or a map by allocating one element per
-//! occurrence on the wire, and an empty batch item is 2 bytes on the wire
-//! but about 100 in memory: a 16 MiB `EncryptBatch` of empty items decoded
-//! into 600 MB (docs/SECURITY.md 12.2). So before prost sees a message, a
-//! scan of its wire form (no allocation, one pass over the bytes tonic has
-//! already buffered within the size limit) counts what a decode would
-//! allocate per element, and refuses, with INVALID_ARGUMENT and the same
-//! message the handler would give, a message with more batch items than
+//! occurrence on the wire, and an empty batch item is 2 bytes on the wire but
+//! about 100 in memory: a 16 MiB `EncryptBatch` of empty items decoded into
+//! hundreds of megabytes (docs/SECURITY.md 12.2). So before prost sees a
+//! message, a scan of its wire form (no allocation, one pass over the bytes
+//! tonic has already buffered within the size limit) counts what a decode
+//! would allocate per element, and refuses, with INVALID_ARGUMENT and the
+//! same message the handler would give, a message with more batch items than
 //! [`max_batch_items`] or more context entries than
 //! [`super::MAX_CONTEXT_ENTRIES`] in any context map. After decoding, the
 //! handlers check the same limits again, exactly as configured.

@@ -7,7 +7,7 @@ use super::{
     streams::{self, ResponseStream},
 };
 use crate::{
-    auth::{Caller, Permission},
+    auth::Permission,
     envelope::Context,
     error::Error,
     ids::{SubjectId, TenantId},
@@ -74,45 +74,31 @@ impl CryptoService {
         self.shared.limiter.check(&tenant.id, tenant.rate(), items)
     }
 
-    /// Authenticates and authorizes a call for the tenant it names.
-    async fn admit<T: TenantRequest>(
+    /// A batch for `tenant`: its size checked, one item per entry taken
+    /// from the tenant's rate, then `step` on each entry in order. An
+    /// entry's outcome is its answer alone.
+    async fn batch<'a, I, T, R, Fut>(
         &self,
-        request: Request<T>,
-        action: &'static str,
-        permission: Permission,
-    ) -> Result<(Caller, T), Status> {
-        let caller = self.shared.admit(
-            &request,
-            action,
-            permission,
-            Some(request.get_ref().tenant_id()),
-        )?;
-        Ok((caller, request.into_inner()))
+        tenant: &ActiveTenant,
+        items: &'a [I],
+        step: impl Fn(&'a I) -> Fut,
+    ) -> Result<Vec<R>, Error>
+    where
+        Fut: Future<Output = Result<T, Error>>,
+        R: From<Result<T, Error>>,
+    {
+        self.shared.check_batch(items.len())?;
+        self.limit(tenant, items.len())?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            // Sealing a cached key never waits; without this a large batch
+            // would hold its worker thread until done, stalling other calls.
+            tokio::task::consume_budget().await;
+            results.push(R::from(step(item).await));
+        }
+        Ok(results)
     }
 }
-
-/// A data-plane request, which always names its tenant.
-trait TenantRequest {
-    fn tenant_id(&self) -> &str;
-}
-
-macro_rules! tenant_requests {
-    ($($t:ty),*) => {
-        $(impl TenantRequest for $t {
-            fn tenant_id(&self) -> &str {
-                &self.tenant_id
-            }
-        })*
-    };
-}
-
-tenant_requests!(
-    pb::EncryptRequest,
-    pb::DecryptRequest,
-    pb::EncryptBatchRequest,
-    pb::DecryptBatchRequest,
-    pb::RewrapRequest
-);
 
 fn encrypted(sealed: Sealed) -> pb::EncryptResponse {
     pb::EncryptResponse {
@@ -128,11 +114,38 @@ fn decrypted(opened: Decrypted) -> pb::DecryptResponse {
     }
 }
 
-fn item_error(error: Error) -> pb::ItemError {
-    pb::ItemError {
-        code: status::code(&error) as i32,
-        message: error.to_string(),
+impl From<Result<Sealed, Error>> for pb::EncryptResult {
+    fn from(outcome: Result<Sealed, Error>) -> Self {
+        use pb::encrypt_result::Result as Item;
+        Self {
+            result: item(outcome, |s| Item::Ok(encrypted(s)), Item::Error),
+        }
     }
+}
+
+impl From<Result<Opened, Error>> for pb::DecryptResult {
+    fn from(outcome: Result<Opened, Error>) -> Self {
+        use pb::decrypt_result::Result as Item;
+        Self {
+            result: item(outcome, |o| Item::Ok(decrypted(o)), Item::Error),
+        }
+    }
+}
+
+/// A batch entry's answer: its response, or its own error, which fails no
+/// other entry.
+fn item<T, A>(
+    outcome: Result<T, Error>,
+    ok: impl FnOnce(T) -> A,
+    error: impl FnOnce(pb::ItemError) -> A,
+) -> Option<A> {
+    Some(match outcome {
+        Ok(answer) => ok(answer),
+        Err(e) => error(pb::ItemError {
+            code: status::code(&e) as i32,
+            message: e.to_string(),
+        }),
+    })
 }
 
 #[tonic::async_trait]
@@ -158,7 +171,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let (caller, r) = self.admit(request, "Encrypt", Permission::Encrypt).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Encrypt", Permission::Encrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
@@ -177,7 +192,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        let (caller, r) = self.admit(request, "Decrypt", Permission::Decrypt).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Decrypt", Permission::Decrypt)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
@@ -194,28 +211,16 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let (caller, r) = self
-            .admit(request, "EncryptBatch", Permission::Encrypt)
-            .await?;
+        let (caller, r) =
+            self.shared
+                .admit_request(request, "EncryptBatch", Permission::Encrypt)?;
         let result = async {
-            let tenant = self.tenant(&r.tenant_id).await?;
-            self.shared.check_batch(r.items.len())?;
-            self.limit(&tenant, r.items.len())?;
-            let mut results = Vec::with_capacity(r.items.len());
-            for item in &r.items {
-                // Sealing a cached key never waits; without this a large batch
-                // would hold its worker thread until done, stalling other calls.
-                tokio::task::consume_budget().await;
-                let outcome = self
-                    .encrypt_one(&tenant, &item.subject_id, &item.context, &item.plaintext)
-                    .await;
-                results.push(pb::EncryptResult {
-                    result: Some(match outcome {
-                        Ok(sealed) => pb::encrypt_result::Result::Ok(encrypted(sealed)),
-                        Err(e) => pb::encrypt_result::Result::Error(item_error(e)),
-                    }),
-                });
-            }
+            let tenant = &self.tenant(&r.tenant_id).await?;
+            let results = self
+                .batch(tenant, &r.items, |item| {
+                    self.encrypt_one(tenant, &item.subject_id, &item.context, &item.plaintext)
+                })
+                .await?;
             Ok(Response::new(pb::EncryptBatchResponse { results }))
         }
         .await;
@@ -228,26 +233,16 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let (caller, r) = self
-            .admit(request, "DecryptBatch", Permission::Decrypt)
-            .await?;
+        let (caller, r) =
+            self.shared
+                .admit_request(request, "DecryptBatch", Permission::Decrypt)?;
         let result = async {
-            let tenant = self.tenant(&r.tenant_id).await?;
-            self.shared.check_batch(r.items.len())?;
-            self.limit(&tenant, r.items.len())?;
-            let mut results = Vec::with_capacity(r.items.len());
-            for item in &r.items {
-                tokio::task::consume_budget().await;
-                let outcome = self
-                    .decrypt_one(&tenant, &item.context, &item.ciphertext)
-                    .await;
-                results.push(pb::DecryptResult {
-                    result: Some(match outcome {
-                        Ok(opened) => pb::decrypt_result::Result::Ok(decrypted(opened)),
-                        Err(e) => pb::decrypt_result::Result::Error(item_error(e)),
-                    }),
-                });
-            }
+            let tenant = &self.tenant(&r.tenant_id).await?;
+            let results = self
+                .batch(tenant, &r.items, |item| {
+                    self.decrypt_one(tenant, &item.context, &item.ciphertext)
+                })
+                .await?;
             Ok(Response::new(pb::DecryptBatchResponse { results }))
         }
         .await;
@@ -260,7 +255,9 @@ impl pb::crypto_server::Crypto for CryptoService {
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let (caller, r) = self.admit(request, "Rewrap", Permission::Rewrap).await?;
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "Rewrap", Permission::Rewrap)?;
         let result = async {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;

@@ -23,7 +23,7 @@ use crate::{
     error::{Dependency, Error},
     ids::TenantId,
     keys::KeyManager,
-    limits::TenantLimiter,
+    rate::TenantLimiter,
     receipt::ReceiptSigner,
 };
 
@@ -76,6 +76,18 @@ impl Shared {
             return Err(e.into());
         }
         Ok(caller)
+    }
+
+    /// [`Shared::admit`] for a unary call, for the tenant its body names;
+    /// answers the caller and the body.
+    pub(crate) fn admit_request<T: TenantRequest>(
+        &self,
+        request: Request<T>,
+        action: &'static str,
+        permission: Permission,
+    ) -> Result<(Caller, T), Status> {
+        let caller = self.admit(&request, action, permission, request.get_ref().tenant_id())?;
+        Ok((caller, request.into_inner()))
     }
 
     /// Counts a call refused before it ran (authentication, authorization),
@@ -172,6 +184,47 @@ impl Shared {
         Ok(())
     }
 }
+
+/// A unary request's body, and the tenant it names: every data-plane
+/// request names one; an admin request about no single tenant
+/// (RotateRootKey, ListTenants, GetAuditHead) names none.
+pub(crate) trait TenantRequest {
+    fn tenant_id(&self) -> Option<&str>;
+}
+
+macro_rules! tenant_requests {
+    (naming: $($t:ty),*; none: $($n:ty),*) => {
+        $(impl TenantRequest for $t {
+            fn tenant_id(&self) -> Option<&str> {
+                Some(&self.tenant_id)
+            }
+        })*
+        $(impl TenantRequest for $n {
+            fn tenant_id(&self) -> Option<&str> {
+                None
+            }
+        })*
+    };
+}
+
+tenant_requests!(
+    naming:
+    pb::EncryptRequest,
+    pb::DecryptRequest,
+    pb::EncryptBatchRequest,
+    pb::DecryptBatchRequest,
+    pb::RewrapRequest,
+    pb::CreateTenantRequest,
+    pb::GetTenantRequest,
+    pb::RotateTenantKeyRequest,
+    pb::ShredTenantRequest,
+    pb::ShredSubjectRequest,
+    pb::UpdateTenantPolicyRequest;
+    none:
+    pb::RotateRootKeyRequest,
+    pb::ListTenantsRequest,
+    pb::GetAuditHeadRequest
+);
 
 /// The caller the edge authenticated ([`edge`]); every keywarden method
 /// passes the edge, which puts it in the request's extensions.

@@ -272,10 +272,10 @@ impl AuditLog {
         };
         match &self.sink {
             Sink::File(chain) => {
-                // Sealing (a JSON encoding and a SHA-256 per record: a
-                // flush of counts can hold 100,000), the write and its sync
-                // (milliseconds on a disk) run on a blocking thread, not on
-                // a runtime worker whose other calls would wait. That thread
+                // Sealing (a JSON encoding and a SHA-256 per record: a flush of
+                // counts can hold `counts::MAX_COUNTERS`), the write and its
+                // sync (milliseconds on a disk) run on a blocking thread, not
+                // on a runtime worker whose other calls would wait. That thread
                 // holds the chain and advances it after the sync (or cuts a
                 // failed write back), so a caller that goes away meanwhile
                 // cannot leave the file ahead of the chain.

@@ -13,14 +13,16 @@
 //! the two outputs' first blocks in one pipelined AES call, then their second
 //! blocks in another. Writing CMAC out for this one input shape (instead of
 //! running the `cmac` crate, which re-derives the subkey and copies its
-//! state on every call) cut a derivation from about 315 ns to the cost of an
-//! AES-256 key schedule and four blocks; a unit test checks it against the
-//! `cmac` crate, and tests/vectors.rs against the Python reference.
+//! state on every call) cut a derivation to the cost of an AES-256 key
+//! schedule and four blocks (BENCHMARKS.md, "The envelope, in-process"); a
+//! unit test checks it against the `cmac` crate, and tests/vectors.rs
+//! against the Python reference.
 //!
 //! What is kept per key is the raw key and K1 (48 bytes), not the expanded
 //! AES key schedule: with RustCrypto's run-time CPU detection that schedule
-//! is 960 bytes, and the key cache holds up to 100,000 of these
-//! (BENCHMARKS.md has the measured trade: memory over about 100 ns a seal).
+//! is many times larger, and the key cache holds up to 100,000 of these
+//! (BENCHMARKS.md, "The envelope, in-process", has the measured trade:
+//! memory against time per seal).
 //!
 //! [`derive`]: MessageKeyDeriver::derive
 

@@ -17,9 +17,10 @@
 //!
 //! Salts and nonces come from [`fill_random`]: `rand`'s thread-local ChaCha12
 //! generator, seeded and periodically reseeded from the operating system
-//! (17 ns for 28 bytes here, where one `getrandom` system call costs 380 ns,
-//! and AWS-LC's `RAND_bytes`, which makes one, 374 ns), except in a FIPS build,
-//! where they come from the module's DRBG.
+//! (a fraction of the cost of a `getrandom` system call per message, or of
+//! AWS-LC's `RAND_bytes`, which makes one: BENCHMARKS.md, "The envelope,
+//! in-process"), except in a FIPS build, where they come from the module's
+//! DRBG.
 //!
 //! The per-message key derivation (AES-256-CMAC, [`super::kdf`]) is not part of
 //! the seam: it runs on RustCrypto's `aes` whichever provider seals.

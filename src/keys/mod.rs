@@ -177,9 +177,9 @@ impl ActiveTenant {
     }
 
     /// The tenant's own rate limit, if its policy sets one.
-    pub fn rate(&self) -> Option<crate::limits::Rate> {
+    pub fn rate(&self) -> Option<crate::rate::Rate> {
         let policy = self.policy();
-        (policy.max_items_per_second > 0).then_some(crate::limits::Rate {
+        (policy.max_items_per_second > 0).then_some(crate::rate::Rate {
             per_second: policy.max_items_per_second,
             burst: policy.burst,
         })

@@ -8,10 +8,10 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use async_trait::async_trait;
-
-use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
+use super::{
+    KmsError, RootKeyProvider,
+    forward::{Call, Forward},
+};
 
 /// Calls made so far, per operation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,75 +62,22 @@ impl Metered {
     }
 }
 
-fn count(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-#[async_trait]
-impl RootKeyProvider for Metered {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
+impl Forward for Metered {
+    fn inner(&self) -> &dyn RootKeyProvider {
+        &*self.inner
     }
 
-    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError> {
-        self.inner.shared_key(region)
-    }
-
-    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
-        count(&self.counters.describe);
-        self.inner.resolve_key(key, region).await
-    }
-
-    async fn create_dedicated_key(
-        &self,
-        tenant: &TenantId,
-        region: Option<&str>,
-    ) -> Result<String, KmsError> {
-        count(&self.counters.create_key);
-        self.inner.create_dedicated_key(tenant, region).await
-    }
-
-    async fn generate_data_key(
-        &self,
-        root_key_id: &str,
-        ctx: WrapContext<'_>,
-    ) -> Result<GeneratedKey, KmsError> {
-        count(&self.counters.generate_data_key);
-        self.inner.generate_data_key(root_key_id, ctx).await
-    }
-
-    async fn decrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-    ) -> Result<Key256, KmsError> {
-        count(&self.counters.decrypt);
-        self.inner.decrypt(ctx, wrapped).await
-    }
-
-    async fn re_encrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-        to_root_key_id: &str,
-    ) -> Result<WrappedKey, KmsError> {
-        count(&self.counters.re_encrypt);
-        self.inner.re_encrypt(ctx, wrapped, to_root_key_id).await
-    }
-
-    async fn schedule_key_deletion(
-        &self,
-        root_key_id: &str,
-        waiting_days: u32,
-    ) -> Result<UnixMillis, KmsError> {
-        count(&self.counters.schedule_key_deletion);
-        self.inner
-            .schedule_key_deletion(root_key_id, waiting_days)
-            .await
-    }
-
-    async fn health(&self) -> Result<(), KmsError> {
-        count(&self.counters.describe);
-        self.inner.health().await
+    async fn before(&self, call: Call<'_>) -> Result<(), KmsError> {
+        let c = &self.counters;
+        let counter = match call {
+            Call::ResolveKey | Call::Health => &c.describe,
+            Call::CreateDedicatedKey(_) => &c.create_key,
+            Call::GenerateDataKey(_) => &c.generate_data_key,
+            Call::Decrypt(_) => &c.decrypt,
+            Call::ReEncrypt(_) => &c.re_encrypt,
+            Call::ScheduleKeyDeletion => &c.schedule_key_deletion,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }

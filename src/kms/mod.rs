@@ -8,6 +8,7 @@
 //! tenant, version or purpose is refused by the provider itself.
 
 pub mod aws;
+pub mod forward;
 pub mod local;
 pub mod metered;
 
@@ -97,7 +98,8 @@ pub enum KmsError {
 }
 
 /// The root key. Implementations: [`local::LocalRootKey`] and
-/// [`aws::AwsKms`].
+/// [`aws::AwsKms`]; in front of one, any [`forward::Forward`] (such as
+/// [`metered::Metered`]).
 ///
 /// A root key is named by a provider-specific id: `local:<hash>` for the
 /// local key, a key ARN in AWS KMS. Every wrapped key records the id of the

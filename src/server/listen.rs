@@ -7,9 +7,9 @@
 //!   closes. The place is held until the connection's socket is released.
 //! - **Accept errors back off.** Out of file descriptors (EMFILE, ENFILE) or
 //!   memory (ENOBUFS, ENOMEM), a loop sleeps, from 5 ms doubling to 1 s,
-//!   instead of retrying at once (which spun a core at 90 % while every
-//!   caller was locked out). Other errors (a peer that reset before the
-//!   accept) are skipped.
+//!   instead of retrying at once (which spun a core while every caller was
+//!   locked out: docs/SECURITY.md §12.3). Other errors (a peer that reset
+//!   before the accept) are skipped.
 //! - **Unix sockets are created with their mode**: bound in a private
 //!   directory (mode 0700) beside the path, set to 0660, then renamed into
 //!   place, so there is no moment at which the socket exists with a wider

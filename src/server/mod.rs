@@ -54,7 +54,7 @@ use crate::{
         local::{LocalRootKey, ROOT_KEY_FILE},
         metered::Metered,
     },
-    limits::{Rate, TenantLimiter},
+    rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
     store::{
         Keystore, StoreError,
@@ -93,8 +93,9 @@ pub enum StartError {
     },
 }
 
-/// What [`open`] opened.
-pub struct Opened {
+/// The backends [`open`] opened: the root-key provider (metered) and the
+/// keystore, with what a PostgreSQL keystore also serves.
+pub struct Backends {
     pub root: Arc<Metered>,
     pub store: Arc<dyn Keystore>,
     /// The PostgreSQL keystore's URL, to listen for other sidecars' changes.
@@ -106,7 +107,7 @@ pub struct Opened {
 /// Opens the data directory, the root-key provider the configuration names
 /// (the local root key, created on first start, or AWS KMS) and the keystore
 /// (SQLite in the data directory, or PostgreSQL).
-pub async fn open(config: &Config) -> Result<Opened, StartError> {
+pub async fn open(config: &Config) -> Result<Backends, StartError> {
     let dir = &config.data_dir;
     fs::DirBuilder::new()
         .recursive(true)
@@ -156,7 +157,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartError> {
                 None,
             ),
         };
-    Ok(Opened {
+    Ok(Backends {
         root: Arc::new(Metered::new(root)),
         store,
         events,
@@ -438,10 +439,10 @@ pub fn shared(
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let started = Instant::now();
-    let opened = open(&config).await?;
+    let backends = open(&config).await?;
     let keys = Arc::new(KeyManager::new(
-        opened.root,
-        opened.store,
+        backends.root,
+        backends.store,
         config.cache.limits(),
         KeySettings {
             key_deletion_waiting_days: config.kms.deletion_waiting_days,
@@ -452,10 +453,10 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     // Subject keys still in the legacy form move into the subject-key
     // domain in the background (docs/FORMAT.md, "The legacy form").
     keys.spawn_subject_key_upgrade(Duration::from_secs(60));
-    if let Some(url) = opened.events {
+    if let Some(url) = backends.events {
         follow_events(url, keys.clone());
     }
-    let audit = Arc::new(match (config.audit.sink, opened.postgres) {
+    let audit = Arc::new(match (config.audit.sink, backends.postgres) {
         (AuditSink::Postgres, Some(pool)) => AuditLog::postgres(&config.data_dir, pool)?,
         _ => AuditLog::open(&config.data_dir)?,
     });

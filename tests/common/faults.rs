@@ -4,12 +4,12 @@
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
-use async_trait::async_trait;
 use keywarden::{
     ids::TenantId,
-    kms::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey},
-    secret::Key256,
-    store::UnixMillis,
+    kms::{
+        KmsError, RootKeyProvider,
+        forward::{Call, Forward},
+    },
 };
 
 /// What runs before each Decrypt, given its tenant; an error is answered
@@ -23,57 +23,15 @@ pub struct Hooked {
     pub before_decrypt: BeforeDecrypt,
 }
 
-#[async_trait]
-impl RootKeyProvider for Hooked {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
+impl Forward for Hooked {
+    fn inner(&self) -> &dyn RootKeyProvider {
+        &*self.inner
     }
-    fn shared_key(&self, region: Option<&str>) -> Result<String, KmsError> {
-        self.inner.shared_key(region)
-    }
-    async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
-        self.inner.resolve_key(key, region).await
-    }
-    async fn create_dedicated_key(
-        &self,
-        tenant: &TenantId,
-        region: Option<&str>,
-    ) -> Result<String, KmsError> {
-        self.inner.create_dedicated_key(tenant, region).await
-    }
-    async fn generate_data_key(
-        &self,
-        root_key_id: &str,
-        ctx: WrapContext<'_>,
-    ) -> Result<GeneratedKey, KmsError> {
-        self.inner.generate_data_key(root_key_id, ctx).await
-    }
-    async fn decrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-    ) -> Result<Key256, KmsError> {
-        (self.before_decrypt)(ctx.tenant).await?;
-        self.inner.decrypt(ctx, wrapped).await
-    }
-    async fn re_encrypt(
-        &self,
-        ctx: WrapContext<'_>,
-        wrapped: &WrappedKey,
-        to_root_key_id: &str,
-    ) -> Result<WrappedKey, KmsError> {
-        self.inner.re_encrypt(ctx, wrapped, to_root_key_id).await
-    }
-    async fn schedule_key_deletion(
-        &self,
-        root_key_id: &str,
-        waiting_days: u32,
-    ) -> Result<UnixMillis, KmsError> {
-        self.inner
-            .schedule_key_deletion(root_key_id, waiting_days)
-            .await
-    }
-    async fn health(&self) -> Result<(), KmsError> {
-        self.inner.health().await
+
+    async fn before(&self, call: Call<'_>) -> Result<(), KmsError> {
+        match call {
+            Call::Decrypt(ctx) => (self.before_decrypt)(ctx.tenant).await,
+            _ => Ok(()),
+        }
     }
 }
