@@ -123,8 +123,8 @@ impl From<Result<Sealed, Error>> for pb::EncryptResult {
     }
 }
 
-impl From<Result<Opened, Error>> for pb::DecryptResult {
-    fn from(outcome: Result<Opened, Error>) -> Self {
+impl From<Result<Decrypted, Error>> for pb::DecryptResult {
+    fn from(outcome: Result<Decrypted, Error>) -> Self {
         use pb::decrypt_result::Result as Item;
         Self {
             result: item(outcome, |o| Item::Ok(decrypted(o)), Item::Error),
