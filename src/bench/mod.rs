@@ -182,7 +182,7 @@ pub struct SidecarAddr {
 /// (only `run` and `stream` need them).
 pub async fn main(
     command: BenchCommand,
-    sidecar: impl FnOnce() -> Result<SidecarAddr, Status>,
+    sidecar: impl FnOnce() -> Result<SidecarAddr, String>,
 ) -> ExitCode {
     match command {
         BenchCommand::Echo(args) => match echo::serve(args.listen).await {
@@ -195,7 +195,7 @@ pub async fn main(
         BenchCommand::Startup(args) => startup::run(args).await,
         BenchCommand::Stream(args) => {
             let json = args.json;
-            let report = async { streams::run(args, resolve(sidecar)?).await }.await;
+            let report = async { streams::run(args, sidecar()?).await }.await;
             finish(report.map(|report| {
                 report.print(json);
                 true
@@ -203,7 +203,7 @@ pub async fn main(
         }
         BenchCommand::Flood(args) => {
             let json = args.json;
-            let report = async { flood::run(args, resolve(sidecar)?).await }.await;
+            let report = async { flood::run(args, sidecar()?).await }.await;
             finish(report.map(|report| {
                 report.print(json);
                 true
@@ -211,7 +211,7 @@ pub async fn main(
         }
         BenchCommand::Run(args) => {
             let json = args.json;
-            let report = async { run(args, resolve(sidecar)?).await }.await;
+            let report = async { run(args, sidecar()?).await }.await;
             finish(report.map(|report| {
                 let clean = report.print(json);
                 if !clean {
@@ -221,11 +221,6 @@ pub async fn main(
             }))
         }
     }
-}
-
-/// The sidecar the global options name, or why not.
-fn resolve(sidecar: impl FnOnce() -> Result<SidecarAddr, Status>) -> Result<SidecarAddr, String> {
-    sidecar().map_err(|status| format!("{}: {}", code_name(status.code()), status.message()))
 }
 
 /// The exit code of a `run` or `stream`: failure on an error (printed) or
