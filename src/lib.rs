@@ -10,7 +10,6 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod config;
 pub mod envelope;

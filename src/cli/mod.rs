@@ -51,10 +51,6 @@ enum Command {
     Offline(offline::OfflineCommand),
     #[command(flatten)]
     Crypto(crypto::CryptoCommand),
-    /// Load generator: throughput and latency of a running sidecar beside a
-    /// bare echo service; start-up time and memory.
-    #[command(subcommand)]
-    Bench(keywarden::bench::BenchCommand),
 }
 
 /// One of each kind: verifying needs only the log, the head is the
@@ -83,21 +79,6 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => offline::verify_audit(args),
         Command::Offline(command) => offline::run(command),
         Command::Crypto(command) => client_command(crypto::run(connection, command)),
-        Command::Bench(command) => {
-            let worker_threads = match &command {
-                keywarden::bench::BenchCommand::Echo(args) => args.worker_threads,
-                _ => 0,
-            };
-            let sidecar = || {
-                let (tls, bearer) = connection.credentials()?;
-                Ok(keywarden::bench::SidecarAddr {
-                    addr: connection.addr.clone(),
-                    tls,
-                    bearer,
-                })
-            };
-            block_on(worker_threads, keywarden::bench::main(command, sidecar))
-        }
     }
 }
 
