@@ -1,5 +1,6 @@
 //! Connecting to a sidecar, over TCP (optionally TLS) or a unix socket, with
-//! a bearer token when there is one. Used by the CLI and by the tests.
+//! a bearer token when there is one. Used by the CLI, the load generator
+//! (`keywarden-bench`) and the tests.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +17,7 @@ use tonic::{
 use crate::{
     api::pb::{admin_client::AdminClient, crypto_client::CryptoClient},
     auth::tokens::ADMIN_TOKEN_FILE,
-    config::{DEFAULT_DATA_DIR, ListenAddr},
+    config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN, ListenAddr},
 };
 
 /// Largest response a client accepts: a full batch of the largest items.
@@ -31,6 +32,77 @@ pub struct ClientTls {
     pub identity: Option<(Vec<u8>, SecretString)>,
     /// The name the sidecar's certificate must carry; default: the host.
     pub domain: Option<String>,
+}
+
+/// How a client reaches the sidecar: the global options of the `keywarden`
+/// CLI and of `keywarden-bench`.
+#[derive(clap::Args)]
+pub struct Connection {
+    /// The sidecar to talk to: host:port or unix:/path (client commands).
+    #[arg(long, global = true, env = "KEYWARDEN_ADDR", default_value = DEFAULT_LISTEN)]
+    pub addr: String,
+
+    /// A file holding the bearer token to send. Without it: KEYWARDEN_TOKEN,
+    /// else the embedded admin token (admin.token in KEYWARDEN_DATA_DIR or
+    /// ./keywarden-data), else no token.
+    #[arg(long, global = true, env = "KEYWARDEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// TLS: the CA certificate (PEM) that signed the sidecar's certificate.
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM).
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this client's private key (PEM).
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the name the sidecar's certificate carries [default: the address's host].
+    #[arg(long, global = true, env = "KEYWARDEN_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+}
+
+impl Connection {
+    /// The TLS settings and the token to send, as the options and the
+    /// environment say; refuses to send a token in clear beyond loopback.
+    pub fn credentials(&self) -> Result<(Option<ClientTls>, Bearer), String> {
+        let tls = self.tls()?;
+        let token = find_token(&self.addr, self.token_file.as_deref(), |name| {
+            std::env::var(name).ok()
+        })?;
+        if token.is_some()
+            && tls.is_none()
+            && matches!(self.addr.parse::<ListenAddr>(), Ok(ListenAddr::Tcp(tcp)) if !tcp.ip().is_loopback())
+        {
+            return Err(format!(
+                "refusing to send a token to {} without TLS: set --tls-ca",
+                self.addr
+            ));
+        }
+        Ok((tls, Bearer::new(token.as_ref())?))
+    }
+
+    /// TLS settings from the options, reading the files they name.
+    fn tls(&self) -> Result<Option<ClientTls>, String> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((
+                read(cert)?,
+                SecretString::from(String::from_utf8_lossy(&read(key)?).into_owned()),
+            )),
+            _ => None,
+        };
+        Ok(Some(ClientTls {
+            ca: read(ca)?,
+            identity,
+            domain: self.tls_domain.clone(),
+        }))
+    }
 }
 
 /// Connects to `addr` (`host:port` or `unix:/path`), with TLS when given.

@@ -2,15 +2,14 @@
 //! sidecar. Its components: `envelope` (the format, docs/FORMAT.md), `keys`
 //! (the hierarchy and its cache), `kms` (the root key), `store` (wrapped keys
 //! and tombstones), `api` (gRPC), `time` (Unix milliseconds, below them all),
-//! plus `config`, `server` and `cli` to run it. docs/SECURITY.md is the
+//! plus `config` and `server` to run it, and `client` to call it. The
+//! `keywarden` binary's command line is src/cli/. docs/SECURITY.md is the
 //! threat model.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
 pub mod auth;
-pub mod bench;
-pub mod cli;
 pub mod client;
 pub mod config;
 pub mod envelope;

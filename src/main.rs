@@ -1,6 +1,8 @@
 //! The `keywarden` binary: the sidecar (`keywarden serve`) and its CLI.
 #![forbid(unsafe_code)]
 
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    keywarden::cli::main()
+    cli::main()
 }

@@ -250,12 +250,30 @@ pub async fn routes(shared: Shared) -> Service {
 }
 
 /// A `keywarden.v1.Crypto` service as the sidecar serves it, accepting
-/// requests up to `max_request_bytes` (also serves `keywarden bench echo`).
+/// requests up to `max_request_bytes` (also serves `keywarden-bench echo`).
 pub fn crypto_server<S: pb::crypto_server::Crypto>(
     service: S,
     max_request_bytes: usize,
 ) -> pb::crypto_server::CryptoServer<S> {
     pb::crypto_server::CryptoServer::new(service).max_decoding_message_size(max_request_bytes)
+}
+
+/// `S` with every call counted as admitted: [`admit_every_call`].
+pub type AdmitEveryCall<S, B> =
+    tower::util::MapRequest<S, fn(http::Request<B>) -> http::Request<B>>;
+
+/// A service to [`serve`] without the edge: every call counts as admitted,
+/// as the edge marks the calls it lets through
+/// ([`crate::auth::CallActivity`]), so that connections stay open under the
+/// same idle rule as the sidecar's callers (`keywarden-bench echo`).
+pub fn admit_every_call<S, B>(service: S) -> AdmitEveryCall<S, B> {
+    fn admit<B>(request: http::Request<B>) -> http::Request<B> {
+        if let Some(activity) = request.extensions().get::<crate::auth::CallActivity>() {
+            activity.admitted();
+        }
+        request
+    }
+    tower::util::MapRequest::new(service, admit::<B>)
 }
 
 /// Authentication and authorization as `auth` configures them, with the

@@ -1,4 +1,4 @@
-//! `keywarden bench stream`: one large object through EncryptStream and back
+//! `keywarden-bench stream`: one large object through EncryptStream and back
 //! through DecryptStream, for throughput and the sidecar's peak memory.
 //!
 //! The object is generated as it is sent and hashed as it comes back; the
@@ -15,8 +15,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{SidecarAddr, bench_context, startup};
-use crate::{
+use crate::{SidecarAddr, bench_context, startup};
+use keywarden::{
     api::pb::{self, decrypt_stream_request, encrypt_stream_request},
     client,
 };
@@ -81,7 +81,7 @@ pub async fn run(args: StreamArgs, sidecar: SidecarAddr) -> Result<StreamReport,
     }
     let channel = client::connect(&sidecar.addr, sidecar.tls.as_ref()).await?;
     let admin = client::admin(channel.clone(), sidecar.bearer.clone());
-    super::setup_tenants(admin, std::slice::from_ref(&args.tenant), 1).await?;
+    crate::setup_tenants(admin, std::slice::from_ref(&args.tenant), 1).await?;
     let mut crypto = client::crypto(channel, sidecar.bearer.clone());
     let before = memory(args.pid)?;
     let failed = |what: &str, status: tonic::Status| {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{
+use keywarden::{
     envelope::{self, Context, EnvelopeKey, KeyRef, NONCE_LEN, Provider},
     secret::Key256,
 };

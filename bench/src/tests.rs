@@ -10,7 +10,7 @@ use super::{
     startup::{Memory, median, parse_status},
     tenants::TenantPicker,
 };
-use crate::{
+use keywarden::{
     api::pb::{self, crypto_server::Crypto as _},
     envelope::TENANT_OVERHEAD,
 };

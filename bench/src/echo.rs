@@ -6,8 +6,9 @@
 //! overhead; the batch calls do the same per item, and Rewrap echoes. It is
 //! served by the sidecar's own [`server::serve`] (the same tonic server
 //! builder, TCP_NODELAY, connection handling and message size limit) on the
-//! same kind of tokio runtime (the CLI's multi-thread runtime), so what it
-//! costs is what gRPC over this transport costs with these messages.
+//! same kind of tokio runtime (multi-thread, `--worker-threads` as the
+//! sidecar's `worker_threads`), so what it costs is what gRPC over this
+//! transport costs with these messages.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -19,7 +20,7 @@ use std::{
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming, service::Routes};
 
-use crate::{
+use keywarden::{
     api::{pb, streams::ResponseStream},
     config::{ListenAddr, RequestLimits},
     envelope::TENANT_OVERHEAD,
@@ -173,32 +174,24 @@ pub async fn serve(listen: ListenAddr) -> Result<(), String> {
             .map_err(|e| format!("cannot write to standard output: {e}"))?;
     }
     // The same wire bounds as the sidecar's defaults.
-    crate::api::codec::raise_max_batch_items(RequestLimits::default().max_batch_items);
+    keywarden::api::codec::raise_max_batch_items(RequestLimits::default().max_batch_items);
     let mut routes = Routes::builder();
     routes.add_service(server::crypto_server(
         Echo,
         RequestLimits::default().max_request_bytes,
     ));
-    // No edge here: every call counts as admitted, so that the connection
-    // stays open under the same idle rule as the sidecar's callers.
-    let routes = tower::ServiceExt::map_request(routes.routes(), |request: http::Request<_>| {
-        if let Some(activity) = request.extensions().get::<crate::auth::CallActivity>() {
-            activity.admitted();
-        }
-        request
-    });
     server::serve(
-        routes,
+        server::admit_every_call(routes.routes()),
         vec![listener],
         None,
-        &crate::config::ServerConfig::default(),
+        &keywarden::config::ServerConfig::default(),
         server::shutdown_signal(),
     )
     .await
     .map_err(|e| e.to_string())
 }
 
-/// `keywarden bench echo` as a child process, killed on drop.
+/// `keywarden-bench echo` as a child process, killed on drop.
 pub struct EchoProcess {
     child: Child,
     addr: String,
@@ -220,7 +213,7 @@ impl EchoProcess {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this program to start the echo service: {e}"))?;
         let mut child = Command::new(exe)
-            .args(["bench", "echo", "--listen", &listen])
+            .args(["echo", "--listen", &listen])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
-use super::{CacheMode, Distribution, Op, RunArgs, baseline::Baseline, load::Outcome};
+use crate::{CacheMode, Distribution, Op, RunArgs, baseline::Baseline, load::Outcome};
 
 /// What was run.
 #[derive(Debug, Serialize)]

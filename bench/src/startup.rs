@@ -1,10 +1,12 @@
-//! `keywarden bench startup`: how long `keywarden serve` takes from process
+//! `keywarden-bench startup`: how long `keywarden serve` takes from process
 //! spawn to its first answered gRPC call, and how much resident memory it
 //! holds, idle and with many tenants' keys cached.
 //!
-//! Every sidecar here is this binary's `serve` on the embedded default (no
-//! `KEYWARDEN_*` variable from the caller's environment), on a free port of
-//! 127.0.0.1, with its data in a fresh temporary directory:
+//! The sidecar is the `keywarden` binary that `--binary` names, by default
+//! the one beside this program (cargo builds both into the same directory,
+//! e.g. target/release/). Every sidecar here is its `serve` on the embedded
+//! default (no `KEYWARDEN_*` variable from the caller's environment), on a
+//! free port of 127.0.0.1, with its data in a fresh temporary directory:
 //!
 //! 1. the first start, which creates the data directory (root key, keystore,
 //!    admin token, receipt key), then its idle memory after a second;
@@ -31,8 +33,8 @@ use clap::Args;
 use serde::Serialize;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-use super::{bench_context, setup_tenants, tenant_ids, touch_tenants};
-use crate::{auth::tokens::ADMIN_TOKEN_FILE, client};
+use crate::{bench_context, setup_tenants, tenant_ids, touch_tenants};
+use keywarden::{auth::tokens::ADMIN_TOKEN_FILE, client};
 
 /// How long a sidecar may take to answer.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -60,6 +62,30 @@ pub struct StartupArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// The sidecar binary to measure [default: keywarden beside this program].
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
+impl StartupArgs {
+    /// The sidecar binary: `--binary`, or `keywarden` beside this program.
+    fn sidecar_binary(&self) -> Result<PathBuf, String> {
+        let binary = match &self.binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| format!("cannot find this program: {e}"))?
+                .with_file_name("keywarden"),
+        };
+        if binary.is_file() {
+            Ok(binary)
+        } else {
+            Err(format!(
+                "there is no sidecar binary at {}: build it (cargo build --release) or name it \
+                 with --binary",
+                binary.display()
+            ))
+        }
+    }
 }
 
 /// Resident memory of a process, in KiB.
@@ -148,17 +174,16 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    /// Spawns `keywarden serve` on `data` and waits for its first answer.
+    /// Spawns `binary serve` on `data` and waits for its first answer.
     async fn start(
+        binary: &Path,
         data: &Path,
         log: PathBuf,
         env: &[(&str, String)],
     ) -> Result<(Self, Start), String> {
         let addr = free_port()?;
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this program to start a sidecar: {e}"))?;
         let stderr = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let mut command = Command::new(exe);
+        let mut command = Command::new(binary);
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("KEYWARDEN_") {
                 command.env_remove(name);
@@ -302,7 +327,7 @@ pub async fn run(args: StartupArgs) -> ExitCode {
         Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
     };
     if args.keep {
-        eprintln!("keywarden bench startup: kept {}", dir.display());
+        eprintln!("keywarden-bench startup: kept {}", dir.display());
     } else {
         let _ = fs::remove_dir_all(&dir);
     }
@@ -319,24 +344,26 @@ pub async fn run(args: StartupArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("keywarden bench startup: {e}");
+            eprintln!("keywarden-bench startup: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn measure(args: &StartupArgs, dir: &Path) -> Result<StartupReport, String> {
+    let binary = args.sidecar_binary()?;
     let data = dir.join("data");
     let log = |name: &str| dir.join(format!("{name}.log"));
 
-    let (sidecar, first_start) = Sidecar::start(&data, log("first"), &[]).await?;
+    let (sidecar, first_start) = Sidecar::start(&binary, &data, log("first"), &[]).await?;
     tokio::time::sleep(SETTLE).await;
     let idle = memory(sidecar.pid())?;
     sidecar.stop().await?;
 
     let mut starts = Vec::new();
     for i in 0..args.restarts {
-        let (sidecar, start) = Sidecar::start(&data, log(&format!("restart-{i}")), &[]).await?;
+        let (sidecar, start) =
+            Sidecar::start(&binary, &data, log(&format!("restart-{i}")), &[]).await?;
         starts.push(start);
         sidecar.stop().await?;
     }
@@ -364,7 +391,7 @@ async fn measure(args: &StartupArgs, dir: &Path) -> Result<StartupReport, String
              (KEYWARDEN_CACHE_MAX_KEYS, _TTL_SECONDS, _TTI_SECONDS) for that step only",
             args.tenants.max(100_000)
         ));
-        Some(cached_keys(args, &data, log).await?)
+        Some(cached_keys(args, &binary, &data, log).await?)
     } else {
         None
     };
@@ -380,6 +407,7 @@ async fn measure(args: &StartupArgs, dir: &Path) -> Result<StartupReport, String
 /// Step 3: memory before and after every tenant's keys are cached.
 async fn cached_keys(
     args: &StartupArgs,
+    binary: &Path,
     data: &Path,
     log: impl Fn(&str) -> PathBuf,
 ) -> Result<CachedKeys, String> {
@@ -396,14 +424,14 @@ async fn cached_keys(
     let token = client::find_token("", Some(&data.join(ADMIN_TOKEN_FILE)), |_| None)?;
     let bearer = client::Bearer::new(token.as_ref())?;
 
-    let (sidecar, _) = Sidecar::start(data, log("setup"), &env).await?;
+    let (sidecar, _) = Sidecar::start(binary, data, log("setup"), &env).await?;
     let channel = client::connect(&sidecar.addr, None).await?;
     let started = Instant::now();
     setup_tenants(client::admin(channel, bearer.clone()), &ids, concurrency).await?;
     let setup_seconds = started.elapsed().as_secs_f64();
     sidecar.stop().await?;
 
-    let (sidecar, restart) = Sidecar::start(data, log("cached"), &env).await?;
+    let (sidecar, restart) = Sidecar::start(binary, data, log("cached"), &env).await?;
     tokio::time::sleep(SETTLE).await;
     let before = memory(sidecar.pid())?;
     let channel = client::connect(&sidecar.addr, None).await?;

@@ -5,7 +5,7 @@
 use rand::{Rng, distributions::Uniform};
 use rand_distr::{Distribution as _, Zipf};
 
-use super::Distribution;
+use crate::Distribution;
 
 #[derive(Clone, Debug)]
 pub enum TenantPicker {

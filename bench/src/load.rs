@@ -27,8 +27,8 @@ use rand::{SeedableRng, rngs::StdRng};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tonic::{Code, Status};
 
-use super::{Op, tenants::TenantPicker};
-use crate::{
+use crate::{Op, tenants::TenantPicker};
+use keywarden::{
     api::{pb, status::code_name},
     client::Authed,
     envelope::{Context, TENANT_OVERHEAD},

@@ -1,18 +1,134 @@
-//! `keywarden bench` against a real sidecar process: the load generator's
+//! `keywarden-bench` against a real sidecar process: the load generator's
 //! JSON, with the echo service beside it, and the start-up measurement. No
 //! assertion on timing: only the shape of the results and zero errors.
+//!
+//! The sidecar is the `keywarden` binary beside `keywarden-bench`, as
+//! `startup` finds it: `cargo test --workspace` (scripts/test) builds both.
 
-mod common;
+use std::{
+    fs,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 
-use common::process::{Sidecar, keywarden};
+const BENCH: &str = env!("CARGO_BIN_EXE_keywarden-bench");
+/// How long the sidecar may take to accept connections.
+const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Runs `bench run ARGS --json` against `sidecar` and parses its output.
+/// A command with an empty environment (so no `KEYWARDEN_*` variable from
+/// the caller's shell) but for info logging without colour codes.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    command
+}
+
+/// `keywarden-bench`, in a clean environment.
+fn keywarden_bench() -> Command {
+    command(BENCH)
+}
+
+/// What a `keywarden-bench` run printed.
+struct Out {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+/// `keywarden serve` on a unix socket in a temporary directory, killed on
+/// drop.
+struct Sidecar {
+    child: Child,
+    socket: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Sidecar {
+    fn start(dir: &Path) -> Sidecar {
+        let binary = Path::new(BENCH).with_file_name("keywarden");
+        assert!(
+            binary.is_file(),
+            "no sidecar binary at {}: build it first (cargo test --workspace does)",
+            binary.display()
+        );
+        let (socket, data_dir) = (dir.join("kw.sock"), dir.join("data"));
+        let log = fs::File::create(dir.join("kw.log")).unwrap();
+        let child = command(&binary)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keywarden serve");
+        let mut sidecar = Sidecar {
+            child,
+            socket,
+            data_dir,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while UnixStream::connect(&sidecar.socket).is_err() {
+            let log = || fs::read_to_string(dir.join("kw.log")).unwrap_or_default();
+            if let Some(status) = sidecar.child.try_wait().unwrap() {
+                panic!("the sidecar exited ({status}); its log:\n{}", log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar did not start:\n{}",
+                log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        sidecar
+    }
+
+    /// Runs `keywarden-bench ARGS` against this sidecar, as its host's
+    /// operator (it finds the admin token in the data directory).
+    fn cli(&self, args: &[&str]) -> Out {
+        let out = keywarden_bench()
+            .env("KEYWARDEN_DATA_DIR", &self.data_dir)
+            .arg("--addr")
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run keywarden-bench");
+        Out {
+            status: out.status,
+            stdout: out.stdout,
+            stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `run ARGS --json` against `sidecar` and parses its output.
 fn bench_run(sidecar: &Sidecar, args: &[&str]) -> Value {
-    let full = [&["bench", "run", "--json"][..], args].concat();
+    let full = [&["run", "--json"][..], args].concat();
     let out = sidecar.cli(&full);
-    out.assert_success(&full);
+    assert!(
+        out.status.success(),
+        "{full:?} failed ({}): {}",
+        out.status,
+        out.stderr
+    );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{full:?}: not JSON ({e}): {}",
@@ -61,7 +177,7 @@ fn assert_clean(result: &Value, target: &str, calls: u64, items_per_call: u64) {
 #[test]
 fn bench_run_measures_the_sidecar_beside_the_echo_service() {
     let tmp = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+    let sidecar = Sidecar::start(tmp.path());
 
     let report = bench_run(
         &sidecar,
@@ -129,11 +245,11 @@ fn bench_run_measures_the_sidecar_beside_the_echo_service() {
 #[test]
 fn bench_run_reports_failed_calls_and_fails() {
     let tmp = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+    let sidecar = Sidecar::start(tmp.path());
     // The tenant does not exist, and --cache cold skips the touch that would
     // stop the run before measuring.
     let args = [
-        "bench", "run", "--json", "--count", "20", "--warmup", "0s", "--cache", "cold",
+        "run", "--json", "--count", "20", "--warmup", "0s", "--cache", "cold",
     ];
     let out = sidecar.cli(&args);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -147,16 +263,8 @@ fn bench_run_reports_failed_calls_and_fails() {
 
 #[test]
 fn bench_startup_measures_start_and_memory() {
-    let out = keywarden()
-        .args([
-            "bench",
-            "startup",
-            "--restarts",
-            "2",
-            "--tenants",
-            "20",
-            "--json",
-        ])
+    let out = keywarden_bench()
+        .args(["startup", "--restarts", "2", "--tenants", "20", "--json"])
         .output()
         .unwrap();
     assert!(

@@ -1,4 +1,4 @@
-//! `keywarden bench flood`: the memory attack of the review at df0a846,
+//! `keywarden-bench flood`: the memory attack of the review at df0a846,
 //! measured. N senders each send 16 MiB `EncryptBatch` requests over their
 //! own connection, as fast as they are answered, anonymously or with the
 //! token of the global options, while one legitimate caller (that token)
@@ -23,8 +23,8 @@ use tonic::{
     transport::Channel,
 };
 
-use super::{SidecarAddr, startup};
-use crate::{
+use crate::{SidecarAddr, startup};
+use keywarden::{
     api::{pb, status::code_name},
     client::{self, Bearer},
 };
@@ -172,7 +172,7 @@ fn rss_mib(pid: u32) -> Result<f64, String> {
 pub async fn run(args: FloodArgs, sidecar: SidecarAddr) -> Result<FloodReport, String> {
     let connect = || client::connect(&sidecar.addr, sidecar.tls.as_ref());
     let caller = connect().await?;
-    super::setup_tenants(
+    crate::setup_tenants(
         client::admin(caller.clone(), sidecar.bearer.clone()),
         std::slice::from_ref(&args.tenant),
         1,

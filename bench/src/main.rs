@@ -1,25 +1,28 @@
-//! `keywarden bench`: the load generator of issue 7.
+//! `keywarden-bench`: the load generator of issue 7, a program of its own
+//! beside the sidecar (the `keywarden` library and binary carry none of it).
 //!
-//! - `bench run` drives a running sidecar with C concurrent calls over N
-//!   HTTP/2 connections (closed loop at full speed, or open loop at a fixed
-//!   arrival rate), and with `--echo` runs the same workload against a bare
-//!   echo service of the same message sizes on the same transport (the
-//!   transport limit), in the same run. Latency goes into an HDR histogram.
-//! - `bench echo` is that echo service ([`echo`]), started by `bench run` as
-//!   a child process of the same binary.
-//! - `bench startup` measures start-up time and resident memory ([`startup`]).
+//! - `run` drives a running sidecar with C concurrent calls over N HTTP/2
+//!   connections (closed loop at full speed, or open loop at a fixed arrival
+//!   rate), and with `--echo` runs the same workload against a bare echo
+//!   service of the same message sizes on the same transport (the transport
+//!   limit), in the same run. Latency goes into an HDR histogram.
+//! - `echo` is that echo service ([`echo`]), started by `run` as a child
+//!   process of this program.
+//! - `startup` measures start-up time and resident memory of the sidecar
+//!   binary, by default the `keywarden` beside this program ([`startup`]).
+//! - `stream` and `flood`: the streaming calls, and a memory attack.
 //!
 //! What is measured never contains a payload: the plaintext is a fixed
 //! pattern, and neither it, a ciphertext nor a token is ever printed.
 
-pub mod baseline;
-pub mod echo;
-pub mod flood;
-pub mod load;
-pub mod report;
-pub mod startup;
-pub mod streams;
-pub mod tenants;
+mod baseline;
+mod echo;
+mod flood;
+mod load;
+mod report;
+mod startup;
+mod streams;
+mod tenants;
 
 use std::{
     io::IsTerminal,
@@ -31,13 +34,13 @@ use std::{
     time::Duration,
 };
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::{StreamExt, stream};
 use tonic::{Code, Status, transport::Channel};
 
-use crate::{
+use keywarden::{
     api::{pb, status::code_name},
-    client::{self, Bearer, ClientTls},
+    client::{self, Bearer, ClientTls, Connection},
     config::ListenAddr,
     envelope::Context,
 };
@@ -45,6 +48,21 @@ use crate::{
 use load::{Length, Pace, Workload};
 use report::{Report, TargetResult};
 use tenants::TenantPicker;
+
+#[derive(Parser)]
+#[command(
+    name = "keywarden-bench",
+    version,
+    about = "Load generator: throughput and latency of a running sidecar beside a bare echo \
+             service; start-up time and memory"
+)]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -145,7 +163,7 @@ pub struct EchoArgs {
         env = "KEYWARDEN_WORKER_THREADS",
         default_value_t = 1,
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
-            .range(0..=crate::config::MAX_WORKER_THREADS as u64)
+            .range(0..=keywarden::config::MAX_WORKER_THREADS as u64)
     )]
     pub worker_threads: usize,
 }
@@ -171,31 +189,59 @@ pub enum CacheMode {
     Cold,
 }
 
-/// The sidecar `bench run` drives, as the global connection options name it.
+/// The sidecar `run`, `stream` and `flood` drive, as the global connection
+/// options name it.
 pub struct SidecarAddr {
     pub addr: String,
     pub tls: Option<ClientTls>,
     pub bearer: Bearer,
 }
 
-/// Runs a `bench` command. `sidecar` resolves the global connection options
-/// (only `run` and `stream` need them).
-pub async fn main(
-    command: BenchCommand,
-    sidecar: impl FnOnce() -> Result<SidecarAddr, Status>,
-) -> ExitCode {
+impl SidecarAddr {
+    fn new(connection: &Connection) -> Result<Self, String> {
+        let (tls, bearer) = connection.credentials()?;
+        Ok(SidecarAddr {
+            addr: connection.addr.clone(),
+            tls,
+            bearer,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The echo service runs on the runtime the sidecar would have; the rest
+    // on one thread per CPU.
+    let worker_threads = match &cli.command {
+        BenchCommand::Echo(args) => args.worker_threads,
+        _ => 0,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        runtime.worker_threads(worker_threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run_command(cli.command, &cli.connection)),
+        Err(e) => {
+            eprintln!("keywarden-bench: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(command: BenchCommand, connection: &Connection) -> ExitCode {
     match command {
         BenchCommand::Echo(args) => match echo::serve(args.listen).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("keywarden bench echo: {e}");
+                eprintln!("keywarden-bench echo: {e}");
                 ExitCode::FAILURE
             }
         },
         BenchCommand::Startup(args) => startup::run(args).await,
         BenchCommand::Stream(args) => {
             let json = args.json;
-            let report = async { streams::run(args, resolve(sidecar)?).await }.await;
+            let report = async { streams::run(args, SidecarAddr::new(connection)?).await }.await;
             finish(report.map(|report| {
                 report.print(json);
                 true
@@ -203,7 +249,7 @@ pub async fn main(
         }
         BenchCommand::Flood(args) => {
             let json = args.json;
-            let report = async { flood::run(args, resolve(sidecar)?).await }.await;
+            let report = async { flood::run(args, SidecarAddr::new(connection)?).await }.await;
             finish(report.map(|report| {
                 report.print(json);
                 true
@@ -211,21 +257,16 @@ pub async fn main(
         }
         BenchCommand::Run(args) => {
             let json = args.json;
-            let report = async { run(args, resolve(sidecar)?).await }.await;
+            let report = async { run(args, SidecarAddr::new(connection)?).await }.await;
             finish(report.map(|report| {
                 let clean = report.print(json);
                 if !clean {
-                    eprintln!("keywarden bench: some calls failed (see errors)");
+                    eprintln!("keywarden-bench: some calls failed (see errors)");
                 }
                 clean
             }))
         }
     }
-}
-
-/// The sidecar the global options name, or why not.
-fn resolve(sidecar: impl FnOnce() -> Result<SidecarAddr, Status>) -> Result<SidecarAddr, String> {
-    sidecar().map_err(|status| format!("{}: {}", code_name(status.code()), status.message()))
 }
 
 /// The exit code of a `run` or `stream`: failure on an error (printed) or
@@ -235,7 +276,7 @@ fn finish(outcome: Result<bool, String>) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
-            eprintln!("keywarden bench: {message}");
+            eprintln!("keywarden-bench: {message}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,103 @@
+//! `keywarden encrypt` and `decrypt`: one value through the sidecar's Crypto
+//! service, in the text form of a ciphertext (`kw1:` and base64url).
+
+use std::io::{IsTerminal, Write};
+
+use clap::{Args, Subcommand};
+use keywarden::{
+    api::pb,
+    client::{self, Connection},
+    envelope::text,
+};
+
+use super::{CliError, input};
+
+#[derive(Subcommand)]
+pub enum CryptoCommand {
+    /// Encrypt TEXT (or standard input with '-') and print the ciphertext as
+    /// one line: kw1: and base64url.
+    Encrypt(EncryptArgs),
+    /// Decrypt a kw1: ciphertext (or standard input with '-') and print the
+    /// plaintext.
+    Decrypt(DecryptArgs),
+}
+
+#[derive(Args)]
+pub struct EncryptArgs {
+    #[arg(long)]
+    tenant: String,
+    /// Encrypt under this data subject's key instead of the tenant key.
+    #[arg(long)]
+    subject: Option<String>,
+    /// key=value bound into the ciphertext; repeat for several.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    context: Vec<(String, String)>,
+    /// The plaintext, or '-' to read standard input.
+    #[arg(default_value = "-")]
+    text: String,
+}
+
+#[derive(Args)]
+pub struct DecryptArgs {
+    #[arg(long)]
+    tenant: String,
+    /// The same key=value pairs given to encrypt.
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
+    context: Vec<(String, String)>,
+    /// The kw1: ciphertext, or '-' to read standard input.
+    #[arg(default_value = "-")]
+    ciphertext: String,
+}
+
+fn parse_pair(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())
+}
+
+pub async fn run(connection: &Connection, command: CryptoCommand) -> Result<(), CliError> {
+    let (channel, bearer) = super::connect(connection).await?;
+    let mut crypto = client::crypto(channel, bearer);
+    match command {
+        CryptoCommand::Encrypt(args) => {
+            let plaintext = input(&args.text).map_err(CliError::Input)?;
+            let r = crypto
+                .encrypt(pb::EncryptRequest {
+                    tenant_id: args.tenant,
+                    subject_id: args.subject.unwrap_or_default(),
+                    context: args.context.into_iter().collect(),
+                    plaintext,
+                })
+                .await?
+                .into_inner();
+            println!("{}", text::encode(&r.ciphertext));
+            Ok(())
+        }
+        CryptoCommand::Decrypt(args) => {
+            let raw = input(&args.ciphertext).map_err(CliError::Input)?;
+            let ciphertext = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|t| text::decode(t).ok())
+                .ok_or_else(|| {
+                    CliError::Input(format!(
+                        "the ciphertext is not in the text form {}<base64url>",
+                        text::PREFIX
+                    ))
+                })?;
+            let r = crypto
+                .decrypt(pb::DecryptRequest {
+                    tenant_id: args.tenant,
+                    context: args.context.into_iter().collect(),
+                    ciphertext,
+                })
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            let newline: &[u8] = if out.is_terminal() { b"\n" } else { b"" };
+            out.write_all(&r.plaintext)
+                .and_then(|()| out.write_all(newline))
+                .and_then(|()| out.flush())
+                .map_err(|e| CliError::Output(format!("cannot write the plaintext: {e}")))
+        }
+    }
+}
