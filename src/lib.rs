@@ -3,8 +3,9 @@
 //! (the hierarchy and its cache), `kms` (the root key), `store` (wrapped keys
 //! and tombstones), `api` (gRPC), `time` (Unix milliseconds, below them all),
 //! plus `config` and `server` to run it, and `client` to call it. The
-//! `keywarden` binary's command line is src/cli/. docs/SECURITY.md is the
-//! threat model.
+//! `keywarden` binary's command line is src/cli/. docs/ARCHITECTURE.md maps
+//! the folders and which way imports go; docs/SECURITY.md is the threat
+//! model.
 #![forbid(unsafe_code)]
 
 pub mod api;

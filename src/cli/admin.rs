@@ -9,9 +9,11 @@ use keywarden::{
     client::{self, Connection},
 };
 
-use super::{CliError, tenant::TenantCommand};
-
-pub type AdminClient = pb::admin_client::AdminClient<client::Authed>;
+use super::{
+    CliError,
+    shared::{AdminClient, save_receipt, time},
+    tenant::TenantCommand,
+};
 
 #[derive(Subcommand)]
 pub enum AdminCommand {
@@ -176,27 +178,4 @@ async fn rotate_root(
     } else {
         Err(CliError::RotationInterrupted)
     }
-}
-
-/// Writes a receipt to `file`, or prints it.
-pub fn save_receipt(receipt: &str, file: Option<PathBuf>) -> Result<(), CliError> {
-    match file {
-        Some(path) => std::fs::write(&path, receipt).map_err(|e| {
-            CliError::Output(format!(
-                "the shred is done but its receipt could not be written to {}: {e}; the receipt:\n{receipt}",
-                path.display()
-            ))
-        }),
-        None => {
-            print!("{receipt}");
-            Ok(())
-        }
-    }
-}
-
-/// A timestamp as the sidecar's logs print one, or "-".
-pub fn time(ts: Option<prost_types::Timestamp>) -> String {
-    let Some(ts) = ts else { return "-".into() };
-    let millis = ts.seconds.saturating_mul(1000) + i64::from(ts.nanos / 1_000_000);
-    keywarden::time::UnixMillis(millis).to_string()
 }

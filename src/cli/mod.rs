@@ -12,6 +12,7 @@ mod crypto;
 mod error;
 mod offline;
 mod serve;
+mod shared;
 mod tenant;
 
 use std::{future::Future, io::Read, process::ExitCode};

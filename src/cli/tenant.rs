@@ -7,7 +7,7 @@ use keywarden::api::pb;
 
 use super::{
     CliError,
-    admin::{AdminClient, save_receipt, time},
+    shared::{AdminClient, save_receipt, time},
 };
 
 #[derive(Subcommand)]
