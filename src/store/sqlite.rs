@@ -254,6 +254,8 @@ impl Backend for SqliteBackend {
     /// `BEGIN IMMEDIATE` holds the database's write lock already.
     const LOCK_TENANT: &'static str = "";
 
+    const LEGACY_WRAP: &'static str = "substr(wrapped, 2, 1) = X'01'";
+
     fn sql(&self) -> &Self::Sql {
         &self.sql
     }

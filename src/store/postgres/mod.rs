@@ -132,6 +132,8 @@ impl Backend for PostgresBackend {
 
     const LOCK_TENANT: &'static str = " FOR UPDATE";
 
+    const LEGACY_WRAP: &'static str = "get_byte(wrapped, 1) = 1";
+
     fn sql(&self) -> &Self::Sql {
         &self.sql
     }

@@ -131,6 +131,12 @@ pub trait Backend: Send + Sync + 'static {
     /// transaction holds the database already).
     const LOCK_TENANT: &'static str;
 
+    /// The test that a subject key's wrap is in the legacy form: its second
+    /// byte, the suite, is 0x01 (docs/FORMAT.md). Each database's own byte
+    /// function: PostgreSQL's `get_byte` refuses a wrap shorter than two
+    /// bytes (the listing fails as corrupt), SQLite's `substr` skips it.
+    const LEGACY_WRAP: &'static str;
+
     fn sql(&self) -> &Self::Sql;
 
     /// Sorts a database error into "cannot reach or use the database now"

@@ -21,10 +21,6 @@ use crate::{
     },
 };
 
-/// The second byte (the suite) of a subject key in the legacy wrapped form,
-/// a tenant-key envelope (docs/FORMAT.md).
-const LEGACY_SUITE: &[u8] = &[0x01];
-
 /// The tenant with its primary key version, through the shared query: the
 /// default of [`Backend::tenant_with_primary`].
 pub async fn tenant_with_primary<B: Backend + ?Sized>(
@@ -475,18 +471,14 @@ impl<B: Backend> Keystore for SqlKeystore<B> {
         let (tenant, subject) = after.map_or(("", &[][..]), |(t, s)| (t.as_str(), &s.0[..]));
         let sql = format!(
             "SELECT tenant_id, {SUBJECT_KEY_COLUMNS} FROM subject_keys \
-             WHERE (tenant_id, subject_key_id) > ($1, $2) AND substr(wrapped, 2, 1) = $3 \
-             ORDER BY tenant_id, subject_key_id LIMIT $4"
+             WHERE (tenant_id, subject_key_id) > ($1, $2) AND {} \
+             ORDER BY tenant_id, subject_key_id LIMIT $3",
+            B::LEGACY_WRAP
         );
         self.fetch_all(
             Via::Pool,
             &sql,
-            &[
-                tenant.into(),
-                subject.into(),
-                LEGACY_SUITE.into(),
-                limit.into(),
-            ],
+            &[tenant.into(), subject.into(), limit.into()],
         )
         .await?
         .iter()
