@@ -22,10 +22,10 @@
 //!   generation counter tells a loader that the keystore may have changed
 //!   under it, and the loader takes out what it inserted.
 //!
-//! Why quick_cache and not moka: an entry costs 30 to 70 bytes of cache
-//! state in quick_cache against about 330 in moka (measured with 100,000
-//! entries; see BENCHMARKS.md), and a hit takes a shard's read lock with no
-//! bookkeeping queue behind it. moka's timers are replaced by the check on
+//! Why quick_cache and not moka: an entry costs several times less cache
+//! state in quick_cache than in moka (measured with 100,000 entries; the
+//! figures are in BENCHMARKS.md), and a hit takes a shard's read lock with
+//! no bookkeeping queue behind it. moka's timers are replaced by the check on
 //! read and the sweep.
 //!
 //! Values are `Arc`s: a key evicted while a request still uses it is zeroized
