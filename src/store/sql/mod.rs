@@ -2,8 +2,8 @@
 //!
 //! Every [`Keystore`](super::Keystore) method is one script here
 //! ([`scripts`]), over one schema and one SQL text: the two databases take
-//! the same statements (`$1`-style parameters included). A [`Backend`]
-//! supplies exactly what differs between them:
+//! the same statements (`$1`-style parameters included), but for one byte
+//! test. A [`Backend`] supplies exactly what differs between them:
 //!
 //! - how a write transaction starts and holds the tenant: PostgreSQL locks
 //!   the tenant's row (`SELECT ... FOR UPDATE`, [`Backend::LOCK_TENANT`]);
@@ -17,7 +17,10 @@
 //!   checkpoints its WAL after a commit that destroyed key material
 //!   ([`Backend::destroyed`]);
 //! - running a statement, and sorting its errors into unavailable and
-//!   corrupt ([`super::StoreError`]).
+//!   corrupt ([`super::StoreError`]);
+//! - the test of a subject key's suite byte in the legacy listing
+//!   ([`Backend::LEGACY_WRAP`]): each database's own byte function, which
+//!   differ on a corrupt, too short wrap.
 //!
 //! Opening, pragmas, connecting, migrations, listening for events and the
 //! SQLite data plane's synchronous reads stay in the backends' own modules.
