@@ -41,8 +41,9 @@ use super::{
 };
 use crate::ids::{SubjectKeyId, TenantId};
 
-/// One value bound to a statement's parameter.
-#[derive(Clone, Copy, Debug)]
+/// One value bound to a statement's parameter. No `Debug`: its bytes are
+/// wrapped keys, which never reach a log or a Debug string.
+#[derive(Clone, Copy)]
 pub enum Arg<'a> {
     Text(&'a str),
     MaybeText(Option<&'a str>),
