@@ -11,7 +11,11 @@ use governor::{
     state::{InMemoryState, NotKeyed},
 };
 
-use crate::{error::Error, ids::TenantId};
+use crate::{
+    error::Error,
+    ids::TenantId,
+    observe::metrics::{Refusal, refused},
+};
 
 /// A rate: items per second, and how many may come at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +82,11 @@ impl TenantLimiter {
         }
         let n =
             NonZeroU32::new(u32::try_from(items).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
-        match bucket.limiter.check_n(n) {
+        let checked = bucket.limiter.check_n(n);
+        if !matches!(checked, Ok(Ok(()))) {
+            refused(Refusal::RateLimit);
+        }
+        match checked {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(self.clock.now());

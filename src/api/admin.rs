@@ -10,6 +10,7 @@ use crate::{
     audit::{Entry, Phase},
     auth::{Caller, Permission},
     error::{Dependency, Error},
+    observe::metrics::SHREDS,
     ids::{SubjectId, SubjectIds, TenantId},
     keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
     receipt::{RECEIPT_VERSION, Receipt, ReceiptKind},
@@ -471,6 +472,9 @@ impl pb::admin_server::Admin for AdminService {
                     .into());
                 }
                 let report = self.shared.keys.shred_tenant(&id).await?;
+                if !report.shred.already_shredded {
+                    metrics::counter!(SHREDS, "kind" => "tenant").increment(1);
+                }
                 let shred = &report.shred;
                 let dedicated = report.placement.tier == Tier::Dedicated;
                 let root_key_id = match (&report.placement.root_key, dedicated) {
@@ -528,6 +532,9 @@ impl pb::admin_server::Admin for AdminService {
             let id = TenantId::parse("tenant_id", &r.tenant_id)?;
             let subject = SubjectId::parse("subject_id", &r.subject_id)?;
             let (shred, rule) = self.shared.keys.shred_subject(&id, &subject).await?;
+            if !shred.already_shredded {
+                metrics::counter!(SHREDS, "kind" => "subject").increment(1);
+            }
             let receipt = self.receipt(Receipt {
                 kind: ReceiptKind::Subject,
                 tenant: id.to_string(),

@@ -57,6 +57,8 @@ use tokio::{
 use tokio_util::sync::PollSemaphore;
 use tonic::Status;
 
+use crate::observe::metrics::{Refusal, refused};
+
 mod items;
 #[cfg(test)]
 mod tests;
@@ -257,6 +259,10 @@ impl Framing {
                 }
                 if len <= limit {
                     need = len + MESSAGE_HEADER;
+                } else {
+                    // tonic refuses the message (OUT_OF_RANGE) when it
+                    // decodes it; counted here, once per message.
+                    refused(Refusal::Size);
                 }
                 if len == 0 {
                     break;
@@ -420,6 +426,7 @@ where
                                 sleep.as_mut().reset(due);
                             }
                             ready!(sleep.as_mut().poll(cx));
+                            refused(Refusal::Budget);
                             return Poll::Ready(Some(Err(Box::new(too_slow(*this.min_rate)))));
                         }
                         return Poll::Pending;
@@ -428,6 +435,7 @@ where
             };
             let (took, need) = this.framing.scan(&chunk, *this.limit);
             if this.framing.over {
+                refused(Refusal::Size);
                 let max = this.framing.counter.map_or(0, |c| c.limit);
                 return Poll::Ready(Some(Err(Box::new(super::codec::too_many_items(max)))));
             }

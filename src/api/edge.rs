@@ -42,7 +42,10 @@ use super::{
     Shared,
     budget::{BudgetedBody, Charge, DecodeBudget, FieldCounter, Held, Release},
 };
-use crate::auth::{CallActivity, Caller, Peer, Permission};
+use crate::{
+    auth::{CallActivity, Caller, Peer, Permission},
+    observe::metrics::{Refusal, refused},
+};
 
 /// What the edge knows of a method.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +58,8 @@ pub struct Method {
     pub tenant_scoped: bool,
     /// Whether the client sends a stream of messages.
     pub client_streaming: bool,
+    /// Whether the server sends a stream of messages.
+    pub server_streaming: bool,
     /// Whether the call is a stream either way (its deadline ceiling).
     pub streaming: bool,
     pub service: Service,
@@ -82,6 +87,7 @@ const fn method(
         permission,
         tenant_scoped,
         client_streaming: streams.0,
+        server_streaming: streams.1,
         streaming: streams.0 || streams.1,
         service,
         batch_items: None,
@@ -377,7 +383,9 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// A call's deadline passed: counted as a refusal.
 fn deadline_exceeded() -> Status {
+    refused(Refusal::Deadline);
     Status::deadline_exceeded(
         "the call took longer than its deadline (the client's grpc-timeout or the server's ceiling)",
     )
@@ -577,6 +585,7 @@ mod tests {
                     .find(|m| m.path == path)
                     .unwrap_or_else(|| panic!("{path} is not in METHODS"));
                 assert_eq!(method.client_streaming, client, "{path}");
+                assert_eq!(method.server_streaming, server, "{path}");
                 assert_eq!(method.streaming, client || server, "{path}");
                 path
             })

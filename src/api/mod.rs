@@ -23,6 +23,7 @@ use crate::{
     error::{Dependency, Error},
     ids::TenantId,
     keys::KeyManager,
+    observe::metrics::Refusal,
     rate::TenantLimiter,
     receipt::ReceiptSigner,
 };
@@ -52,6 +53,8 @@ pub struct Shared {
     pub receipts: Arc<ReceiptSigner>,
     /// Stated in erasure receipts: how long keystore backups are kept.
     pub backup_retention: std::time::Duration,
+    /// Per-tenant call counts (`[admin] tenant_metrics`); None: off.
+    pub tenant_metrics: Option<Arc<crate::observe::metrics::TenantLabels>>,
 }
 
 impl Shared {
@@ -100,6 +103,10 @@ impl Shared {
         tenant: Option<&str>,
         error: &Error,
     ) {
+        crate::observe::metrics::refused(match error {
+            Error::Unauthenticated(_) => Refusal::Authentication,
+            _ => Refusal::Authorization,
+        });
         self.counts.refused(
             action,
             tenant,
@@ -123,6 +130,11 @@ impl Shared {
             Ok(_) => "OK",
             Err(status) => status::code_name(status.code()),
         };
+        if let Some(tenants) = &self.tenant_metrics
+            && TenantId::parse("tenant_id", tenant).is_ok()
+        {
+            tenants.record(tenant, action, outcome);
+        }
         // Rate-limit refusals are always counted, never recorded one by one:
         // a tenant flooding past its limit must not flood the log (or wait
         // on its disk) too.

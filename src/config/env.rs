@@ -76,6 +76,10 @@ pub const ENV_AUDIT_COUNT_INTERVAL_SECONDS: &str = "KEYWARDEN_AUDIT_COUNT_INTERV
 
 pub const ENV_CRYPTO_PROVIDER: &str = "KEYWARDEN_CRYPTO_PROVIDER";
 
+pub const ENV_ADMIN_LISTEN: &str = "KEYWARDEN_ADMIN_LISTEN";
+pub const ENV_ADMIN_TENANT_METRICS: &str = "KEYWARDEN_ADMIN_TENANT_METRICS";
+pub const ENV_ADMIN_TENANT_METRICS_MAX: &str = "KEYWARDEN_ADMIN_TENANT_METRICS_MAX";
+
 /// The environment, read through a function (the process environment in
 /// production, a map in tests).
 struct Env<F>(F);
@@ -330,6 +334,15 @@ impl Config {
             v.trim().parse()
         })?;
         env.set(&mut self.audit.data_plane, ENV_AUDIT_DATA_PLANE, choice)?;
+
+        let admin = &mut self.admin;
+        env.set(&mut admin.listen, ENV_ADMIN_LISTEN, str::parse)?;
+        env.set(&mut admin.tenant_metrics, ENV_ADMIN_TENANT_METRICS, choice)?;
+        env.set(
+            &mut admin.tenant_metrics_max,
+            ENV_ADMIN_TENANT_METRICS_MAX,
+            number,
+        )?;
 
         self.apply_tls_env(&env)?;
 

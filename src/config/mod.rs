@@ -74,6 +74,11 @@
 //! [crypto]
 //! provider = "rustcrypto"         # or "aws-lc": AES-256-GCM from AWS-LC (faster; FIPS builds)
 //!
+//! [admin]                         # /live, /ready, /metrics over HTTP; no authentication
+//! listen = "127.0.0.1:7401"       # or "off" (or ""); KEYWARDEN_ADMIN_LISTEN
+//! tenant_metrics = "off"          # "top": per-tenant series for the first tenant_metrics_max
+//! tenant_metrics_max = 20         # tenants seen (1 to 1000); the rest count as tenant="other"
+//!
 //! [store]
 //! backend = "postgres"            # or "sqlite" (the default: a file in data_dir)
 //! url = "postgres://keywarden@db/keywarden"   # secret; or KEYWARDEN_DATABASE_URL
@@ -87,6 +92,7 @@
 //! setting may hold by itself), and a file per group of sections.
 //! [`Config::validate`] checks each setting, then what needs several.
 
+mod admin;
 pub mod env;
 mod kms;
 mod listen;
@@ -103,6 +109,7 @@ use thiserror::Error;
 
 use self::types::{AT_LEAST_ONE, WORKER_THREADS};
 pub use self::{
+    admin::{AdminConfig, AdminListen, DEFAULT_ADMIN_LISTEN, TenantMetrics},
     kms::{KmsConfig, KmsProvider, RegionKey},
     listen::ListenAddr,
     sections::{
@@ -167,6 +174,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub audit: AuditConfig,
     pub crypto: CryptoConfig,
+    /// `[admin]`: the admin listener and per-tenant metrics.
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -185,6 +194,7 @@ impl Default for Config {
             tls: None,
             audit: AuditConfig::default(),
             crypto: CryptoConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -232,6 +242,7 @@ impl Config {
         self.cache.check()?;
         self.kms.check()?;
         self.auth.check()?;
+        self.admin.check()?;
         if !self.crypto.provider.allowed() {
             return Err(ConfigError::new(
                 "crypto.provider",

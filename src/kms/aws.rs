@@ -28,7 +28,7 @@ use aws_sdk_kms::{
 use zeroize::Zeroizing;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
+use crate::{ids::TenantId, observe::metrics, secret::Key256, time::UnixMillis};
 
 /// How to reach AWS KMS and which root keys to use.
 #[derive(Clone, Debug)]
@@ -88,7 +88,11 @@ impl AwsKms {
                 config = config.endpoint_url(url);
             }
             let client = Client::from_conf(config.build());
-            let arn = describe_usable(&client, key, region).await?;
+            // Counted here: the provider is metered only once it is built.
+            let timer = metrics::timed(metrics::KMS_CALLS, metrics::KMS_CALL_SECONDS, "describe");
+            let described = describe_usable(&client, key, region).await;
+            timer.finish(&described);
+            let arn = described?;
             clients.insert(region.clone(), client);
             shared.insert(region.clone(), arn);
         }

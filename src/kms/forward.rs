@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 
 use super::{GeneratedKey, KmsError, RootKeyProvider, WrapContext, WrappedKey};
-use crate::{ids::TenantId, secret::Key256, time::UnixMillis};
+use crate::{ids::TenantId, observe::metrics::Timer, secret::Key256, time::UnixMillis};
 
 /// An asynchronous call on its way to the inner provider, with the binding
 /// it is for.
@@ -29,6 +29,28 @@ pub trait Forward: Send + Sync + 'static {
     /// Runs before `call` is forwarded; an error is answered instead of the
     /// inner provider's.
     fn before(&self, call: Call<'_>) -> impl Future<Output = Result<(), KmsError>> + Send;
+
+    /// Runs once `call` is let through, just before it is forwarded; the
+    /// timer it answers (if any) records the inner call's outcome and
+    /// duration.
+    fn start(&self, _call: Call<'_>) -> Option<Timer> {
+        None
+    }
+}
+
+/// Forwards one call: `before`, then `start`, then the inner call, timed.
+async fn forward<F: Forward + ?Sized, T>(
+    f: &F,
+    call: Call<'_>,
+    inner: impl Future<Output = Result<T, KmsError>>,
+) -> Result<T, KmsError> {
+    f.before(call).await?;
+    let timer = f.start(call);
+    let result = inner.await;
+    if let Some(timer) = timer {
+        timer.finish(&result);
+    }
+    result
 }
 
 #[async_trait]
@@ -42,8 +64,12 @@ impl<F: Forward> RootKeyProvider for F {
     }
 
     async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
-        self.before(Call::ResolveKey).await?;
-        self.inner().resolve_key(key, region).await
+        forward(
+            self,
+            Call::ResolveKey,
+            self.inner().resolve_key(key, region),
+        )
+        .await
     }
 
     async fn create_dedicated_key(
@@ -51,8 +77,12 @@ impl<F: Forward> RootKeyProvider for F {
         tenant: &TenantId,
         region: Option<&str>,
     ) -> Result<String, KmsError> {
-        self.before(Call::CreateDedicatedKey(tenant)).await?;
-        self.inner().create_dedicated_key(tenant, region).await
+        forward(
+            self,
+            Call::CreateDedicatedKey(tenant),
+            self.inner().create_dedicated_key(tenant, region),
+        )
+        .await
     }
 
     async fn generate_data_key(
@@ -60,8 +90,12 @@ impl<F: Forward> RootKeyProvider for F {
         root_key_id: &str,
         ctx: WrapContext<'_>,
     ) -> Result<GeneratedKey, KmsError> {
-        self.before(Call::GenerateDataKey(ctx)).await?;
-        self.inner().generate_data_key(root_key_id, ctx).await
+        forward(
+            self,
+            Call::GenerateDataKey(ctx),
+            self.inner().generate_data_key(root_key_id, ctx),
+        )
+        .await
     }
 
     async fn decrypt(
@@ -69,8 +103,7 @@ impl<F: Forward> RootKeyProvider for F {
         ctx: WrapContext<'_>,
         wrapped: &WrappedKey,
     ) -> Result<Key256, KmsError> {
-        self.before(Call::Decrypt(ctx)).await?;
-        self.inner().decrypt(ctx, wrapped).await
+        forward(self, Call::Decrypt(ctx), self.inner().decrypt(ctx, wrapped)).await
     }
 
     async fn re_encrypt(
@@ -79,8 +112,12 @@ impl<F: Forward> RootKeyProvider for F {
         wrapped: &WrappedKey,
         to_root_key_id: &str,
     ) -> Result<WrappedKey, KmsError> {
-        self.before(Call::ReEncrypt(ctx)).await?;
-        self.inner().re_encrypt(ctx, wrapped, to_root_key_id).await
+        forward(
+            self,
+            Call::ReEncrypt(ctx),
+            self.inner().re_encrypt(ctx, wrapped, to_root_key_id),
+        )
+        .await
     }
 
     async fn schedule_key_deletion(
@@ -88,14 +125,16 @@ impl<F: Forward> RootKeyProvider for F {
         root_key_id: &str,
         waiting_days: u32,
     ) -> Result<UnixMillis, KmsError> {
-        self.before(Call::ScheduleKeyDeletion).await?;
-        self.inner()
-            .schedule_key_deletion(root_key_id, waiting_days)
-            .await
+        forward(
+            self,
+            Call::ScheduleKeyDeletion,
+            self.inner()
+                .schedule_key_deletion(root_key_id, waiting_days),
+        )
+        .await
     }
 
     async fn health(&self) -> Result<(), KmsError> {
-        self.before(Call::Health).await?;
-        self.inner().health().await
+        forward(self, Call::Health, self.inner().health()).await
     }
 }

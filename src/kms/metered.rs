@@ -2,6 +2,10 @@
 //! cost money and are rate-limited per account and region, so these counts
 //! are what capacity planning (docs/SCALING.md) and alerts are about; the
 //! tests use them to prove that the cache absorbs requests.
+//!
+//! Each call is also recorded as `keywarden_kms_calls_total{operation,
+//! outcome}` and `keywarden_kms_call_duration_seconds{operation}` (a call
+//! refused by a hook in front of this one is not a KMS call).
 
 use std::sync::{
     Arc,
@@ -12,6 +16,7 @@ use super::{
     KmsError, RootKeyProvider,
     forward::{Call, Forward},
 };
+use crate::observe::metrics::{KMS_CALL_SECONDS, KMS_CALLS, Timer, timed};
 
 /// Calls made so far, per operation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,5 +84,17 @@ impl Forward for Metered {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn start(&self, call: Call<'_>) -> Option<Timer> {
+        let operation = match call {
+            Call::ResolveKey | Call::Health => "describe",
+            Call::CreateDedicatedKey(_) => "create_key",
+            Call::GenerateDataKey(_) => "generate_data_key",
+            Call::Decrypt(_) => "decrypt",
+            Call::ReEncrypt(_) => "re_encrypt",
+            Call::ScheduleKeyDeletion => "schedule_key_deletion",
+        };
+        Some(timed(KMS_CALLS, KMS_CALL_SECONDS, operation))
     }
 }

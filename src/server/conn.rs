@@ -281,6 +281,8 @@ pub async fn serve_connection<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let accepted = Instant::now();
+    // keywarden_connections_open, from the accept to the close.
+    let _open = crate::observe::metrics::GaugeGuard::new(crate::observe::metrics::CONNECTIONS_OPEN);
     let io: Box<dyn Io> = match tls {
         None => io,
         Some(acceptor) => {

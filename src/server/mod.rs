@@ -46,13 +46,21 @@ use crate::{
         jwt::JwtVerifier,
         tokens::{ADMIN_TOKEN_FILE, ADMIN_TOKEN_NAME, load_or_create_admin_token},
     },
-    config::{AuditSink, AuthConfig, Config, ConfigError, KmsProvider, ServerConfig, StoreBackend},
+    config::{
+        AdminListen, AuditSink, AuthConfig, Config, ConfigError, KmsProvider, ServerConfig,
+        StoreBackend,
+    },
     keys::{KeyManager, KeySettings},
     kms::{
         RootKeyProvider,
         aws::AwsKms,
         local::{LocalRootKey, ROOT_KEY_FILE},
         metered::Metered,
+    },
+    observe::{
+        self,
+        grpc::{GrpcMetrics, MethodLabels},
+        metrics::TenantLabels,
     },
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
@@ -203,8 +211,34 @@ fn open_local_root(dir: &std::path::Path) -> Result<LocalRootKey, StartError> {
 
 /// The sidecar's gRPC service: Crypto, Admin, health and reflection, behind
 /// the edge ([`crate::api::edge`]: authentication on headers, the decode
-/// budget, message size limits and deadlines).
-pub type Service = Edge<Routes>;
+/// budget, message size limits and deadlines), measured outside it
+/// ([`crate::observe::grpc`]: calls refused at the edge count too).
+pub type Service = GrpcMetrics<Edge<Routes>>;
+
+/// The `grpc_server_*` labels of a path the sidecar serves: keywarden's
+/// methods ([`crate::api::edge::METHODS`]), gRPC health and reflection.
+fn method_labels(path: &str) -> Option<MethodLabels> {
+    const OTHERS: [(&str, bool, bool); 3] = [
+        ("/grpc.health.v1.Health/Check", false, false),
+        ("/grpc.health.v1.Health/Watch", false, true),
+        (
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            true,
+            true,
+        ),
+    ];
+    if let Some(m) = crate::api::edge::METHODS.iter().find(|m| m.path == path) {
+        return Some(MethodLabels::from_path(
+            m.path,
+            m.client_streaming,
+            m.server_streaming,
+        ));
+    }
+    OTHERS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|&(p, client, server)| MethodLabels::from_path(p, client, server))
+}
 
 /// The gRPC routes: Crypto, Admin, health and reflection, behind the edge.
 pub async fn routes(shared: Shared) -> Service {
@@ -232,7 +266,7 @@ pub async fn routes(shared: Shared) -> Service {
         )
         .add_service(health_service.max_decoding_message_size(OTHER_MAX_REQUEST_BYTES))
         .add_service(reflection.max_decoding_message_size(OTHER_MAX_REQUEST_BYTES));
-    Edge::new(
+    let edge = Edge::new(
         builder.routes(),
         shared,
         DecodeBudget::new(
@@ -246,7 +280,8 @@ pub async fn routes(shared: Shared) -> Service {
             call_timeout: Duration::from_secs(server.call_timeout_seconds),
             stream_timeout: Duration::from_secs(server.stream_timeout_seconds),
         },
-    )
+    );
+    GrpcMetrics::new(edge, method_labels)
 }
 
 /// A `keywarden.v1.Crypto` service as the sidecar serves it, accepting
@@ -450,6 +485,7 @@ pub fn shared(
         backup_retention: Duration::from_secs(
             u64::from(config.store.backup_retention_days) * 86_400,
         ),
+        tenant_metrics: TenantLabels::new(config.admin.tenant_bound()).map(Arc::new),
     })
 }
 
@@ -457,6 +493,9 @@ pub fn shared(
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let started = Instant::now();
+    // The recorder first, so that start-up's KMS and keystore calls count;
+    // none when the admin listener is off (the macros then do nothing).
+    let metrics = (config.admin.listen != AdminListen::Off).then(observe::metrics::install);
     let backends = open(&config).await?;
     let keys = Arc::new(KeyManager::new(
         backends.root,
@@ -490,9 +529,46 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for addr in &config.listen {
         listeners.push(Listener::bind(addr).await?);
     }
+    let admin = match config.admin.listen {
+        AdminListen::Off => None,
+        AdminListen::Tcp(addr) => {
+            Some(
+                observe::http::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: format!("{addr} (admin.listen)"),
+                        source,
+                    })?,
+            )
+        }
+    };
     let routes = routes(shared).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
+    }
+    // One shutdown for the gRPC listeners and the admin listener.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    if let (Some(listener), Some(metrics)) = (admin, metrics) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(addr = %addr, "admin listener (/live, /ready, /metrics; no authentication)");
+        }
+        let admin = observe::http::Admin {
+            // Readiness (issue 16, H2) plugs in here.
+            ready: observe::http::always_ready(),
+            metrics,
+        };
+        tokio::spawn(observe::http::serve(
+            listener,
+            admin,
+            stopped(stop_rx.clone()),
+        ));
     }
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -501,7 +577,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
+    serve(routes, listeners, tls, &config.server, stopped(stop_rx)).await?;
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
     }

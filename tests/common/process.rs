@@ -23,7 +23,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keywarden");
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A `keywarden` command with a clean environment: no `KEYWARDEN_*` variable
-/// from the caller's shell, info logging, no colour codes in the log.
+/// from the caller's shell, info logging, no colour codes in the log, no
+/// admin listener.
 pub fn keywarden() -> Command {
     command(BIN)
 }
@@ -37,7 +38,12 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
             command.env_remove(name);
         }
     }
-    command.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    // No admin listener unless a test asks for one (KEYWARDEN_ADMIN_LISTEN):
+    // tests run sidecars side by side, and 127.0.0.1:7401 is one port.
+    command
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env("KEYWARDEN_ADMIN_LISTEN", "off");
     command
 }
 

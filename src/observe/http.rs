@@ -1,0 +1,236 @@
+//! The admin listener: plain HTTP/1.1 on `[admin] listen` (by default
+//! 127.0.0.1:7401), for probes and Prometheus, as linkerd2-proxy's admin
+//! server does.
+//!
+//! | request        | answer |
+//! |----------------|--------|
+//! | `GET /live`    | 200 `ok` while the runtime is not wedged: a heartbeat task ticks every second, and /live is 503 once its last tick is older than [`LIVE_BOUND`] |
+//! | `GET /ready`   | 200 or 503 with a JSON body, as the readiness hook says |
+//! | `GET /metrics` | 200, every metric in Prometheus' text format (0.0.4) |
+//! | any other path | 404 |
+//! | not `GET`      | 405, `Allow: GET` |
+//!
+//! **No authentication**: whoever reaches the port reads `/metrics` (no
+//! secret is in it, but tenant ids and traffic are). It listens on loopback
+//! by default; in a pod, bind it to the pod's address only for the kubelet's
+//! probes and Prometheus, and keep it from the rest of the network (a
+//! NetworkPolicy).
+//!
+//! A stranger cannot hold it: at most [`MAX_CONNECTIONS`] connections at
+//! once (more are closed at accept), a request's headers must arrive within
+//! [`HEADER_TIMEOUT`] (also between requests on a kept-alive connection),
+//! headers are at most 16 KiB, and a connection lives at most
+//! [`CONNECTION_LIFETIME`]. Request bodies are never read. It stops when the
+//! sidecar's shutdown starts.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio_util::task::TaskTracker;
+
+/// Whether the sidecar is ready, and the JSON body that says so.
+pub type ReadyHook = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+
+/// A ready hook that always says ready (until readiness is wired in).
+pub fn always_ready() -> ReadyHook {
+    Arc::new(|| (true, r#"{"ready":true}"#.to_owned()))
+}
+
+/// /live is 503 once the heartbeat's last tick is older than this.
+pub const LIVE_BOUND: Duration = Duration::from_secs(10);
+/// How often the heartbeat ticks (and the recorder's upkeep runs).
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Connections served at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 16;
+/// A request's headers must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection is served; then it is closed after its request
+/// in progress.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const MAX_HEADER_BYTES: usize = 16 << 10;
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// What the admin listener serves.
+#[derive(Clone)]
+pub struct Admin {
+    pub ready: ReadyHook,
+    pub metrics: PrometheusHandle,
+}
+
+/// The heartbeat: milliseconds since `base` at the last tick.
+struct Heartbeat {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    fn age(&self) -> Duration {
+        let now = self.base.elapsed();
+        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves; then stops accepting and
+/// closes its connections after their request in progress.
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) {
+    let heartbeat = Arc::new(Heartbeat {
+        base: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let ticker = {
+        let heartbeat = Arc::downgrade(&heartbeat);
+        let handle = admin.metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                let Some(heartbeat) = heartbeat.upgrade() else {
+                    return;
+                };
+                let ms = u64::try_from(heartbeat.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+                heartbeat.last_ms.store(ms, Ordering::Relaxed);
+                n += 1;
+                if n.is_multiple_of(5) {
+                    super::metrics::upkeep(&handle);
+                }
+            }
+        })
+    };
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            // Full: closed at once (dropped).
+            continue;
+        };
+        let (admin, heartbeat, mut stop) = (admin.clone(), heartbeat.clone(), stop_rx.clone());
+        connections.spawn(async move {
+            let _place = place;
+            let service = hyper::service::service_fn(move |request| {
+                let response = answer(&request, &admin, &heartbeat);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+            tokio::pin!(lifetime);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = &mut lifetime, if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = stop.wait_for(|stopped| *stopped), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    connections.close();
+    // Each connection ends after its request in progress, or its header
+    // timeout.
+    let _ = tokio::time::timeout(HEADER_TIMEOUT * 2, connections.wait()).await;
+    ticker.abort();
+}
+
+fn answer(request: &Request<Incoming>, admin: &Admin, heartbeat: &Heartbeat) -> Response<String> {
+    if request.method() != Method::GET {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header(header::ALLOW, "GET")
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body("method not allowed\n".to_owned())
+            .expect("a valid response");
+    }
+    let (status, content_type, body) = match request.uri().path() {
+        "/live" => {
+            let age = heartbeat.age();
+            if age <= LIVE_BOUND {
+                (
+                    StatusCode::OK,
+                    "text/plain; charset=utf-8",
+                    "ok\n".to_owned(),
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!(
+                        "wedged: the heartbeat last ticked {} ms ago\n",
+                        age.as_millis()
+                    ),
+                )
+            }
+        }
+        "/ready" => {
+            let (ready, body) = (admin.ready)();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "application/json", body)
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            super::metrics::render(&admin.metrics),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".to_owned(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
+        .expect("a valid response")
+}

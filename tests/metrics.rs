@@ -1,0 +1,538 @@
+//! The admin listener and the metrics, against the real binary and a real
+//! Prometheus server (Debian's `prometheus`; scripts/test installs it).
+//!
+//! One `keywarden serve` process with AWS KMS (moto behind the fault proxy),
+//! a Prometheus scraping its admin listener every second, a known workload,
+//! then every figure checked through Prometheus' query API.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use keywarden::{
+    api::pb,
+    client::{self, Bearer},
+};
+use secrecy::{ExposeSecret, SecretString};
+use tonic::Code;
+
+use common::{moto, process::Sidecar, proxy::Proxy};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request over a fresh connection: the status and the body.
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).expect("a UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (status, if chunked { dechunk(body) } else { body.to_owned() })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server scraping `target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: &str) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: keywarden\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run prometheus (Debian's `prometheus` package; scripts/test installs it)");
+        let prometheus = Prometheus { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect(&prometheus.addr).is_ok()
+                && http(&prometheus.addr, "GET", "/-/ready").0 == 200
+            {
+                return prometheus;
+            }
+            assert!(Instant::now() < deadline, "prometheus did not start in 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An instant query's samples: labels (as `k=v,...`) to value.
+    fn query(&self, query: &str) -> BTreeMap<String, f64> {
+        let (status, body) = http(
+            &self.addr,
+            "GET",
+            &format!("/api/v1/query?query={}", percent_encode(query)),
+        );
+        assert_eq!(status, 200, "{query}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["status"], "success", "{query}: {body}");
+        json["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|sample| {
+                let labels = sample["metric"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "instance" | "job"))
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let value = sample["value"][1].as_str().unwrap().parse().unwrap();
+                (labels, value)
+            })
+            .collect()
+    }
+
+    /// The value of a query that answers one sample (0 when it answers none).
+    fn value(&self, query: &str) -> f64 {
+        let samples = self.query(query);
+        assert!(samples.len() <= 1, "{query}: {samples:?}");
+        samples.values().next().copied().unwrap_or(0.0)
+    }
+
+    /// Waits until a scrape that started after `after` (Unix seconds) is in.
+    fn wait_for_scrape_after(&self, after: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let at = self.value("timestamp(up{job=\"keywarden\"} == 1)");
+            if at > after {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no scrape after the workload in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn encrypt(tenant: &str, subject: &str, plaintext: &[u8]) -> pb::EncryptRequest {
+    pb::EncryptRequest {
+        tenant_id: tenant.into(),
+        subject_id: subject.into(),
+        plaintext: plaintext.to_vec(),
+        ..Default::default()
+    }
+}
+
+const PLAINTEXT: &[u8] = b"plaintext-sentinel-7c1d9a";
+const SUBJECT: &str = "subject-sentinel-4b2e11";
+const ENCRYPTS: usize = 20;
+const DECRYPTS: usize = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_exactly_what_happened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root_key = moto::create_key("keywarden metrics test").await;
+    let upstream = moto::moto()
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(upstream).await;
+
+    let billing = keywarden::auth::tokens::generate();
+    let tokens = tmp.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"billing\"\nsha256 = \"{}\"\n",
+            hex::encode(keywarden::auth::tokens::hash(billing.expose_secret()))
+        ),
+    )
+    .unwrap();
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[grant]]\nidentity = \"unix\"\nallow = [\"data\"]\ntenants = [\"*\"]\n\
+         [[grant]]\nidentity = \"token:admin\"\nallow = [\"admin\"]\ntenants = [\"*\"]\n\
+         [[grant]]\nidentity = \"token:billing\"\nallow = [\"data\"]\ntenants = [\"acme\"]\n",
+    )
+    .unwrap();
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let endpoint = proxy.endpoint();
+    let sidecar = Sidecar::start_with_env(
+        &tmp.path().join("data"),
+        &tmp.path().join("kw.sock"),
+        &[
+            ("KEYWARDEN_ADMIN_LISTEN", &admin_addr),
+            ("KEYWARDEN_ADMIN_TENANT_METRICS", "top"),
+            ("KEYWARDEN_ADMIN_TENANT_METRICS_MAX", "1"),
+            ("KEYWARDEN_KMS_PROVIDER", "aws"),
+            ("KEYWARDEN_KMS_REGION", moto::REGION),
+            ("KEYWARDEN_KMS_KEY_ID", &root_key),
+            ("KEYWARDEN_KMS_ENDPOINT_URL", &endpoint),
+            ("KEYWARDEN_KMS_MAX_ATTEMPTS", "1"),
+            ("AWS_ACCESS_KEY_ID", "keywarden-test"),
+            ("AWS_SECRET_ACCESS_KEY", "keywarden-test"),
+            ("KEYWARDEN_AUTH_TOKENS_FILE", tokens.to_str().unwrap()),
+            ("KEYWARDEN_AUTH_POLICY_FILE", policy.to_str().unwrap()),
+            ("KEYWARDEN_MAX_PLAINTEXT_BYTES", "1024"),
+            ("KEYWARDEN_MAX_REQUEST_BYTES", "70000"),
+            ("KEYWARDEN_TENANT_ITEMS_PER_SECOND", "1000"),
+            ("KEYWARDEN_TENANT_BURST", "50"),
+        ],
+    );
+    let prometheus = Prometheus::start(tmp.path(), &admin_addr);
+
+    // The workload.
+    let operator = sidecar.client().await;
+    let mut admin = operator.admin();
+    let channel = operator.channel.clone();
+    let mut app = client::crypto(channel.clone(), Bearer::default());
+    for tenant in ["acme", "initech"] {
+        admin
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: tenant.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut ciphertexts = Vec::new();
+    for i in 0..ENCRYPTS {
+        let subject = if i == 0 { SUBJECT } else { "" };
+        let response = app.encrypt(encrypt("acme", subject, PLAINTEXT)).await.unwrap();
+        ciphertexts.push(response.into_inner().ciphertext);
+    }
+    for ciphertext in ciphertexts.iter().skip(1).take(DECRYPTS) {
+        app.decrypt(pb::DecryptRequest {
+            tenant_id: "acme".into(),
+            ciphertext: ciphertext.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    for _ in 0..2 {
+        app.encrypt(encrypt("initech", "", PLAINTEXT)).await.unwrap();
+    }
+    // Refusals: a token nobody issued, a token for another tenant, a
+    // message over the size limit, a batch over the tenant's burst.
+    let bogus = SecretString::from("kwt_not-a-token-sentinel-9f3e".to_owned());
+    let mut stranger = client::crypto(channel.clone(), Bearer::new(Some(&bogus)).unwrap());
+    let status = stranger
+        .encrypt(encrypt("acme", "", PLAINTEXT))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut billing_app = client::crypto(channel.clone(), Bearer::new(Some(&billing)).unwrap());
+    let status = billing_app
+        .encrypt(encrypt("initech", "", PLAINTEXT))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let status = app
+        .encrypt(encrypt("acme", "", &vec![b'x'; 100_000]))
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok, "{status:?}");
+    let status = app
+        .encrypt_batch(pb::EncryptBatchRequest {
+            tenant_id: "acme".into(),
+            items: (0..60)
+                .map(|_| pb::EncryptItem {
+                    plaintext: PLAINTEXT.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // A rotation, a shred.
+    admin
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .shred_subject(pb::ShredSubjectRequest {
+            tenant_id: "acme".into(),
+            subject_id: SUBJECT.into(),
+        })
+        .await
+        .unwrap();
+    // A KMS outage: a new tenant needs a key the KMS cannot make.
+    proxy.set_down(true);
+    let status = admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "globex".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    proxy.set_down(false);
+    drop((app, stranger, billing_app, admin, operator, channel));
+    let done = now_seconds();
+
+    prometheus.wait_for_scrape_after(done);
+    let handled = |method: &str, code: &str| {
+        prometheus.value(&format!(
+            "grpc_server_handled_total{{grpc_method=\"{method}\",grpc_code=\"{code}\"}}"
+        ))
+    };
+    let started = |method: &str| {
+        prometheus.value(&format!(
+            "sum(grpc_server_started_total{{grpc_method=\"{method}\"}})"
+        ))
+    };
+    let timed = |method: &str| {
+        prometheus.value(&format!(
+            "sum(grpc_server_handling_seconds_count{{grpc_method=\"{method}\"}})"
+        ))
+    };
+    let encrypts = (ENCRYPTS + 2) as f64;
+    assert_eq!(handled("Encrypt", "OK"), encrypts);
+    assert_eq!(handled("Encrypt", "UNAUTHENTICATED"), 1.0);
+    assert_eq!(handled("Encrypt", "PERMISSION_DENIED"), 1.0);
+    assert_eq!(handled("Encrypt", "OUT_OF_RANGE"), 1.0);
+    assert_eq!(started("Encrypt"), encrypts + 3.0);
+    assert_eq!(timed("Encrypt"), encrypts + 3.0);
+    assert_eq!(handled("Decrypt", "OK"), DECRYPTS as f64);
+    assert_eq!(started("Decrypt"), DECRYPTS as f64);
+    assert_eq!(handled("EncryptBatch", "RESOURCE_EXHAUSTED"), 1.0);
+    assert_eq!(handled("CreateTenant", "OK"), 2.0);
+    assert_eq!(handled("CreateTenant", "UNAVAILABLE"), 1.0);
+    assert_eq!(handled("RotateTenantKey", "OK"), 1.0);
+    assert_eq!(handled("ShredSubject", "OK"), 1.0);
+    assert_eq!(
+        prometheus.query("grpc_server_started_total{grpc_method=\"Decrypt\"}"),
+        BTreeMap::from([(
+            "__name__=grpc_server_started_total,grpc_method=Decrypt,grpc_service=keywarden.v1.Crypto,grpc_type=unary"
+                .to_owned(),
+            DECRYPTS as f64
+        )])
+    );
+    // Every call: started = handled = timed.
+    assert_eq!(
+        prometheus.value("sum(grpc_server_started_total)"),
+        prometheus.value("sum(grpc_server_handled_total)")
+    );
+    assert_eq!(
+        prometheus.value("sum(grpc_server_started_total)"),
+        prometheus.value("sum(grpc_server_handling_seconds_count)")
+    );
+
+    assert_eq!(
+        prometheus.query("keywarden_refusals_total"),
+        BTreeMap::from(
+            ["authentication", "authorization", "rate_limit", "size"]
+                .map(|r| (format!("__name__=keywarden_refusals_total,reason={r}"), 1.0))
+        )
+    );
+    assert_eq!(
+        prometheus.value("keywarden_shreds_total{kind=\"subject\"}"),
+        1.0
+    );
+    assert_eq!(prometheus.value("keywarden_streams_open"), 0.0);
+
+    // KMS: the calls per operation and outcome, each timed once.
+    let kms = prometheus.query("keywarden_kms_calls_total");
+    eprintln!("KMS calls: {kms:#?}");
+    for (operation, ok, errors) in [
+        // The shared root key resolved at start.
+        ("describe", 1.0, 0.0),
+        // Two tenants (a tenant key and a subject index key each), one
+        // rotation; the first key of the tenant made during the outage.
+        ("generate_data_key", 5.0, 1.0),
+        // Every tenant key stays cached from its creation.
+        ("decrypt", 0.0, 0.0),
+    ] {
+        assert_eq!(
+            prometheus.value(&format!(
+                "keywarden_kms_calls_total{{operation=\"{operation}\",outcome=\"ok\"}}"
+            )),
+            ok,
+            "{operation}"
+        );
+        assert_eq!(
+            prometheus.value(&format!(
+                "keywarden_kms_calls_total{{operation=\"{operation}\",outcome=\"error\"}}"
+            )),
+            errors,
+            "{operation}"
+        );
+    }
+    for (operation, calls) in &kms {
+        let op = operation
+            .split(',')
+            .find_map(|l| l.strip_prefix("operation="))
+            .unwrap();
+        let total = prometheus.value(&format!(
+            "sum(keywarden_kms_calls_total{{operation=\"{op}\"}})"
+        ));
+        assert!(*calls <= total);
+        assert_eq!(
+            prometheus.value(&format!(
+                "keywarden_kms_call_duration_seconds_count{{operation=\"{op}\"}}"
+            )),
+            total,
+            "{op}"
+        );
+    }
+
+    // Per tenant, bounded to one: acme has its series, initech is "other".
+    assert_eq!(
+        prometheus.value(
+            "keywarden_tenant_calls_total{tenant=\"acme\",grpc_method=\"Encrypt\",grpc_code=\"OK\"}"
+        ),
+        ENCRYPTS as f64
+    );
+    assert_eq!(
+        prometheus.value(
+            "keywarden_tenant_calls_total{tenant=\"other\",grpc_method=\"Encrypt\",grpc_code=\"OK\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        prometheus.value("count(keywarden_tenant_calls_total{tenant=\"initech\"})"),
+        0.0
+    );
+
+    assert_eq!(prometheus.value("keywarden_build_info"), 1.0);
+    assert!(prometheus.value("process_resident_memory_bytes") > 0.0);
+    assert!(prometheus.value("process_open_fds") > 0.0);
+
+    // Nothing secret in the text: not the tokens, the subject id or the
+    // plaintext of the workload.
+    let (status, text) = http(&admin_addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let admin_token = std::fs::read_to_string(tmp.path().join("data/admin.token")).unwrap();
+    for secret in [
+        billing.expose_secret(),
+        bogus.expose_secret(),
+        admin_token.trim(),
+        SUBJECT,
+        std::str::from_utf8(PLAINTEXT).unwrap(),
+        "sentinel",
+    ] {
+        assert!(!text.contains(secret), "/metrics holds {secret:?}");
+    }
+}
+
+#[test]
+fn the_admin_listener_answers_its_paths_and_refuses_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let _sidecar = Sidecar::start_with_env(
+        &tmp.path().join("data"),
+        &tmp.path().join("kw.sock"),
+        &[("KEYWARDEN_ADMIN_LISTEN", &admin_addr)],
+    );
+    assert_eq!(http(&admin_addr, "GET", "/live"), (200, "ok\n".to_owned()));
+    assert_eq!(
+        http(&admin_addr, "GET", "/ready"),
+        (200, "{\"ready\":true}".to_owned())
+    );
+    let (status, text) = http(&admin_addr, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("keywarden_build_info{version=\""),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    assert_eq!(http(&admin_addr, "GET", "/nope").0, 404);
+    assert_eq!(http(&admin_addr, "GET", "/metrics/extra").0, 404);
+    for method in ["POST", "PUT", "DELETE", "HEAD"] {
+        assert_eq!(http(&admin_addr, method, "/metrics").0, 405, "{method}");
+    }
+}
+
+#[test]
+fn off_means_no_admin_listener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start_with_env(
+        &tmp.path().join("data"),
+        &tmp.path().join("kw.sock"),
+        &[("KEYWARDEN_ADMIN_LISTEN", "off")],
+    );
+    assert!(!sidecar.log().contains("admin listener"), "{}", sidecar.log());
+}
