@@ -56,7 +56,14 @@ fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(body) } else { body.to_owned() })
+    (
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    )
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -104,7 +111,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -119,7 +129,10 @@ impl Prometheus {
             {
                 return prometheus;
             }
-            assert!(Instant::now() < deadline, "prometheus did not start in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not start in 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -277,7 +290,10 @@ async fn prometheus_scrapes_exactly_what_happened() {
     let mut ciphertexts = Vec::new();
     for i in 0..ENCRYPTS {
         let subject = if i == 0 { SUBJECT } else { "" };
-        let response = app.encrypt(encrypt("acme", subject, PLAINTEXT)).await.unwrap();
+        let response = app
+            .encrypt(encrypt("acme", subject, PLAINTEXT))
+            .await
+            .unwrap();
         ciphertexts.push(response.into_inner().ciphertext);
     }
     for ciphertext in ciphertexts.iter().skip(1).take(DECRYPTS) {
@@ -290,7 +306,9 @@ async fn prometheus_scrapes_exactly_what_happened() {
         .unwrap();
     }
     for _ in 0..2 {
-        app.encrypt(encrypt("initech", "", PLAINTEXT)).await.unwrap();
+        app.encrypt(encrypt("initech", "", PLAINTEXT))
+            .await
+            .unwrap();
     }
     // Refusals: a token nobody issued, a token for another tenant, a
     // message over the size limit, a batch over the tenant's burst.
@@ -459,6 +477,66 @@ async fn prometheus_scrapes_exactly_what_happened() {
         );
     }
 
+    // The keystore: the writes of the workload, no error, each timed once
+    // (reads also come from the policy pass, which runs on its own clock).
+    for (operation, n) in [
+        ("create_tenant", 2.0),
+        ("add_tenant_key", 1.0),
+        ("insert_subject_key", 1.0),
+        ("shred_subject", 1.0),
+    ] {
+        assert_eq!(
+            prometheus.value(&format!(
+                "keywarden_keystore_queries_total{{operation=\"{operation}\",outcome=\"ok\"}}"
+            )),
+            n,
+            "{operation}"
+        );
+    }
+    assert_eq!(
+        prometheus.value("count(keywarden_keystore_queries_total{outcome=\"error\"})"),
+        0.0
+    );
+    assert_eq!(
+        prometheus.value("sum(keywarden_keystore_queries_total)"),
+        prometheus.value("sum(keywarden_keystore_query_duration_seconds_count)")
+    );
+
+    // The caches. Tenant state is cached from its creation: every call
+    // that named a tenant after it is a hit (the encrypts and decrypts,
+    // the batch refused for its rate, and ShredSubject's look at the
+    // tenant's subject id rule). The one subject key is a miss and a load,
+    // then shredded (an eviction); the rotation evicts acme's state.
+    let cache = |family: &str, cache: &str| {
+        prometheus.value(&format!("keywarden_cache_{family}{{cache=\"{cache}\"}}"))
+    };
+    assert_eq!(
+        cache("hits_total", "tenant"),
+        (ENCRYPTS + 2 + DECRYPTS + 1 + 1) as f64
+    );
+    assert_eq!(cache("misses_total", "tenant"), 0.0);
+    assert_eq!(cache("misses_total", "sealing"), 1.0);
+    assert_eq!(cache("loads_total", "sealing"), 1.0);
+    assert_eq!(cache("evictions_total", "sealing"), 1.0);
+    assert_eq!(cache("evictions_total", "tenant"), 1.0);
+    assert_eq!(cache("entries", "tenant"), 2.0);
+    assert_eq!(cache("entries", "sealing"), 0.0);
+
+    // The audit log: five Admin calls, each recorded when asked and when
+    // answered; the data-plane counts are flushed later (every minute).
+    assert_eq!(
+        prometheus.value("keywarden_audit_writes_total{outcome=\"ok\"}"),
+        10.0
+    );
+    assert_eq!(
+        prometheus.value("keywarden_audit_writes_total{outcome=\"error\"}"),
+        0.0
+    );
+    assert_eq!(
+        prometheus.value("keywarden_audit_write_duration_seconds_count"),
+        10.0
+    );
+
     // Per tenant, bounded to one: acme has its series, initech is "other".
     assert_eq!(
         prometheus.value(
@@ -514,10 +592,7 @@ fn the_admin_listener_answers_its_paths_and_refuses_the_rest() {
     );
     let (status, text) = http(&admin_addr, "GET", "/metrics");
     assert_eq!(status, 200);
-    assert!(
-        text.contains("keywarden_build_info{version=\""),
-        "{text}"
-    );
+    assert!(text.contains("keywarden_build_info{version=\""), "{text}");
     assert!(text.contains("process_resident_memory_bytes"), "{text}");
     assert_eq!(http(&admin_addr, "GET", "/nope").0, 404);
     assert_eq!(http(&admin_addr, "GET", "/metrics/extra").0, 404);
@@ -534,5 +609,9 @@ fn off_means_no_admin_listener() {
         &tmp.path().join("kw.sock"),
         &[("KEYWARDEN_ADMIN_LISTEN", "off")],
     );
-    assert!(!sidecar.log().contains("admin listener"), "{}", sidecar.log());
+    assert!(
+        !sidecar.log().contains("admin listener"),
+        "{}",
+        sidecar.log()
+    );
 }

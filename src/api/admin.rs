@@ -10,9 +10,9 @@ use crate::{
     audit::{Entry, Phase},
     auth::{Caller, Permission},
     error::{Dependency, Error},
-    observe::metrics::SHREDS,
     ids::{SubjectId, SubjectIds, TenantId},
     keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
+    observe::metrics::SHREDS,
     receipt::{RECEIPT_VERSION, Receipt, ReceiptKind},
     store::{TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis},
 };

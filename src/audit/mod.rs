@@ -40,6 +40,7 @@ pub use record::{
 };
 
 use crate::{
+    observe::metrics::{AUDIT_WRITE_SECONDS, AUDIT_WRITES, outcome},
     secret::{Key256, load_or_create_key_file},
     time::UnixMillis,
 };
@@ -256,7 +257,18 @@ impl AuditLog {
     /// Appends `entries` in order with one write and one sync (one
     /// transaction in PostgreSQL); answers the last one's hash. All or
     /// nothing, as far as the file system lets a single write be.
+    ///
+    /// Each call is one write in `keywarden_audit_writes_total{outcome}` and
+    /// `keywarden_audit_write_duration_seconds`, however many entries.
     pub async fn record_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
+        let started = std::time::Instant::now();
+        let result = self.write_all(entries).await;
+        metrics::counter!(AUDIT_WRITES, "outcome" => outcome(&result)).increment(1);
+        metrics::histogram!(AUDIT_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn write_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
         // Unchained: `sealed` gives each its place, time and predecessor.
         let body = |entry: &Entry| Body {
             seq: 0,

@@ -45,7 +45,10 @@ use std::{
 use quick_cache::sync::Cache;
 use tokio::time::Instant;
 
-use crate::error::{Dependency, Error, Result};
+use crate::{
+    error::{Dependency, Error, Result},
+    observe::metrics::{CACHE_ENTRIES, CACHE_EVICTIONS, CACHE_HITS, CACHE_LOADS, CACHE_MISSES},
+};
 
 /// How long a reload that failed for an unavailable dependency stands for the
 /// requests behind it before the next one tries the dependency again.
@@ -102,6 +105,8 @@ impl<V: std::fmt::Debug> std::fmt::Debug for Held<V> {
 }
 
 pub struct TtlCache<K, V> {
+    /// The `cache` label of its metrics.
+    name: &'static str,
     inner: Cache<K, Cached<V>>,
     /// Placeholders of the loads in flight: waiting on one is how concurrent
     /// misses share a load. Nothing is ever stored here.
@@ -121,10 +126,12 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
-    pub fn new(limits: CacheLimits) -> Self {
+    /// A cache whose metrics carry `cache="name"`.
+    pub fn new(name: &'static str, limits: CacheLimits) -> Self {
         // quick_cache allocates as entries arrive, not for its capacity.
         let capacity = usize::try_from(limits.max_entries).unwrap_or(usize::MAX);
         Self {
+            name,
             inner: Cache::new(capacity),
             loading: Cache::new(capacity),
             failures: Cache::new(capacity),
@@ -192,8 +199,12 @@ where
         Fut: Future<Output = Result<V>>,
     {
         if let Some(answer) = self.answer(key) {
+            if answer.is_ok() {
+                metrics::counter!(CACHE_HITS, "cache" => self.name).increment(1);
+            }
             return answer;
         }
+        metrics::counter!(CACHE_MISSES, "cache" => self.name).increment(1);
         // Wait for a load in flight, or become the loader. Nothing is put in
         // `loading`, so this ends with the guard; a loader that finishes (or
         // is cancelled) hands it to the next waiter, which looks again first.
@@ -206,6 +217,7 @@ where
             return answer;
         }
         let generation = self.generation.load(Ordering::Acquire);
+        metrics::counter!(CACHE_LOADS, "cache" => self.name).increment(1);
         let outcome = load().await;
         let now = Instant::now();
         let result = match outcome {
@@ -221,6 +233,7 @@ where
                 if self.generation.load(Ordering::Acquire) != generation {
                     self.inner.remove_if(key, |v| Arc::ptr_eq(v, &held));
                 }
+                self.count_entries();
                 Ok(held)
             }
             Err(Error::Unavailable(dependency)) => {
@@ -247,24 +260,49 @@ where
     /// Caches a value made elsewhere (e.g. a key just generated).
     pub fn insert(&self, key: K, value: V) {
         self.inner.insert(key, self.hold(value, Instant::now()));
+        self.count_entries();
     }
 
     /// Drops one entry, and any load of any key in flight now.
     pub fn invalidate(&self, key: &K) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.inner.remove(key);
+        if self.inner.remove(key).is_some() {
+            self.evicted(1);
+        }
     }
 
     /// Drops every entry whose key matches, and any load in flight now.
     pub fn invalidate_if(&self, predicate: impl Fn(&K) -> bool) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.inner.retain(|k, _| !predicate(k));
+        let dropped = AtomicU64::new(0);
+        self.inner.retain(|k, _| {
+            let keep = !predicate(k);
+            dropped.fetch_add(u64::from(!keep), Ordering::Relaxed);
+            keep
+        });
+        self.evicted(dropped.into_inner());
     }
 
     /// Drops every entry, and any load in flight now.
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        let held = self.entry_count();
         self.inner.clear();
+        self.evicted(held);
+    }
+
+    /// Counts `n` entries dropped (invalidated or swept; entries quick_cache
+    /// drops to stay within `max_entries` are not counted) and the entries
+    /// left.
+    fn evicted(&self, n: u64) {
+        if n > 0 {
+            metrics::counter!(CACHE_EVICTIONS, "cache" => self.name).increment(n);
+        }
+        self.count_entries();
+    }
+
+    fn count_entries(&self) {
+        metrics::gauge!(CACHE_ENTRIES, "cache" => self.name).set(self.entry_count() as f64);
     }
 
     /// Drops the entries past their time to live and grace, or unused for
@@ -273,10 +311,15 @@ where
         let now = Instant::now();
         let lifetime = self.ttl + self.stale_if_error;
         let seconds = self.seconds_since_epoch(now);
+        let dropped = AtomicU64::new(0);
         self.inner.retain(|_, held| {
             let unused = seconds.saturating_sub(held.last_used.load(Ordering::Relaxed));
-            self.age(held, now) < lifetime && Duration::from_secs(u64::from(unused)) <= self.tti
+            let keep = self.age(held, now) < lifetime
+                && Duration::from_secs(u64::from(unused)) <= self.tti;
+            dropped.fetch_add(u64::from(!keep), Ordering::Relaxed);
+            keep
         });
+        self.evicted(dropped.into_inner());
         self.failures
             .retain(|_, (at, _)| now.duration_since(*at) < FAILURE_BACKOFF);
     }
@@ -297,12 +340,15 @@ mod tests {
     const GRACE: Duration = Duration::from_secs(30);
 
     fn cache() -> TtlCache<u32, u32> {
-        TtlCache::new(CacheLimits {
-            max_entries: 100,
-            time_to_live: TTL,
-            time_to_idle: Duration::from_secs(3600),
-            stale_if_error: GRACE,
-        })
+        TtlCache::new(
+            "test",
+            CacheLimits {
+                max_entries: 100,
+                time_to_live: TTL,
+                time_to_idle: Duration::from_secs(3600),
+                stale_if_error: GRACE,
+            },
+        )
     }
 
     fn down() -> Error {
@@ -472,12 +518,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_sweep_drops_entries_past_their_lifetime_or_idle_and_keeps_the_rest() {
-        let cache = TtlCache::new(CacheLimits {
-            max_entries: 100,
-            time_to_live: Duration::from_secs(300),
-            time_to_idle: Duration::from_secs(60),
-            stale_if_error: Duration::from_secs(30),
-        });
+        let cache = TtlCache::new(
+            "test",
+            CacheLimits {
+                max_entries: 100,
+                time_to_live: Duration::from_secs(300),
+                time_to_idle: Duration::from_secs(60),
+                stale_if_error: Duration::from_secs(30),
+            },
+        );
         for key in 0..3u32 {
             cache.get_or_load(&key, || async { Ok(key) }).await.unwrap();
         }

@@ -34,7 +34,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper::{Method, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
@@ -138,7 +138,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
         connections.spawn(async move {
             let _place = place;
             let service = hyper::service::service_fn(move |request| {
-                let response = answer(&request, &admin, &heartbeat);
+                let response = answer(request.method(), request.uri().path(), &admin, &heartbeat);
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -179,8 +179,8 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
     ticker.abort();
 }
 
-fn answer(request: &Request<Incoming>, admin: &Admin, heartbeat: &Heartbeat) -> Response<String> {
-    if request.method() != Method::GET {
+fn answer(method: &Method, path: &str, admin: &Admin, heartbeat: &Heartbeat) -> Response<String> {
+    if method != Method::GET {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
             .header(header::ALLOW, "GET")
@@ -188,7 +188,7 @@ fn answer(request: &Request<Incoming>, admin: &Admin, heartbeat: &Heartbeat) -> 
             .body("method not allowed\n".to_owned())
             .expect("a valid response");
     }
-    let (status, content_type, body) = match request.uri().path() {
+    let (status, content_type, body) = match path {
         "/live" => {
             let age = heartbeat.age();
             if age <= LIVE_BOUND {
@@ -233,4 +233,100 @@ fn answer(request: &Request<Incoming>, admin: &Admin, heartbeat: &Heartbeat) -> 
         .header(header::CONTENT_TYPE, content_type)
         .body(body)
         .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(ready: bool) -> Admin {
+        Admin {
+            ready: Arc::new(move || (ready, format!("{{\"ready\":{ready}}}"))),
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+        }
+    }
+
+    fn heartbeat(age: Duration) -> Heartbeat {
+        let base = Instant::now() - Duration::from_secs(3600);
+        let last = Duration::from_secs(3600).saturating_sub(age);
+        Heartbeat {
+            base,
+            last_ms: AtomicU64::new(last.as_millis() as u64),
+        }
+    }
+
+    fn get(path: &str, admin: &Admin, heartbeat: &Heartbeat) -> (StatusCode, String, String) {
+        let response = answer(&Method::GET, path, admin, heartbeat);
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (response.status(), content_type, response.into_body())
+    }
+
+    #[tokio::test]
+    async fn live_is_503_once_the_heartbeat_is_older_than_its_bound() {
+        let admin = admin(true);
+        let fresh = heartbeat(Duration::from_secs(1));
+        assert_eq!(get("/live", &admin, &fresh).0, StatusCode::OK);
+        assert_eq!(get("/live", &admin, &fresh).2, "ok\n");
+        let at_bound = heartbeat(LIVE_BOUND - Duration::from_millis(100));
+        assert_eq!(get("/live", &admin, &at_bound).0, StatusCode::OK);
+        let wedged = heartbeat(LIVE_BOUND + Duration::from_secs(1));
+        let (status, _, body) = get("/live", &admin, &wedged);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.starts_with("wedged: the heartbeat last ticked "),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ready_answers_the_hook_as_json() {
+        let beat = heartbeat(Duration::ZERO);
+        assert_eq!(
+            get("/ready", &admin(true), &beat),
+            (
+                StatusCode::OK,
+                "application/json".into(),
+                r#"{"ready":true}"#.into()
+            )
+        );
+        assert_eq!(
+            get("/ready", &admin(false), &beat),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json".into(),
+                r#"{"ready":false}"#.into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn other_paths_are_404_and_other_methods_405() {
+        let (admin, beat) = (admin(true), heartbeat(Duration::ZERO));
+        for path in ["/", "/nope", "/live/", "/metrics/x"] {
+            assert_eq!(get(path, &admin, &beat).0, StatusCode::NOT_FOUND, "{path}");
+        }
+        for method in [
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+        ] {
+            let response = answer(&method, "/metrics", &admin, &beat);
+            assert_eq!(
+                response.status(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method}"
+            );
+            assert_eq!(response.headers()[header::ALLOW], "GET");
+        }
+        let (status, content_type, _) = get("/metrics", &admin, &beat);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    }
 }

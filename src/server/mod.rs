@@ -66,6 +66,7 @@ use crate::{
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
     store::{
         Keystore, StoreError,
+        metered::MeteredKeystore,
         postgres::{
             PostgresKeystore, PostgresOptions,
             events::{self, Signal},
@@ -167,7 +168,7 @@ pub async fn open(config: &Config) -> Result<Backends, StartError> {
         };
     Ok(Backends {
         root: Arc::new(Metered::new(root)),
-        store,
+        store: Arc::new(MeteredKeystore::new(store)),
         events,
         postgres,
     })

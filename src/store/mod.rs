@@ -8,6 +8,7 @@
 //! records, no SQL.
 
 mod event;
+pub mod metered;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

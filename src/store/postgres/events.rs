@@ -12,6 +12,10 @@ use sqlx::postgres::PgListener;
 use tokio::sync::mpsc::UnboundedSender;
 
 pub use crate::store::Event;
+use crate::{
+    observe::metrics::{INVALIDATION_EVENTS, INVALIDATION_LAG_SECONDS},
+    time::UnixMillis,
+};
 
 /// The PostgreSQL notification channel.
 pub const CHANNEL: &str = "keywarden_events";
@@ -70,8 +74,17 @@ pub async fn listen(url: &str, out: UnboundedSender<Signal>, stop: impl Future<O
                 received = listener.try_recv() => received,
             };
             match received {
-                Ok(Some(notification)) => match Event::decode(notification.payload()) {
-                    Some(event) => apply(event),
+                Ok(Some(notification)) => match Event::decode_timed(notification.payload()) {
+                    Some((event, at)) => {
+                        metrics::counter!(INVALIDATION_EVENTS).increment(1);
+                        if let Some(at) = at {
+                            // Clocks of two hosts: a negative lag is skew.
+                            let lag_ms = (UnixMillis::now().0 - at.0).max(0);
+                            metrics::histogram!(INVALIDATION_LAG_SECONDS)
+                                .record(lag_ms as f64 / 1000.0);
+                        }
+                        apply(event)
+                    }
                     None => tracing::warn!("ignored a malformed keystore event"),
                 },
                 // The connection was lost. Reconnect through the loop above

@@ -159,7 +159,7 @@ impl Backend for PostgresBackend {
     async fn announce(&self, tx: &mut Tx<Self>, event: Event) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
-            .bind(event.encode())
+            .bind(event.encode_at(crate::time::UnixMillis::now()))
             .execute(&mut **tx)
             .await
             .map_err(classify)?;
