@@ -396,3 +396,45 @@ fn only_the_merged_value_is_checked() {
         .unwrap();
     config.validate().unwrap();
 }
+
+#[test]
+fn the_admin_section_from_file_and_environment() {
+    let defaults = Config::default().admin;
+    assert_eq!(
+        defaults.listen,
+        AdminListen::Tcp("127.0.0.1:7401".parse().unwrap())
+    );
+    assert_eq!(defaults.tenant_bound(), None);
+    let mut config =
+        toml("[admin]\nlisten = \"off\"\ntenant_metrics = \"top\"\ntenant_metrics_max = 5\n")
+            .unwrap();
+    assert_eq!(config.admin.listen, AdminListen::Off);
+    assert_eq!(config.admin.tenant_bound(), Some(5));
+    config
+        .apply_env(env(&[
+            ("KEYWARDEN_ADMIN_LISTEN", "0.0.0.0:9000"),
+            ("KEYWARDEN_ADMIN_TENANT_METRICS", "off"),
+        ]))
+        .unwrap();
+    assert_eq!(
+        config.admin.listen,
+        AdminListen::Tcp("0.0.0.0:9000".parse().unwrap())
+    );
+    assert_eq!(config.admin.tenant_bound(), None);
+    config
+        .apply_env(env(&[("KEYWARDEN_ADMIN_LISTEN", "")]))
+        .unwrap();
+    assert_eq!(config.admin.listen, AdminListen::Off);
+    config.validate().unwrap();
+
+    let e = Config::default()
+        .apply_env(env(&[("KEYWARDEN_ADMIN_LISTEN", "unix:/x.sock")]))
+        .unwrap_err();
+    assert_eq!(e.setting, "KEYWARDEN_ADMIN_LISTEN");
+    let e = toml("[admin]\ntenant_metrics_max = 0\n")
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert_eq!(e.setting, "admin.tenant_metrics_max");
+    assert!(toml("[admin]\ntenant_metrics = \"all\"\n").is_err());
+}

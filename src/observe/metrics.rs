@@ -357,3 +357,61 @@ mod tests {
         assert!(TenantLabels::new(None).is_none());
     }
 }
+
+/// The memory a per-tenant series costs, measured (README, "Metrics"):
+/// `cargo test --lib observe::metrics::cost -- --ignored --nocapture`.
+#[cfg(test)]
+mod cost {
+    use super::*;
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn per_tenant_series_memory() {
+        const METHODS: [&str; 7] = [
+            "Encrypt",
+            "Decrypt",
+            "EncryptBatch",
+            "DecryptBatch",
+            "Rewrap",
+            "EncryptStream",
+            "DecryptStream",
+        ];
+        const CODES: [&str; 6] = [
+            "OK",
+            "INVALID_ARGUMENT",
+            "NOT_FOUND",
+            "FAILED_PRECONDITION",
+            "RESOURCE_EXHAUSTED",
+            "UNAVAILABLE",
+        ];
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let tenants = 1000;
+        let labels = TenantLabels::new(Some(tenants)).unwrap();
+        let before = rss_bytes();
+        metrics::with_local_recorder(&recorder, || {
+            for t in 0..tenants {
+                let tenant = format!("tenant-{t:06}-of-a-typical-length");
+                for method in METHODS {
+                    for code in CODES {
+                        labels.record(&tenant, method, code);
+                    }
+                }
+            }
+        });
+        let after = rss_bytes();
+        let series = (tenants * METHODS.len() * CODES.len()) as u64;
+        let text = handle.render();
+        println!(
+            "{series} series: {} bytes of RSS each, {} bytes of /metrics text each",
+            (after - before) / series,
+            text.len() as u64 / series
+        );
+    }
+}
