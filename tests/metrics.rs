@@ -580,10 +580,15 @@ async fn prometheus_scrapes_exactly_what_happened() {
 fn the_admin_listener_answers_its_paths_and_refuses_the_rest() {
     let tmp = tempfile::tempdir().unwrap();
     let admin_addr = format!("127.0.0.1:{}", free_port());
-    let _sidecar = Sidecar::start_with_env(
+    let sidecar = Sidecar::start_with_env(
         &tmp.path().join("data"),
         &tmp.path().join("kw.sock"),
         &[("KEYWARDEN_ADMIN_LISTEN", &admin_addr)],
+    );
+    assert!(
+        sidecar.log().contains("admin listener"),
+        "{}",
+        sidecar.log()
     );
     assert_eq!(http(&admin_addr, "GET", "/live"), (200, "ok\n".to_owned()));
     assert_eq!(
@@ -599,6 +604,10 @@ fn the_admin_listener_answers_its_paths_and_refuses_the_rest() {
     for method in ["POST", "PUT", "DELETE", "HEAD"] {
         assert_eq!(http(&admin_addr, method, "/metrics").0, 405, "{method}");
     }
+    // It stops with the sidecar.
+    let (status, log) = sidecar.terminate();
+    assert!(status.success(), "{status}: {log}");
+    assert!(TcpStream::connect(&admin_addr).is_err());
 }
 
 #[test]

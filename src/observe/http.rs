@@ -20,8 +20,8 @@
 //! once (more are closed at accept), a request's headers must arrive within
 //! [`HEADER_TIMEOUT`] (also between requests on a kept-alive connection),
 //! headers are at most 16 KiB, and a connection lives at most
-//! [`CONNECTION_LIFETIME`]. Request bodies are never read. It stops when the
-//! sidecar's shutdown starts.
+//! [`CONNECTION_LIFETIME`]. Request bodies are never read. The server stops
+//! it once the gRPC listeners have drained, so it answers through a drain.
 
 use std::{
     future::Future,

@@ -547,30 +547,25 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
     }
-    // One shutdown for the gRPC listeners and the admin listener.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stopped| *stopped).await;
-    };
-    if let (Some(listener), Some(metrics)) = (admin, metrics) {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(addr = %addr, "admin listener (/live, /ready, /metrics; no authentication)");
+    // The admin listener serves through the drain (probes and Prometheus
+    // see it), and stops once the gRPC listeners have drained.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = match (admin, metrics) {
+        (Some(listener), Some(metrics)) => {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(addr = %addr, "admin listener (/live, /ready, /metrics; no authentication)");
+            }
+            let admin = observe::http::Admin {
+                // Readiness (issue 16) plugs in here.
+                ready: observe::http::always_ready(),
+                metrics,
+            };
+            Some(tokio::spawn(observe::http::serve(listener, admin, async {
+                let _ = admin_stopped.await;
+            })))
         }
-        let admin = observe::http::Admin {
-            // Readiness (issue 16, H2) plugs in here.
-            ready: observe::http::always_ready(),
-            metrics,
-        };
-        tokio::spawn(observe::http::serve(
-            listener,
-            admin,
-            stopped(stop_rx.clone()),
-        ));
-    }
+        _ => None,
+    };
     tracing::info!(
         data_dir = %config.data_dir.display(),
         crypto_provider = %config.crypto.provider,
@@ -578,7 +573,11 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, tls, &config.server, stopped(stop_rx)).await?;
+    serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
+    let _ = admin_stop.send(());
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
     }
