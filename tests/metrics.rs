@@ -310,6 +310,30 @@ async fn prometheus_scrapes_exactly_what_happened() {
             .await
             .unwrap();
     }
+    // One stream: its status is known only from its trailers.
+    let requests = vec![
+        pb::EncryptStreamRequest {
+            part: Some(pb::encrypt_stream_request::Part::Start(
+                pb::EncryptStreamStart {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                },
+            )),
+        },
+        pb::EncryptStreamRequest {
+            part: Some(pb::encrypt_stream_request::Part::Chunk(PLAINTEXT.to_vec())),
+        },
+    ];
+    let mut responses = app
+        .encrypt_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut envelope = 0;
+    while let Some(response) = responses.message().await.unwrap() {
+        envelope += response.chunk.len();
+    }
+    assert!(envelope > PLAINTEXT.len());
     // Refusals: a token nobody issued, a token for another tenant, a
     // message over the size limit, a batch over the tenant's burst.
     let bogus = SecretString::from("kwt_not-a-token-sentinel-9f3e".to_owned());
@@ -397,6 +421,15 @@ async fn prometheus_scrapes_exactly_what_happened() {
     assert_eq!(handled("Decrypt", "OK"), DECRYPTS as f64);
     assert_eq!(started("Decrypt"), DECRYPTS as f64);
     assert_eq!(handled("EncryptBatch", "RESOURCE_EXHAUSTED"), 1.0);
+    assert_eq!(
+        prometheus.query("grpc_server_handled_total{grpc_method=\"EncryptStream\"}"),
+        BTreeMap::from([(
+            "__name__=grpc_server_handled_total,grpc_code=OK,grpc_method=EncryptStream,\
+             grpc_service=keywarden.v1.Crypto,grpc_type=bidi_stream"
+                .to_owned(),
+            1.0
+        )])
+    );
     assert_eq!(handled("CreateTenant", "OK"), 2.0);
     assert_eq!(handled("CreateTenant", "UNAVAILABLE"), 1.0);
     assert_eq!(handled("RotateTenantKey", "OK"), 1.0);
@@ -503,16 +536,16 @@ async fn prometheus_scrapes_exactly_what_happened() {
     );
 
     // The caches. Tenant state is cached from its creation: every call
-    // that named a tenant after it is a hit (the encrypts and decrypts,
+    // that named a tenant after it is a hit (the encrypts, the stream, the decrypts,
     // the batch refused for its rate, and ShredSubject's look at the
-    // tenant's subject id rule). The one subject key is a miss and a load,
+    // tenant's subject id rule, the stream). The one subject key is a miss and a load,
     // then shredded (an eviction); the rotation evicts acme's state.
     let cache = |family: &str, cache: &str| {
         prometheus.value(&format!("keywarden_cache_{family}{{cache=\"{cache}\"}}"))
     };
     assert_eq!(
         cache("hits_total", "tenant"),
-        (ENCRYPTS + 2 + DECRYPTS + 1 + 1) as f64
+        (ENCRYPTS + 2 + 1 + DECRYPTS + 1 + 1) as f64
     );
     assert_eq!(cache("misses_total", "tenant"), 0.0);
     assert_eq!(cache("misses_total", "sealing"), 1.0);
