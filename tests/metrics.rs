@@ -657,3 +657,66 @@ fn off_means_no_admin_listener() {
         sidecar.log()
     );
 }
+
+/// A sidecar's /metrics text: the value of the one sample named `name`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.split(' ').next() == Some(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn an_event_from_another_sidecar_is_counted_with_its_lag() {
+    let url = common::postgres::fresh_database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_admin, b_admin) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    // Both sidecars share the keystore and (through the database) a root
+    // key they cannot share as files: the tenant is made and shredded on A,
+    // and B only hears of it.
+    let start = |name: &str, admin: &str| {
+        Sidecar::start_with_env(
+            &tmp.path().join(name),
+            &tmp.path().join(format!("{name}.sock")),
+            &[
+                ("KEYWARDEN_ADMIN_LISTEN", admin),
+                ("KEYWARDEN_STORE_BACKEND", "postgres"),
+                ("KEYWARDEN_DATABASE_URL", &url),
+            ],
+        )
+    };
+    let a = start("a", &a_admin);
+    let b = start("b", &b_admin);
+    a.ok(&["tenant", "create", "acme"]);
+    let (_, before) = http(&b_admin, "GET", "/metrics");
+    assert_eq!(sample(&before, "keywarden_invalidation_events_total"), None);
+    a.ok(&["tenant", "shred", "acme", "--confirm", "acme"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = http(&b_admin, "GET", "/metrics");
+        if sample(&text, "keywarden_invalidation_events_total") == Some(1.0) {
+            assert_eq!(
+                sample(&text, "keywarden_invalidation_lag_seconds_count"),
+                Some(1.0),
+                "{text}"
+            );
+            let lag = sample(&text, "keywarden_invalidation_lag_seconds_sum").unwrap();
+            assert!((0.0..10.0).contains(&lag), "{lag}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never counted the event:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A made the change.
+    let (_, text) = http(&a_admin, "GET", "/metrics");
+    assert_eq!(
+        sample(&text, "keywarden_shreds_total{kind=\"tenant\"}"),
+        Some(1.0)
+    );
+}
