@@ -689,7 +689,7 @@ async fn an_event_from_another_sidecar_is_counted_with_its_lag() {
         )
     };
     let a = start("a", &a_admin);
-    let b = start("b", &b_admin);
+    let _b = start("b", &b_admin);
     a.ok(&["tenant", "create", "acme"]);
     let (_, before) = http(&b_admin, "GET", "/metrics");
     assert_eq!(sample(&before, "keywarden_invalidation_events_total"), None);
