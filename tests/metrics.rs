@@ -720,3 +720,74 @@ async fn an_event_from_another_sidecar_is_counted_with_its_lag() {
         Some(1.0)
     );
 }
+
+/// In this test process (not the sidecar processes above): the recorder,
+/// rendered as the admin listener would.
+fn rendered_sample(name: &str) -> Option<f64> {
+    sample(
+        &keywarden::observe::metrics::render(&keywarden::observe::metrics::install()),
+        name,
+    )
+}
+
+#[tokio::test]
+async fn a_call_past_its_deadline_is_a_deadline_refusal() {
+    use common::{Options, TestSidecar, faults::Hooked};
+    keywarden::observe::metrics::install();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let real = common::provider(common::Kms::Local, dir.path(), None).await;
+    // Every KMS Decrypt (a tenant key reloaded) waits 5 s.
+    let slow = std::sync::Arc::new(Hooked {
+        inner: real,
+        before_decrypt: Box::new(|_| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            })
+        }),
+    });
+    let options = Options {
+        server: keywarden::config::ServerConfig {
+            call_timeout_seconds: 1,
+            ..Default::default()
+        },
+        cache: keywarden::config::CacheConfig {
+            ttl_seconds: 1,
+            tti_seconds: 1,
+            ..Default::default()
+        },
+        ..Options::default()
+    };
+    let sidecar = TestSidecar::start_with_root(dir, options, slow).await;
+    sidecar
+        .admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = rendered_sample("keywarden_refusals_total{reason=\"deadline\"}").unwrap_or(0.0);
+    // The tenant's key expires from the cache; its reload waits on KMS
+    // past the call's 1 s ceiling.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let status = sidecar
+        .crypto()
+        .await
+        .encrypt(encrypt("acme", "", PLAINTEXT))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        rendered_sample("keywarden_refusals_total{reason=\"deadline\"}"),
+        Some(before + 1.0)
+    );
+    assert_eq!(
+        rendered_sample(
+            "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"keywarden.v1.Crypto\",grpc_method=\"Encrypt\",grpc_code=\"DEADLINE_EXCEEDED\"}"
+        ),
+        Some(1.0)
+    );
+    sidecar.stop().await;
+}
