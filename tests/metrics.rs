@@ -791,3 +791,55 @@ async fn a_call_past_its_deadline_is_a_deadline_refusal() {
     );
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_slower_than_the_minimum_rate_is_a_budget_refusal() {
+    use common::TestSidecar;
+    keywarden::observe::metrics::install();
+    let sidecar = TestSidecar::start().await;
+    let token = sidecar
+        .admin_token
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let before = rendered_sample("keywarden_refusals_total{reason=\"budget\"}").unwrap_or(0.0);
+    let tcp = tokio::net::TcpStream::connect(sidecar.addr.as_str())
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/keywarden.v1.Crypto/Encrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(request, false).unwrap();
+    // A 1000-byte message announced, none of its bytes sent: after the 5 s
+    // grace the call ends.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xE8]), false)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(15), response)
+        .await
+        .expect("the stalled call ends")
+        .unwrap();
+    let status = match response.headers().get("grpc-status") {
+        Some(status) => status.clone(),
+        None => {
+            let mut data = response.into_body();
+            while data.data().await.is_some() {}
+            data.trailers().await.unwrap().unwrap()["grpc-status"].clone()
+        }
+    };
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert_eq!(
+        rendered_sample("keywarden_refusals_total{reason=\"budget\"}"),
+        Some(before + 1.0)
+    );
+    drop(body);
+    sidecar.stop().await;
+}
