@@ -843,3 +843,64 @@ async fn a_message_slower_than_the_minimum_rate_is_a_budget_refusal() {
     drop(body);
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_and_streams_are_gauged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let sidecar = Sidecar::start_with_env(
+        &tmp.path().join("data"),
+        &tmp.path().join("kw.sock"),
+        &[("KEYWARDEN_ADMIN_LISTEN", &admin_addr)],
+    );
+    let gauges = || {
+        let (_, text) = http(&admin_addr, "GET", "/metrics");
+        (
+            sample(&text, "keywarden_connections_open"),
+            sample(&text, "keywarden_streams_open"),
+        )
+    };
+    let wait_for = |want: (Option<f64>, Option<f64>)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = gauges();
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{got:?}, not {want:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let operator = sidecar.client().await;
+    operator
+        .admin()
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut app = client::crypto(operator.channel.clone(), Bearer::default());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Start(
+            pb::EncryptStreamStart {
+                tenant_id: "acme".into(),
+                ..Default::default()
+            },
+        )),
+    })
+    .unwrap();
+    let mut responses = app
+        .encrypt_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // One connection, one stream open.
+    wait_for((Some(1.0), Some(1.0)));
+    drop(tx);
+    while responses.message().await.unwrap().is_some() {}
+    wait_for((Some(1.0), Some(0.0)));
+    drop((responses, app, operator));
+    wait_for((Some(0.0), Some(0.0)));
+}
