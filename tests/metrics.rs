@@ -904,3 +904,52 @@ async fn open_connections_and_streams_are_gauged() {
     drop((responses, app, operator));
     wait_for((Some(0.0), Some(0.0)));
 }
+
+#[tokio::test]
+async fn the_policy_pass_counts_its_rotations_and_destroyed_versions() {
+    use common::{Options, TestSidecar, tokio_clock};
+    const DAY: u64 = 86_400;
+    keywarden::observe::metrics::install();
+    let action = |a: &str| {
+        rendered_sample(&format!("keywarden_policy_actions_total{{action=\"{a}\"}}")).unwrap_or(0.0)
+    };
+    let sidecar = TestSidecar::start_with(Options {
+        clock: Some(tokio_clock()),
+        policy_interval: Some(Duration::from_secs(60)),
+        ..Options::default()
+    })
+    .await;
+    sidecar
+        .admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                rotation_period_seconds: DAY,
+                retention_seconds: DAY,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (action("rotation"), action("version_destroyed")),
+        (0.0, 0.0)
+    );
+    // A day later the pass rotates; version 1, a day old and no longer
+    // primary, is past its retention and destroyed.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(DAY + 120)).await;
+    tokio::time::resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (action("rotation"), action("version_destroyed")) != (1.0, 1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            (action("rotation"), action("version_destroyed"))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sidecar.stop().await;
+}
