@@ -556,11 +556,24 @@ fn the_dashboard_charts_every_area_with_only_keywarden_metrics() {
 
     let mut exprs = Vec::new();
     let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         assert!(
             ids.insert(panel["id"].as_u64().unwrap()),
             "panel ids are unique"
         );
+        // On Grafana's 24-column grid, no two panels on one cell.
+        let grid = |k: &str| panel["gridPos"][k].as_u64().unwrap();
+        assert!(grid("x") + grid("w") <= 24, "{}", panel["title"]);
+        for y in grid("y")..grid("y") + grid("h") {
+            for x in grid("x")..grid("x") + grid("w") {
+                assert!(
+                    cells.insert((x, y)),
+                    "{} overlaps another panel",
+                    panel["title"]
+                );
+            }
+        }
         if panel["type"] == "row" {
             continue;
         }
