@@ -10,6 +10,11 @@
 //!   capabilities, RuntimeDefault seccomp), keywarden is a native sidecar
 //!   with its probes on the admin port, and each overlay's keywarden.toml
 //!   and environment make a configuration that keywarden itself accepts.
+//! - The sidecar runs as its container would (the image's `keywarden serve`,
+//!   the container's args and environment, the rendered keywarden.toml) and
+//!   the CLI reaches it over the socket as `kubectl exec` would: dev on the
+//!   embedded default; production on a real PostgreSQL and moto's KMS, after
+//!   the migration README describes.
 //! - The Prometheus rules pass `promtool check rules` and their unit tests
 //!   (`promtool test rules`); every alert has a runbook and is tested both
 //!   firing and not firing.
@@ -17,15 +22,17 @@
 //!   rule's, names only metrics keywarden exports.
 //!
 //! The tools come from the test virtualenv ($KEYWARDEN_TEST_PYTHON's
-//! directory: hadolint, kubernetes-validate, PyYAML) and from PATH (kubectl,
-//! promtool). A missing tool fails the test with what installs it; nothing
-//! is skipped.
+//! directory: hadolint, kubernetes-validate, PyYAML, moto) and from PATH
+//! (kubectl, promtool). A missing tool fails the test with what installs
+//! it; nothing is skipped.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
+
+mod common;
 
 use keywarden::config::{AuditSink, Config, KmsProvider, StoreBackend};
 use serde_json::Value;
@@ -473,6 +480,82 @@ fn the_production_overlay_takes_the_database_url_from_a_secret_and_kms_through_i
     );
 }
 
+/// The dev overlay's configuration starts the real sidecar, and the CLI with
+/// the image's environment (KEYWARDEN_ADDR, KEYWARDEN_DATA_DIR) reaches it
+/// over the socket with the admin token it finds there: README's
+/// `kubectl exec ... -c keywarden -- keywarden tenant create acme`, run
+/// here as processes (in temporary directories instead of the pod's
+/// volumes).
+#[test]
+fn the_dev_configuration_serves_the_cli_over_the_unix_socket() {
+    let docs = documents("dev");
+    let sidecar = Sidecar::start(&docs, &[]);
+    sidecar.round_trip();
+    // The embedded default's files, where the pod's emptyDir holds them.
+    for file in ["root.key", "admin.token", "receipt.key"] {
+        assert!(
+            sidecar.data.join(file).is_file(),
+            "{file} in the data directory"
+        );
+    }
+    assert!(
+        sidecar.log().contains("development"),
+        "the sidecar warns that the local root key is for development"
+    );
+}
+
+/// The production overlay's configuration, with the pod's environment,
+/// serves from a real PostgreSQL keystore and a KMS API server (moto) with
+/// the key alias it names, once the schema is migrated as README says: one
+/// sidecar with migrations on, then the sidecars with `store.migrate =
+/// false`. IRSA's part (AWS credentials from a web-identity token) is
+/// replaced by static credentials; moto accepts any.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_production_configuration_serves_from_postgres_and_kms() {
+    let docs = documents("production");
+    let config = keywarden_config(&docs, &{
+        let mut vars = env(&docs_keywarden(&docs));
+        vars.insert("KEYWARDEN_DATABASE_URL".into(), "postgres://x@y/z".into());
+        vars
+    });
+    let key = common::moto::create_key("tests/deploy.rs").await;
+    common::moto::client(&common::moto::moto().endpoint)
+        .await
+        .create_alias()
+        .alias_name(config.kms.key_id.as_deref().unwrap())
+        .target_key_id(&key)
+        .send()
+        .await
+        .expect("create the alias keywarden.toml names");
+    assert_eq!(config.kms.region.as_deref(), Some(common::moto::REGION));
+    let url = common::postgres::fresh_database().await;
+    let endpoint = common::moto::moto().endpoint.clone();
+    tokio::task::spawn_blocking(move || {
+        let vars = [
+            ("KEYWARDEN_DATABASE_URL", url.as_str()),
+            ("KEYWARDEN_KMS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "keywarden-test"),
+            ("AWS_SECRET_ACCESS_KEY", "keywarden-test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ];
+        // As configured, on an empty database: refused, naming the cause.
+        let mut unmigrated = Sidecar::start(&docs, &vars);
+        let status = unmigrated.wait_exit();
+        assert!(!status.success());
+        assert!(
+            unmigrated.log().contains("not migrated"),
+            "{}",
+            unmigrated.log()
+        );
+        // The migration, then the sidecar as configured.
+        let migrate = [vars.as_slice(), &[("KEYWARDEN_STORE_MIGRATE", "true")]].concat();
+        Sidecar::start(&docs, &migrate).round_trip();
+        Sidecar::start(&docs, &vars).round_trip_as("globex");
+    })
+    .await
+    .unwrap();
+}
+
 // ---- Prometheus and Grafana ----
 
 #[test]
@@ -744,6 +827,154 @@ fn run(command: &mut Command) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// A command with no `KEYWARDEN_*` variable from the test's environment.
+fn clean_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KEYWARDEN_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    command
+}
+
+/// The keywarden container of a rendered overlay.
+fn docs_keywarden(docs: &[Value]) -> Value {
+    one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0].clone()
+}
+
+/// The sidecar as its container runs it: the image's `keywarden serve`, the
+/// container's args and environment, the rendered keywarden.toml; its data
+/// and socket directories temporary ones. Killed when dropped.
+struct Sidecar {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    socket: String,
+}
+
+impl Sidecar {
+    fn start(docs: &[Value], vars: &[(&str, &str)]) -> Self {
+        let keywarden = docs_keywarden(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keywarden.toml");
+        let text = one(docs, "ConfigMap")["data"]["keywarden.toml"]
+            .as_str()
+            .unwrap();
+        std::fs::write(&config, text).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        let socket = format!("unix:{}", dir.path().join("run/keywarden.sock").display());
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+
+        let mut serve = clean_command(env!("CARGO_BIN_EXE_keywarden"));
+        serve.envs(env(&keywarden));
+        serve.envs(vars.iter().copied());
+        // The image's ENTRYPOINT, then the container's args.
+        serve.arg("serve");
+        for arg in keywarden["args"].as_array().unwrap() {
+            let arg = arg.as_str().unwrap();
+            if arg == "/etc/keywarden/keywarden.toml" {
+                serve.arg(&config);
+            } else {
+                serve.arg(arg);
+            }
+        }
+        serve
+            .env("KEYWARDEN_DATA_DIR", &data)
+            .env("KEYWARDEN_LISTEN", &socket)
+            // Not the pod's 0.0.0.0:7401: tests run side by side on one host.
+            .env("KEYWARDEN_ADMIN_LISTEN", "off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = serve.spawn().expect("start keywarden serve");
+        Self {
+            child,
+            dir,
+            data,
+            socket,
+        }
+    }
+
+    fn log(&self) -> String {
+        read(&self.dir.path().join("serve.log"))
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sidecar did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The CLI as `kubectl exec ... -c keywarden -- keywarden ARGS` runs
+    /// it: the image's KEYWARDEN_ADDR and KEYWARDEN_DATA_DIR.
+    fn cli(&self, args: &[&str]) -> Output {
+        clean_command(env!("CARGO_BIN_EXE_keywarden"))
+            .args(args)
+            .env("KEYWARDEN_ADDR", &self.socket)
+            .env("KEYWARDEN_DATA_DIR", &self.data)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn round_trip(&self) {
+        self.round_trip_as("acme");
+    }
+
+    /// Creates `tenant` (retrying while the sidecar starts), encrypts and
+    /// decrypts with it.
+    fn round_trip_as(&self, tenant: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let created = self.cli(&["tenant", "create", tenant]);
+            if created.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "keywarden tenant create {tenant} kept failing: {}\nthe sidecar's log:\n{}",
+                String::from_utf8_lossy(&created.stderr),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let sealed = self.cli(&["encrypt", "--tenant", tenant, "ada@example.com"]);
+        assert!(
+            sealed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sealed.stderr)
+        );
+        let ciphertext = String::from_utf8(sealed.stdout).unwrap();
+        assert!(ciphertext.starts_with("kw1:"), "{ciphertext}");
+        let opened = self.cli(&["decrypt", "--tenant", tenant, ciphertext.trim()]);
+        assert!(
+            opened.status.success(),
+            "{}",
+            String::from_utf8_lossy(&opened.stderr)
+        );
+        assert_eq!(opened.stdout, b"ada@example.com");
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `kubectl kustomize` of an overlay.
