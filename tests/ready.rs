@@ -72,6 +72,18 @@ impl Sidecar {
         cache: CacheConfig,
         settings: ReadySettings,
     ) -> Self {
+        let audit = Arc::new(AuditLog::open(dir.path()).unwrap());
+        Self::start_with_audit(dir, store, provider, cache, settings, audit).await
+    }
+
+    async fn start_with_audit(
+        dir: Arc<TempDir>,
+        store: Arc<dyn Keystore>,
+        provider: Arc<dyn RootKeyProvider>,
+        cache: CacheConfig,
+        settings: ReadySettings,
+        audit: Arc<AuditLog>,
+    ) -> Self {
         let root = Arc::new(Metered::new(provider));
         let keys = Arc::new(KeyManager::new(
             root.clone(),
@@ -82,7 +94,6 @@ impl Sidecar {
                 provider: Default::default(),
             },
         ));
-        let audit = Arc::new(AuditLog::open(dir.path()).unwrap());
         let readiness = Readiness::start(
             ReadyParts {
                 store,
@@ -548,5 +559,54 @@ async fn notes_appear_in_the_body_and_do_not_change_readiness() {
     );
     sidecar.readiness.set_note("tls", None);
     assert!(sidecar.readiness.report().body.ends_with(r#""notes":{}}"#));
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_audit_write_makes_the_sidecar_not_ready() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    // Every write to /dev/full fails (ENOSPC), as on a full disk.
+    let full = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/full")
+        .unwrap();
+    let audit = Arc::new(AuditLog::with_file(dir.path(), full).unwrap());
+    let sidecar = Sidecar::start_with_audit(
+        dir.clone(),
+        sqlite(&dir).await,
+        common::provider(Kms::Local, dir.path(), None).await,
+        CacheConfig::default(),
+        settings(Duration::ZERO),
+        audit,
+    )
+    .await;
+    // Nothing written yet: ready.
+    eventually(Duration::from_secs(5), "ready at start", || async {
+        sidecar.readiness.report().ready
+    })
+    .await;
+    // An admin call's first record fails: the call is refused (fail closed),
+    // and from then on the sidecar is not ready, at once.
+    let refused = client::admin(sidecar.channel().await, sidecar.bearer())
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let report = sidecar.readiness.report();
+    assert!(!report.ready);
+    assert_eq!(
+        report.body,
+        r#"{"ready":false,"checks":{"keystore":"ok","root_key":"ok","audit":"failing: write","draining":false},"notes":{}}"#
+    );
+    // gRPC health follows within a keystore interval: every service.
+    eventually(
+        Duration::from_secs(2),
+        "gRPC health NOT_SERVING",
+        || async { sidecar.statuses().await == [ServingStatus::NotServing; 3] },
+    )
+    .await;
     sidecar.stop().await;
 }
