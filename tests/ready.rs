@@ -610,3 +610,77 @@ async fn a_failed_audit_write_makes_the_sidecar_not_ready() {
     .await;
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_sidecar_makes_no_kms_call_of_its_own_for_readiness() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let s = settings(Duration::ZERO);
+    let sidecar = Sidecar::start(
+        dir.clone(),
+        sqlite(&dir).await,
+        common::provider(Kms::Local, dir.path(), None).await,
+        CacheConfig::default(),
+        s,
+    )
+    .await;
+    eventually(Duration::from_secs(5), "ready at start", || async {
+        sidecar.readiness.report().ready
+    })
+    .await;
+    // Calls succeed more often than the root key is checked (every 300 ms):
+    // the checks count them and call DescribeKey (Health) no more.
+    sidecar.create_tenant("t0").await;
+    let describes = sidecar.root.counts().describe;
+    for i in 1..15 {
+        sidecar.create_tenant(&format!("t{i}")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sidecar.root.counts().describe, describes);
+    assert!(sidecar.readiness.report().ready);
+    // Idle: the check calls Health again within an interval or two.
+    eventually(
+        bound(s.root_key_interval, s.root_key_timeout),
+        "a health call when idle",
+        || async { sidecar.root.counts().describe > describes },
+    )
+    .await;
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_kms_call_has_the_root_key_checked_at_once_not_at_the_next_interval() {
+    let proxy = Proxy::start(moto_addr()).await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let provider = common::provider(Kms::Aws, dir.path(), Some(&proxy.endpoint())).await;
+    let store = sqlite(&dir).await;
+    let s = ReadySettings {
+        root_key_interval: Duration::from_secs(600),
+        ..settings(Duration::ZERO)
+    };
+    let sidecar = Sidecar::start(dir, store, provider, CacheConfig::default(), s).await;
+    eventually(Duration::from_secs(10), "ready at start", || async {
+        sidecar.readiness.report().ready
+    })
+    .await;
+    // Let the start's check run its course, so that the next is the
+    // triggered one.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    proxy.set_down(true);
+    let refused = client::admin(sidecar.channel().await, sidecar.bearer())
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // Within the poll (1 s) and the check's timeout: far before 600 s.
+    eventually(
+        Duration::from_secs(1) + s.root_key_timeout + Duration::from_secs(1),
+        "not ready soon after a KMS call failed",
+        || async { !sidecar.readiness.report().ready },
+    )
+    .await;
+    sidecar.stop().await;
+}

@@ -53,6 +53,10 @@ pub struct Metered {
     /// Nanoseconds from `epoch` to the end of the last successful call,
     /// plus one; 0: none yet.
     last_success: AtomicU64,
+    /// The same for the last call that failed because the provider could
+    /// not be reached or failed ([`KmsError::Unavailable`],
+    /// [`KmsError::Failed`]); refusals and unusable keys are answers.
+    last_failure: AtomicU64,
 }
 
 impl Metered {
@@ -62,16 +66,27 @@ impl Metered {
             counters: Counters::default(),
             epoch: Instant::now(),
             last_success: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
+        }
+    }
+
+    fn at(&self, stamp: &AtomicU64) -> Option<Instant> {
+        match stamp.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
         }
     }
 
     /// When a call through this provider last succeeded (any operation,
     /// including the health check), if one has.
     pub fn last_success(&self) -> Option<Instant> {
-        match self.last_success.load(Ordering::Relaxed) {
-            0 => None,
-            n => Some(self.epoch + Duration::from_nanos(n - 1)),
-        }
+        self.at(&self.last_success)
+    }
+
+    /// When a call through this provider last failed for want of the
+    /// provider (unreachable, or failing), if one has.
+    pub fn last_failure(&self) -> Option<Instant> {
+        self.at(&self.last_failure)
     }
 
     pub fn counts(&self) -> KmsCallCounts {
@@ -108,9 +123,14 @@ impl Forward for Metered {
     }
 
     fn after(&self, _call: Call<'_>, outcome: Result<(), &KmsError>) {
-        if outcome.is_ok() {
-            let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
-            self.last_success.fetch_max(nanos + 1, Ordering::Relaxed);
-        }
+        let stamp = match outcome {
+            Ok(()) => &self.last_success,
+            Err(KmsError::Unavailable(_) | KmsError::Failed(_)) => &self.last_failure,
+            Err(KmsError::Refused | KmsError::Unsupported(_) | KmsError::KeyNotUsable(_)) => {
+                return;
+            }
+        };
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        stamp.fetch_max(nanos + 1, Ordering::Relaxed);
     }
 }

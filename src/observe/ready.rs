@@ -8,15 +8,17 @@
 //!   [`ReadySettings::keystore_interval`] (default 5 s), failing after
 //!   [`ReadySettings::keystore_timeout`] (default 2 s).
 //! - **root_key**: the root-key provider answers, or the key cache may still
-//!   serve: every [`ReadySettings::root_key_interval`] (default 30 s), the
-//!   check passes without any call if a call through the provider succeeded
-//!   within the last interval (a busy sidecar makes no extra KMS call);
-//!   otherwise it calls [`RootKeyProvider::health`] (AWS KMS: DescribeKey),
-//!   failing after [`ReadySettings::root_key_timeout`] (default 5 s). When it
-//!   fails, the check still passes (`"stale: ..."`) until
-//!   `cache.stale_if_error_seconds` have passed since the last successful
-//!   call, the grace during which the cache serves expired keys; a
-//!   successful data-plane call after the failure passes it at once.
+//!   serve: every [`ReadySettings::root_key_interval`] (default 30 s), and
+//!   within a second of a call failing for want of the provider while the
+//!   check passed. The check passes without any call if a call through the
+//!   provider succeeded within the last interval with none failing since (a
+//!   busy sidecar makes no extra KMS call); otherwise it calls
+//!   [`RootKeyProvider::health`] (AWS KMS: DescribeKey), failing after
+//!   [`ReadySettings::root_key_timeout`] (default 5 s). When it fails, the
+//!   check still passes (`"stale: ..."`) until `cache.stale_if_error_seconds`
+//!   have passed since the last successful call, the grace during which the
+//!   cache serves expired keys; a call that succeeds after the failure
+//!   passes it at once.
 //! - **audit**: the last audit write succeeded ([`AuditLog::writable`]).
 //!   Read at each report: no interval.
 //! - **draining**: [`Readiness::start_drain`] was called. At each report.
@@ -374,11 +376,13 @@ impl Readiness {
     }
 
     async fn check_root_key(&self) {
-        let recent = self
-            .parts
-            .root
-            .last_success()
-            .is_some_and(|last| last.elapsed() < self.settings.root_key_interval);
+        // A call that succeeded within the interval, with none failing since,
+        // proves the provider answers: no call of our own.
+        let root = &self.parts.root;
+        let recent = root.last_success().is_some_and(|last| {
+            last.elapsed() < self.settings.root_key_interval
+                && root.last_failure().is_none_or(|failed| failed < last)
+        });
         let outcome = if recent {
             Ok(())
         } else {
@@ -454,20 +458,46 @@ async fn keystore_checks(readiness: Weak<Readiness>) {
     }
 }
 
-/// Checks the root key now and every interval.
+/// How often the root-key loop looks whether a check is due (no I/O).
+const ROOT_KEY_POLL: Duration = Duration::from_secs(1);
+
+/// Checks the root key now, then whenever due: every interval, and at once
+/// (within [`ROOT_KEY_POLL`]) when a call failed for want of the provider
+/// while the check passed.
 async fn root_key_checks(readiness: Weak<Readiness>) {
-    let every = match readiness.upgrade() {
-        Some(r) => r.settings.root_key_interval,
+    let (every, poll) = match readiness.upgrade() {
+        Some(r) => (
+            r.settings.root_key_interval,
+            r.settings.root_key_interval.min(ROOT_KEY_POLL),
+        ),
         None => return,
     };
-    let mut ticks = tokio::time::interval(every);
+    let mut ticks = tokio::time::interval(poll);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check: Option<Instant> = None;
     loop {
         ticks.tick().await;
         let Some(readiness) = readiness.upgrade() else {
             return;
         };
-        readiness.check_root_key().await;
+        let due = match last_check {
+            None => true,
+            Some(last) if last.elapsed() >= every => true,
+            Some(last) => {
+                let passing =
+                    readiness.state.lock().expect("readiness state").root_key == Check::Ok;
+                passing
+                    && readiness
+                        .parts
+                        .root
+                        .last_failure()
+                        .is_some_and(|f| f > last)
+            }
+        };
+        if due {
+            last_check = Some(Instant::now());
+            readiness.check_root_key().await;
+        }
     }
 }
 
