@@ -36,6 +36,14 @@ use tonic_health::pb::{
 const CRYPTO: &str = "keywarden.v1.Crypto";
 const ADMIN: &str = "keywarden.v1.Admin";
 
+#[test]
+fn readiness_names_the_services_as_the_wire_does() {
+    use keywarden::observe::ready::{ADMIN_SERVICE, CRYPTO_SERVICE};
+    assert_eq!(CRYPTO_SERVICE, pb::crypto_server::SERVICE_NAME);
+    assert_eq!(ADMIN_SERVICE, pb::admin_server::SERVICE_NAME);
+    assert_eq!((CRYPTO, ADMIN), (CRYPTO_SERVICE, ADMIN_SERVICE));
+}
+
 /// Intervals short enough for a test; the bounds below follow from them.
 fn settings(stale_if_error: Duration) -> ReadySettings {
     ReadySettings {

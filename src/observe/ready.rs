@@ -48,11 +48,17 @@ use tokio::{sync::watch, time::Instant};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::pb,
     audit::AuditLog,
     kms::{KmsError, RootKeyProvider, metered::Metered},
     store::{Keystore, StoreError},
 };
+
+/// The Crypto service's name in gRPC health (`keywarden.v1.Crypto`; named
+/// here, not taken from the generated code, so that this module needs
+/// nothing of the wire: tests/ready.rs checks that they agree).
+pub const CRYPTO_SERVICE: &str = "keywarden.v1.Crypto";
+/// The Admin service's name in gRPC health.
+pub const ADMIN_SERVICE: &str = "keywarden.v1.Admin";
 
 /// How often each dependency is checked, and how long a check may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +104,13 @@ enum Check {
         category: &'static str,
         since: Instant,
     },
+}
+
+/// The checks that run in the background.
+#[derive(Clone, Copy)]
+enum Which {
+    Keystore,
+    RootKey,
 }
 
 /// The checks' cached outcomes.
@@ -330,12 +343,12 @@ impl Readiness {
     }
 
     /// Records a check's outcome, logging a change.
-    fn record(&self, name: &'static str, outcome: Result<(), &'static str>) {
+    fn record(&self, which: Which, outcome: Result<(), &'static str>) {
         let now = Instant::now();
         let mut state = self.state.lock().expect("readiness state");
-        let slot = match name {
-            "keystore" => &mut state.keystore,
-            _ => &mut state.root_key,
+        let (name, slot) = match which {
+            Which::Keystore => ("keystore", &mut state.keystore),
+            Which::RootKey => ("root_key", &mut state.root_key),
         };
         let next = match (outcome, *slot) {
             (Ok(()), _) => Check::Ok,
@@ -372,7 +385,7 @@ impl Readiness {
                 }
                 Err(_) => Err("timeout"),
             };
-        self.record("keystore", outcome);
+        self.record(Which::Keystore, outcome);
     }
 
     async fn check_root_key(&self) {
@@ -397,7 +410,7 @@ impl Readiness {
                 Err(_) => Err("timeout"),
             }
         };
-        self.record("root_key", outcome);
+        self.record(Which::RootKey, outcome);
     }
 }
 
@@ -429,13 +442,10 @@ async fn apply(health: &HealthReporter, verdicts: &Verdicts) {
         .set_service_status("", status(verdicts.ready()))
         .await;
     health
-        .set_service_status(pb::crypto_server::SERVICE_NAME, status(verdicts.ready()))
+        .set_service_status(CRYPTO_SERVICE, status(verdicts.ready()))
         .await;
     health
-        .set_service_status(
-            pb::admin_server::SERVICE_NAME,
-            status(verdicts.admin_ready()),
-        )
+        .set_service_status(ADMIN_SERVICE, status(verdicts.admin_ready()))
         .await;
 }
 
