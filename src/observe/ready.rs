@@ -131,6 +131,9 @@ pub struct Readiness {
     changed: watch::Sender<()>,
     /// gRPC health, once [`Readiness::follow`] was called.
     health: OnceLock<HealthReporter>,
+    /// Held while verdicts are taken and set in gRPC health, so that a
+    /// verdict taken before a drain is never set after the drain's.
+    applying: tokio::sync::Mutex<()>,
 }
 
 /// A report: whether ready, and the body to answer `/ready` with.
@@ -241,6 +244,7 @@ impl Readiness {
             notes: Mutex::new(BTreeMap::new()),
             changed: watch::Sender::new(()),
             health: OnceLock::new(),
+            applying: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -292,8 +296,14 @@ impl Readiness {
     pub async fn drain(&self) {
         self.start_drain();
         if let Some(health) = self.health.get() {
-            apply(health, &self.verdicts()).await;
+            self.apply(health).await;
         }
+    }
+
+    /// Sets gRPC health from the verdicts now.
+    async fn apply(&self, health: &HealthReporter) {
+        let _applying = self.applying.lock().await;
+        set_health(health, &self.verdicts()).await;
     }
 
     /// Sets (or with `None` clears) a note shown in the body under `notes`
@@ -310,18 +320,16 @@ impl Readiness {
     /// Sets gRPC health from now on as the module docs say: at once, then
     /// whenever a check changes (and at least every keystore interval).
     pub async fn follow(self: &Arc<Self>, health: HealthReporter) {
-        apply(&health, &self.verdicts()).await;
         let _ = self.health.set(health.clone());
         let mut changed = self.changed.subscribe();
+        self.apply(&health).await;
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             while changed.changed().await.is_ok() {
                 let Some(readiness) = this.upgrade() else {
                     return;
                 };
-                let verdicts = readiness.verdicts();
-                drop(readiness);
-                apply(&health, &verdicts).await;
+                readiness.apply(&health).await;
             }
         });
     }
@@ -430,7 +438,7 @@ fn body(verdicts: &Verdicts, notes: &BTreeMap<String, String>) -> String {
 }
 
 /// Sets each service's gRPC health from `verdicts`.
-async fn apply(health: &HealthReporter, verdicts: &Verdicts) {
+async fn set_health(health: &HealthReporter, verdicts: &Verdicts) {
     let status = |on: bool| {
         if on {
             ServingStatus::Serving
