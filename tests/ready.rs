@@ -692,3 +692,79 @@ async fn a_failed_kms_call_has_the_root_key_checked_at_once_not_at_the_next_inte
     .await;
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_in_postgresql_is_tried_again_and_ready_when_it_takes_a_record() {
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(postgres::dedicated)
+            .await
+            .unwrap(),
+    );
+    let url = pg.fresh_database().await;
+    let options = PostgresOptions {
+        acquire_timeout: Duration::from_millis(500),
+        ..PostgresOptions::default()
+    };
+    let store = PostgresKeystore::connect(&url, options).await.unwrap();
+    let pool = store.pool();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let audit = Arc::new(AuditLog::postgres(dir.path(), pool.clone()).unwrap());
+    let provider = common::provider(Kms::Local, dir.path(), None).await;
+    let s = settings(Duration::ZERO);
+    let sidecar = Sidecar::start_with_audit(
+        dir.clone(),
+        Arc::new(store),
+        provider,
+        CacheConfig::default(),
+        s,
+        audit.clone(),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "ready at start", || async {
+        sidecar.readiness.report().ready
+    })
+    .await;
+
+    let stopping = pg.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap();
+    // A write while the database is away fails: not ready, whatever else.
+    audit
+        .record(keywarden::audit::Entry {
+            action: "Test",
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        sidecar.body()["checks"]["audit"],
+        "failing: write",
+        "{}",
+        sidecar.readiness.report().body
+    );
+
+    let starting = pg.clone();
+    tokio::task::spawn_blocking(move || starting.start())
+        .await
+        .unwrap();
+    // No call writes meanwhile: readiness tries a record of its own.
+    eventually(
+        bound(s.keystore_interval, s.keystore_timeout),
+        "ready after the database came back",
+        || async { sidecar.readiness.report().ready },
+    )
+    .await;
+    let records: Vec<(String,)> = sqlx::query_as("SELECT record FROM audit_log ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0].0.contains(r#""action":"AuditWritable""#),
+        "{}",
+        records[0].0
+    );
+    assert!(records[0].0.contains(r#""caller":"readiness""#));
+    sidecar.stop().await;
+}

@@ -20,7 +20,8 @@
 //!   cache serves expired keys; a call that succeeds after the failure
 //!   passes it at once.
 //! - **audit**: the last audit write succeeded ([`AuditLog::writable`]).
-//!   Read at each report: no interval.
+//!   Read at each report: no interval. After a failed write, one record
+//!   ([`AUDIT_PROBE`]) is tried every keystore interval until one succeeds.
 //! - **draining**: [`Readiness::start_drain`] was called. At each report.
 //!
 //! The body is one JSON line (README, "Readiness"): `ready`, then each
@@ -48,7 +49,7 @@ use tokio::{sync::watch, time::Instant};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditLog, Entry, Phase},
     kms::{KmsError, RootKeyProvider, metered::Metered},
     store::{Keystore, StoreError},
 };
@@ -59,6 +60,10 @@ use crate::{
 pub const CRYPTO_SERVICE: &str = "keywarden.v1.Crypto";
 /// The Admin service's name in gRPC health.
 pub const ADMIN_SERVICE: &str = "keywarden.v1.Admin";
+
+/// The action of the record readiness writes to learn that the audit log
+/// is writable again after a failed write.
+pub const AUDIT_PROBE: &str = "AuditWritable";
 
 /// How often each dependency is checked, and how long a check may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,6 +401,32 @@ impl Readiness {
         self.record(Which::Keystore, outcome);
     }
 
+    /// After a failed audit write, tries one record ([`AUDIT_PROBE`]) to
+    /// learn whether the log is writable again: a sidecar that is not ready
+    /// may get no call that would write one. Nothing while writes succeed.
+    async fn probe_audit(&self) {
+        let audit = &self.parts.audit;
+        if audit.writable() {
+            return;
+        }
+        let entry = Entry {
+            action: AUDIT_PROBE,
+            phase: Phase::Answered,
+            caller: "readiness".into(),
+            outcome: Some("OK".into()),
+            detail: Some("the audit log is writable again after a failed write".into()),
+            ..Entry::default()
+        };
+        // An error leaves the log not writable (the check says so); the next
+        // interval tries again.
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(self.settings.keystore_timeout, audit.record(entry)).await
+        {
+            tracing::info!(check = "audit", "readiness check passes again");
+            self.publish();
+        }
+    }
+
     async fn check_root_key(&self) {
         // A call that succeeded within the interval, with none failing since,
         // proves the provider answers: no call of our own.
@@ -459,7 +490,8 @@ async fn set_health(health: &HealthReporter, verdicts: &Verdicts) {
 
 /// Checks the keystore now and every interval, and publishes at each (so
 /// that the audit check and the root key's grace reach the gauges and gRPC
-/// health within one keystore interval).
+/// health within one keystore interval); tries the audit log if its last
+/// write failed.
 async fn keystore_checks(readiness: Weak<Readiness>) {
     let every = match readiness.upgrade() {
         Some(r) => r.settings.keystore_interval,
@@ -473,6 +505,7 @@ async fn keystore_checks(readiness: Weak<Readiness>) {
             return;
         };
         readiness.check_keystore().await;
+        readiness.probe_audit().await;
     }
 }
 
