@@ -768,3 +768,62 @@ async fn the_audit_log_in_postgresql_is_tried_again_and_ready_when_it_takes_a_re
     assert!(records[0].0.contains(r#""caller":"readiness""#));
     sidecar.stop().await;
 }
+
+/// `keywarden serve` itself: health follows readiness from the start, and a
+/// Watch open at SIGTERM sees every service turn NOT_SERVING before the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywarden_serve_turns_health_not_serving_at_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, socket) = (tmp.path().join("data"), tmp.path().join("kw.sock"));
+    let sidecar =
+        tokio::task::spawn_blocking(move || common::process::Sidecar::start(&data, &socket))
+            .await
+            .unwrap();
+    let channel = client::connect(&sidecar.addr(), None).await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watches = Vec::new();
+    for service in ["", CRYPTO, ADMIN] {
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // SERVING once the first checks passed (NOT_SERVING before).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = tokio::time::timeout_at(deadline, watch.message())
+                .await
+                .expect("SERVING within 5 s of the start")
+                .unwrap()
+                .unwrap()
+                .status();
+            if status == ServingStatus::Serving {
+                break;
+            }
+        }
+        watches.push(watch);
+    }
+
+    common::process::sigterm(sidecar.pid());
+    for watch in &mut watches {
+        let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("a health update at SIGTERM")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.status(), ServingStatus::NotServing);
+    }
+    drop(watches);
+    drop(health);
+    let mut sidecar = sidecar;
+    eventually(Duration::from_secs(10), "the sidecar exits", || {
+        let running = sidecar.is_running();
+        async move { !running }
+    })
+    .await;
+    let log = sidecar.log();
+    assert!(log.contains("draining: not ready from now on"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
