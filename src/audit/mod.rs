@@ -27,7 +27,10 @@ use std::{
     fmt, fs, io,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use hmac::{Hmac, Mac};
@@ -134,6 +137,9 @@ pub struct AuditLog {
     path: PathBuf,
     subject_key: Key256,
     sink: Sink,
+    /// Whether the last write succeeded (true until one fails): what
+    /// readiness reports ([`AuditLog::writable`]).
+    writable: AtomicBool,
 }
 
 impl AuditLog {
@@ -171,6 +177,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::File(Arc::new(Mutex::new(chain))),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -190,6 +197,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::Postgres(pool),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -212,6 +220,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::File(Arc::new(Mutex::new(chain))),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -257,6 +266,19 @@ impl AuditLog {
     /// transaction in PostgreSQL); answers the last one's hash. All or
     /// nothing, as far as the file system lets a single write be.
     pub async fn record_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
+        let written = self.write(entries).await;
+        self.writable.store(written.is_ok(), Ordering::Relaxed);
+        written
+    }
+
+    /// Whether the last write succeeded (true before the first): the file
+    /// sink's file is open for appending from the start, so this is the one
+    /// thing that can change. No I/O.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
+    }
+
+    async fn write(&self, entries: &[Entry]) -> Result<String, AuditError> {
         // Unchained: `sealed` gives each its place, time and predecessor.
         let body = |entry: &Entry| Body {
             seq: 0,

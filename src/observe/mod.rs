@@ -1,0 +1,3 @@
+//! What operators watch: readiness ([`ready`]).
+
+pub mod ready;
