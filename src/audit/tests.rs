@@ -648,9 +648,7 @@ async fn a_trace_id_is_written_before_prev_hashed_and_checked_for_its_form() {
     // Without a trace id, the record is the bytes it always was.
     assert!(!all[0].contains("trace_id"), "{}", all[0]);
     assert!(
-        all[1].contains(&format!(
-            r#""detail":"x","trace_id":"{trace_id}","prev":"#
-        )),
+        all[1].contains(&format!(r#""detail":"x","trace_id":"{trace_id}","prev":"#)),
         "{}",
         all[1]
     );
@@ -662,10 +660,7 @@ async fn a_trace_id_is_written_before_prev_hashed_and_checked_for_its_form() {
     assert_eq!(check(&all).unwrap().records, 2);
     // Edited, it fails; re-hashed in a form keywarden never writes, too.
     let edited = all[1].replace(trace_id, "5bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(
-        Record::parse(edited.as_bytes()),
-        Err(NotARecord::Edited)
-    );
+    assert_eq!(Record::parse(edited.as_bytes()), Err(NotARecord::Edited));
     let body = hashed(&all[1]);
     for bad in [
         "4BF92F3577B34DA6A3CE929D0E0E4736",

@@ -216,7 +216,14 @@ mod tests {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["fields", "level", "message", "target", "timestamp", "trace_id"],
+            [
+                "fields",
+                "level",
+                "message",
+                "target",
+                "timestamp",
+                "trace_id"
+            ],
         );
         assert_eq!(first["level"], "WARN");
         assert_eq!(first["message"], "the \"thing\" failed");

@@ -300,7 +300,11 @@ fn exported_span(
 /// exporter, or an OTLP protocol other than `grpc`, is an error naming the
 /// variable.
 pub fn export_wanted(var: impl Fn(&str) -> Option<String>) -> Result<bool, ExportError> {
-    let set = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let set = |name: &str| {
+        var(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return Ok(false);
     }
@@ -497,11 +501,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            export_wanted(|name| {
-                vars.iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            })
+            export_wanted(|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
         };
         assert!(!with(&[]).unwrap());
         assert!(!with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]).unwrap());
@@ -552,7 +552,10 @@ mod tests {
             },
             &http::Uri::from_static("http://localhost/keywarden.v1.Crypto/Encrypt"),
         );
-        assert_eq!(trace.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            trace.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         let inside = trace.scope(async { current_trace_id() }).await;
         assert_eq!(inside, Some(trace.trace_id()));
         assert_eq!(trace.in_scope(current_trace_id), Some(trace.trace_id()));
