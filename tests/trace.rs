@@ -164,6 +164,7 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
             ("KEYWARDEN_LOG_FORMAT", "json"),
+            ("KEYWARDEN_AUDIT_DATA_PLANE", "every"),
         ],
     );
     let client = sidecar.client().await;
@@ -212,6 +213,10 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
         ))
         .await
         .unwrap();
+    // In "every" mode its audit record carries the caller's trace id.
+    let records = audit_records(&data, "Encrypt");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["trace_id"], TRACE);
 
     // An invalid traceparent (uppercase) is ignored: the call succeeds in a
     // trace of its own, and the header is not echoed into the log.

@@ -21,7 +21,7 @@
 //!   content. The caller's `traceparent` is its parent. Spans go through the
 //!   SDK's batch processor: a bounded queue (`OTEL_BSP_MAX_QUEUE_SIZE`,
 //!   2048) that drops spans when full instead of making calls wait, flushed
-//!   at shutdown ([`Exporter::shutdown`]).
+//!   at shutdown ([`Exporter::shutdown`], waiting at most 5 s).
 //!
 //! Only spans of target [`RPC_TARGET`] are exported (no log events, no
 //! other crate's spans), and they never reach the log.
