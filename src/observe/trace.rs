@@ -297,8 +297,8 @@ fn exported_span(
 /// export on: `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn
 /// it off; `OTEL_TRACES_EXPORTER=otlp`, `OTEL_EXPORTER_OTLP_ENDPOINT` or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` turn it on; nothing: off. Any other
-/// exporter, or an OTLP protocol other than `grpc`, is an error naming the
-/// variable.
+/// exporter, an endpoint that is not an `http://` URL, or an OTLP protocol
+/// other than `grpc`, is an error naming the variable.
 pub fn export_wanted(var: impl Fn(&str) -> Option<String>) -> Result<bool, ExportError> {
     let set = |name: &str| {
         var(name)
@@ -323,6 +323,22 @@ pub fn export_wanted(var: impl Fn(&str) -> Option<String>) -> Result<bool, Expor
         }
     };
     if on {
+        // The traces endpoint wins over the general one.
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            if let Some(endpoint) = set(name) {
+                if !endpoint.starts_with("http://") {
+                    return Err(ExportError::new(
+                        name,
+                        "must be an http:// URL (e.g. http://otel-collector:4317): TLS to the \
+                         collector is not built in",
+                    ));
+                }
+                break;
+            }
+        }
         for name in [
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
             "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -530,6 +546,16 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(e.variable, "OTEL_EXPORTER_OTLP_PROTOCOL");
+        for endpoint in ["https://c:4317", "c:4317"] {
+            let e = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)]).unwrap_err();
+            assert_eq!(e.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        }
+        let e = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://c:4317"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.variable, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
         // The traces-specific protocol wins over the general one.
         assert!(
             with(&[
