@@ -15,7 +15,10 @@
 //! | `fields` | the line's other fields (`{"error":"…"}`), only when it has some |
 //!
 //! Span names and other span fields are not written: `trace_id` is the one
-//! span field a JSON line carries.
+//! span field a JSON line carries. (tracing-subscriber's own JSON format
+//! nests it under `span`/`spans` beside every span's fields, and names
+//! event fields by where they came from; log shippers query flat, fixed
+//! names, so this format is written here, in one small `FormatEvent`.)
 
 use serde::{Deserialize, Serialize};
 use tracing::{Event, Subscriber};
