@@ -313,3 +313,43 @@ fn an_exporter_other_than_otlp_stops_the_start() {
     assert_eq!(code, 78, "{stderr}");
     assert!(stderr.contains("OTEL_TRACES_EXPORTER"), "{stderr}");
 }
+
+#[test]
+fn a_text_log_line_of_a_call_names_its_trace_id_in_the_call_span() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sidecar = Sidecar::start(&data, &tmp.path().join("kw.sock"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        sidecar
+            .client()
+            .await
+            .admin()
+            .create_tenant(with_traceparent(
+                pb::CreateTenantRequest {
+                    tenant_id: "acme".into(),
+                    ..Default::default()
+                },
+                &format!("00-{TRACE}-{PARENT}-00"),
+            ))
+            .await
+            .unwrap();
+    });
+    let log = sidecar.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("tenant created"))
+        .unwrap_or_else(|| panic!("no \"tenant created\" line:\n{log}"));
+    assert!(
+        line.contains(&format!(
+            "call{{trace_id={TRACE}}}: keywarden::keys::tenants: tenant created"
+        )),
+        "{line}"
+    );
+    // Lines outside a call have no call span.
+    let serving = log
+        .lines()
+        .find(|l| l.contains("keywarden serving"))
+        .unwrap();
+    assert!(!serving.contains("trace_id"), "{serving}");
+}
