@@ -218,6 +218,39 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["trace_id"], TRACE);
 
+    // A stream: its record is written as its response body ends, inside
+    // the call's trace too.
+    let stream_trace = "1bf92f3577b34da6a3ce929d0e0e4737";
+    let requests = vec![
+        pb::EncryptStreamRequest {
+            part: Some(pb::encrypt_stream_request::Part::Start(
+                pb::EncryptStreamStart {
+                    tenant_id: "acme".into(),
+                    subject_id: SUBJECT.into(),
+                    context: Default::default(),
+                },
+            )),
+        },
+        pb::EncryptStreamRequest {
+            part: Some(pb::encrypt_stream_request::Part::Chunk(
+                PLAINTEXT.as_bytes().to_vec(),
+            )),
+        },
+    ];
+    let mut responses = client
+        .crypto()
+        .encrypt_stream(with_traceparent(
+            futures::stream::iter(requests),
+            &format!("00-{stream_trace}-{PARENT}-01"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while responses.message().await.unwrap().is_some() {}
+    let records = audit_records(&data, "EncryptStream");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["trace_id"], stream_trace);
+
     // An invalid traceparent (uppercase) is ignored: the call succeeds in a
     // trace of its own, and the header is not echoed into the log.
     let invalid_trace = "0AF7651916CD43DD8448EB211C80319D";
@@ -274,6 +307,10 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
     assert_eq!(attrs["rpc.grpc.status_code"], "0");
     assert_eq!(attrs["keywarden.tenant"], "acme");
     assert!(span.events.is_empty(), "{:?}", span.events);
+
+    let (_, stream) = received.span_of(stream_trace).await;
+    assert_eq!(stream.name, "keywarden.v1.Crypto/EncryptStream");
+    assert_eq!(attributes(&stream.attributes)["rpc.grpc.status_code"], "0");
 
     // The admin calls' spans; the one with the invalid header is a root.
     let (_, create) = received.span_of(create_trace).await;
