@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::{
     Layer as _,
-    filter::{EnvFilter, FilterExt, filter_fn},
+    filter::{EnvFilter, FilterExt, LevelFilter, filter_fn},
     fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
-    layer::SubscriberExt,
+    layer::{Filter, SubscriberExt},
     registry::LookupSpan,
     util::SubscriberInitExt,
 };
@@ -63,14 +63,12 @@ impl Telemetry {
 /// Tokio runtime that serves.
 pub fn init(format: LogFormat, export: bool) -> Result<Telemetry, ExportError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // The exported spans never reach the log.
-    let not_rpc = filter_fn(|meta| meta.target() != RPC_TARGET);
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let lines = match format {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines.event_format(JsonLines).boxed(),
     }
-    .with_filter(not_rpc.and(filter));
+    .with_filter(lines_filter(filter));
     let registry = tracing_subscriber::registry().with(lines);
     if !export {
         registry.init();
@@ -81,6 +79,16 @@ pub fn init(format: LogFormat, export: bool) -> Result<Telemetry, ExportError> {
     Ok(Telemetry {
         exporter: Some(exporter),
     })
+}
+
+/// What reaches the log: what `filter` (`RUST_LOG`) lets through, less the
+/// exported spans. (The hint of the latter, all levels, leaves `filter`'s
+/// in force: a `debug!` below it costs a level comparison, as it did with
+/// `filter` alone.)
+fn lines_filter<S>(filter: EnvFilter) -> impl Filter<S> {
+    filter_fn(|meta| meta.target() != RPC_TARGET)
+        .with_max_level_hint(LevelFilter::TRACE)
+        .and(filter)
 }
 
 /// The JSON line format (the module's table).
@@ -187,6 +195,17 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_log_filter_keeps_the_level_hint_of_rust_log() {
+        let hint = |directives: &str| {
+            Filter::<tracing_subscriber::Registry>::max_level_hint(&lines_filter(EnvFilter::new(
+                directives,
+            )))
+        };
+        assert_eq!(hint("info"), Some(LevelFilter::INFO));
+        assert_eq!(hint("warn,keywarden=debug"), Some(LevelFilter::DEBUG));
     }
 
     #[tokio::test]

@@ -411,9 +411,11 @@ impl Exporter {
             .with_level(false)
             .with_target(false)
             .with_tracked_inactivity(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                meta.target() == RPC_TARGET
-            }));
+            .with_filter(
+                tracing_subscriber::filter::filter_fn(|meta| meta.target() == RPC_TARGET)
+                    // The call spans are INFO: nothing below is ever exported.
+                    .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+            );
         EXPORTING.store(true, Ordering::Relaxed);
         Ok((Exporter { provider }, layer))
     }
