@@ -91,6 +91,9 @@ pub struct Entry {
     pub subject: Option<Vec<u8>>,
     pub outcome: Option<String>,
     pub detail: Option<String>,
+    /// The W3C trace id of the call (32 lowercase hex digits), when the
+    /// record is about one call.
+    pub trace_id: Option<String>,
 }
 
 /// Shows the subject id's length only: it names a person.
@@ -104,6 +107,7 @@ impl fmt::Debug for Entry {
             .field("subject", &self.subject.as_ref().map(|id| Length(id.len())))
             .field("outcome", &self.outcome)
             .field("detail", &self.detail)
+            .field("trace_id", &self.trace_id)
             .finish()
     }
 }
@@ -290,6 +294,7 @@ impl AuditLog {
             subject: entry.subject.as_ref().map(|id| self.subject_hash(id)),
             outcome: entry.outcome.clone(),
             detail: entry.detail.clone(),
+            trace_id: entry.trace_id.clone(),
             prev: String::new(),
         };
         match &self.sink {

@@ -1,3 +1,6 @@
-//! What operators watch: readiness ([`ready`]).
+//! What an operator sees of a running sidecar: readiness ([`ready`]), its
+//! log ([`log`]) and traces ([`trace`]).
 
+pub mod log;
 pub mod ready;
+pub mod trace;
