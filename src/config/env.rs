@@ -79,6 +79,7 @@ pub const ENV_CRYPTO_PROVIDER: &str = "KEYWARDEN_CRYPTO_PROVIDER";
 pub const ENV_ADMIN_LISTEN: &str = "KEYWARDEN_ADMIN_LISTEN";
 pub const ENV_ADMIN_TENANT_METRICS: &str = "KEYWARDEN_ADMIN_TENANT_METRICS";
 pub const ENV_ADMIN_TENANT_METRICS_MAX: &str = "KEYWARDEN_ADMIN_TENANT_METRICS_MAX";
+pub const ENV_LOG_FORMAT: &str = "KEYWARDEN_LOG_FORMAT";
 
 /// The environment, read through a function (the process environment in
 /// production, a map in tests).
@@ -334,6 +335,7 @@ impl Config {
             v.trim().parse()
         })?;
         env.set(&mut self.audit.data_plane, ENV_AUDIT_DATA_PLANE, choice)?;
+        env.set(&mut self.log.format, ENV_LOG_FORMAT, choice)?;
 
         let admin = &mut self.admin;
         env.set(&mut admin.listen, ENV_ADMIN_LISTEN, str::parse)?;

@@ -86,7 +86,13 @@
 //! migrate = true                  # false: only check the schema, never change it
 //! backup_retention_days = 30      # the longest any copy of the keystore is kept: backups,
 //!                                 # WAL archives, replicas, snapshots (erasure receipts say so)
+//!
+//! [log]
+//! format = "text"                 # or "json": one JSON object per line (observe::log)
 //! ```
+//!
+//! Span export (OTLP over gRPC) is configured only by the standard `OTEL_*`
+//! variables, never here: see [`crate::observe::trace`].
 //!
 //! Here: [`env`] (the variables' names and parsers), `types` (what one
 //! setting may hold by itself), and a file per group of sections.
@@ -114,7 +120,7 @@ pub use self::{
     listen::ListenAddr,
     sections::{
         AuditConfig, AuditSink, AuthConfig, CacheConfig, ClientAuth, CryptoConfig, DataPlaneAudit,
-        StoreBackend, StoreConfig, TlsConfig,
+        LogConfig, StoreBackend, StoreConfig, TlsConfig,
     },
     server::{RequestLimits, ServerConfig},
     types::{MAX_CACHE_SECONDS, MAX_WORKER_THREADS},
@@ -176,6 +182,8 @@ pub struct Config {
     pub crypto: CryptoConfig,
     /// `[admin]`: the admin listener and per-tenant metrics.
     pub admin: AdminConfig,
+    /// `[log]`: how log lines are written.
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -195,6 +203,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             crypto: CryptoConfig::default(),
             admin: AdminConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

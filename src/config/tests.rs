@@ -438,3 +438,24 @@ fn the_admin_section_from_file_and_environment() {
     assert_eq!(e.setting, "admin.tenant_metrics_max");
     assert!(toml("[admin]\ntenant_metrics = \"all\"\n").is_err());
 }
+
+#[test]
+fn the_log_format_is_text_unless_the_file_or_the_environment_says_json() {
+    use crate::observe::log::LogFormat;
+    assert_eq!(Config::default().log.format, LogFormat::Text);
+    let mut config = toml("[log]\nformat = \"json\"\n").unwrap();
+    assert_eq!(config.log.format, LogFormat::Json);
+    config
+        .apply_env(env(&[("KEYWARDEN_LOG_FORMAT", " text ")]))
+        .unwrap();
+    assert_eq!(config.log.format, LogFormat::Text);
+    let err = Config::default()
+        .apply_env(env(&[("KEYWARDEN_LOG_FORMAT", "logfmt")]))
+        .unwrap_err();
+    assert_eq!(
+        (err.setting.as_str(), err.reason.as_str()),
+        ("KEYWARDEN_LOG_FORMAT", "must be text or json")
+    );
+    assert!(toml("[log]\nformat = \"logfmt\"\n").is_err());
+    assert!(toml("[log]\nlevel = \"debug\"\n").is_err());
+}

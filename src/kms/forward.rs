@@ -1,6 +1,7 @@
 //! A provider in front of another: every call goes to the inner provider,
-//! the asynchronous ones after a hook. [`super::metered::Metered`] counts
-//! calls this way; tests hold or fail them.
+//! the asynchronous ones after a hook, timed, and their outcome is shown to
+//! another. [`super::metered::Metered`] counts and times calls and notes the
+//! last success this way; tests hold or fail them.
 
 use async_trait::async_trait;
 
@@ -36,9 +37,14 @@ pub trait Forward: Send + Sync + 'static {
     fn start(&self, _call: Call<'_>) -> Option<Timer> {
         None
     }
+
+    /// Runs when the inner provider answered `call` (not when `before`
+    /// refused it), with its outcome. Nothing by default.
+    fn after(&self, _call: Call<'_>, _outcome: Result<(), &KmsError>) {}
 }
 
-/// Forwards one call: `before`, then `start`, then the inner call, timed.
+/// Forwards one call: `before`, then `start`, then the inner call, timed,
+/// then `after`.
 async fn forward<F: Forward + ?Sized, T>(
     f: &F,
     call: Call<'_>,
@@ -50,6 +56,7 @@ async fn forward<F: Forward + ?Sized, T>(
     if let Some(timer) = timer {
         timer.finish(&result);
     }
+    f.after(call, result.as_ref().map(|_| ()));
     result
 }
 

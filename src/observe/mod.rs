@@ -1,12 +1,11 @@
-//! What operators watch: the admin listener (`/live`, `/ready`,
-//! `/metrics`) and every metric.
-//!
-//! - `metrics.rs`: the metric names, the Prometheus recorder and the
-//!   helpers every part records through (imports nothing of the crate).
-//! - `grpc.rs`: the `grpc_server_*` metrics, a tower layer around the
-//!   gRPC routes.
-//! - `http.rs`: the admin listener.
+//! What an operator sees of a running sidecar: the admin listener
+//! ([`http`]: `/live`, `/ready`, `/metrics`), every metric ([`metrics`], and
+//! [`grpc`] for the `grpc_server_*` layer), readiness ([`ready`]), its log
+//! ([`log`]) and traces ([`trace`]).
 
 pub mod grpc;
 pub mod http;
+pub mod log;
 pub mod metrics;
+pub mod ready;
+pub mod trace;

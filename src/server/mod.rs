@@ -61,6 +61,7 @@ use crate::{
         self,
         grpc::{GrpcMetrics, MethodLabels},
         metrics::TenantLabels,
+        ready::{Readiness, ReadyParts, ReadySettings},
     },
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
@@ -241,11 +242,10 @@ fn method_labels(path: &str) -> Option<MethodLabels> {
         .map(|&(p, client, server)| MethodLabels::from_path(p, client, server))
 }
 
-/// The gRPC routes: Crypto, Admin, health and reflection, behind the edge.
+/// The gRPC routes: Crypto, Admin, health and reflection, behind the edge,
+/// with gRPC health SERVING from start to exit (tests, the load generator;
+/// the sidecar uses [`routes_following`]).
 pub async fn routes(shared: Shared) -> Service {
-    let max = shared.limits.max_request_bytes;
-    let server = shared.server.clone();
-    codec::raise_max_batch_items(shared.limits.max_batch_items);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -253,6 +253,24 @@ pub async fn routes(shared: Shared) -> Service {
     health
         .set_serving::<pb::admin_server::AdminServer<AdminService>>()
         .await;
+    routes_with(shared, health_service)
+}
+
+/// [`routes`] with gRPC health following `readiness`
+/// ([`crate::observe::ready`]: per service, NOT_SERVING from a drain on).
+pub async fn routes_following(shared: Shared, readiness: &Arc<Readiness>) -> Service {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    readiness.follow(health).await;
+    routes_with(shared, health_service)
+}
+
+fn routes_with<H: tonic_health::pb::health_server::Health>(
+    shared: Shared,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
+) -> Service {
+    let max = shared.limits.max_request_bytes;
+    let server = shared.server.clone();
+    codec::raise_max_batch_items(shared.limits.max_batch_items);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -498,6 +516,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     // none when the admin listener is off (the macros then do nothing).
     let metrics = (config.admin.listen != AdminListen::Off).then(observe::metrics::install);
     let backends = open(&config).await?;
+    let ready_root = backends.root.clone();
+    let ready_store = backends.store.clone();
     let keys = Arc::new(KeyManager::new(
         backends.root,
         backends.store,
@@ -523,6 +543,16 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_secs(config.policy_interval_seconds),
         Arc::downgrade(&audit),
     );
+    // Readiness (observe/ready.rs): the checks start now; `/ready` and
+    // gRPC health read it, and the shutdown below starts its drain.
+    let readiness = Readiness::start(
+        ReadyParts {
+            store: ready_store,
+            root: ready_root,
+            audit: audit.clone(),
+        },
+        ReadySettings::new(config.cache.limits().stale_if_error),
+    );
     let shared = shared(&config, keys, audit.clone())?;
     let counts = shared.counts.clone();
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
@@ -543,7 +573,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
     };
-    let routes = routes(shared).await;
+    let routes = routes_following(shared, &readiness).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
     }
@@ -555,9 +585,12 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(addr = %addr, "admin listener (/live, /ready, /metrics; no authentication)");
             }
+            let ready = readiness.clone();
             let admin = observe::http::Admin {
-                // Readiness (issue 16) plugs in here.
-                ready: observe::http::always_ready(),
+                ready: Arc::new(move || {
+                    let report = ready.report();
+                    (report.ready, report.body)
+                }),
                 metrics,
             };
             Some(tokio::spawn(observe::http::serve(listener, admin, async {
@@ -573,7 +606,13 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
+    // The drain starts (not ready, gRPC health NOT_SERVING) at the signal,
+    // before serve stops the listeners and waits for calls in flight.
+    let shutdown = async move {
+        shutdown_signal().await;
+        readiness.drain().await;
+    };
+    serve(routes, listeners, tls, &config.server, shutdown).await?;
     let _ = admin_stop.send(());
     if let Some(admin) = admin {
         let _ = admin.await;

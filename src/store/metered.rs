@@ -47,6 +47,10 @@ impl MeteredKeystore {
 
 #[async_trait]
 impl Keystore for MeteredKeystore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        metered!(self, "ping", ping())
+    }
+
     async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError> {
         metered!(self, "create_tenant", create_tenant(tenant))
     }
