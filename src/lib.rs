@@ -23,6 +23,7 @@ pub mod keys;
 pub mod kms;
 pub mod rate;
 pub mod receipt;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -14,7 +14,7 @@ mod tls;
 pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
 pub use listen::Listener;
 pub use policies::spawn_policy_scheduler;
-pub use tls::tls_config;
+pub use tls::{LiveTls, TlsFileError, certified_key, client_verifier, tls_config};
 
 use std::{
     fs, io,
@@ -279,12 +279,13 @@ pub fn admit_every_call<S, B>(service: S) -> AdmitEveryCall<S, B> {
 /// Authentication and authorization as `auth` configures them, with the
 /// embedded admin token if there is one. Starts the JWKS reloader.
 pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Guard, ConfigError> {
-    let mut tokens = match &auth.tokens_file {
+    let tokens = match &auth.tokens_file {
         Some(path) => StaticTokens::load(path)?,
         None => StaticTokens::default(),
     };
+    let mut embedded = StaticTokens::default();
     if let Some(token) = admin_token {
-        tokens.add(ADMIN_TOKEN_NAME, token);
+        embedded.add(ADMIN_TOKEN_NAME, token);
     }
     let jwt = match &auth.jwt {
         Some(config) => {
@@ -300,22 +301,19 @@ pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Gu
         Some(path) => Policy::load(path)?,
         None => Policy::default_policy(),
     };
-    Ok(Guard {
-        tokens,
-        jwt,
-        policy,
-    })
+    Ok(Guard::new(tokens, embedded, jwt, policy))
 }
 
 /// Serves `service` on every listener until `shutdown` resolves, then
 /// drains: listeners close, every connection gets a GOAWAY, calls in flight
 /// finish (up to [`DRAIN_TIMEOUT`]), closed connections linger. TCP
-/// listeners use `tls` when given. `server` bounds connections and their
+/// listeners use `tls` when given: each handshake takes the configuration
+/// current at its accept ([`LiveTls`]). `server` bounds connections and their
 /// timeouts ([`conn`], [`listen`]).
 pub async fn serve<S, B>(
     service: S,
     listeners: Vec<Listener>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<LiveTls>,
     server: &ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()>
@@ -334,12 +332,11 @@ where
     let connections = TaskTracker::new();
     let places = Arc::new(tokio::sync::Semaphore::new(server.max_connections));
     let limits = Arc::new(ConnLimits::from(server));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut loops = JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
         let tls = match &listener {
-            Listener::Tcp(_) => acceptor.clone(),
+            Listener::Tcp(_) => tls.clone(),
             Listener::Unix(_, path) => {
                 socket_paths.push(path.clone());
                 None
@@ -363,7 +360,7 @@ where
                 connections.spawn(conn::serve_connection(
                     io,
                     peer,
-                    tls.clone(),
+                    tls.as_ref().map(LiveTls::acceptor),
                     service.clone(),
                     limits.clone(),
                     stop.clone(),
@@ -490,6 +487,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for addr in &config.listen {
         listeners.push(Listener::bind(addr).await?);
     }
+    // The TLS, tokens and policy files reload on change and on SIGHUP, for
+    // as long as the sidecar serves.
+    let reloader = crate::reload::Reloader::start(&config, shared.guard.clone(), tls.clone(), true);
     let routes = routes(shared).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
@@ -502,6 +502,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "keywarden serving"
     );
     serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
+    drop(reloader);
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
     }
