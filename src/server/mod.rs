@@ -4,6 +4,8 @@
 //! Shutdown is graceful: on SIGTERM or ctrl-c every listener stops accepting,
 //! calls in flight finish (up to [`DRAIN_TIMEOUT`]), connections close with a
 //! lingering close (see [`linger`]), and unix socket files are removed.
+//! While it serves, the TLS, tokens and policy files reload on change and on
+//! SIGHUP ([`crate::reload`]).
 
 mod conn;
 mod linger;
@@ -11,10 +13,11 @@ mod listen;
 mod policies;
 mod tls;
 
+pub use crate::reload::tls::LiveTls;
 pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
 pub use listen::Listener;
 pub use policies::spawn_policy_scheduler;
-pub use tls::{LiveTls, TlsFileError, certified_key, client_verifier, tls_config};
+pub use tls::tls_config;
 
 use std::{
     fs, io,

@@ -21,7 +21,7 @@
 //!   setting and the reason, never the file's content), counted, and listed
 //!   by [`ReloadStatus::failures`] until a good file replaces it.
 //! - **What changes.** New TLS handshakes use the new certificate or client
-//!   CA; connections already open keep theirs (`server::LiveTls`). Each call
+//!   CA; connections already open keep theirs ([`tls::LiveTls`]). Each call
 //!   is checked against the tokens and the policy current when it arrives
 //!   (`auth::Guard`); the embedded admin token is kept across reloads of the
 //!   tokens file.
@@ -31,6 +31,8 @@
 //! `error`), `keywarden_reload_failing{file}` (1 while the file on disk is
 //! refused, else 0) and `keywarden_tls_cert_expiry_timestamp_seconds` (the
 //! served leaf certificate's notAfter, unix seconds).
+
+pub mod tls;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -48,8 +50,8 @@ use tokio::sync::mpsc;
 use crate::{
     auth::{Guard, Policy, StaticTokens},
     config::{ClientAuth, Config},
-    server::{LiveTls, certified_key, client_verifier},
 };
+use tls::{LiveTls, certified_key, client_verifier};
 
 /// How long the directories must be quiet after an event before the files
 /// are read: a certificate and its key written one after the other land in
@@ -520,7 +522,6 @@ mod tests {
     use crate::{
         auth::{Caller, Permission, Transport},
         config::TlsConfig,
-        server::tls_config,
     };
 
     fn pair() -> (String, String) {
@@ -583,7 +584,10 @@ mod tests {
             "policy.toml",
             "[[grant]]\nidentity = \"unix\"\nallow = [\"data\"]\ntenants = [\"*\"]\n",
         ));
-        let live = tls_config(config.tls.as_ref().unwrap()).unwrap();
+        let live = LiveTls::new(
+            certified_key(cert.as_bytes(), key.as_bytes()).unwrap(),
+            None,
+        );
         let admin = crate::auth::tokens::generate();
         let mut embedded = StaticTokens::default();
         embedded.add("admin", &admin);
