@@ -11,8 +11,9 @@
 //!   SHA-256) with what was last read: only a file whose content changed is
 //!   loaded again. A burst of writes (a certificate, then its key) is one
 //!   reload when it lands within the debounce.
-//! - **SIGHUP** reads and loads every file again, changed or not (and the
-//!   JWKS file, whose own reloader checks it every `auth.jwt.reload_seconds`).
+//! - **SIGHUP** reads and loads every file again, changed or not, and checks
+//!   the JWKS file for a change at once (its own reloader checks it every
+//!   `auth.jwt.reload_seconds`).
 //! - **Checks.** A new file must pass the checks of a start: a certificate
 //!   file with at least one certificate and a private key that matches its
 //!   leaf; a client CA file with at least one CA certificate; a tokens file
@@ -335,7 +336,20 @@ impl Reloader {
             checking: Mutex::new(()),
             status,
         });
-        let task = tokio::spawn(follow(inner.clone(), received, hangup));
+        // Listening for SIGHUP starts before `start` returns: from then on a
+        // SIGHUP reloads instead of ending the process (its default action).
+        let hangups = if hangup {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(signal) => Some(signal),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let task = tokio::spawn(follow(inner.clone(), received, hangups));
         Self {
             inner,
             _watcher: watcher,
@@ -468,19 +482,12 @@ fn watch(
     Some(watcher)
 }
 
-/// Reloads on events (debounced) and, with `hangup`, on SIGHUP.
-async fn follow(inner: Arc<Inner>, mut events: mpsc::UnboundedReceiver<()>, hangup: bool) {
-    let mut hangups = if hangup {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP");
-                None
-            }
-        }
-    } else {
-        None
-    };
+/// Reloads on events (debounced) and on SIGHUP (`hangups`).
+async fn follow(
+    inner: Arc<Inner>,
+    mut events: mpsc::UnboundedReceiver<()>,
+    mut hangups: Option<tokio::signal::unix::Signal>,
+) {
     let mut watching = true;
     loop {
         let force = tokio::select! {
@@ -559,6 +566,90 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.setting, "tls.client_ca_file");
+    }
+
+    #[test]
+    fn outcomes_and_the_served_certificates_expiry_are_metrics() {
+        use metrics_util::{
+            MetricKind,
+            debugging::{DebugValue, DebuggingRecorder},
+        };
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (cert, key) = pair();
+        let live = LiveTls::new(
+            certified_key(cert.as_bytes(), key.as_bytes()).unwrap(),
+            None,
+        );
+        let status = ReloadStatus::default();
+        metrics::with_local_recorder(&recorder, || {
+            status.record(Reloaded::Tls, Err("tls.key_file: no".into()));
+            status.record(Reloaded::Tls, Err("tls.key_file: no".into()));
+            status.record(Reloaded::Policy, Ok(()));
+            record_expiry(&live);
+        });
+        let values: BTreeMap<String, DebugValue> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let kind = match key.kind() {
+                    MetricKind::Counter => "counter",
+                    MetricKind::Gauge => "gauge",
+                    MetricKind::Histogram => "histogram",
+                };
+                let key = key.key();
+                let mut labels: Vec<String> = key
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                labels.sort();
+                (
+                    format!("{kind} {}{{{}}}", key.name(), labels.join(",")),
+                    value,
+                )
+            })
+            .collect();
+        let expected_expiry = x509_parser::parse_x509_certificate(&der(&cert))
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp() as f64;
+        let expected: BTreeMap<String, DebugValue> = [
+            (
+                "counter keywarden_reloads_total{file=tls,outcome=error}",
+                DebugValue::Counter(2),
+            ),
+            (
+                "counter keywarden_reloads_total{file=policy,outcome=ok}",
+                DebugValue::Counter(1),
+            ),
+            (
+                "gauge keywarden_reload_failing{file=tls}",
+                DebugValue::Gauge(1.0.into()),
+            ),
+            (
+                "gauge keywarden_reload_failing{file=policy}",
+                DebugValue::Gauge(0.0.into()),
+            ),
+            (
+                "gauge keywarden_tls_cert_expiry_timestamp_seconds{}",
+                DebugValue::Gauge(expected_expiry.into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(values, expected);
+        assert_eq!(status.failures(), [("tls", "tls.key_file: no".to_owned())]);
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
     }
 
     #[tokio::test]
