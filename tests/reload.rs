@@ -10,7 +10,8 @@
 //! - SIGHUP reloads every file (and does not stop the sidecar);
 //! - the tokens file (a new token works, a removed one stops, the embedded
 //!   admin token stays, a broken file keeps the old tokens), the policy file
-//!   and the client CA likewise.
+//!   and the client CA likewise;
+//! - at start, a key that does not match its certificate stops the start.
 //!
 //! Every wait polls with a deadline.
 
@@ -684,4 +685,42 @@ async fn a_new_client_ca_is_trusted_by_the_next_handshake_and_a_broken_one_is_re
     .await;
     assert!(accepted(&new_client).await);
     let _ = rig.files.path();
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_stops_the_start() {
+    let files = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert_pem, _) = pki.issue(&["127.0.0.1"]);
+    let (_, other_key) = pki.issue(&["127.0.0.1"]);
+    let cert = files.path().join("server.pem");
+    let key = files.path().join("server.key");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, &other_key).unwrap();
+    let config = files.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"127.0.0.1:{}\"]\n[tls]\n{}",
+            free_port(),
+            tls_lines(&cert, &key, "")
+        ),
+    )
+    .unwrap();
+    let mut command = process::keywarden();
+    command
+        .args(["serve", "--data-dir"])
+        .arg(files.path().join("data"))
+        .arg("--config")
+        .arg(&config);
+    let (code, stderr) = process::exit_and_stderr(command);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.ends_with(&format!(
+            "keywarden: tls.key_file {}: the private key does not match the certificate in tls.cert_file\n",
+            key.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
 }

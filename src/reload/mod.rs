@@ -558,6 +558,18 @@ mod tests {
         assert!(e.reason.contains("does not match"), "{e}");
         let e = certified_key(b"garbage", key.as_bytes()).unwrap_err();
         assert_eq!(e.setting, "tls.cert_file");
+        // A broken PEM section is refused without quoting the file.
+        for broken in [
+            "-----BEGIN CERTIFICATE-----\nLINE-7f3a\n",
+            "-----BEGIN CERTIFICATE-----\nLINE-7f3a\n-----END PRIVATE KEY-----\n",
+        ] {
+            let e = certified_key(broken.as_bytes(), key.as_bytes()).unwrap_err();
+            assert!(!e.to_string().contains("LINE-7f3a"), "{e}");
+            let e = client_verifier(broken.as_bytes(), ClientAuth::Required)
+                .err()
+                .unwrap();
+            assert!(!e.to_string().contains("LINE-7f3a"), "{e}");
+        }
         let e = certified_key(cert.as_bytes(), b"garbage").unwrap_err();
         assert_eq!(e.setting, "tls.key_file");
         // The key's text appears in no error.

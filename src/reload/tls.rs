@@ -36,6 +36,9 @@ impl fmt::Display for TlsFileError {
     }
 }
 
+/// Why a file with a broken PEM section is refused.
+const MALFORMED_PEM: &str = "a PEM section in it is malformed";
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -53,9 +56,10 @@ pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey
         setting: "tls.key_file",
         reason: reason.to_owned(),
     };
+    // The PEM parser's messages can quote a line of the file: not used.
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| cert_error(e.to_string()))?;
+        .map_err(|_| cert_error(MALFORMED_PEM.into()))?;
     let Some(leaf) = certs.first() else {
         return Err(cert_error("no PEM certificate in it".into()));
     };
@@ -90,7 +94,7 @@ pub fn client_verifier(
     };
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        let cert = cert.map_err(|e| error(e.to_string()))?;
+        let cert = cert.map_err(|_| error(MALFORMED_PEM.into()))?;
         roots.add(cert).map_err(|e| error(e.to_string()))?;
     }
     if roots.is_empty() {
