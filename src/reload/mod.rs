@@ -28,8 +28,8 @@
 //!   tokens file.
 //!
 //! Metrics (the `metrics` facade; file is `tls`, `client_ca`, `tokens` or
-//! `policy`): `keywarden_reloads_total{file,outcome}` (outcome `ok` or
-//! `error`), `keywarden_reload_failing{file}` (1 while the file on disk is
+//! `policy`): `keywarden_reloads_total{file,outcome}` (each load after a
+//! change or on SIGHUP, not the one at start; outcome `ok` or `error`), `keywarden_reload_failing{file}` (1 while the file on disk is
 //! refused, else 0) and `keywarden_tls_cert_expiry_timestamp_seconds` (the
 //! served leaf certificate's notAfter, unix seconds).
 
