@@ -28,10 +28,16 @@
 //!   tokens file.
 //!
 //! Metrics (the `metrics` facade; file is `tls`, `client_ca`, `tokens` or
-//! `policy`): `keywarden_reloads_total{file,outcome}` (each load after a
-//! change or on SIGHUP, not the one at start; outcome `ok` or `error`), `keywarden_reload_failing{file}` (1 while the file on disk is
-//! refused, else 0) and `keywarden_tls_cert_expiry_timestamp_seconds` (the
-//! served leaf certificate's notAfter, unix seconds).
+//! `policy`):
+//! - `keywarden_reloads_total{file,outcome}`: each load after a change or
+//!   on SIGHUP (not the one at start); outcome `ok` or `error`;
+//! - `keywarden_reload_failing{file}`: 1 while the file on disk is refused,
+//!   else 0;
+//! - `keywarden_tls_cert_expiry_timestamp_seconds`: the served leaf
+//!   certificate's notAfter, unix seconds.
+//!
+//! They are set from [`Reloader::start`] on, so the metrics recorder must be
+//! installed before it.
 
 pub mod tls;
 
@@ -138,29 +144,29 @@ impl ReloadStatus {
     }
 
     fn record(&self, file: Reloaded, outcome: Result<(), String>) {
+        let note = outcome.err();
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let counts = state.outcomes.entry(file).or_default();
-            match &outcome {
-                Ok(()) => counts.0 += 1,
-                Err(_) => counts.1 += 1,
+            match &note {
+                None => counts.0 += 1,
+                Some(_) => counts.1 += 1,
             }
-            match &outcome {
-                Ok(()) => state.failing.remove(&file),
-                Err(reason) => state.failing.insert(file, reason.clone()),
+            match &note {
+                None => state.failing.remove(&file),
+                Some(reason) => state.failing.insert(file, reason.clone()),
             };
         }
         let label = file.name();
-        let (result, failing) = match outcome {
-            Ok(()) => ("ok", 0.0),
-            Err(_) => ("error", 1.0),
+        let (result, failing) = match note {
+            None => ("ok", 0.0),
+            Some(_) => ("error", 1.0),
         };
         metrics::counter!("keywarden_reloads_total", "file" => label, "outcome" => result)
             .increment(1);
         metrics::gauge!("keywarden_reload_failing", "file" => label).set(failing);
         if let Some(observer) = &*self.observer.lock().unwrap_or_else(|p| p.into_inner()) {
-            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            observer(label, state.failing.get(&file).cloned());
+            observer(label, note);
         }
     }
 }
