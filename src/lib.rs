@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod keys;
 pub mod kms;
+pub mod observe;
 pub mod rate;
 pub mod receipt;
 pub mod reload;

@@ -126,6 +126,7 @@ impl AdminService {
             caller: caller.identity.clone(),
             tenant,
             subject: subject.filter(|s| !s.is_empty()),
+            trace_id: super::current_trace_id(),
             ..Entry::default()
         };
         let record = match self.shared.audit.record(asked.clone()).await {

@@ -42,7 +42,10 @@ use super::{
     Shared,
     budget::{BudgetedBody, Charge, DecodeBudget, FieldCounter, Held, Release},
 };
-use crate::auth::{CallActivity, Caller, Peer, Permission};
+use crate::{
+    auth::{CallActivity, Caller, Peer, Permission},
+    observe::trace::CallTrace,
+};
 
 /// What the edge knows of a method.
 #[derive(Clone, Copy, Debug)]
@@ -295,9 +298,9 @@ enum Admission {
 }
 
 impl EdgeShared {
-    fn admit<B>(&self, request: &mut http::Request<B>) -> Admission {
+    fn admit<B>(&self, method: Option<&Method>, request: &mut http::Request<B>) -> Admission {
         let path = request.uri().path();
-        let Some(method) = METHODS.iter().find(|m| m.path == path) else {
+        let Some(method) = method else {
             if path.starts_with(CRYPTO_PREFIX) || path.starts_with(ADMIN_PREFIX) {
                 // Not a method this sidecar has: tonic would answer
                 // UNIMPLEMENTED; it does here, without reading the body.
@@ -404,9 +407,18 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let (limit, release, ceiling, items, caller) = match self.shared.admit(&mut request) {
+        let path = request.uri().path();
+        let method = METHODS.iter().find(|m| m.path == path);
+        // Every call of keywarden's services runs in a trace (health and
+        // reflection do not).
+        let trace = method.map(|m| CallTrace::start(m.path, request.headers(), request.uri()));
+        let admission = match &trace {
+            Some(trace) => trace.in_scope(|| self.shared.admit(method, &mut request)),
+            None => self.shared.admit(method, &mut request),
+        };
+        let (limit, release, ceiling, items, caller) = match admission {
             Admission::Refused(status) => {
-                return Box::pin(std::future::ready(Ok(refusal(status))));
+                return Box::pin(std::future::ready(Ok(refusal(status, trace))));
             }
             Admission::Admitted {
                 limit,
@@ -434,14 +446,26 @@ where
         let batch_limit = self.shared.api.limits.max_batch_items;
         Box::pin(async move {
             let call = super::codec::with_batch_limit(batch_limit, inner.call(request));
-            match tokio::time::timeout_at(deadline, call).await {
-                Err(_) => Ok(refusal(deadline_exceeded())),
-                Ok(Ok(response)) => Ok(response.map(|body| EdgeBody {
-                    inner: body,
-                    deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    _held: Some(held),
-                    done: false,
-                })),
+            let call = tokio::time::timeout_at(deadline, call);
+            let answered = match &trace {
+                Some(trace) => trace.scope(call).await,
+                None => call.await,
+            };
+            match answered {
+                Err(_) => Ok(refusal(deadline_exceeded(), trace)),
+                Ok(Ok(response)) => {
+                    // A trailers-only answer (an error) has its status here.
+                    if let Some(trace) = &trace {
+                        observe_status(trace, response.headers());
+                    }
+                    Ok(response.map(|body| EdgeBody {
+                        inner: body,
+                        deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        _held: Some(held),
+                        trace,
+                        done: false,
+                    }))
+                }
                 Ok(Err(e)) => Err(e),
             }
         })
@@ -449,15 +473,31 @@ where
 }
 
 /// A call refused at the edge: a trailers-only gRPC response.
-fn refusal(status: Status) -> http::Response<EdgeBody> {
+fn refusal(status: Status, trace: Option<CallTrace>) -> http::Response<EdgeBody> {
+    if let Some(trace) = &trace {
+        trace.finish(status.code() as i32);
+    }
     status
         .into_http::<tonic::body::Body>()
         .map(|body| EdgeBody {
             inner: body,
             deadline: None,
             _held: None,
+            trace: None,
             done: false,
         })
+}
+
+/// Records the gRPC status in `headers` (a response's, or its trailers), if
+/// there is one, on the call's trace.
+fn observe_status(trace: &CallTrace, headers: &http::HeaderMap) {
+    if let Some(code) = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        trace.finish(code);
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -469,6 +509,9 @@ pin_project_lite::pin_project! {
         inner: tonic::body::Body,
         deadline: Option<Pin<Box<Sleep>>>,
         _held: Option<Arc<Held>>,
+        // The call's trace: its body is polled inside it, and its exported
+        // span ends when the body is dropped.
+        trace: Option<CallTrace>,
         done: bool,
     }
 }
@@ -485,12 +528,23 @@ impl Body for EdgeBody {
         if *this.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_frame(cx) {
+        let trace = this.trace.as_ref();
+        let polled = match trace {
+            Some(trace) => trace.in_scope(|| this.inner.poll_frame(cx)),
+            None => this.inner.poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(None) => {
                 *this.done = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trace), Some(trailers)) = (trace, frame.trailers_ref()) {
+                    observe_status(trace, trailers);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Pending => {
                 let expired = this
                     .deadline
@@ -503,6 +557,9 @@ impl Body for EdgeBody {
                 let mut trailers = http::HeaderMap::new();
                 // A status with a fixed message always makes headers.
                 let _ = deadline_exceeded().add_header(&mut trailers);
+                if let Some(trace) = trace {
+                    observe_status(trace, &trailers);
+                }
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
         }

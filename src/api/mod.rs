@@ -70,6 +70,7 @@ impl Shared {
         let caller = caller_of(request, action)?;
         if let Some(tenant) = tenant {
             TenantId::parse("tenant_id", tenant)?;
+            crate::observe::trace::record_tenant(tenant);
         }
         if let Err(e) = self.guard.authorize(&caller, permission, tenant) {
             self.count_refusal(action, &caller.identity, tenant, &e);
@@ -145,6 +146,7 @@ impl Shared {
                     caller: caller.identity.clone(),
                     tenant: valid_tenant(Some(tenant)),
                     outcome: Some(outcome.to_owned()),
+                    trace_id: current_trace_id(),
                     ..Entry::default()
                 };
                 if let Err(e) = self.audit.record(entry).await {
@@ -225,6 +227,11 @@ tenant_requests!(
     pb::ListTenantsRequest,
     pb::GetAuditHeadRequest
 );
+
+/// The trace id of the call being served, as audit records write it.
+fn current_trace_id() -> Option<String> {
+    crate::observe::trace::current_trace_id().map(|id| id.to_string())
+}
 
 /// The caller the edge authenticated ([`edge`]); every keywarden method
 /// passes the edge, which puts it in the request's extensions.

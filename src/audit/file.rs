@@ -175,6 +175,7 @@ impl Chain {
                     subject: None,
                     outcome: Some("OK".into()),
                     detail: Some(detail),
+                    trace_id: None,
                     prev: String::new(),
                 });
                 found

@@ -27,7 +27,10 @@ use std::{
     fmt, fs, io,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use hmac::{Hmac, Mac};
@@ -88,6 +91,9 @@ pub struct Entry {
     pub subject: Option<Vec<u8>>,
     pub outcome: Option<String>,
     pub detail: Option<String>,
+    /// The W3C trace id of the call (32 lowercase hex digits), when the
+    /// record is about one call.
+    pub trace_id: Option<String>,
 }
 
 /// Shows the subject id's length only: it names a person.
@@ -101,6 +107,7 @@ impl fmt::Debug for Entry {
             .field("subject", &self.subject.as_ref().map(|id| Length(id.len())))
             .field("outcome", &self.outcome)
             .field("detail", &self.detail)
+            .field("trace_id", &self.trace_id)
             .finish()
     }
 }
@@ -134,6 +141,9 @@ pub struct AuditLog {
     path: PathBuf,
     subject_key: Key256,
     sink: Sink,
+    /// Whether the last write succeeded (true until one fails): what
+    /// readiness reports ([`AuditLog::writable`]).
+    writable: AtomicBool,
 }
 
 impl AuditLog {
@@ -171,6 +181,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::File(Arc::new(Mutex::new(chain))),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -190,6 +201,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::Postgres(pool),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -212,6 +224,7 @@ impl AuditLog {
             path,
             subject_key,
             sink: Sink::File(Arc::new(Mutex::new(chain))),
+            writable: AtomicBool::new(true),
         })
     }
 
@@ -257,6 +270,19 @@ impl AuditLog {
     /// transaction in PostgreSQL); answers the last one's hash. All or
     /// nothing, as far as the file system lets a single write be.
     pub async fn record_all(&self, entries: &[Entry]) -> Result<String, AuditError> {
+        let written = self.write(entries).await;
+        self.writable.store(written.is_ok(), Ordering::Relaxed);
+        written
+    }
+
+    /// Whether the last write succeeded (true before the first): the file
+    /// sink's file is open for appending from the start, so this is the one
+    /// thing that can change. No I/O.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
+    }
+
+    async fn write(&self, entries: &[Entry]) -> Result<String, AuditError> {
         // Unchained: `sealed` gives each its place, time and predecessor.
         let body = |entry: &Entry| Body {
             seq: 0,
@@ -268,6 +294,7 @@ impl AuditLog {
             subject: entry.subject.as_ref().map(|id| self.subject_hash(id)),
             outcome: entry.outcome.clone(),
             detail: entry.detail.clone(),
+            trace_id: entry.trace_id.clone(),
             prev: String::new(),
         };
         match &self.sink {

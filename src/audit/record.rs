@@ -4,7 +4,7 @@
 //! newline (0x0A). A record is UTF-8 JSON, written as
 //!
 //! ```text
-//! {"seq":N,"time":"…","action":"…","phase":"…","caller":"…",["tenant":"…",]["subject":"…",]["outcome":"…",]["detail":"…",]"prev":"<64 hex>","hash":"<64 hex>"}
+//! {"seq":N,"time":"…","action":"…","phase":"…","caller":"…",["tenant":"…",]["subject":"…",]["outcome":"…",]["detail":"…",]["trace_id":"<32 hex>",]"prev":"<64 hex>","hash":"<64 hex>"}
 //! ```
 //!
 //! - The fields come in that order; the bracketed ones only when present
@@ -28,6 +28,13 @@
 //! the 75-byte suffix and fails. [`verify`] also refuses a record whose hash
 //! matches but that is not in the form above (a writer other than keywarden,
 //! or a rewrite with recomputed hashes), and unknown fields.
+//!
+//! `trace_id` came later (issue 16): it is hashed like every other field,
+//! as the bytes `,"trace_id":"<32 lowercase hex>"` written between
+//! `detail` (or whatever comes before it) and `,"prev":`. A record without
+//! it, old or new, is the same bytes as before it existed, so old logs
+//! verify unchanged; a verifier that predates it refuses records that carry
+//! it (an unknown field).
 //!
 //! Records written before this rule was stated (keywarden up to `5404065`,
 //! which hashed `serde_json` of the parsed body) are byte for byte the same:
@@ -80,6 +87,11 @@ pub struct Body {
     /// counts how many calls ("12 calls").
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// The W3C trace id of the call the record is about (32 lowercase hex
+    /// digits): its `traceparent`'s, or the one the sidecar started.
+    /// Records written before it existed have none, and verify unchanged.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub trace_id: Option<String>,
     /// Hash of the record before.
     pub prev: String,
 }
@@ -111,6 +123,14 @@ pub enum NotARecord {
 /// The hex SHA-256 of `bytes`.
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// Whether `id` is a trace id as keywarden writes it: 32 lowercase hex
+/// digits, not all zeros.
+fn is_trace_id(id: &str) -> bool {
+    id.len() == 32
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && id.bytes().any(|b| b != b'0')
 }
 
 /// Seals `body`: answers its hash and its line (without the newline).
@@ -151,7 +171,9 @@ impl Record {
         }
         let body: Body =
             serde_json::from_slice(&hashed).map_err(|e| NotARecord::Unreadable(e.to_string()))?;
-        if serde_json::to_vec(&body).expect("a record serializes") != hashed {
+        if serde_json::to_vec(&body).expect("a record serializes") != hashed
+            || body.trace_id.as_deref().is_some_and(|id| !is_trace_id(id))
+        {
             return Err(NotARecord::NotCanonical);
         }
         Ok(Record { body, hash })

@@ -275,6 +275,7 @@ fn lines_of_the_former_writer_are_the_same_bytes() {
         subject: Some("ab".repeat(32)),
         outcome: Some("OK".into()),
         detail: Some("version 3 \u{2028} \u{1F600}".into()),
+        trace_id: None,
         prev: "cd".repeat(32),
     };
     let former_hash = hex::encode(Sha256::digest(serde_json::to_vec(&body).unwrap()));
@@ -560,7 +561,7 @@ fn an_entry_debug_prints_the_subject_ids_length_only() {
     }
     assert_eq!(
         format!("{entry:?}"),
-        r#"Entry { action: "ShredSubject", phase: Asked, caller: "unix", tenant: None, subject: Some(<17 bytes>), outcome: None, detail: None }"#
+        r#"Entry { action: "ShredSubject", phase: Asked, caller: "unix", tenant: None, subject: Some(<17 bytes>), outcome: None, detail: None, trace_id: None }"#
     );
 }
 
@@ -624,4 +625,54 @@ async fn record_all_chains_every_entry_with_one_write() {
     assert_eq!(reopened.head().await.unwrap(), (2500, head));
     let text = std::fs::read_to_string(dir.path().join(AUDIT_LOG_FILE)).unwrap();
     assert_eq!(verify(text.as_bytes()).unwrap().records, 2500);
+}
+
+#[tokio::test]
+async fn a_trace_id_is_written_before_prev_hashed_and_checked_for_its_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path()).unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    for trace in [None, Some(trace_id)] {
+        log.record(Entry {
+            action: "CreateTenant",
+            caller: "unix".into(),
+            tenant: Some("acme".into()),
+            detail: Some("x".into()),
+            trace_id: trace.map(str::to_owned),
+            ..Entry::default()
+        })
+        .await
+        .unwrap();
+    }
+    let all = lines(&dir);
+    // Without a trace id, the record is the bytes it always was.
+    assert!(!all[0].contains("trace_id"), "{}", all[0]);
+    assert!(
+        all[1].contains(&format!(r#""detail":"x","trace_id":"{trace_id}","prev":"#)),
+        "{}",
+        all[1]
+    );
+    // Hashed like every field: the rule's hashed bytes include it.
+    assert_eq!(
+        Record::parse(all[1].as_bytes()).unwrap().hash,
+        hex::encode(Sha256::digest(hashed(&all[1]).as_bytes()))
+    );
+    assert_eq!(check(&all).unwrap().records, 2);
+    // Edited, it fails; re-hashed in a form keywarden never writes, too.
+    let edited = all[1].replace(trace_id, "5bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(Record::parse(edited.as_bytes()), Err(NotARecord::Edited));
+    let body = hashed(&all[1]);
+    for bad in [
+        "4BF92F3577B34DA6A3CE929D0E0E4736",
+        "00000000000000000000000000000000",
+        "4bf92f",
+        "traceparent",
+    ] {
+        let line = forged(&body.replace(trace_id, bad));
+        assert_eq!(
+            Record::parse(line.as_bytes()),
+            Err(NotARecord::NotCanonical),
+            "{bad}"
+        );
+    }
 }

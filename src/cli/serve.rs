@@ -4,7 +4,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Args;
-use keywarden::config::{Config, ConfigError, ListenAddr};
+use keywarden::{
+    config::{Config, ConfigError, ListenAddr},
+    observe::{log, trace},
+};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -24,18 +27,18 @@ pub struct ServeArgs {
 }
 
 pub fn main(args: ServeArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match load_config(args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("keywarden: {e}");
             // EX_CONFIG from sysexits.h, as linkerd2-proxy does.
+            return ExitCode::from(78);
+        }
+    };
+    let export = match trace::export_wanted(|name| std::env::var(name).ok()) {
+        Ok(export) => export,
+        Err(e) => {
+            eprintln!("keywarden: {e}");
             return ExitCode::from(78);
         }
     };
@@ -47,7 +50,22 @@ pub fn main(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(keywarden::server::run(config)) {
+    // The log's format is configured, so the log starts after the
+    // configuration; inside the runtime, whose tasks carry exported spans.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        match log::init(config.log.format, export) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("keywarden: {e}");
+                return ExitCode::from(78);
+            }
+        }
+    };
+    let result = runtime.block_on(keywarden::server::run(config));
+    // Flushes the spans still queued while the runtime still runs.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

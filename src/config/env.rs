@@ -76,6 +76,8 @@ pub const ENV_AUDIT_COUNT_INTERVAL_SECONDS: &str = "KEYWARDEN_AUDIT_COUNT_INTERV
 
 pub const ENV_CRYPTO_PROVIDER: &str = "KEYWARDEN_CRYPTO_PROVIDER";
 
+pub const ENV_LOG_FORMAT: &str = "KEYWARDEN_LOG_FORMAT";
+
 /// The environment, read through a function (the process environment in
 /// production, a map in tests).
 struct Env<F>(F);
@@ -330,6 +332,7 @@ impl Config {
             v.trim().parse()
         })?;
         env.set(&mut self.audit.data_plane, ENV_AUDIT_DATA_PLANE, choice)?;
+        env.set(&mut self.log.format, ENV_LOG_FORMAT, choice)?;
 
         self.apply_tls_env(&env)?;
 

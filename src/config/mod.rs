@@ -81,7 +81,13 @@
 //! migrate = true                  # false: only check the schema, never change it
 //! backup_retention_days = 30      # the longest any copy of the keystore is kept: backups,
 //!                                 # WAL archives, replicas, snapshots (erasure receipts say so)
+//!
+//! [log]
+//! format = "text"                 # or "json": one JSON object per line (observe::log)
 //! ```
+//!
+//! Span export (OTLP over gRPC) is configured only by the standard `OTEL_*`
+//! variables, never here: see [`crate::observe::trace`].
 //!
 //! Here: [`env`] (the variables' names and parsers), `types` (what one
 //! setting may hold by itself), and a file per group of sections.
@@ -107,7 +113,7 @@ pub use self::{
     listen::ListenAddr,
     sections::{
         AuditConfig, AuditSink, AuthConfig, CacheConfig, ClientAuth, CryptoConfig, DataPlaneAudit,
-        StoreBackend, StoreConfig, TlsConfig,
+        LogConfig, StoreBackend, StoreConfig, TlsConfig,
     },
     server::{RequestLimits, ServerConfig},
     types::{MAX_CACHE_SECONDS, MAX_WORKER_THREADS},
@@ -167,6 +173,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     pub audit: AuditConfig,
     pub crypto: CryptoConfig,
+    /// `[log]`: how log lines are written.
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -185,6 +193,7 @@ impl Default for Config {
             tls: None,
             audit: AuditConfig::default(),
             crypto: CryptoConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

@@ -223,6 +223,14 @@ impl Default for AuditConfig {
     }
 }
 
+/// `[log]`: how log lines are written (on standard error).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "text" (the default) or "json" (`observe::log` lists the fields).
+    pub format: crate::observe::log::LogFormat,
+}
+
 /// How envelopes are sealed.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -396,3 +396,24 @@ fn only_the_merged_value_is_checked() {
         .unwrap();
     config.validate().unwrap();
 }
+
+#[test]
+fn the_log_format_is_text_unless_the_file_or_the_environment_says_json() {
+    use crate::observe::log::LogFormat;
+    assert_eq!(Config::default().log.format, LogFormat::Text);
+    let mut config = toml("[log]\nformat = \"json\"\n").unwrap();
+    assert_eq!(config.log.format, LogFormat::Json);
+    config
+        .apply_env(env(&[("KEYWARDEN_LOG_FORMAT", " text ")]))
+        .unwrap();
+    assert_eq!(config.log.format, LogFormat::Text);
+    let err = Config::default()
+        .apply_env(env(&[("KEYWARDEN_LOG_FORMAT", "logfmt")]))
+        .unwrap_err();
+    assert_eq!(
+        (err.setting.as_str(), err.reason.as_str()),
+        ("KEYWARDEN_LOG_FORMAT", "must be text or json")
+    );
+    assert!(toml("[log]\nformat = \"logfmt\"\n").is_err());
+    assert!(toml("[log]\nlevel = \"debug\"\n").is_err());
+}

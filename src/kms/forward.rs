@@ -1,6 +1,7 @@
 //! A provider in front of another: every call goes to the inner provider,
-//! the asynchronous ones after a hook. [`super::metered::Metered`] counts
-//! calls this way; tests hold or fail them.
+//! the asynchronous ones after a hook, and their outcome is shown to another.
+//! [`super::metered::Metered`] counts calls and notes the last success this
+//! way; tests hold or fail them.
 
 use async_trait::async_trait;
 
@@ -29,6 +30,16 @@ pub trait Forward: Send + Sync + 'static {
     /// Runs before `call` is forwarded; an error is answered instead of the
     /// inner provider's.
     fn before(&self, call: Call<'_>) -> impl Future<Output = Result<(), KmsError>> + Send;
+
+    /// Runs when the inner provider answered `call` (not when `before`
+    /// refused it), with its outcome. Nothing by default.
+    fn after(&self, _call: Call<'_>, _outcome: Result<(), &KmsError>) {}
+}
+
+/// Shows `result` to [`Forward::after`] and hands it back.
+fn seen<F: Forward, T>(f: &F, call: Call<'_>, result: Result<T, KmsError>) -> Result<T, KmsError> {
+    f.after(call, result.as_ref().map(|_| ()));
+    result
 }
 
 #[async_trait]
@@ -42,8 +53,9 @@ impl<F: Forward> RootKeyProvider for F {
     }
 
     async fn resolve_key(&self, key: &str, region: Option<&str>) -> Result<String, KmsError> {
-        self.before(Call::ResolveKey).await?;
-        self.inner().resolve_key(key, region).await
+        let call = Call::ResolveKey;
+        self.before(call).await?;
+        seen(self, call, self.inner().resolve_key(key, region).await)
     }
 
     async fn create_dedicated_key(
@@ -51,8 +63,13 @@ impl<F: Forward> RootKeyProvider for F {
         tenant: &TenantId,
         region: Option<&str>,
     ) -> Result<String, KmsError> {
-        self.before(Call::CreateDedicatedKey(tenant)).await?;
-        self.inner().create_dedicated_key(tenant, region).await
+        let call = Call::CreateDedicatedKey(tenant);
+        self.before(call).await?;
+        seen(
+            self,
+            call,
+            self.inner().create_dedicated_key(tenant, region).await,
+        )
     }
 
     async fn generate_data_key(
@@ -60,8 +77,13 @@ impl<F: Forward> RootKeyProvider for F {
         root_key_id: &str,
         ctx: WrapContext<'_>,
     ) -> Result<GeneratedKey, KmsError> {
-        self.before(Call::GenerateDataKey(ctx)).await?;
-        self.inner().generate_data_key(root_key_id, ctx).await
+        let call = Call::GenerateDataKey(ctx);
+        self.before(call).await?;
+        seen(
+            self,
+            call,
+            self.inner().generate_data_key(root_key_id, ctx).await,
+        )
     }
 
     async fn decrypt(
@@ -69,8 +91,9 @@ impl<F: Forward> RootKeyProvider for F {
         ctx: WrapContext<'_>,
         wrapped: &WrappedKey,
     ) -> Result<Key256, KmsError> {
-        self.before(Call::Decrypt(ctx)).await?;
-        self.inner().decrypt(ctx, wrapped).await
+        let call = Call::Decrypt(ctx);
+        self.before(call).await?;
+        seen(self, call, self.inner().decrypt(ctx, wrapped).await)
     }
 
     async fn re_encrypt(
@@ -79,8 +102,13 @@ impl<F: Forward> RootKeyProvider for F {
         wrapped: &WrappedKey,
         to_root_key_id: &str,
     ) -> Result<WrappedKey, KmsError> {
-        self.before(Call::ReEncrypt(ctx)).await?;
-        self.inner().re_encrypt(ctx, wrapped, to_root_key_id).await
+        let call = Call::ReEncrypt(ctx);
+        self.before(call).await?;
+        seen(
+            self,
+            call,
+            self.inner().re_encrypt(ctx, wrapped, to_root_key_id).await,
+        )
     }
 
     async fn schedule_key_deletion(
@@ -88,14 +116,18 @@ impl<F: Forward> RootKeyProvider for F {
         root_key_id: &str,
         waiting_days: u32,
     ) -> Result<UnixMillis, KmsError> {
-        self.before(Call::ScheduleKeyDeletion).await?;
-        self.inner()
+        let call = Call::ScheduleKeyDeletion;
+        self.before(call).await?;
+        let result = self
+            .inner()
             .schedule_key_deletion(root_key_id, waiting_days)
-            .await
+            .await;
+        seen(self, call, result)
     }
 
     async fn health(&self) -> Result<(), KmsError> {
-        self.before(Call::Health).await?;
-        self.inner().health().await
+        let call = Call::Health;
+        self.before(call).await?;
+        seen(self, call, self.inner().health().await)
     }
 }

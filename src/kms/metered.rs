@@ -2,11 +2,21 @@
 //! cost money and are rate-limited per account and region, so these counts
 //! are what capacity planning (docs/SCALING.md) and alerts are about; the
 //! tests use them to prove that the cache absorbs requests.
+//!
+//! It also notes when a call last succeeded, so that readiness
+//! ([`crate::observe::ready`]) counts the data plane's own KMS calls as
+//! proof that the provider answers, and makes no call of its own while they
+//! succeed.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use super::{
     KmsError, RootKeyProvider,
@@ -38,6 +48,15 @@ struct Counters {
 pub struct Metered {
     inner: Arc<dyn RootKeyProvider>,
     counters: Counters,
+    /// When [`Metered::last_success`] counts from.
+    epoch: Instant,
+    /// Nanoseconds from `epoch` to the end of the last successful call,
+    /// plus one; 0: none yet.
+    last_success: AtomicU64,
+    /// The same for the last call that failed because the provider could
+    /// not be reached or failed ([`KmsError::Unavailable`],
+    /// [`KmsError::Failed`]); refusals and unusable keys are answers.
+    last_failure: AtomicU64,
 }
 
 impl Metered {
@@ -45,7 +64,29 @@ impl Metered {
         Self {
             inner,
             counters: Counters::default(),
+            epoch: Instant::now(),
+            last_success: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
         }
+    }
+
+    fn at(&self, stamp: &AtomicU64) -> Option<Instant> {
+        match stamp.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// When a call through this provider last succeeded (any operation,
+    /// including the health check), if one has.
+    pub fn last_success(&self) -> Option<Instant> {
+        self.at(&self.last_success)
+    }
+
+    /// When a call through this provider last failed for want of the
+    /// provider (unreachable, or failing), if one has.
+    pub fn last_failure(&self) -> Option<Instant> {
+        self.at(&self.last_failure)
     }
 
     pub fn counts(&self) -> KmsCallCounts {
@@ -79,5 +120,17 @@ impl Forward for Metered {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn after(&self, _call: Call<'_>, outcome: Result<(), &KmsError>) {
+        let stamp = match outcome {
+            Ok(()) => &self.last_success,
+            Err(KmsError::Unavailable(_) | KmsError::Failed(_)) => &self.last_failure,
+            Err(KmsError::Refused | KmsError::Unsupported(_) | KmsError::KeyNotUsable(_)) => {
+                return;
+            }
+        };
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        stamp.fetch_max(nanos + 1, Ordering::Relaxed);
     }
 }

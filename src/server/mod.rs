@@ -57,6 +57,7 @@ use crate::{
         local::{LocalRootKey, ROOT_KEY_FILE},
         metered::Metered,
     },
+    observe::ready::{Readiness, ReadyParts, ReadySettings},
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
     store::{
@@ -209,11 +210,10 @@ fn open_local_root(dir: &std::path::Path) -> Result<LocalRootKey, StartError> {
 /// budget, message size limits and deadlines).
 pub type Service = Edge<Routes>;
 
-/// The gRPC routes: Crypto, Admin, health and reflection, behind the edge.
+/// The gRPC routes: Crypto, Admin, health and reflection, behind the edge,
+/// with gRPC health SERVING from start to exit (tests, the load generator;
+/// the sidecar uses [`routes_following`]).
 pub async fn routes(shared: Shared) -> Service {
-    let max = shared.limits.max_request_bytes;
-    let server = shared.server.clone();
-    codec::raise_max_batch_items(shared.limits.max_batch_items);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::crypto_server::CryptoServer<CryptoService>>()
@@ -221,6 +221,24 @@ pub async fn routes(shared: Shared) -> Service {
     health
         .set_serving::<pb::admin_server::AdminServer<AdminService>>()
         .await;
+    routes_with(shared, health_service)
+}
+
+/// [`routes`] with gRPC health following `readiness`
+/// ([`crate::observe::ready`]: per service, NOT_SERVING from a drain on).
+pub async fn routes_following(shared: Shared, readiness: &Arc<Readiness>) -> Service {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    readiness.follow(health).await;
+    routes_with(shared, health_service)
+}
+
+fn routes_with<H: tonic_health::pb::health_server::Health>(
+    shared: Shared,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
+) -> Service {
+    let max = shared.limits.max_request_bytes;
+    let server = shared.server.clone();
+    codec::raise_max_batch_items(shared.limits.max_batch_items);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -458,6 +476,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let started = Instant::now();
     let backends = open(&config).await?;
+    let ready_root = backends.root.clone();
+    let ready_store = backends.store.clone();
     let keys = Arc::new(KeyManager::new(
         backends.root,
         backends.store,
@@ -483,6 +503,16 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_secs(config.policy_interval_seconds),
         Arc::downgrade(&audit),
     );
+    // Readiness (observe/ready.rs): the checks start now; `/ready` and
+    // gRPC health read it, and the shutdown below starts its drain.
+    let readiness = Readiness::start(
+        ReadyParts {
+            store: ready_store,
+            root: ready_root,
+            audit: audit.clone(),
+        },
+        ReadySettings::new(config.cache.limits().stale_if_error),
+    );
     let shared = shared(&config, keys, audit.clone())?;
     let counts = shared.counts.clone();
     let tls = config.tls.as_ref().map(tls_config).transpose()?;
@@ -491,9 +521,14 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         listeners.push(Listener::bind(addr).await?);
     }
     // The TLS, tokens and policy files reload on change and on SIGHUP, for
-    // as long as the sidecar serves.
+    // as long as the sidecar serves; a refused file is a note in /ready's
+    // body (`reload_<file>`) until a good one replaces it.
     let reloader = crate::reload::Reloader::start(&config, shared.guard.clone(), tls.clone(), true);
-    let routes = routes(shared).await;
+    let notes = readiness.clone();
+    reloader
+        .status()
+        .set_observer(move |file, note| notes.set_note(&format!("reload_{file}"), note));
+    let routes = routes_following(shared, &readiness).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
     }
@@ -504,7 +539,13 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keywarden serving"
     );
-    serve(routes, listeners, tls, &config.server, shutdown_signal()).await?;
+    // The drain starts (not ready, gRPC health NOT_SERVING) at the signal,
+    // before serve stops the listeners and waits for calls in flight.
+    let shutdown = async move {
+        shutdown_signal().await;
+        readiness.drain().await;
+    };
+    serve(routes, listeners, tls, &config.server, shutdown).await?;
     drop(reloader);
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");

@@ -267,6 +267,11 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Keystore: Send + Sync + 'static {
+    /// Answers whether the keystore can be queried now: one trivial query
+    /// (`SELECT 1`) on the pool. Readiness ([`crate::observe::ready`]) calls
+    /// it every few seconds; it reads no table and holds no lock.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Creates a tenant with key version 1. Refused when the id exists or was
     /// shredded.
     async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError>;

@@ -45,6 +45,11 @@ fn count(row: &impl KeystoreRow, column: &str) -> Result<u64, StoreError> {
 
 #[async_trait]
 impl<B: Backend> Keystore for SqlKeystore<B> {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.fetch_all(Via::Pool, "SELECT 1 AS one", &[]).await?;
+        Ok(())
+    }
+
     async fn create_tenant(&self, tenant: NewTenant) -> Result<(), StoreError> {
         let mut tx = self.backend.begin_write().await?;
         let inserted = self.execute(
