@@ -11,7 +11,9 @@
 //! - the tokens file (a new token works, a removed one stops, the embedded
 //!   admin token stays, a broken file keeps the old tokens), the policy file
 //!   and the client CA likewise;
-//! - at start, a key that does not match its certificate stops the start.
+//! - at start, a key that does not match its certificate stops the start;
+//! - a refused file is a note in the readiness body (`/ready`'s) until a
+//!   good one replaces it (in-process, wired as `keywarden serve` wires it).
 //!
 //! Every wait polls with a deadline.
 
@@ -723,4 +725,85 @@ fn a_key_that_does_not_match_its_certificate_stops_the_start() {
         "{stderr}"
     );
     assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_refused_file_is_a_readiness_note_until_a_good_one_replaces_it() {
+    use keywarden::{
+        audit::AuditLog,
+        config::{AuthConfig, Config, TlsConfig},
+        kms::{local::LocalRootKey, metered::Metered},
+        observe::ready::{Readiness, ReadyParts, ReadySettings},
+        server,
+        store::sqlite::{KEYSTORE_FILE, SqliteKeystore},
+    };
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let (cert_pem, key_pem) = pki.issue(&["127.0.0.1"]);
+    let (_, other_key) = pki.issue(&["127.0.0.1"]);
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, &key_pem).unwrap();
+    std::fs::write(&policy, DATA_POLICY).unwrap();
+    let store = SqliteKeystore::open(&dir.path().join(KEYSTORE_FILE))
+        .await
+        .unwrap();
+    let root = LocalRootKey::load_or_create(&dir.path().join("root.key"))
+        .unwrap()
+        .0;
+    let readiness = Readiness::start(
+        ReadyParts {
+            store: Arc::new(store),
+            root: Arc::new(Metered::new(Arc::new(root))),
+            audit: Arc::new(AuditLog::open(dir.path()).unwrap()),
+        },
+        ReadySettings::new(Duration::ZERO),
+    );
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        tls: Some(TlsConfig {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+            client_ca_file: None,
+            client_auth: Default::default(),
+        }),
+        auth: AuthConfig {
+            policy_file: Some(policy.clone()),
+            ..AuthConfig::default()
+        },
+        ..Config::default()
+    };
+    let guard = Arc::new(server::guard(&config.auth, None).unwrap());
+    let tls = server::tls_config(config.tls.as_ref().unwrap()).unwrap();
+    let _reloads = server::start_reloads(&config, guard, Some(tls), &readiness, false);
+    let notes = || {
+        serde_json::from_str::<serde_json::Value>(&readiness.report().body).unwrap()["notes"]
+            .clone()
+    };
+    assert_eq!(notes(), json!({}));
+
+    replace(&key, &other_key);
+    replace(&policy, "[[grant]]\nidentity = \"unix\"\n");
+    eventually("both refusals are notes", || async {
+        notes().as_object().unwrap().len() == 2
+    })
+    .await;
+    let noted = notes();
+    assert_eq!(
+        noted["reload_tls"],
+        "tls.key_file: the private key does not match the certificate in tls.cert_file"
+    );
+    let policy_note = noted["reload_policy"].as_str().unwrap();
+    assert!(
+        policy_note.starts_with("auth.policy_file: ") && policy_note.contains("missing field"),
+        "{policy_note}"
+    );
+
+    replace(&key, &key_pem);
+    replace(&policy, DATA_POLICY);
+    eventually("the notes are gone", || async { notes() == json!({}) }).await;
 }

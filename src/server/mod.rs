@@ -60,6 +60,7 @@ use crate::{
     observe::ready::{Readiness, ReadyParts, ReadySettings},
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
+    reload::Reloader,
     store::{
         Keystore, StoreError,
         postgres::{
@@ -471,6 +472,25 @@ pub fn shared(
     })
 }
 
+/// Reloads the TLS, tokens and policy files `config` names when they change
+/// (and on SIGHUP with `hangup`) into `guard` and `tls`, for as long as the
+/// returned [`Reloader`] lives. A refused file is a note in `readiness`'s
+/// body, `reload_<file>` (e.g. `reload_tls`), until a good one replaces it.
+pub fn start_reloads(
+    config: &Config,
+    guard: Arc<Guard>,
+    tls: Option<LiveTls>,
+    readiness: &Arc<Readiness>,
+    hangup: bool,
+) -> Reloader {
+    let reloader = Reloader::start(config, guard, tls, hangup);
+    let notes = readiness.clone();
+    reloader
+        .status()
+        .set_observer(move |file, note| notes.set_note(&format!("reload_{file}"), note));
+    reloader
+}
+
 /// `keywarden serve`: the whole sidecar from a configuration.
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
@@ -521,13 +541,8 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         listeners.push(Listener::bind(addr).await?);
     }
     // The TLS, tokens and policy files reload on change and on SIGHUP, for
-    // as long as the sidecar serves; a refused file is a note in /ready's
-    // body (`reload_<file>`) until a good one replaces it.
-    let reloader = crate::reload::Reloader::start(&config, shared.guard.clone(), tls.clone(), true);
-    let notes = readiness.clone();
-    reloader
-        .status()
-        .set_observer(move |file, note| notes.set_note(&format!("reload_{file}"), note));
+    // as long as the sidecar serves.
+    let reloader = start_reloads(&config, shared.guard.clone(), tls.clone(), &readiness, true);
     let routes = routes_following(shared, &readiness).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
