@@ -28,10 +28,11 @@ fn edge(c: &mut Criterion) {
         );
     }
     tokens.add("app", &token);
-    let guard = Guard {
+    let guard = Guard::new(
         tokens,
-        jwt: None,
-        policy: Policy::parse(
+        StaticTokens::default(),
+        None,
+        Policy::parse(
             r#"
             [[grant]]
             identity = "unix"
@@ -45,7 +46,7 @@ fn edge(c: &mut Criterion) {
             "bench",
         )
         .unwrap(),
-    };
+    );
     let unix = Peer {
         transport: Transport::Unix,
         addr: None,

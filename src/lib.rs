@@ -24,6 +24,7 @@ pub mod kms;
 pub mod observe;
 pub mod rate;
 pub mod receipt;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -455,6 +455,65 @@ async fn an_unanswered_keepalive_ping_closes_the_connection() {
     sidecar.stop().await;
 }
 
+/// A client that goes silent with a call open cannot hold a graceful
+/// shutdown: during the drain the server keeps sending keepalive PINGs, and
+/// the unanswered one closes the connection, so the sidecar stops after
+/// about `keepalive_interval_seconds + keepalive_timeout_seconds` rather
+/// than at the drain timeout (30 s), which is also when the open stream's
+/// first message would be late.
+#[tokio::test]
+async fn a_silent_client_cannot_hold_a_graceful_shutdown_past_the_keepalive() {
+    let mut sidecar = TestSidecar::start_with(server(|s| {
+        s.keepalive_interval_seconds = 1;
+        s.keepalive_timeout_seconds = 1;
+    }))
+    .await;
+    create(&sidecar, "acme").await;
+    let tcp = TcpStream::connect(tcp_addr(&sidecar)).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let freeze = Arc::new(Notify::new());
+    let f = freeze.clone();
+    let driver = tokio::spawn(async move {
+        tokio::pin!(connection);
+        tokio::select! {
+            ended = &mut connection => return Some(ended),
+            () = f.notified() => {}
+        }
+        // Frozen: nothing is read or answered any more; the socket stays
+        // open until the server closes it.
+        std::future::pending::<()>().await;
+        None
+    });
+    let mut send = send.ready().await.unwrap();
+    let token = admin_token(&sidecar);
+    let (_response, _body) = send
+        .send_request(
+            grpc_request("/keywarden.v1.Crypto/EncryptStream", Some(&token)),
+            false,
+        )
+        .unwrap();
+    // Let the stream's headers reach the server before the client freezes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    freeze.notify_one();
+    let started = std::time::Instant::now();
+    sidecar.signal_stop();
+    let deadline = started + Duration::from_secs(10);
+    while !sidecar.stopped() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a silent client held the graceful shutdown for more than 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the drain did not wait for the open call at all ({:?})",
+        started.elapsed()
+    );
+    driver.abort();
+    sidecar.stop().await;
+}
+
 /// A stream request sender and the call's outcome: all the responses'
 /// bytes, or the status it ended with.
 async fn stream_call<R: Send + 'static>(

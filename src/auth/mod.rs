@@ -20,6 +20,7 @@ pub mod tokens;
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 
+use arc_swap::ArcSwap;
 use rustls::pki_types::CertificateDer;
 
 use crate::error::Error;
@@ -193,23 +194,65 @@ impl Peer {
     }
 }
 
-/// Authentication and authorization, as the server is configured.
+/// Authentication and authorization, as the server is configured. The
+/// static tokens and the policy can be replaced while the sidecar serves
+/// (`crate::reload`): each call reads the ones current when it is checked.
 pub struct Guard {
-    pub tokens: StaticTokens,
+    /// The tokens file's tokens and the embedded ones.
+    tokens: ArcSwap<StaticTokens>,
+    /// The embedded admin token: not from the tokens file, so kept when the
+    /// file is reloaded.
+    embedded: StaticTokens,
     pub jwt: Option<Arc<jwt::JwtVerifier>>,
-    pub policy: Policy,
+    policy: ArcSwap<Policy>,
 }
 
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.tokens.load().len())
             .field("jwt", &self.jwt.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Guard {
+    /// A guard accepting the tokens `from_file` and `embedded`, JWTs if
+    /// `jwt` is given, and calls as `policy` allows.
+    pub fn new(
+        from_file: StaticTokens,
+        embedded: StaticTokens,
+        jwt: Option<Arc<jwt::JwtVerifier>>,
+        policy: Policy,
+    ) -> Self {
+        let mut tokens = from_file;
+        tokens.extend(&embedded);
+        Self {
+            tokens: ArcSwap::from_pointee(tokens),
+            embedded,
+            jwt,
+            policy: ArcSwap::from_pointee(policy),
+        }
+    }
+
+    /// Accepts the tokens `from_file` (and the embedded ones, as before)
+    /// from now on, instead of the tokens file's previous ones.
+    pub fn replace_tokens(&self, from_file: StaticTokens) {
+        let mut tokens = from_file;
+        tokens.extend(&self.embedded);
+        self.tokens.store(Arc::new(tokens));
+    }
+
+    /// Authorizes calls by `policy` from now on.
+    pub fn replace_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
     /// Names the caller of a call from its headers and connection (no body
     /// is needed), or refuses a credential that fails.
     pub fn authenticate(&self, headers: &http::HeaderMap, peer: &Peer) -> Result<Caller, Error> {
@@ -243,8 +286,8 @@ impl Guard {
 
     fn authenticate_token(&self, token: &str, transport: Transport) -> Result<Caller, Error> {
         if token.starts_with(tokens::TOKEN_PREFIX) {
-            let name = self
-                .tokens
+            let tokens = self.tokens.load();
+            let name = tokens
                 .find(token)
                 .ok_or_else(|| unauthenticated("the bearer token is not a known API token"))?;
             return Ok(Caller {
@@ -276,7 +319,7 @@ impl Guard {
         permission: Permission,
         tenant: Option<&str>,
     ) -> Result<(), Error> {
-        if self.policy.allows(caller, permission, tenant) {
+        if self.policy.load().allows(caller, permission, tenant) {
             return Ok(());
         }
         Err(Error::PermissionDenied(match tenant {
@@ -307,7 +350,7 @@ impl Guard {
         if !tenant_scoped {
             return self.authorize(caller, permission, None);
         }
-        if self.policy.allows_some_tenant(caller, permission) {
+        if self.policy.load().allows_some_tenant(caller, permission) {
             return Ok(());
         }
         Err(Error::PermissionDenied(format!(

@@ -49,7 +49,7 @@ pub fn hash(token: &str) -> [u8; 32] {
 }
 
 /// The known tokens: (hash, name).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct StaticTokens {
     entries: Vec<([u8; 32], String)>,
 }
@@ -83,15 +83,28 @@ impl StaticTokens {
             .push((hash(token.expose_secret()), name.to_owned()));
     }
 
+    /// Adds every token of `other` (the embedded admin token, kept across
+    /// reloads of the tokens file).
+    pub fn extend(&mut self, other: &StaticTokens) {
+        self.entries.extend(other.entries.iter().cloned());
+    }
+
     /// Reads a tokens file.
     pub fn load(path: &Path) -> Result<Self, SettingsError> {
-        let setting = "auth.tokens_file";
         let text = fs::read_to_string(path).map_err(|e| {
-            SettingsError::new(setting, format!("cannot read {}: {e}", path.display()))
+            SettingsError::new(
+                "auth.tokens_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
         })?;
-        let file: TokensFile = toml::from_str(&text).map_err(|e| {
-            SettingsError::new(setting, format!("{}: {}", path.display(), e.message()))
-        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses a tokens file's text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Self, SettingsError> {
+        let setting = "auth.tokens_file";
+        let file: TokensFile = toml::from_str(text)
+            .map_err(|e| SettingsError::new(setting, format!("{source}: {}", e.message())))?;
         let mut tokens = Self::default();
         for entry in file.token {
             if entry.name.is_empty()

@@ -14,7 +14,10 @@
 //! - **Keepalive.** After `server.keepalive_interval_seconds` without a frame
 //!   from the client, the server sends an HTTP/2 PING; no answer within
 //!   `server.keepalive_timeout_seconds` closes the connection (a peer that
-//!   vanished without a FIN).
+//!   vanished without a FIN). This goes on during a drain, so a silent
+//!   client holds a graceful shutdown for at most the interval plus the
+//!   timeout (tests/limits.rs,
+//!   `a_silent_client_cannot_hold_a_graceful_shutdown_past_the_keepalive`).
 //! - **Streams.** At most `server.max_concurrent_streams` calls are open at
 //!   once on a connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS), and a
 //!   request's headers are at most 16 KiB (SETTINGS_MAX_HEADER_LIST_SIZE).

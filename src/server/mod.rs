@@ -4,6 +4,8 @@
 //! Shutdown is graceful: on SIGTERM or ctrl-c every listener stops accepting,
 //! calls in flight finish (up to [`DRAIN_TIMEOUT`]), connections close with a
 //! lingering close (see [`linger`]), and unix socket files are removed.
+//! While it serves, the TLS, tokens and policy files reload on change and on
+//! SIGHUP ([`crate::reload`]).
 
 mod conn;
 mod linger;
@@ -11,6 +13,7 @@ mod listen;
 mod policies;
 mod tls;
 
+pub use crate::reload::tls::LiveTls;
 pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
 pub use listen::Listener;
 pub use policies::spawn_policy_scheduler;
@@ -65,6 +68,7 @@ use crate::{
     },
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
+    reload::Reloader,
     store::{
         Keystore, StoreError,
         metered::MeteredKeystore,
@@ -333,12 +337,13 @@ pub fn admit_every_call<S, B>(service: S) -> AdmitEveryCall<S, B> {
 /// Authentication and authorization as `auth` configures them, with the
 /// embedded admin token if there is one. Starts the JWKS reloader.
 pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Guard, ConfigError> {
-    let mut tokens = match &auth.tokens_file {
+    let tokens = match &auth.tokens_file {
         Some(path) => StaticTokens::load(path)?,
         None => StaticTokens::default(),
     };
+    let mut embedded = StaticTokens::default();
     if let Some(token) = admin_token {
-        tokens.add(ADMIN_TOKEN_NAME, token);
+        embedded.add(ADMIN_TOKEN_NAME, token);
     }
     let jwt = match &auth.jwt {
         Some(config) => {
@@ -354,22 +359,19 @@ pub fn guard(auth: &AuthConfig, admin_token: Option<&SecretString>) -> Result<Gu
         Some(path) => Policy::load(path)?,
         None => Policy::default_policy(),
     };
-    Ok(Guard {
-        tokens,
-        jwt,
-        policy,
-    })
+    Ok(Guard::new(tokens, embedded, jwt, policy))
 }
 
 /// Serves `service` on every listener until `shutdown` resolves, then
 /// drains: listeners close, every connection gets a GOAWAY, calls in flight
 /// finish (up to [`DRAIN_TIMEOUT`]), closed connections linger. TCP
-/// listeners use `tls` when given. `server` bounds connections and their
+/// listeners use `tls` when given: each handshake takes the configuration
+/// current at its accept ([`LiveTls`]). `server` bounds connections and their
 /// timeouts ([`conn`], [`listen`]).
 pub async fn serve<S, B>(
     service: S,
     listeners: Vec<Listener>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<LiveTls>,
     server: &ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()>
@@ -388,12 +390,11 @@ where
     let connections = TaskTracker::new();
     let places = Arc::new(tokio::sync::Semaphore::new(server.max_connections));
     let limits = Arc::new(ConnLimits::from(server));
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut loops = JoinSet::new();
     let mut socket_paths = Vec::new();
     for listener in listeners {
         let tls = match &listener {
-            Listener::Tcp(_) => acceptor.clone(),
+            Listener::Tcp(_) => tls.clone(),
             Listener::Unix(_, path) => {
                 socket_paths.push(path.clone());
                 None
@@ -417,7 +418,7 @@ where
                 connections.spawn(conn::serve_connection(
                     io,
                     peer,
-                    tls.clone(),
+                    tls.as_ref().map(LiveTls::acceptor),
                     service.clone(),
                     limits.clone(),
                     stop.clone(),
@@ -508,6 +509,25 @@ pub fn shared(
     })
 }
 
+/// Reloads the TLS, tokens and policy files `config` names when they change
+/// (and on SIGHUP with `hangup`) into `guard` and `tls`, for as long as the
+/// returned [`Reloader`] lives. A refused file is a note in `readiness`'s
+/// body, `reload_<file>` (e.g. `reload_tls`), until a good one replaces it.
+pub fn start_reloads(
+    config: &Config,
+    guard: Arc<Guard>,
+    tls: Option<LiveTls>,
+    readiness: &Arc<Readiness>,
+    hangup: bool,
+) -> Reloader {
+    let reloader = Reloader::start(config, guard, tls, hangup);
+    let notes = readiness.clone();
+    reloader
+        .status()
+        .set_observer(move |file, note| notes.set_note(&format!("reload_{file}"), note));
+    reloader
+}
+
 /// `keywarden serve`: the whole sidecar from a configuration.
 pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
@@ -573,6 +593,9 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             )
         }
     };
+    // The TLS, tokens and policy files reload on change and on SIGHUP, for
+    // as long as the sidecar serves.
+    let reloader = start_reloads(&config, shared.guard.clone(), tls.clone(), &readiness, true);
     let routes = routes_following(shared, &readiness).await;
     for listener in &listeners {
         tracing::info!(addr = %listener.local_addr(), "listening");
@@ -617,6 +640,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(admin) = admin {
         let _ = admin.await;
     }
+    drop(reloader);
     if let Err(e) = counts.flush(&audit).await {
         tracing::error!(error = %e, "the audit log could not record the last data-plane counts");
     }
