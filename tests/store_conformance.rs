@@ -2305,6 +2305,56 @@ mod postgres_events {
         listener.await.unwrap();
         assert_consistent(&store).await;
     }
+
+    /// A sidecar from before the timing channel listens on `keywarden_events`
+    /// alone and reads only the untimed form: during a rolling upgrade it
+    /// must still hear every event in that form, and the time travels on a
+    /// channel of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_sidecar_still_reads_every_event() {
+        let url = common::postgres::fresh_database().await;
+        let store: Store = Arc::new(
+            PostgresKeystore::connect(&url, PostgresOptions::default())
+                .await
+                .unwrap(),
+        );
+        let acme = create(&store, "acme").await;
+        store
+            .insert_subject_key(&acme, subject(1), subject_record("acme 1", 1), at(1))
+            .await
+            .unwrap();
+        let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+        listener
+            .listen_all([events::CHANNEL, events::TIMING_CHANNEL])
+            .await
+            .unwrap();
+        let mut recv = async || {
+            tokio::time::timeout(Duration::from_secs(10), listener.recv())
+                .await
+                .expect("nothing announced within 10 s")
+                .unwrap()
+        };
+
+        store.set_policy(&acme, &strict_policy()).await.unwrap();
+        let event = recv().await;
+        assert_eq!(event.channel(), events::CHANNEL);
+        assert_eq!(event.payload(), format!("tenant:{acme}"));
+        let timing = recv().await;
+        assert_eq!(timing.channel(), events::TIMING_CHANNEL);
+        let (tenant, sent) = timing.payload().split_once('@').unwrap();
+        assert_eq!(tenant, format!("tenant:{acme}"));
+        assert!(sent.parse::<i64>().unwrap() > 0);
+
+        store.shred_subject(&acme, subject(1), at(5)).await.unwrap();
+        let event = recv().await;
+        assert_eq!(event.channel(), events::CHANNEL);
+        assert_eq!(
+            Event::decode(event.payload()),
+            Some(Event::Subject(acme.clone(), subject(1)))
+        );
+        assert!(!event.payload().contains('@'));
+        assert_eq!(recv().await.channel(), events::TIMING_CHANNEL);
+    }
 }
 
 /// What each database's own byte function does with a corrupt (truncated)

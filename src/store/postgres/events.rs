@@ -17,8 +17,16 @@ use crate::{
     time::UnixMillis,
 };
 
-/// The PostgreSQL notification channel.
+/// The PostgreSQL notification channel: [`Event::encode`]'s form, which
+/// every sidecar version reads.
 pub const CHANNEL: &str = "keywarden_events";
+
+/// The second channel, beside [`CHANNEL`] in the same transaction: the same
+/// event with the writer's time ([`Event::encode_at`]), for the invalidation
+/// lag only. A channel of its own, so that sidecars from before it (which
+/// listen on [`CHANNEL`] alone and would ignore a payload they cannot
+/// decode) still evict on every event during a rolling upgrade.
+pub const TIMING_CHANNEL: &str = "keywarden_events_timing";
 
 /// What the listener reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +51,7 @@ pub async fn listen(url: &str, out: UnboundedSender<Signal>, stop: impl Future<O
     loop {
         let connected = async {
             let mut listener = PgListener::connect(url).await?;
-            listener.listen(CHANNEL).await?;
+            listener.listen_all([CHANNEL, TIMING_CHANNEL]).await?;
             Ok::<_, sqlx::Error>(listener)
         };
         let mut listener = tokio::select! {
@@ -74,15 +82,18 @@ pub async fn listen(url: &str, out: UnboundedSender<Signal>, stop: impl Future<O
                 received = listener.try_recv() => received,
             };
             match received {
-                Ok(Some(notification)) => match Event::decode_timed(notification.payload()) {
-                    Some((event, at)) => {
+                Ok(Some(notification)) if notification.channel() == TIMING_CHANNEL => {
+                    // The lag only: the eviction follows the event on CHANNEL.
+                    if let Some((_, Some(at))) = Event::decode_timed(notification.payload()) {
+                        // Clocks of two hosts: a negative lag is skew.
+                        let lag_ms = (UnixMillis::now().0 - at.0).max(0);
+                        metrics::histogram!(INVALIDATION_LAG_SECONDS)
+                            .record(lag_ms as f64 / 1000.0);
+                    }
+                }
+                Ok(Some(notification)) => match Event::decode(notification.payload()) {
+                    Some(event) => {
                         metrics::counter!(INVALIDATION_EVENTS).increment(1);
-                        if let Some(at) = at {
-                            // Clocks of two hosts: a negative lag is skew.
-                            let lag_ms = (UnixMillis::now().0 - at.0).max(0);
-                            metrics::histogram!(INVALIDATION_LAG_SECONDS)
-                                .record(lag_ms as f64 / 1000.0);
-                        }
                         apply(event)
                     }
                     None => tracing::warn!("ignored a malformed keystore event"),

@@ -33,7 +33,7 @@ use super::{
     Event, StoreError,
     sql::{Backend, SqlKeystore, SqlPool, Tx, rows::corrupt},
 };
-use events::CHANNEL;
+use events::{CHANNEL, TIMING_CHANNEL};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -157,8 +157,12 @@ impl Backend for PostgresBackend {
 
     /// NOTIFY inside the transaction: sent if and only if the change commits.
     async fn announce(&self, tx: &mut Tx<Self>, event: Event) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
+        // The event, in the form every sidecar version reads, then its
+        // time on a channel of its own (events::TIMING_CHANNEL).
+        sqlx::query("SELECT pg_notify($1, $2), pg_notify($3, $4)")
             .bind(CHANNEL)
+            .bind(event.encode())
+            .bind(TIMING_CHANNEL)
             .bind(event.encode_at(crate::time::UnixMillis::now()))
             .execute(&mut **tx)
             .await
