@@ -17,7 +17,7 @@ use keywarden::{
     config::{CacheConfig, Config},
     keys::{KeyManager, KeySettings},
     kms::{RootKeyProvider, metered::Metered},
-    observe::ready::{Readiness, ReadyParts, ReadySettings},
+    server::ready::{Readiness, ReadyParts, ReadySettings},
     server::{self, Listener},
     store::{
         Keystore,
@@ -38,7 +38,7 @@ const ADMIN: &str = "keywarden.v1.Admin";
 
 #[test]
 fn readiness_names_the_services_as_the_wire_does() {
-    use keywarden::observe::ready::{ADMIN_SERVICE, CRYPTO_SERVICE};
+    use keywarden::server::ready::{ADMIN_SERVICE, CRYPTO_SERVICE};
     assert_eq!(CRYPTO_SERVICE, pb::crypto_server::SERVICE_NAME);
     assert_eq!(ADMIN_SERVICE, pb::admin_server::SERVICE_NAME);
     assert_eq!((CRYPTO, ADMIN), (CRYPTO_SERVICE, ADMIN_SERVICE));

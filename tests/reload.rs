@@ -733,8 +733,8 @@ async fn a_refused_file_is_a_readiness_note_until_a_good_one_replaces_it() {
         audit::AuditLog,
         config::{AuthConfig, Config, TlsConfig},
         kms::{local::LocalRootKey, metered::Metered},
-        observe::ready::{Readiness, ReadyParts, ReadySettings},
         server,
+        server::ready::{Readiness, ReadyParts, ReadySettings},
         store::sqlite::{KEYSTORE_FILE, SqliteKeystore},
     };
     use serde_json::json;

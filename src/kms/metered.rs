@@ -8,7 +8,7 @@
 //! refused by a hook in front of this one is not a KMS call).
 //!
 //! It also notes when a call last succeeded, so that readiness
-//! ([`crate::observe::ready`]) counts the data plane's own KMS calls as
+//! ([`crate::server::ready`]) counts the data plane's own KMS calls as
 //! proof that the provider answers, and makes no call of its own while they
 //! succeed.
 

@@ -1,11 +1,10 @@
 //! What an operator sees of a running sidecar: the admin listener
 //! ([`http`]: `/live`, `/ready`, `/metrics`), every metric ([`metrics`], and
-//! [`grpc`] for the `grpc_server_*` layer), readiness ([`ready`]), its log
+//! [`grpc`] for the `grpc_server_*` layer), its log
 //! ([`log`]) and traces ([`trace`]).
 
 pub mod grpc;
 pub mod http;
 pub mod log;
 pub mod metrics;
-pub mod ready;
 pub mod trace;

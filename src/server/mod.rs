@@ -11,12 +11,14 @@ mod conn;
 mod linger;
 mod listen;
 mod policies;
+pub mod ready;
 mod tls;
 
 pub use crate::reload::tls::LiveTls;
 pub use conn::{ConnLimits, MAX_HEADER_LIST_BYTES};
 pub use listen::Listener;
 pub use policies::spawn_policy_scheduler;
+pub use ready::{Readiness, ReadyParts, ReadySettings};
 pub use tls::tls_config;
 
 use std::{
@@ -64,7 +66,6 @@ use crate::{
         self,
         grpc::{GrpcMetrics, MethodLabels},
         metrics::TenantLabels,
-        ready::{Readiness, ReadyParts, ReadySettings},
     },
     rate::{Rate, TenantLimiter},
     receipt::{RECEIPT_KEY_FILE, ReceiptSigner},
@@ -261,7 +262,7 @@ pub async fn routes(shared: Shared) -> Service {
 }
 
 /// [`routes`] with gRPC health following `readiness`
-/// ([`crate::observe::ready`]: per service, NOT_SERVING from a drain on).
+/// ([`ready`]: per service, NOT_SERVING from a drain on).
 pub async fn routes_following(shared: Shared, readiness: &Arc<Readiness>) -> Service {
     let (health, health_service) = tonic_health::server::health_reporter();
     readiness.follow(health).await;
@@ -563,7 +564,7 @@ pub async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         Duration::from_secs(config.policy_interval_seconds),
         Arc::downgrade(&audit),
     );
-    // Readiness (observe/ready.rs): the checks start now; `/ready` and
+    // Readiness (server/ready.rs): the checks start now; `/ready` and
     // gRPC health read it, and the shutdown below starts its drain.
     let readiness = Readiness::start(
         ReadyParts {

@@ -269,7 +269,7 @@ pub enum StoreError {
 #[async_trait]
 pub trait Keystore: Send + Sync + 'static {
     /// Answers whether the keystore can be queried now: one trivial query
-    /// (`SELECT 1`) on the pool. Readiness ([`crate::observe::ready`]) calls
+    /// (`SELECT 1`) on the pool. Readiness ([`crate::server::ready`]) calls
     /// it every few seconds; it reads no table and holds no lock.
     async fn ping(&self) -> Result<(), StoreError>;
 
