@@ -827,3 +827,108 @@ async fn keywarden_serve_turns_health_not_serving_at_sigterm() {
     assert!(log.contains("draining: not ready from now on"), "{log}");
     assert!(log.contains("stopped"), "{log}");
 }
+
+/// `/ready` over HTTP from the real binary, as a kubelet probes it: 200 with
+/// the PostgreSQL keystore up, 503 naming the keystore within the stated
+/// bound once the server stops (README: 5 s interval + 2 s timeout), 200
+/// again within one interval of its return, and 503 naming the drain from
+/// SIGTERM on, while a call still holds the drain open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywarden_serve_answers_ready_over_http_as_the_keystore_and_the_drain_go() {
+    use common::process::http;
+
+    let pg = postgres::dedicated();
+    let url = pg.fresh_database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, socket) = (tmp.path().join("data"), tmp.path().join("kw.sock"));
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let env_admin = admin.clone();
+    let sidecar = tokio::task::spawn_blocking(move || {
+        common::process::Sidecar::start_with_env(
+            &data,
+            &socket,
+            &[
+                ("KEYWARDEN_STORE_BACKEND", "postgres"),
+                ("KEYWARDEN_DATABASE_URL", &url),
+                ("KEYWARDEN_ADMIN_LISTEN", &env_admin),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let ready = |admin: String| async move {
+        tokio::task::spawn_blocking(move || http(&admin, "GET", "/ready"))
+            .await
+            .unwrap()
+    };
+    let body = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+
+    eventually(Duration::from_secs(10), "ready at start", || {
+        let (admin, ready) = (admin.clone(), ready);
+        async move { ready(admin).await.0 == 200 }
+    })
+    .await;
+
+    pg.stop();
+    let took = eventually(
+        Duration::from_secs(7 + 3),
+        "503 with the keystore down",
+        || {
+            let (admin, ready) = (admin.clone(), ready);
+            async move { ready(admin).await.0 == 503 }
+        },
+    )
+    .await;
+    let (status, text) = ready(admin.clone()).await;
+    assert_eq!(status, 503, "{text}");
+    let report = body(&text);
+    assert_eq!(report["ready"], false);
+    assert_ne!(report["checks"]["keystore"], "ok", "{text}");
+    assert!(!text.contains("postgres://"), "{text}");
+    eprintln!("not ready {took:?} after the keystore stopped");
+
+    pg.start();
+    eventually(
+        Duration::from_secs(5 + 5),
+        "200 with the keystore back",
+        || {
+            let (admin, ready) = (admin.clone(), ready);
+            async move { ready(admin).await.0 == 200 }
+        },
+    )
+    .await;
+
+    // A Watch holds the drain open: /ready must say 503 "draining" at once.
+    let channel = client::connect(&sidecar.addr(), None).await.unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    common::process::sigterm(sidecar.pid());
+    eventually(Duration::from_secs(2), "503 draining at SIGTERM", || {
+        let (admin, ready) = (admin.clone(), ready);
+        async move {
+            let (status, text) = ready(admin).await;
+            status == 503 && body(&text)["checks"]["draining"] == true
+        }
+    })
+    .await;
+    drop(watch);
+    let mut sidecar = sidecar;
+    eventually(Duration::from_secs(10), "the sidecar exits", || {
+        let running = sidecar.is_running();
+        async move { !running }
+    })
+    .await;
+}
