@@ -89,8 +89,94 @@ impl fmt::Debug for Key256 {
     }
 }
 
+/// A TOML parse error of a file that may hold secrets (the configuration,
+/// the tokens file, the policy file), fit for a log line, an error message
+/// or `/ready`'s body: where it is (`line L, column C`, from `text`) and
+/// serde's or toml's reason with every quoted part (`"..."` and `` `...` ``,
+/// where they quote the file's own values and keys) replaced by `"…"`.
+pub fn toml_error_without_content(text: &str, e: &toml::de::Error) -> String {
+    let mut out = String::new();
+    if let Some(span) = e.span() {
+        let before = &text.as_bytes()[..span.start.min(text.len())];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+        out.push_str(&format!("line {line}, column {column}: "));
+    }
+    out.push_str(&toml_reason_without_content(e));
+    out
+}
+
+/// toml's or serde's reason of `e` with the file's values left out
+/// ([`toml_error_without_content`]): every double-quoted part (a string
+/// value: `invalid type: string "…"`) and the backticked value of an
+/// `unknown variant` become `…`. Backticked names of fields stay: they are
+/// the schema's (`missing field`, `expected one of`) or a key the file
+/// misspelt (`unknown field`), which the operator needs to find it.
+pub fn toml_reason_without_content(e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let mut out = String::new();
+    let mut quote = None;
+    for c in message.chars() {
+        match quote {
+            Some(open) if c == open => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None if c == '"' || (c == '`' && out.ends_with("unknown variant ")) => {
+                out.push(c);
+                quote = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if quote.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_toml_error_names_the_place_and_quotes_nothing_of_the_file() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Kind {
+            Local,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct File {
+            token: Vec<String>,
+            kind: Option<Kind>,
+        }
+        for text in [
+            "# a comment\ntoken = \"kwt_LEAKED-SECRET\"\n",
+            "token = [1]\n",
+            "token = [\"a\"]\nkind = \"kwt_LEAKED-SECRET\"\n",
+            "token = [\"a\", 'postgres://u:LEAKED-SECRET@db/k', 3]\n",
+            "token = \"kwt_LEAKED-SECRET\n",
+        ] {
+            let e = toml::from_str::<File>(text).unwrap_err();
+            let message = toml_error_without_content(text, &e);
+            assert!(!message.contains("LEAKED"), "{message}");
+            assert!(message.starts_with("line "), "{message}");
+        }
+        let e = toml::from_str::<File>("token = []\nkinds = 1\n").unwrap_err();
+        assert!(
+            toml_reason_without_content(&e).starts_with("unknown field `kinds`, expected"),
+            "{e}"
+        );
+        let e = toml::from_str::<File>("\n\ntoken = \"kwt_x\"").unwrap_err();
+        assert_eq!(
+            toml_error_without_content("\n\ntoken = \"kwt_x\"", &e),
+            "line 3, column 9: invalid type: string \"…\", expected a sequence"
+        );
+    }
     use super::*;
 
     #[test]

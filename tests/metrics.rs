@@ -292,7 +292,8 @@ async fn prometheus_scrapes_exactly_what_happened() {
     }
     assert!(envelope > PLAINTEXT.len());
     // Refusals: a token nobody issued, a token for another tenant, a
-    // message over the size limit, a batch over the tenant's burst.
+    // message over the size limit, a plaintext over its limit, a batch over
+    // the tenant's burst.
     let bogus = SecretString::from("kwt_not-a-token-sentinel-9f3e".to_owned());
     let mut stranger = client::crypto(channel.clone(), Bearer::new(Some(&bogus)).unwrap());
     let status = stranger
@@ -311,6 +312,13 @@ async fn prometheus_scrapes_exactly_what_happened() {
         .await
         .unwrap_err();
     assert_ne!(status.code(), Code::Ok, "{status:?}");
+    // A plaintext over limits.max_plaintext_bytes (1024) in a message
+    // under the size limit: INVALID_ARGUMENT, and a size refusal too.
+    let status = app
+        .encrypt(encrypt("acme", "", &vec![b'x'; 2000]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let status = app
         .encrypt_batch(pb::EncryptBatchRequest {
             tenant_id: "acme".into(),
@@ -373,8 +381,9 @@ async fn prometheus_scrapes_exactly_what_happened() {
     assert_eq!(handled("Encrypt", "UNAUTHENTICATED"), 1.0);
     assert_eq!(handled("Encrypt", "PERMISSION_DENIED"), 1.0);
     assert_eq!(handled("Encrypt", "OUT_OF_RANGE"), 1.0);
-    assert_eq!(started("Encrypt"), encrypts + 3.0);
-    assert_eq!(timed("Encrypt"), encrypts + 3.0);
+    assert_eq!(handled("Encrypt", "INVALID_ARGUMENT"), 1.0);
+    assert_eq!(started("Encrypt"), encrypts + 4.0);
+    assert_eq!(timed("Encrypt"), encrypts + 4.0);
     assert_eq!(handled("Decrypt", "OK"), DECRYPTS as f64);
     assert_eq!(started("Decrypt"), DECRYPTS as f64);
     assert_eq!(handled("EncryptBatch", "RESOURCE_EXHAUSTED"), 1.0);
@@ -412,8 +421,13 @@ async fn prometheus_scrapes_exactly_what_happened() {
     assert_eq!(
         prometheus.query("keywarden_refusals_total"),
         BTreeMap::from(
-            ["authentication", "authorization", "rate_limit", "size"]
-                .map(|r| (format!("__name__=keywarden_refusals_total,reason={r}"), 1.0))
+            [
+                ("authentication", 1.0),
+                ("authorization", 1.0),
+                ("rate_limit", 1.0),
+                ("size", 2.0)
+            ]
+            .map(|(r, n)| (format!("__name__=keywarden_refusals_total,reason={r}"), n))
         )
     );
     assert_eq!(
@@ -497,7 +511,8 @@ async fn prometheus_scrapes_exactly_what_happened() {
 
     // The caches. Tenant state is cached from its creation: every call
     // that named a tenant after it is a hit (the encrypts, the stream, the decrypts,
-    // the batch refused for its rate, and ShredSubject's look at the
+    // the plaintext over its limit, the batch refused for its rate, and
+    // ShredSubject's look at the
     // tenant's subject id rule, the stream). The one subject key is a miss and a load,
     // then shredded (an eviction); the rotation evicts acme's state.
     let cache = |family: &str, cache: &str| {
@@ -505,7 +520,7 @@ async fn prometheus_scrapes_exactly_what_happened() {
     };
     assert_eq!(
         cache("hits_total", "tenant"),
-        (ENCRYPTS + 2 + 1 + DECRYPTS + 1 + 1) as f64
+        (ENCRYPTS + 2 + 1 + DECRYPTS + 1 + 1 + 1) as f64
     );
     assert_eq!(cache("misses_total", "tenant"), 0.0);
     assert_eq!(cache("misses_total", "sealing"), 1.0);
@@ -611,6 +626,48 @@ fn the_admin_listener_answers_its_paths_and_refuses_the_rest() {
     let (status, log) = sidecar.terminate();
     assert!(status.success(), "{status}: {log}");
     assert!(TcpStream::connect(&admin_addr).is_err());
+}
+
+/// Found by the review of issue 16: 16 silent connections, reopened as the
+/// listener closed them, failed every probe. Now a new connection beyond
+/// the cap closes the oldest, each connection serves one request, and
+/// probes get through while 200 silent connections are held.
+#[test]
+fn silent_connections_do_not_keep_the_probes_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let sidecar = Sidecar::start_with_env(
+        &tmp.path().join("data"),
+        &tmp.path().join("kw.sock"),
+        &[("KEYWARDEN_ADMIN_LISTEN", &admin_addr)],
+    );
+    let held: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&admin_addr).unwrap())
+        .collect();
+    for _ in 0..10 {
+        assert_eq!(http(&admin_addr, "GET", "/live"), (200, "ok\n".to_owned()));
+    }
+    // One request per connection: a second one pipelined behind the first
+    // gets no answer, and the connection closes.
+    let mut pipelined = TcpStream::connect(&admin_addr).unwrap();
+    pipelined
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut pipelined,
+        b"GET /live HTTP/1.1\r\nHost: a\r\n\r\nGET /live HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut pipelined, &mut answer).unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 1, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    drop(held);
+    let (status, log) = sidecar.terminate();
+    assert!(status.success(), "{status}: {log}");
 }
 
 #[test]

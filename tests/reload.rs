@@ -537,6 +537,45 @@ async fn the_tokens_file_reloads_and_a_broken_one_keeps_the_tokens_in_use() {
     })
     .await;
     call(&search).await.unwrap();
+
+    // A token written as a value where its hash belongs: refused, and the
+    // refusal (log line, readiness note) quotes nothing of the file.
+    let refused = rig.refusals("tokens");
+    replace(
+        &tokens_file,
+        &format!("token = \"{}\"\n", search.expose_secret()),
+    );
+    rig.refused("tokens", refused).await;
+    let log = rig.log();
+    assert!(
+        log.contains("line 1, column 9: invalid type: string \"…\""),
+        "{log}"
+    );
+    assert!(!log.contains(search.expose_secret()), "{log}");
+    call(&search).await.unwrap();
+
+    // A FIFO where the file was: refused before it is opened (an open would
+    // block the reloader for good), and the reloader still follows changes.
+    let refused = rig.refusals("tokens");
+    std::fs::remove_file(&tokens_file).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&tokens_file)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    rig.refused("tokens", refused).await;
+    eventually("the FIFO refused", || async {
+        rig.log().contains("is not a regular file")
+    })
+    .await;
+    call(&search).await.unwrap();
+    std::fs::remove_file(&tokens_file).unwrap();
+    replace(&tokens_file, &tokens_toml(&[("billing", &billing)]));
+    eventually("a good file after the FIFO is loaded", || async {
+        call(&search).await.is_err()
+    })
+    .await;
+    call(&billing).await.unwrap();
 }
 
 #[tokio::test]

@@ -38,6 +38,7 @@ impl CryptoService {
         self.shared.check_plaintext("plaintext", plaintext)?;
         let tenant_limit = tenant.policy().max_plaintext_bytes;
         if tenant_limit > 0 && plaintext.len() as u64 > tenant_limit {
+            crate::observe::metrics::refused(crate::observe::metrics::Refusal::Size);
             return Err(Error::ResourceExhausted {
                 reason: format!(
                     "plaintext is {} bytes; tenant {}'s policy allows {tenant_limit}",

@@ -170,6 +170,7 @@ impl Shared {
     }
     fn check_plaintext(&self, field: &'static str, plaintext: &[u8]) -> Result<(), Error> {
         if plaintext.len() > self.limits.max_plaintext_bytes {
+            crate::observe::metrics::refused(Refusal::Size);
             return Err(Error::invalid(
                 field,
                 format!(

@@ -336,6 +336,7 @@ impl Sealing {
             Ok(Next::Input(range)) => {
                 self.total += range.len() as u64;
                 if self.limit > 0 && self.total > self.limit {
+                    crate::observe::metrics::refused(crate::observe::metrics::Refusal::Size);
                     Err(Error::ResourceExhausted {
                         reason: format!(
                             "the stream's plaintext is over {} bytes, tenant {}'s policy limit",

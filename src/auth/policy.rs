@@ -115,8 +115,10 @@ impl Policy {
     /// Parses a policy; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self, SettingsError> {
         let setting = "auth.policy_file";
-        let file: PolicyFile = toml::from_str(text)
-            .map_err(|e| SettingsError::new(setting, format!("{source}: {}", e.message())))?;
+        let file: PolicyFile = toml::from_str(text).map_err(|e| {
+            let reason = crate::secret::toml_error_without_content(text, &e);
+            SettingsError::new(setting, format!("{source}: {reason}"))
+        })?;
         let mut roles: BTreeMap<String, BTreeSet<Permission>> = BTreeMap::new();
         roles.insert("data".into(), DATA_ROLE.into_iter().collect());
         roles.insert("admin".into(), ADMIN_ROLE.into_iter().collect());

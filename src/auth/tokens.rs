@@ -103,8 +103,10 @@ impl StaticTokens {
     /// Parses a tokens file's text; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self, SettingsError> {
         let setting = "auth.tokens_file";
-        let file: TokensFile = toml::from_str(text)
-            .map_err(|e| SettingsError::new(setting, format!("{source}: {}", e.message())))?;
+        let file: TokensFile = toml::from_str(text).map_err(|e| {
+            let reason = crate::secret::toml_error_without_content(text, &e);
+            SettingsError::new(setting, format!("{source}: {reason}"))
+        })?;
         let mut tokens = Self::default();
         for entry in file.token {
             if entry.name.is_empty()

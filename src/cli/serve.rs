@@ -65,6 +65,9 @@ pub fn main(args: ServeArgs) -> ExitCode {
     let result = runtime.block_on(keywarden::server::run(config));
     // Flushes the spans still queued while the runtime still runs.
     telemetry.shutdown();
+    // A blocking task still running (a stuck file read, say) must not keep
+    // the process alive after the drain.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

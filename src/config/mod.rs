@@ -227,7 +227,7 @@ impl Config {
                 .span()
                 .map(|span| format!("{source} (byte {})", span.start))
                 .unwrap_or_else(|| source.to_owned());
-            ConfigError::new(setting, e.message().to_owned())
+            ConfigError::new(setting, crate::secret::toml_reason_without_content(&e))
         })
     }
 

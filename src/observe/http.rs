@@ -16,12 +16,20 @@
 //! probes and Prometheus, and keep it from the rest of the network (a
 //! NetworkPolicy).
 //!
-//! A stranger cannot hold it: at most [`MAX_CONNECTIONS`] connections at
-//! once (more are closed at accept), a request's headers must arrive within
-//! [`HEADER_TIMEOUT`] (also between requests on a kept-alive connection),
-//! headers are at most 16 KiB, and a connection lives at most
-//! [`CONNECTION_LIFETIME`]. Request bodies are never read. The server stops
-//! it once the gRPC listeners have drained, so it answers through a drain.
+//! A stranger cannot hold it, nor keep the kubelet's probes out: one
+//! request per connection (the answer closes it, as a kubelet's probe and
+//! Prometheus expect), a request's headers must arrive within
+//! [`HEADER_TIMEOUT`], headers are at most 16 KiB, and a connection lives at
+//! most [`CONNECTION_LIFETIME`]. At most [`MAX_CONNECTIONS`] are open at
+//! once: a new connection beyond them closes the oldest open one, so
+//! connections held open without a request push out each other, never the
+//! probe that sends its request as it connects (found by the review of
+//! issue 16: refusing the newest let 16 silent connections fail every
+//! probe). `/metrics` is rendered at most once per [`METRICS_MAX_AGE`] and
+//! the text reused meanwhile, so a flood of scrapes costs the data plane
+//! one render a second, not one per request. Request bodies are never read.
+//! The server stops it once the gRPC listeners have drained, so it answers
+//! through a drain.
 
 use std::{
     future::Future,
@@ -37,7 +45,7 @@ use std::{
 use hyper::{Method, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio::{net::TcpListener, task::AbortHandle, time::Instant};
 use tokio_util::task::TaskTracker;
 
 /// Whether the sidecar is ready, and the JSON body that says so.
@@ -52,10 +60,12 @@ pub fn always_ready() -> ReadyHook {
 pub const LIVE_BOUND: Duration = Duration::from_secs(10);
 /// How often the heartbeat ticks (and the recorder's upkeep runs).
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Connections served at once; more are closed at accept.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once; a new one beyond them closes the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// `/metrics` answers with a text rendered at most this long ago.
+pub const METRICS_MAX_AGE: Duration = Duration::from_secs(1);
 /// The longest a connection is served; then it is closed after its request
 /// in progress.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -71,6 +81,63 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub struct Admin {
     pub ready: ReadyHook,
     pub metrics: PrometheusHandle,
+}
+
+/// The last `/metrics` text and when it was rendered.
+#[derive(Default)]
+struct Rendered(std::sync::Mutex<Option<(Instant, Arc<str>)>>);
+
+impl Rendered {
+    /// The text rendered at most [`METRICS_MAX_AGE`] ago, rendering it anew
+    /// when it is older.
+    fn get(&self, handle: &PrometheusHandle) -> Arc<str> {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((at, text)) if at.elapsed() < METRICS_MAX_AGE => text.clone(),
+            _ => {
+                let text: Arc<str> = super::metrics::render(handle).into();
+                *last = Some((Instant::now(), text.clone()));
+                text
+            }
+        }
+    }
+}
+
+/// The open connections, oldest first, by number.
+#[derive(Default)]
+struct Open(std::sync::Mutex<std::collections::VecDeque<(u64, AbortHandle)>>);
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, AbortHandle)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes room for one more: closes the oldest while [`MAX_CONNECTIONS`]
+    /// are open.
+    fn make_room(&self) {
+        let mut open = self.lock();
+        while open.len() >= MAX_CONNECTIONS {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.abort();
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        let mut open = self.lock();
+        if let Some(at) = open.iter().position(|(n, _)| *n == id) {
+            open.remove(at);
+        }
+    }
+}
+
+/// Takes its connection off [`Open`] when the connection's task ends.
+struct Registered(Arc<Open>, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.remove(self.1);
+    }
 }
 
 /// The heartbeat: milliseconds since `base` at the last tick.
@@ -114,7 +181,9 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
             }
         })
     };
-    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Open::default());
+    let rendered = Arc::new(Rendered::default());
+    let mut next_id: u64 = 0;
     let connections = TaskTracker::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
@@ -130,19 +199,33 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
                 }
             },
         };
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            // Full: closed at once (dropped).
-            continue;
-        };
-        let (admin, heartbeat, mut stop) = (admin.clone(), heartbeat.clone(), stop_rx.clone());
-        connections.spawn(async move {
-            let _place = place;
+        open.make_room();
+        next_id += 1;
+        let id = next_id;
+        let registered = Registered(open.clone(), id);
+        let (admin, heartbeat, rendered, mut stop) = (
+            admin.clone(),
+            heartbeat.clone(),
+            rendered.clone(),
+            stop_rx.clone(),
+        );
+        // Registered before the task can end, under the same lock.
+        let mut list = open.lock();
+        let task = connections.spawn(async move {
+            let _registered = registered;
             let service = hyper::service::service_fn(move |request| {
-                let response = answer(request.method(), request.uri().path(), &admin, &heartbeat);
+                let response = answer(
+                    request.method(),
+                    request.uri().path(),
+                    &admin,
+                    &heartbeat,
+                    &rendered,
+                );
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .keep_alive(false)
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .serve_connection(TokioIo::new(stream), service);
@@ -169,6 +252,8 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
                 }
             }
         });
+        list.push_back((id, task.abort_handle()));
+        drop(list);
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -179,7 +264,13 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Ou
     ticker.abort();
 }
 
-fn answer(method: &Method, path: &str, admin: &Admin, heartbeat: &Heartbeat) -> Response<String> {
+fn answer(
+    method: &Method,
+    path: &str,
+    admin: &Admin,
+    heartbeat: &Heartbeat,
+    rendered: &Rendered,
+) -> Response<String> {
     if method != Method::GET {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
@@ -220,7 +311,7 @@ fn answer(method: &Method, path: &str, admin: &Admin, heartbeat: &Heartbeat) -> 
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            super::metrics::render(&admin.metrics),
+            rendered.get(&admin.metrics).to_string(),
         ),
         _ => (
             StatusCode::NOT_FOUND,
@@ -258,7 +349,7 @@ mod tests {
     }
 
     fn get(path: &str, admin: &Admin, heartbeat: &Heartbeat) -> (StatusCode, String, String) {
-        let response = answer(&Method::GET, path, admin, heartbeat);
+        let response = answer(&Method::GET, path, admin, heartbeat, &Rendered::default());
         let content_type = response.headers()[header::CONTENT_TYPE]
             .to_str()
             .unwrap()
@@ -317,7 +408,7 @@ mod tests {
             Method::HEAD,
             Method::OPTIONS,
         ] {
-            let response = answer(&method, "/metrics", &admin, &beat);
+            let response = answer(&method, "/metrics", &admin, &beat, &Rendered::default());
             assert_eq!(
                 response.status(),
                 StatusCode::METHOD_NOT_ALLOWED,

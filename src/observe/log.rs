@@ -63,7 +63,10 @@ impl Telemetry {
 /// Tokio runtime that serves.
 pub fn init(format: LogFormat, export: bool) -> Result<Telemetry, ExportError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a file or a log shipper gets plain text.
+    let lines = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let lines = match format {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines.event_format(JsonLines).boxed(),

@@ -213,8 +213,10 @@ pub enum Refusal {
     Authorization,
     /// The tenant's rate limit (RESOURCE_EXHAUSTED).
     RateLimit,
-    /// A request message over its method's size limit, or a batch over
-    /// `limits.max_batch_items`.
+    /// A request message over its method's size limit, a batch over
+    /// `limits.max_batch_items`, a plaintext over `limits.max_plaintext_bytes`
+    /// (INVALID_ARGUMENT) or over its tenant policy's `max_plaintext_bytes`
+    /// (RESOURCE_EXHAUSTED; a stream's total too).
     Size,
     /// A request message's bytes arrived slower than
     /// `server.request_min_bytes_per_second` while holding decode budget.
@@ -299,9 +301,20 @@ impl TenantLabels {
     /// The label for `tenant`: itself if it has a series or there is room
     /// for one more, else [`OTHER_TENANT`].
     pub fn label(&self, tenant: &str) -> String {
+        self.label_for(tenant, true)
+    }
+
+    /// `tenant`'s label; a tenant not yet known takes a place only when
+    /// `may_claim` (a call that succeeded: the tenant exists and the caller
+    /// may use it), so that callers cannot fill the places with names of
+    /// tenants that do not exist (found by the review of issue 16).
+    fn label_for(&self, tenant: &str, may_claim: bool) -> String {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.contains(tenant) {
             return tenant.to_owned();
+        }
+        if !may_claim {
+            return OTHER_TENANT.to_owned();
         }
         // "other" is never a tenant's own label: a tenant named "other"
         // folds in with the rest.
@@ -314,7 +327,7 @@ impl TenantLabels {
 
     /// Counts one data-plane call of `tenant`.
     pub fn record(&self, tenant: &str, method: &'static str, code: &'static str) {
-        let tenant = self.label(tenant);
+        let tenant = self.label_for(tenant, code == "OK");
         metrics::counter!(TENANT_CALLS, "tenant" => tenant, "grpc_method" => method, "grpc_code" => code)
             .increment(1);
     }
@@ -355,6 +368,18 @@ mod tests {
         assert_eq!(labels.label("a"), "a");
         assert_eq!(labels.label("other"), "other");
         assert!(TenantLabels::new(None).is_none());
+    }
+
+    #[test]
+    fn only_a_call_answered_ok_takes_a_place() {
+        let labels = TenantLabels::new(Some(1)).unwrap();
+        for code in ["NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED"] {
+            assert_eq!(labels.label_for("ghost", code == "OK"), "other");
+        }
+        assert_eq!(labels.label_for("acme", true), "acme");
+        // Known: its failed calls keep its label.
+        assert_eq!(labels.label_for("acme", false), "acme");
+        assert_eq!(labels.label_for("ghost", true), "other");
     }
 }
 

@@ -413,12 +413,50 @@ impl Inner {
     }
 }
 
+/// The largest file a reload reads (a Kubernetes Secret or ConfigMap holds
+/// at most 1 MiB); a larger one is refused unread.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads one watched file: a regular file (after symlinks) of at most
+/// [`MAX_FILE_BYTES`]. Anything else (a FIFO, whose open would block the
+/// reloader for good; a device such as /dev/zero; a directory) is refused
+/// before it is opened, and a file that grows past the bound while read is
+/// refused too.
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let meta = fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} is {} bytes; the limit is {MAX_FILE_BYTES}",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} grew past the limit of {MAX_FILE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Reads `paths`: the SHA-256 of their contents together, and the contents.
 fn read(paths: &[&Path]) -> Result<([u8; 32], Vec<Vec<u8>>), String> {
     let mut digest = Sha256::new();
     let mut contents = Vec::new();
     for path in paths {
-        let bytes = fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = read_file(path)?;
         digest.update((bytes.len() as u64).to_be_bytes());
         digest.update(&bytes);
         contents.push(bytes);
