@@ -21,13 +21,16 @@ const BENCH: &str = env!("CARGO_BIN_EXE_keywarden-bench");
 const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A command with an empty environment (so no `KEYWARDEN_*` variable from
-/// the caller's shell) but for info logging without colour codes.
+/// the caller's shell) but for info logging without colour codes, and no
+/// admin listener: these tests run side by side, and every sidecar would
+/// take the default 127.0.0.1:7401 (`startup`'s sidecars inherit it).
 fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new(program);
     command
         .env_clear()
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        .env("KEYWARDEN_ADMIN_LISTEN", "off");
     command
 }
 

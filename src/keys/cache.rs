@@ -107,6 +107,10 @@ impl<V: std::fmt::Debug> std::fmt::Debug for Held<V> {
 pub struct TtlCache<K, V> {
     /// The `cache` label of its metrics.
     name: &'static str,
+    /// Its hit counter, looked up in the recorder on the first hit (a
+    /// lookup per hit cost more than the hit: BENCHMARKS.md, "Metrics on
+    /// the hot path").
+    hits: std::sync::OnceLock<metrics::Counter>,
     inner: Cache<K, Cached<V>>,
     /// Placeholders of the loads in flight: waiting on one is how concurrent
     /// misses share a load. Nothing is ever stored here.
@@ -132,6 +136,7 @@ where
         let capacity = usize::try_from(limits.max_entries).unwrap_or(usize::MAX);
         Self {
             name,
+            hits: std::sync::OnceLock::new(),
             inner: Cache::new(capacity),
             loading: Cache::new(capacity),
             failures: Cache::new(capacity),
@@ -200,7 +205,9 @@ where
     {
         if let Some(answer) = self.answer(key) {
             if answer.is_ok() {
-                metrics::counter!(CACHE_HITS, "cache" => self.name).increment(1);
+                self.hits
+                    .get_or_init(|| metrics::counter!(CACHE_HITS, "cache" => self.name))
+                    .increment(1);
             }
             return answer;
         }

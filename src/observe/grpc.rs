@@ -15,9 +15,17 @@
 //! not a method the sidecar serves counts as `grpc_service="unknown"`,
 //! `grpc_method="unknown"`, so a stranger cannot make series by inventing
 //! paths.
+//!
+//! The metric handles of each method (and of each code it ends with) are
+//! looked up in the recorder once and kept ([`Handles`]): a lookup builds
+//! and compares a labelled key, about 6,000 instructions a call for the
+//! three series, which was most of what metrics cost a call (BENCHMARKS.md,
+//! "Metrics on the hot path").
 
 use std::{
+    collections::HashMap,
     pin::Pin,
+    sync::{Arc, OnceLock, RwLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -67,16 +75,86 @@ impl MethodLabels {
 /// Finds a request path's labels; `None`: not a method served here.
 pub type Classify = fn(&str) -> Option<MethodLabels>;
 
+/// One method's metric handles: its started counter and duration histogram,
+/// and a handled counter per gRPC code, made on the code's first use.
+struct MethodHandles {
+    labels: MethodLabels,
+    started: metrics::Counter,
+    handling: metrics::Histogram,
+    handled: [OnceLock<metrics::Counter>; 17],
+}
+
+impl MethodHandles {
+    fn new(l: MethodLabels) -> Self {
+        Self {
+            labels: l,
+            started: metrics::counter!(
+                GRPC_STARTED,
+                "grpc_type" => l.grpc_type,
+                "grpc_service" => l.grpc_service,
+                "grpc_method" => l.grpc_method,
+            ),
+            handling: metrics::histogram!(
+                GRPC_HANDLING_SECONDS,
+                "grpc_type" => l.grpc_type,
+                "grpc_service" => l.grpc_service,
+                "grpc_method" => l.grpc_method,
+            ),
+            handled: Default::default(),
+        }
+    }
+
+    fn handled(&self, code: tonic::Code) -> &metrics::Counter {
+        let l = self.labels;
+        self.handled[(code as usize).min(16)].get_or_init(|| {
+            metrics::counter!(
+                GRPC_HANDLED,
+                "grpc_type" => l.grpc_type,
+                "grpc_service" => l.grpc_service,
+                "grpc_method" => l.grpc_method,
+                "grpc_code" => code_name(code),
+            )
+        })
+    }
+}
+
+/// The handles of every method seen, by its labels (a fixed table, so the
+/// map is bounded by the methods served, plus "unknown").
+#[derive(Default)]
+struct Handles(RwLock<HashMap<(&'static str, &'static str), Arc<MethodHandles>>>);
+
+impl Handles {
+    fn get(&self, labels: MethodLabels) -> Arc<MethodHandles> {
+        let key = (labels.grpc_service, labels.grpc_method);
+        if let Some(found) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return found.clone();
+        }
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(MethodHandles::new(labels)))
+            .clone()
+    }
+}
+
 /// The layer: [`GrpcMetrics::new`] around a service.
 #[derive(Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
     classify: Classify,
+    handles: Arc<Handles>,
 }
 
 impl<S> GrpcMetrics<S> {
+    /// Takes the metric handles from the recorder installed now (none: the
+    /// handles do nothing).
     pub fn new(inner: S, classify: Classify) -> Self {
-        Self { inner, classify }
+        Self {
+            inner,
+            classify,
+            handles: Arc::default(),
+        }
     }
 }
 
@@ -96,16 +174,11 @@ where
 
     fn call(&mut self, request: http::Request<ReqB>) -> Self::Future {
         let labels = (self.classify)(request.uri().path()).unwrap_or(MethodLabels::UNKNOWN);
-        metrics::counter!(
-            GRPC_STARTED,
-            "grpc_type" => labels.grpc_type,
-            "grpc_service" => labels.grpc_service,
-            "grpc_method" => labels.grpc_method,
-        )
-        .increment(1);
+        let handles = self.handles.get(labels);
+        handles.started.increment(1);
         let stream = (labels.grpc_type != "unary").then(|| GaugeGuard::new(STREAMS_OPEN));
         let mut call = Call {
-            labels,
+            handles,
             started: Instant::now(),
             done: false,
             _stream: stream,
@@ -124,51 +197,41 @@ where
 
 /// A call being measured; its drop before its status counts CANCELLED.
 struct Call {
-    labels: MethodLabels,
+    handles: Arc<MethodHandles>,
     started: Instant,
     done: bool,
     _stream: Option<GaugeGuard>,
 }
 
 impl Call {
-    fn handled(&mut self, code: &'static str) {
+    fn handled(&mut self, code: tonic::Code) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        let l = self.labels;
-        metrics::counter!(
-            GRPC_HANDLED,
-            "grpc_type" => l.grpc_type,
-            "grpc_service" => l.grpc_service,
-            "grpc_method" => l.grpc_method,
-            "grpc_code" => code,
-        )
-        .increment(1);
-        metrics::histogram!(
-            GRPC_HANDLING_SECONDS,
-            "grpc_type" => l.grpc_type,
-            "grpc_service" => l.grpc_service,
-            "grpc_method" => l.grpc_method,
-        )
-        .record(self.started.elapsed().as_secs_f64());
+        self.handles.handled(code).increment(1);
+        self.handles
+            .handling
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        self.handled("CANCELLED");
+        self.handled(tonic::Code::Cancelled);
     }
 }
 
-/// The canonical name of the `grpc-status` in `headers`, if there is one.
-fn grpc_status(headers: &http::HeaderMap) -> Option<&'static str> {
+/// The `grpc-status` in `headers`, if there is one (a value that is not a
+/// code: UNKNOWN).
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?;
-    let code = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .map_or(tonic::Code::Unknown, tonic::Code::from_i32);
-    Some(code_name(code))
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .map_or(tonic::Code::Unknown, tonic::Code::from_i32),
+    )
 }
 
 /// The canonical upper-case name of a gRPC code.
@@ -219,11 +282,11 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     this.call
-                        .handled(grpc_status(trailers).unwrap_or("UNKNOWN"));
+                        .handled(grpc_status(trailers).unwrap_or(tonic::Code::Unknown));
                 }
             }
-            Poll::Ready(None) => this.call.handled("UNKNOWN"),
-            Poll::Ready(Some(Err(_))) => this.call.handled("UNKNOWN"),
+            Poll::Ready(None) => this.call.handled(tonic::Code::Unknown),
+            Poll::Ready(Some(Err(_))) => this.call.handled(tonic::Code::Unknown),
             Poll::Pending => {}
         }
         polled
