@@ -11,16 +11,13 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use common::{Options, TestSidecar};
+use common::{Options, TestSidecar, pki::Pki};
 use keywarden::{
     api::pb,
     client::{self, Authed, Bearer, ClientTls},
     config::{AuthConfig, ClientAuth, JwtConfig, TlsConfig},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
-    PKCS_RSA_SHA256, PublicKeyData, SanType,
-};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, PublicKeyData};
 use secrecy::SecretString;
 use serde_json::json;
 use tonic::Code;
@@ -482,39 +479,6 @@ async fn a_changed_jwks_file_is_picked_up_without_a_restart() {
         }
     }
     sidecar.stop().await;
-}
-
-/// A CA and certificates signed by it.
-struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let ca = params.self_signed(&key).unwrap();
-        Self {
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate and its key (PEM) for `sans` (IP addresses, or URIs).
-    fn issue(&self, sans: &[&str]) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for san in sans {
-            params.subject_alt_names.push(match san.parse() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::URI((*san).try_into().unwrap()),
-            });
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
 }
 
 #[tokio::test]

@@ -29,52 +29,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::process::{self, Sidecar};
+use common::{
+    pki::Pki,
+    process::{self, Sidecar},
+};
 use keywarden::{
     api::pb,
     auth::tokens,
     client::{self, Bearer, ClientTls},
 };
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use secrecy::{ExposeSecret, SecretString};
 use tonic::Code;
 
 /// How long a change on disk may take to be served.
 const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A CA and certificates signed by it.
-struct Pki {
-    ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let ca = params.self_signed(&key).unwrap();
-        Self {
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate and its key (PEM) for `sans` (IP addresses, or URIs).
-    fn issue(&self, sans: &[&str]) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for san in sans {
-            params.subject_alt_names.push(match san.parse() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::URI((*san).try_into().unwrap()),
-            });
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 fn der(pem: &str) -> Vec<u8> {
     CertificateDer::from_pem_slice(pem.as_bytes())

@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod moto;
+pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
