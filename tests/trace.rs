@@ -352,7 +352,7 @@ fn an_exporter_other_than_otlp_stops_the_start() {
 }
 
 #[test]
-fn a_text_log_line_of_a_call_names_its_trace_id_in_the_call_span() {
+fn a_text_log_line_of_a_call_names_its_trace_id_before_the_target() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let sidecar = Sidecar::start(&data, &tmp.path().join("kw.sock"));

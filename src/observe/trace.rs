@@ -1,7 +1,9 @@
 //! Traces: every keywarden call runs in a trace, named by a W3C
 //! `traceparent` header when the caller sends a valid one, else by a new
-//! random trace id. The trace id is in every log line of the call (the
-//! `call{trace_id=…}` span, or `trace_id` in JSON lines) and in its audit
+//! random trace id. The trace id is in every log line of the call
+//! (`call{trace_id=…}:` in text lines, `trace_id` in JSON lines: the log
+//! reads it from the call's task-local context, not from a span, so that a
+//! call pays for no span it does not export) and in its audit
 //! records; with OTLP export on, the call is also an OpenTelemetry server
 //! span, exported in batches.
 //!
@@ -13,7 +15,8 @@
 //!   value is not logged. Only the sampled flag (bit 0) is read; other
 //!   flags and `tracestate` are not.
 //! - **Export** ([`export_wanted`]) is on only when the standard `OTEL_*`
-//!   variables ask for it; off, a call costs one span and one header parse.
+//!   variables ask for it; off, a call costs a header parse, a random trace
+//!   id and a task-local, and no span.
 //!   On, each call is a span of kind server named like `keywarden.v1.Crypto/Encrypt`
 //!   with OpenTelemetry's RPC attributes (`rpc.system`, `rpc.service`,
 //!   `rpc.method`, `rpc.grpc.status_code`, `server.address`,
@@ -35,7 +38,7 @@ use std::{
 };
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use tracing::{Instrument, field::Empty};
+use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The target of the spans that are exported (one per call).
@@ -183,12 +186,10 @@ pub fn record_tenant(tenant: &str) {
     });
 }
 
-/// One call's trace: its log span, and its exported span when export is on.
+/// One call's trace: its trace id, and its exported span when export is on.
 /// The exported span ends when this is dropped (with the response body).
 pub struct CallTrace {
     context: CallContext,
-    /// `call{trace_id=…}`: what the call's log lines carry.
-    log: tracing::Span,
 }
 
 impl CallTrace {
@@ -202,12 +203,8 @@ impl CallTrace {
         } else {
             (parent.map_or_else(TraceId::random, |p| p.trace_id), None)
         };
-        // At ERROR level, so that whatever level the log is filtered at,
-        // the lines a call writes carry its trace id.
-        let log = tracing::error_span!(parent: None, "call", trace_id = %trace_id);
         CallTrace {
             context: CallContext { trace_id, rpc },
-            log,
         }
     }
 
@@ -217,12 +214,11 @@ impl CallTrace {
 
     /// `future`, run inside the call's trace.
     pub fn scope<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
-        CALL.scope(self.context.clone(), future.instrument(self.log.clone()))
+        CALL.scope(self.context.clone(), future)
     }
 
     /// `f`, run inside the call's trace (a poll of its response body).
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _entered = self.log.enter();
         CALL.sync_scope(self.context.clone(), f)
     }
 
