@@ -232,6 +232,39 @@ mod tests {
         }
     }
 
+    /// What `format` writes for a warning with `message` inside a call and
+    /// an info line outside it.
+    async fn log_a_call<F>(format: F, message: &'static str) -> (trace::CallTrace, String)
+    where
+        F: FormatEvent<
+                tracing_subscriber::Registry,
+                tracing_subscriber::fmt::format::DefaultFields,
+            > + Send
+            + Sync
+            + 'static,
+    {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(format)
+                .with_ansi(false)
+                .with_writer(move || writer.clone()),
+        );
+        let _default = tracing::subscriber::set_default(subscriber);
+        let trace = trace::CallTrace::start(
+            "/keywarden.v1.Admin/CreateTenant",
+            &http::HeaderMap::new(),
+            &http::Uri::from_static("http://localhost/"),
+        );
+        trace
+            .scope(async { tracing::warn!(attempt = 2, "{message}") })
+            .await;
+        tracing::info!("outside");
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        (trace, text)
+    }
+
     #[test]
     fn the_log_filter_keeps_the_level_hint_of_rust_log() {
         let hint = |directives: &str| {
@@ -245,24 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_json_line_has_the_documented_fields_and_the_call_trace_id() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .event_format(JsonLines)
-                .with_writer(move || writer.clone()),
-        );
-        let _default = tracing::subscriber::set_default(subscriber);
-        let trace = trace::CallTrace::start(
-            "/keywarden.v1.Admin/CreateTenant",
-            &http::HeaderMap::new(),
-            &http::Uri::from_static("http://localhost/"),
-        );
-        trace
-            .scope(async { tracing::warn!(attempt = 2, "the \"thing\" failed") })
-            .await;
-        tracing::info!("outside");
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let (trace, text) = log_a_call(JsonLines, "the \"thing\" failed").await;
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -296,25 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_text_line_carries_the_call_trace_id_where_a_span_would_be() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .event_format(TextLines)
-                .with_ansi(false)
-                .with_writer(move || writer.clone()),
-        );
-        let _default = tracing::subscriber::set_default(subscriber);
-        let trace = trace::CallTrace::start(
-            "/keywarden.v1.Admin/CreateTenant",
-            &http::HeaderMap::new(),
-            &http::Uri::from_static("http://localhost/"),
-        );
-        trace
-            .scope(async { tracing::warn!(attempt = 2, "the thing failed") })
-            .await;
-        tracing::info!("outside");
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let (trace, text) = log_a_call(TextLines, "the thing failed").await;
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         let (time, rest) = lines[0].split_once(' ').unwrap();
