@@ -42,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use quick_cache::sync::Cache;
+use quick_cache::{DefaultHashBuilder, Lifecycle, UnitWeighter, sync::Cache};
 use tokio::time::Instant;
 
 use crate::{
@@ -104,6 +104,23 @@ impl<V: std::fmt::Debug> std::fmt::Debug for Held<V> {
     }
 }
 
+/// Counts the entries quick_cache drops to stay within `max_entries` in
+/// `keywarden_cache_evictions_total` (the removals this module makes itself
+/// are counted where it makes them). A lookup in the recorder per eviction:
+/// evictions happen only on inserts into a full cache, after a load.
+#[derive(Clone)]
+struct CountEvictions(&'static str);
+
+impl<K, V> Lifecycle<K, V> for CountEvictions {
+    type RequestState = ();
+
+    fn begin_request(&self) {}
+
+    fn on_evict(&self, _: &mut (), _: K, _: V) {
+        metrics::counter!(CACHE_EVICTIONS, "cache" => self.0).increment(1);
+    }
+}
+
 pub struct TtlCache<K, V> {
     /// The `cache` label of its metrics.
     name: &'static str,
@@ -111,7 +128,7 @@ pub struct TtlCache<K, V> {
     /// lookup per hit cost more than the hit: BENCHMARKS.md, "Metrics on
     /// the hot path").
     hits: std::sync::OnceLock<metrics::Counter>,
-    inner: Cache<K, Cached<V>>,
+    inner: Cache<K, Cached<V>, UnitWeighter, DefaultHashBuilder, CountEvictions>,
     /// Placeholders of the loads in flight: waiting on one is how concurrent
     /// misses share a load. Nothing is ever stored here.
     loading: Cache<K, ()>,
@@ -137,7 +154,13 @@ where
         Self {
             name,
             hits: std::sync::OnceLock::new(),
-            inner: Cache::new(capacity),
+            inner: Cache::with(
+                capacity,
+                limits.max_entries,
+                UnitWeighter,
+                DefaultHashBuilder::default(),
+                CountEvictions(name),
+            ),
             loading: Cache::new(capacity),
             failures: Cache::new(capacity),
             ttl: limits.time_to_live,
@@ -298,9 +321,9 @@ where
         self.evicted(held);
     }
 
-    /// Counts `n` entries dropped (invalidated or swept; entries quick_cache
-    /// drops to stay within `max_entries` are not counted) and the entries
-    /// left.
+    /// Counts `n` entries dropped (invalidated or swept; the entries
+    /// quick_cache drops to stay within `max_entries` are counted by
+    /// [`CountEvictions`]) and the entries left.
     fn evicted(&self, n: u64) {
         if n > 0 {
             metrics::counter!(CACHE_EVICTIONS, "cache" => self.name).increment(n);
@@ -582,5 +605,53 @@ mod tests {
             .sweep_interval(),
             Duration::from_secs(15)
         );
+    }
+
+    #[tokio::test]
+    async fn entries_dropped_for_capacity_count_as_evictions() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let cache: TtlCache<u32, u32> = TtlCache::new(
+            "small",
+            CacheLimits {
+                max_entries: 4,
+                time_to_live: TTL,
+                time_to_idle: TTL,
+                stale_if_error: GRACE,
+            },
+        );
+        metrics::with_local_recorder(&recorder, || {
+            for k in 0..100 {
+                cache.insert(k, k);
+            }
+        });
+        let held = cache.entry_count();
+        assert!(held <= 4, "{held}");
+        assert_eq!(
+            cache_evictions(&snapshotter.snapshot().into_vec()),
+            100 - held
+        );
+        metrics::with_local_recorder(&recorder, || cache.invalidate_all());
+        // (A snapshot drains the counts: these are the clear's.)
+        assert_eq!(cache_evictions(&snapshotter.snapshot().into_vec()), held);
+
+        fn cache_evictions(
+            snapshot: &[(
+                metrics_util::CompositeKey,
+                Option<metrics::Unit>,
+                Option<metrics::SharedString>,
+                DebugValue,
+            )],
+        ) -> u64 {
+            snapshot
+                .iter()
+                .filter(|(key, ..)| key.key().name() == CACHE_EVICTIONS)
+                .map(|(.., value)| match value {
+                    DebugValue::Counter(n) => *n,
+                    _ => 0,
+                })
+                .sum()
+        }
     }
 }
