@@ -390,3 +390,52 @@ fn a_text_log_line_of_a_call_names_its_trace_id_before_the_target() {
         .unwrap();
     assert!(!serving.contains("trace_id"), "{serving}");
 }
+
+#[test]
+fn a_failed_span_export_is_an_error_in_the_log() {
+    // A port nothing listens on: every export fails at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sidecar = Sidecar::start_with_env(
+        &data,
+        &tmp.path().join("kw.sock"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+        ],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        sidecar
+            .client()
+            .await
+            .admin()
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: "acme".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = sidecar.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("BatchSpanProcessor.ExportError"))
+        {
+            assert!(line.contains("ERROR"), "{line}");
+            assert!(line.contains("opentelemetry_sdk"), "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no export error in the log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -44,6 +44,12 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log filter when `RUST_LOG` is not set: `info`, but only warnings and
+/// errors of the OpenTelemetry SDK (a failed span export is an error line
+/// of target `opentelemetry_sdk`, one per failed batch).
+const DEFAULT_FILTER: &str =
+    "info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
+
 /// What [`init`] started and must be stopped at the end.
 pub struct Telemetry {
     exporter: Option<Exporter>,
@@ -62,7 +68,8 @@ impl Telemetry {
 /// [`trace::export_wanted`]), the OTLP span exporter. Call once, inside the
 /// Tokio runtime that serves.
 pub fn init(format: LogFormat, export: bool) -> Result<Telemetry, ExportError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     // Colours only for a terminal: a file or a log shipper gets plain text.
     let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
