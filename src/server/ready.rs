@@ -10,7 +10,7 @@
 //! - **root_key**: the root-key provider answers, or the key cache may still
 //!   serve: every [`ReadySettings::root_key_interval`] (default 30 s), and
 //!   within a second of a call failing for want of the provider while the
-//!   check passed. The check passes without any call if a call through the
+//!   check passed (backing off while such checks keep passing: [`Pacing`]). The check passes without any call if a call through the
 //!   provider succeeded within the last interval with none failing since (a
 //!   busy sidecar makes no extra KMS call); otherwise it calls
 //!   [`RootKeyProvider::health`] (AWS KMS: DescribeKey), failing after
@@ -512,9 +512,9 @@ async fn keystore_checks(readiness: Weak<Readiness>) {
 /// How often the root-key loop looks whether a check is due (no I/O).
 const ROOT_KEY_POLL: Duration = Duration::from_secs(1);
 
-/// Checks the root key now, then whenever due: every interval, and at once
-/// (within [`ROOT_KEY_POLL`]) when a call failed for want of the provider
-/// while the check passed.
+/// Checks the root key now, then whenever due: every interval, and soon
+/// (see [`Pacing`]) after a call failed for want of the provider while the
+/// check passed.
 async fn root_key_checks(readiness: Weak<Readiness>) {
     let (every, poll) = match readiness.upgrade() {
         Some(r) => (
@@ -525,36 +525,119 @@ async fn root_key_checks(readiness: Weak<Readiness>) {
     };
     let mut ticks = tokio::time::interval(poll);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pacing = Pacing::new(every);
     let mut last_check: Option<Instant> = None;
     loop {
         ticks.tick().await;
         let Some(readiness) = readiness.upgrade() else {
             return;
         };
-        let due = match last_check {
-            None => true,
-            Some(last) if last.elapsed() >= every => true,
-            Some(last) => {
-                let passing =
-                    readiness.state.lock().expect("readiness state").root_key == Check::Ok;
-                passing
-                    && readiness
-                        .parts
-                        .root
-                        .last_failure()
-                        .is_some_and(|f| f > last)
-            }
+        let passing = || readiness.state.lock().expect("readiness state").root_key == Check::Ok;
+        let failed_since =
+            |at: Instant| readiness.parts.root.last_failure().is_some_and(|f| f > at);
+        let Some(due) = (match last_check {
+            None => Some(Due::Interval),
+            Some(last) => pacing.due(last.elapsed(), passing(), failed_since(last)),
+        }) else {
+            continue;
         };
-        if due {
-            last_check = Some(Instant::now());
-            readiness.check_root_key().await;
+        let failed_before = last_check.is_none_or(failed_since);
+        last_check = Some(Instant::now());
+        readiness.check_root_key().await;
+        pacing.checked(due, passing(), failed_before);
+    }
+}
+
+/// Why a root-key check is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    Interval,
+    Failure,
+}
+
+/// When a failed call makes the root key be checked again before its
+/// interval: within [`ROOT_KEY_POLL`] of the first failure after a passing
+/// check, so an outage of the provider is seen at once. While failures keep
+/// coming and those checks keep passing (the provider answers; what fails
+/// is one tenant's own key, e.g. a customer's revoked KMS key), the wait
+/// doubles up to the interval: a failing tenant costs the shared key one
+/// health call per interval, not one a second. A check that fails, or an
+/// interval with no failure at all, starts over at the prompt wait.
+#[derive(Debug)]
+struct Pacing {
+    every: Duration,
+    /// How long after the last check a failure may trigger the next.
+    wait: Duration,
+}
+
+impl Pacing {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            wait: Duration::ZERO,
         }
+    }
+
+    /// Whether a check is due `since` after the last one, with the check
+    /// `passing` and a call having `failed` since it.
+    fn due(&self, since: Duration, passing: bool, failed: bool) -> Option<Due> {
+        if since >= self.every {
+            Some(Due::Interval)
+        } else if passing && failed && since >= self.wait {
+            Some(Due::Failure)
+        } else {
+            None
+        }
+    }
+
+    /// A check made because `due` ended `passed`; `failed`: a call had
+    /// failed since the check before.
+    fn checked(&mut self, due: Due, passed: bool, failed: bool) {
+        self.wait = match (due, passed, failed) {
+            (_, false, _) | (Due::Interval, true, false) => Duration::ZERO,
+            (Due::Failure, true, _) => (self.wait * 2).clamp(ROOT_KEY_POLL, self.every),
+            (Due::Interval, true, true) => self.wait,
+        };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_key_failing_for_good_backs_the_rechecks_off_to_the_interval() {
+        let every = Duration::from_secs(30);
+        let mut pacing = Pacing::new(every);
+        // The first failure after a pass: checked at the next poll.
+        assert_eq!(pacing.due(Duration::ZERO, true, true), Some(Due::Failure));
+        // Failures keep coming, the shared key keeps answering: 1, 2, 4,
+        // 8, 16, then 30 s between checks, never shorter.
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            pacing.checked(Due::Failure, true, true);
+            waits.push(pacing.wait.as_secs());
+            assert_eq!(
+                pacing.due(pacing.wait - Duration::from_millis(1), true, true),
+                None
+            );
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        // An interval check while failures go on keeps the wait.
+        pacing.checked(Due::Interval, true, true);
+        assert_eq!(pacing.wait, every);
+        // A quiet interval, or a failing check, starts over at once.
+        pacing.checked(Due::Interval, true, false);
+        assert_eq!(pacing.wait, Duration::ZERO);
+        pacing.checked(Due::Failure, true, true);
+        pacing.checked(Due::Failure, false, true);
+        assert_eq!(pacing.wait, Duration::ZERO);
+        // Nothing failed, nothing due before the interval; the interval is.
+        assert_eq!(pacing.due(Duration::from_secs(29), true, false), None);
+        assert_eq!(pacing.due(every, true, false), Some(Due::Interval));
+        // While the check fails, failures do not re-check (the interval does).
+        assert_eq!(pacing.due(Duration::from_secs(5), false, true), None);
+    }
 
     fn verdicts(keystore: Check, root_key: Check, audit: bool, draining: bool) -> Verdicts {
         Verdicts {
