@@ -22,7 +22,7 @@ use keywarden::{
         encrypt_stream_request::Part as EPart,
     },
     client::Authed,
-    envelope::{Context, text},
+    envelope::{Context, Mode, text},
     error::Error,
     ids::{SubjectId, TenantId},
     keys::{KeyManager, KeySettings},
@@ -165,6 +165,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: context.clone(),
                 plaintext: vec![7; 32],
+                deterministic: false,
             })
             .await,
         Code::InvalidArgument,
@@ -177,6 +178,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: context.clone(),
                 plaintext: vec![7; 32],
+                deterministic: false,
             }],
         })
         .await
@@ -214,6 +216,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: BTreeMap::from([("keywarden.anything".to_owned(), String::new())]),
                 plaintext: vec![],
+                deterministic: false,
             })
             .await,
         Code::InvalidArgument,
@@ -239,6 +242,7 @@ async fn a_row_copied_before_a_subject_shred_opens_nowhere_and_nothing_mints_one
             subject_id: "ada@example.com".into(),
             context: BTreeMap::from([("table".to_owned(), "users".to_owned())]),
             plaintext: b"ada's record".to_vec(),
+            deterministic: false,
         })
         .await
         .unwrap()
@@ -459,6 +463,7 @@ async fn upgrade_and_check(
             Some(&SubjectId::parse("s", "alice").unwrap()),
             &Context::new(),
             b"new",
+            Mode::Randomized,
         )
         .await
         .unwrap();

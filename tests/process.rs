@@ -273,6 +273,7 @@ fn batch(tenant: &str, items: usize) -> pb::EncryptBatchRequest {
                 subject_id: String::new(),
                 context: [("row".to_owned(), i.to_string())].into(),
                 plaintext: vec![(i % 251) as u8; ITEM_BYTES],
+                deterministic: false,
             })
             .collect(),
     }

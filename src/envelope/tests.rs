@@ -158,6 +158,7 @@ fn debug_of_deriver_and_parsed_shows_no_secret() {
     assert_eq!(
         printed,
         "MessageKeyDeriver([REDACTED]) EnvelopeKey { provider: AwsLc, .. } \
-         Parsed { key_ref: Tenant { version: 1 }, body_len: 16, .. } AeadKey([REDACTED])"
+         Parsed { key_ref: Tenant { version: 1 }, mode: Randomized, body_len: 16, .. } \
+         AeadKey([REDACTED])"
     );
 }
