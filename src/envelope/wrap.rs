@@ -30,8 +30,7 @@
 //! `kw1.dek`, `kw1.stm` and `kw1.siv`), so the tag cannot verify. The
 //! converse holds too: nothing Encrypt produces, randomized or
 //! deterministic, is a valid wrapped key. docs/FORMAT.md, "How subject keys
-//! are stored",
-//! is the specification, with test vectors.
+//! are stored", is the specification, with test vectors.
 
 use super::{
     EnvelopeKey, FORMAT_V1, NONCE_LEN, SALT_LEN, SealError, TAG_LEN, Undecryptable,
