@@ -35,8 +35,8 @@
 use aes_siv::{KeyInit, Tag, aead::generic_array::GenericArray, siv::Aes256Siv};
 
 use super::{
-    Context, EnvelopeKey, FORMAT_V1, KeyRef, Parsed, SealError, Undecryptable, associated_data,
-    kdf::SIV_LABEL, push_key_ref,
+    Context, EnvelopeKey, KeyRef, Parsed, SealError, Undecryptable, associated_data,
+    kdf::SIV_LABEL, start_envelope,
 };
 
 /// The suite byte of a deterministic envelope.
@@ -65,13 +65,7 @@ pub fn seal_deterministic(
     context: &Context,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
-    let overhead = match key_ref {
-        KeyRef::Tenant { .. } => DETERMINISTIC_TENANT_OVERHEAD,
-        KeyRef::Subject { .. } => DETERMINISTIC_SUBJECT_OVERHEAD,
-    };
-    let mut out = Vec::with_capacity(overhead + plaintext.len());
-    out.extend_from_slice(&[FORMAT_V1, SUITE_DETERMINISTIC]);
-    push_key_ref(&mut out, key_ref);
+    let mut out = start_envelope(SUITE_DETERMINISTIC, key_ref, SIV_LEN + plaintext.len());
     let aad = associated_data(&out, tenant, context).ok_or(SealError::TooLong)?;
     let header_len = out.len();
     out.resize(header_len + SIV_LEN, 0);

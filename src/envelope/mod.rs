@@ -232,13 +232,11 @@ pub fn seal_with(
     salt: &[u8; SALT_LEN],
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Vec<u8>, SealError> {
-    let overhead = match key_ref {
-        KeyRef::Tenant { .. } => TENANT_OVERHEAD,
-        KeyRef::Subject { .. } => SUBJECT_OVERHEAD,
-    };
-    let mut out = Vec::with_capacity(overhead + plaintext.len());
-    out.extend_from_slice(&[FORMAT_V1, SUITE_AES256GCM_CMAC_KDF]);
-    push_key_ref(&mut out, key_ref);
+    let mut out = start_envelope(
+        SUITE_AES256GCM_CMAC_KDF,
+        key_ref,
+        SALT_LEN + NONCE_LEN + plaintext.len() + TAG_LEN,
+    );
     out.extend_from_slice(salt);
     out.extend_from_slice(nonce);
     let header_len = out.len();
@@ -382,6 +380,19 @@ fn parse_key_ref(kind: u8, bytes: &[u8]) -> Result<(KeyRef, &[u8]), Undecryptabl
         }
         _ => Err(Undecryptable),
     }
+}
+
+/// The first bytes of a one-shot envelope of `suite`: the format version,
+/// the suite and the key reference, in a buffer with room for `rest` more.
+fn start_envelope(suite: u8, key_ref: KeyRef, rest: usize) -> Vec<u8> {
+    let key_ref_len = match key_ref {
+        KeyRef::Tenant { .. } => 4,
+        KeyRef::Subject { .. } => SUBJECT_KEY_ID_LEN + 4,
+    };
+    let mut out = Vec::with_capacity(3 + key_ref_len + rest);
+    out.extend_from_slice(&[FORMAT_V1, suite]);
+    push_key_ref(&mut out, key_ref);
+    out
 }
 
 /// Appends the key reference's kind byte and fields.

@@ -5,24 +5,10 @@ use aes_siv::{
 };
 
 use super::*;
-use crate::{
-    envelope::{self, Mode, Provider, parse},
-    secret::Key256,
+use crate::envelope::{
+    self, FORMAT_V1, Mode, parse,
+    tests::{context, key},
 };
-
-fn key(byte: u8) -> EnvelopeKey {
-    EnvelopeKey::new(
-        Provider::default(),
-        &Key256::from_slice(&[byte; 32]).unwrap(),
-    )
-}
-
-fn context(pairs: &[(&str, &str)]) -> Context {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 const V1: KeyRef = KeyRef::Tenant { version: 1 };
 const SUBJECT: KeyRef = KeyRef::Subject {
