@@ -655,3 +655,74 @@ async fn bad_input_is_refused_as_for_an_ordinary_encrypt() {
         assert_undecryptable(decrypt(&mut c, "acme", &context, malformed).await);
     }
 }
+
+#[tokio::test]
+async fn deterministic_encrypt_needs_the_encrypt_permission_and_nothing_else() {
+    use keywarden::{
+        auth::tokens,
+        client::{self, Bearer},
+        config::AuthConfig,
+    };
+    use secrecy::{ExposeSecret, SecretString};
+
+    let files = tempfile::tempdir().unwrap();
+    let (writer, reader) = (tokens::generate(), tokens::generate());
+    let tokens_file = files.path().join("tokens.toml");
+    std::fs::write(
+        &tokens_file,
+        format!(
+            "[[token]]\nname = \"writer\"\nsha256 = \"{}\"\n\
+             [[token]]\nname = \"reader\"\nsha256 = \"{}\"\n",
+            hex::encode(tokens::hash(writer.expose_secret())),
+            hex::encode(tokens::hash(reader.expose_secret())),
+        ),
+    )
+    .unwrap();
+    let policy = files.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[grant]]\nidentity = \"token:writer\"\nallow = [\"encrypt\"]\ntenants = [\"acme\"]\n\
+         [[grant]]\nidentity = \"token:reader\"\nallow = [\"decrypt\"]\ntenants = [\"acme\"]\n\
+         [[grant]]\nidentity = \"token:admin\"\nallow = [\"admin\"]\ntenants = [\"*\"]\n",
+    )
+    .unwrap();
+    let (sidecar, mut admin, _) = start_with(Options {
+        auth: AuthConfig {
+            tokens_file: Some(tokens_file),
+            policy_file: Some(policy),
+            ..AuthConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    create(&mut admin, "acme").await;
+    let channel = sidecar.channel().await;
+    let as_caller =
+        |token: &SecretString| client::crypto(channel.clone(), Bearer::new(Some(token)).unwrap());
+    let (mut writer, mut reader) = (as_caller(&writer), as_caller(&reader));
+    let context = ctx(&[("column", "email")]);
+    let sealed = seal(&mut writer, "acme", "", &context, b"ada@example.com").await;
+    assert_eq!(
+        decrypt(&mut reader, "acme", &context, &sealed.ciphertext)
+            .await
+            .unwrap()
+            .plaintext,
+        b"ada@example.com"
+    );
+    // A decrypt-only caller cannot compute a deterministic ciphertext (and
+    // so cannot confirm a guess against a stored one).
+    let refused = encrypt_as(&mut reader, "acme", "", &context, b"ada@example.com", true)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused.message().contains("token:reader may not encrypt"),
+        "{}",
+        refused.message()
+    );
+    // An encrypt-only caller cannot decrypt what it sealed.
+    let refused = decrypt(&mut writer, "acme", &context, &sealed.ciphertext)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}
