@@ -6,6 +6,10 @@
 //! message key = K_1 || K_2
 //! ```
 //!
+//! The deterministic envelope's AES-256-SIV key is the same KDF with
+//! `L = 512` and four outputs, `K_1 || .. || K_4` ([`derive_512`], label
+//! `kw1.siv`, 16 zero bytes in place of the salt).
+//!
 //! With the 7-byte label each PRF input is exactly 32 bytes, two whole AES
 //! blocks `B1_i || B2`, so by SP 800-38B's definition
 //! `CMAC(K, B1_i || B2) = AES_K(AES_K(B1_i) xor B2 xor K1)`, where the subkey
@@ -25,6 +29,7 @@
 //! memory against time per seal).
 //!
 //! [`derive`]: MessageKeyDeriver::derive
+//! [`derive_512`]: MessageKeyDeriver::derive_512
 
 use aes::{
     Aes256Enc,
