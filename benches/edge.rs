@@ -113,6 +113,7 @@ fn edge(c: &mut Criterion) {
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect(),
                 plaintext: vec![0x5a; 128],
+                deterministic: false,
             })
             .collect(),
     }

@@ -3,6 +3,9 @@
 //! sizes with a fixed key and a counter nonce (no key derivation, no random
 //! salt and nonce, no associated data) — what the envelope cannot beat.
 //!
+//! The `deterministic` group does the same for the deterministic envelope
+//! (suite 0x04, AES-256-SIV, its key derived per call as the sidecar does).
+//!
 //! `cargo bench --bench envelope`; throughput is reported per size.
 
 use std::hint::black_box;
@@ -90,7 +93,51 @@ fn open(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, seal, open, parts);
+/// The deterministic envelope: seal and open (one implementation for both
+/// providers), and its key derivation alone.
+fn deterministic(c: &mut Criterion) {
+    let key = Key256::generate().unwrap();
+    let sealing = EnvelopeKey::new(Provider::RustCrypto, &key);
+    let context = context();
+    let mut group = c.benchmark_group("deterministic");
+    for size in &SIZES[..4] {
+        let plaintext = vec![0x5a; *size];
+        group.throughput(Throughput::Bytes(*size as u64));
+        group.bench_with_input(BenchmarkId::new("seal", size), &plaintext, |b, p| {
+            b.iter(|| {
+                envelope::seal_deterministic(
+                    &sealing,
+                    KeyRef::Tenant { version: 1 },
+                    "acme",
+                    &context,
+                    black_box(p),
+                )
+                .unwrap()
+            });
+        });
+        let sealed = envelope::seal_deterministic(
+            &sealing,
+            KeyRef::Tenant { version: 1 },
+            "acme",
+            &context,
+            &plaintext,
+        )
+        .unwrap();
+        group.bench_with_input(BenchmarkId::new("open", size), &sealed, |b, s| {
+            b.iter(|| {
+                let parsed = envelope::parse(black_box(s)).unwrap();
+                envelope::open(&sealing, &parsed, "acme", &context).unwrap()
+            });
+        });
+    }
+    let deriver = MessageKeyDeriver::new(&key);
+    group.bench_function("siv_key_derive", |b| {
+        b.iter(|| deriver.derive_512(b"kw1.siv", black_box(&[0; 16])))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, seal, open, parts, deterministic);
 criterion_main!(benches);
 
 fn parts(c: &mut Criterion) {

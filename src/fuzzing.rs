@@ -18,7 +18,8 @@ use crate::{
     auth::{Caller, Permission, Transport, policy::Policy},
     config::Config,
     envelope::{
-        self, Context, EnvelopeKey, KeyRef, NONCE_LEN, Provider, SALT_LEN, SUBJECT_KEY_ID_LEN,
+        self, Context, EnvelopeKey, KeyRef, Mode, NONCE_LEN, Provider, SALT_LEN,
+        SUBJECT_KEY_ID_LEN,
         stream::{self, StreamOpener, StreamSealer},
         text,
     },
@@ -100,29 +101,44 @@ fn envelope_bytes(bytes: &[u8]) {
         assert_eq!(first, other, "providers disagree on an envelope");
     }
     if let Ok(plaintext) = first {
-        let header_len = match parsed.key_ref {
-            KeyRef::Tenant { .. } => 3 + 4,
-            KeyRef::Subject { .. } => 3 + SUBJECT_KEY_ID_LEN + 4,
+        let again = match parsed.mode {
+            Mode::Deterministic => envelope::seal_deterministic(
+                &key(Provider::default()),
+                parsed.key_ref,
+                TENANT,
+                &ctx,
+                &plaintext,
+            )
+            .expect("an opened plaintext seals again"),
+            Mode::Randomized => reseal(bytes, &parsed, &ctx, &plaintext),
         };
-        let salt: &[u8; SALT_LEN] = bytes[header_len..header_len + SALT_LEN]
-            .try_into()
-            .expect("a parsed envelope holds a salt");
-        let nonce: &[u8; NONCE_LEN] = bytes
-            [header_len + SALT_LEN..header_len + SALT_LEN + NONCE_LEN]
-            .try_into()
-            .expect("a parsed envelope holds a nonce");
-        let again = envelope::seal_with(
-            &key(Provider::default()),
-            parsed.key_ref,
-            TENANT,
-            &ctx,
-            &plaintext,
-            salt,
-            nonce,
-        )
-        .expect("an opened plaintext seals again");
         assert_eq!(again, bytes, "an envelope opened that seal would not make");
     }
+}
+
+/// Seals `plaintext` again with the salt and nonce of the randomized
+/// envelope `bytes`.
+fn reseal(bytes: &[u8], parsed: &envelope::Parsed<'_>, ctx: &Context, plaintext: &[u8]) -> Vec<u8> {
+    let header_len = match parsed.key_ref {
+        KeyRef::Tenant { .. } => 3 + 4,
+        KeyRef::Subject { .. } => 3 + SUBJECT_KEY_ID_LEN + 4,
+    };
+    let salt: &[u8; SALT_LEN] = bytes[header_len..header_len + SALT_LEN]
+        .try_into()
+        .expect("a parsed envelope holds a salt");
+    let nonce: &[u8; NONCE_LEN] = bytes[header_len + SALT_LEN..header_len + SALT_LEN + NONCE_LEN]
+        .try_into()
+        .expect("a parsed envelope holds a nonce");
+    envelope::seal_with(
+        &key(Provider::default()),
+        parsed.key_ref,
+        TENANT,
+        ctx,
+        plaintext,
+        salt,
+        nonce,
+    )
+    .expect("an opened plaintext seals again")
 }
 
 fn envelope_changed(rest: &[u8]) {
@@ -141,7 +157,13 @@ fn envelope_changed(rest: &[u8]) {
     let providers: Vec<Provider> = providers().collect();
     let sealer = providers[stir.below(providers.len())];
     let opener = providers[stir.below(providers.len())];
-    let sealed = envelope::seal(&key(sealer), key_ref, TENANT, &ctx, rest).expect("seals");
+    let mode = if stir.below(2) == 0 {
+        Mode::Randomized
+    } else {
+        Mode::Deterministic
+    };
+    let sealed =
+        envelope::seal_mode(mode, &key(sealer), key_ref, TENANT, &ctx, rest).expect("seals");
     let parsed = envelope::parse(&sealed).expect("what seal made parses");
     assert_eq!(parsed.key_ref, key_ref);
     assert_eq!(

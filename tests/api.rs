@@ -46,6 +46,7 @@ async fn encrypt(
         subject_id: subject.into(),
         context: context.clone(),
         plaintext: plaintext.to_vec(),
+        deterministic: false,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -602,6 +603,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(kms: Kms) {
         subject_id: String::new(),
         context: ctx(&[]),
         plaintext: b"x".to_vec(),
+        deterministic: false,
     };
     assert_status(
         c.encrypt_batch(pb::EncryptBatchRequest {
@@ -701,11 +703,13 @@ async fn batches_answer_per_item_so_one_bad_item_fails_alone(kms: Kms) {
             },
             context: ctx(&[("row", &i.to_string())]),
             plaintext: format!("value {i}").into_bytes(),
+            deterministic: false,
         })
         .chain([pb::EncryptItem {
             subject_id: String::new(),
             context: ctx(&[("", "empty key")]),
             plaintext: b"bad".to_vec(),
+            deterministic: false,
         }])
         .collect();
     let sealed = c

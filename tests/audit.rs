@@ -64,6 +64,7 @@ async fn admin_calls_are_recorded_without_secrets_and_tampering_is_named() {
             subject_id: "patient-4711@example.org".into(),
             context: BTreeMap::new(),
             plaintext: canary.to_vec(),
+            deterministic: false,
         })
         .await
         .unwrap()
@@ -240,6 +241,7 @@ async fn encrypt_n(sidecar: &TestSidecar, n: usize) {
                 subject_id: String::new(),
                 context: BTreeMap::new(),
                 plaintext: b"x".to_vec(),
+                deterministic: false,
             })
             .await
             .unwrap();

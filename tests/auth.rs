@@ -150,6 +150,7 @@ async fn encrypt(c: &mut Crypto, tenant: &str) -> Result<Vec<u8>, tonic::Status>
         subject_id: String::new(),
         context: BTreeMap::new(),
         plaintext: b"hello".to_vec(),
+        deterministic: false,
     })
     .await
     .map(|r| r.into_inner().ciphertext)

@@ -22,7 +22,7 @@ use keywarden::{
         encrypt_stream_request::Part as EPart,
     },
     client::Authed,
-    envelope::{Context, text},
+    envelope::{Context, Mode, text},
     error::Error,
     ids::{SubjectId, TenantId},
     keys::{KeyManager, KeySettings},
@@ -75,11 +75,25 @@ fn expect_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
 
 const UNDECRYPTABLE: &str = "ciphertext could not be decrypted: it is malformed, was altered, or was made for another tenant or context";
 
-/// Sends a copied row to every entry point that opens data, with the
-/// context it was sealed with (refused as reserved) and without context
-/// (refused as undecryptable); and tries to mint a row through every entry
-/// point that seals. Nothing is opened, nothing is minted.
+/// Sends a copied row, as it is and with its suite byte rewritten to the
+/// deterministic envelope's (0x04), to every entry point that opens data,
+/// with the context it was sealed with (refused as reserved) and without
+/// context (refused as undecryptable); and tries to mint a row through
+/// every entry point that seals, randomized or deterministic. Nothing is
+/// opened, nothing is minted.
 async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[u8]) {
+    let mut as_deterministic = row.to_vec();
+    as_deterministic[1] = 0x04;
+    for row in [row, &as_deterministic[..]] {
+        replay_the_row(crypto, tenant, id, row).await;
+    }
+    for deterministic in [false, true] {
+        try_to_mint(crypto, tenant, id, deterministic).await;
+    }
+}
+
+/// Sends `row` to Decrypt, DecryptBatch, Rewrap and DecryptStream.
+async fn replay_the_row(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[u8]) {
     for (context, message) in [
         (row_context(id), RESERVED_MESSAGE),
         (BTreeMap::new(), UNDECRYPTABLE),
@@ -155,8 +169,12 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
         };
         expect_code(answer, Code::InvalidArgument, message);
     }
-    // Minting: the reserved context is refused by every entry point that
-    // seals, so nothing can make a row-shaped ciphertext under it.
+}
+
+/// Minting: the reserved context is refused by every entry point that
+/// seals, so nothing can make a row-shaped ciphertext under it, whether
+/// randomized or deterministic.
+async fn try_to_mint(crypto: &mut Crypto, tenant: &str, id: &[u8], deterministic: bool) {
     let context = row_context(id);
     expect_code(
         crypto
@@ -165,6 +183,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: context.clone(),
                 plaintext: vec![7; 32],
+                deterministic,
             })
             .await,
         Code::InvalidArgument,
@@ -177,6 +196,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: context.clone(),
                 plaintext: vec![7; 32],
+                deterministic,
             }],
         })
         .await
@@ -214,6 +234,7 @@ async fn replay_the_attack(crypto: &mut Crypto, tenant: &str, id: &[u8], row: &[
                 subject_id: String::new(),
                 context: BTreeMap::from([("keywarden.anything".to_owned(), String::new())]),
                 plaintext: vec![],
+                deterministic,
             })
             .await,
         Code::InvalidArgument,
@@ -239,6 +260,7 @@ async fn a_row_copied_before_a_subject_shred_opens_nowhere_and_nothing_mints_one
             subject_id: "ada@example.com".into(),
             context: BTreeMap::from([("table".to_owned(), "users".to_owned())]),
             plaintext: b"ada's record".to_vec(),
+            deterministic: false,
         })
         .await
         .unwrap()
@@ -459,6 +481,7 @@ async fn upgrade_and_check(
             Some(&SubjectId::parse("s", "alice").unwrap()),
             &Context::new(),
             b"new",
+            Mode::Randomized,
         )
         .await
         .unwrap();

@@ -106,6 +106,7 @@ async fn encrypt(
         subject_id: subject.into(),
         context: no_context(),
         plaintext: plaintext.to_vec(),
+        deterministic: false,
     })
     .await
     .map(tonic::Response::into_inner)

@@ -27,6 +27,7 @@ async fn encrypt(
         subject_id: subject.into(),
         context: BTreeMap::new(),
         plaintext: plaintext.to_vec(),
+        deterministic: false,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -875,16 +876,19 @@ async fn the_subject_quota_bounds_new_subjects_on_every_path() {
                     subject_id: "carol".into(),
                     context: BTreeMap::new(),
                     plaintext: b"x".to_vec(),
+                    deterministic: false,
                 },
                 pb::EncryptItem {
                     subject_id: "ada".into(),
                     context: BTreeMap::new(),
                     plaintext: b"more".to_vec(),
+                    deterministic: false,
                 },
                 pb::EncryptItem {
                     subject_id: String::new(),
                     context: BTreeMap::new(),
                     plaintext: b"no subject".to_vec(),
+                    deterministic: false,
                 },
             ],
         })

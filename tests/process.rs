@@ -273,6 +273,7 @@ fn batch(tenant: &str, items: usize) -> pb::EncryptBatchRequest {
                 subject_id: String::new(),
                 context: [("row".to_owned(), i.to_string())].into(),
                 plaintext: vec![(i % 251) as u8; ITEM_BYTES],
+                deterministic: false,
             })
             .collect(),
     }
@@ -454,4 +455,39 @@ fn two_sidecars_cannot_share_one_data_directory() {
     );
     let (status, _) = first.terminate();
     assert!(status.success());
+}
+
+#[test]
+fn cli_encrypts_deterministically_with_the_flag_and_decrypts_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+    sidecar.ok(&["tenant", "create", "acme"]);
+    let args = [
+        "--tenant",
+        "acme",
+        "--context",
+        "column=email",
+        "--deterministic",
+        "ada@example.com",
+    ];
+    let first = sidecar.encrypt(&args);
+    // The same line every time; suite 0x04 (kw1: then base64url of 01 04 ..).
+    assert_eq!(sidecar.encrypt(&args), first);
+    assert!(first.starts_with("kw1:AQQ"), "{first}");
+    // Without the flag, a different line each time.
+    let plain = [
+        "--tenant",
+        "acme",
+        "--context",
+        "column=email",
+        "ada@example.com",
+    ];
+    assert_ne!(sidecar.encrypt(&plain), sidecar.encrypt(&plain));
+    assert_eq!(
+        decrypt(
+            &sidecar,
+            &["--tenant", "acme", "--context", "column=email", &first]
+        ),
+        "ada@example.com"
+    );
 }

@@ -4,14 +4,16 @@
 //!
 //! - parsing never panics on arbitrary bytes (envelopes, streaming envelopes,
 //!   their text form, receipts, audit logs, configuration and policy files);
-//! - seal then open answers the plaintext, for both key kinds and providers;
+//! - seal then open answers the plaintext, for both key kinds and providers,
+//!   randomized or deterministic (and a deterministic seal is a function of
+//!   its inputs);
 //! - any single-byte change, truncation or extension of an envelope (one-shot
 //!   or streaming) fails to open;
 //! - the text form round trips, and has one text per envelope.
 
 use keywarden::{
     envelope::{
-        self, Context, EnvelopeKey, KeyRef, Provider, SUBJECT_KEY_ID_LEN,
+        self, Context, EnvelopeKey, KeyRef, Mode, Provider, SUBJECT_KEY_ID_LEN,
         stream::{self, SEGMENT_PLAINTEXT_LEN, StreamOpener, StreamSealer},
         text,
     },
@@ -34,6 +36,10 @@ fn key_ref() -> impl Strategy<Value = KeyRef> {
 
 fn context() -> impl Strategy<Value = Context> {
     proptest::collection::btree_map(".{0,12}", ".{0,24}", 0..4)
+}
+
+fn mode() -> impl Strategy<Value = Mode> {
+    prop_oneof![Just(Mode::Randomized), Just(Mode::Deterministic)]
 }
 
 fn provider() -> impl Strategy<Value = Provider> {
@@ -123,10 +129,14 @@ proptest! {
         ctx in context(),
         sealer in provider(),
         opener in provider(),
+        mode in mode(),
     ) {
-        let sealed = envelope::seal(&key(sealer), key_ref, &tenant, &ctx, &plaintext).unwrap();
+        let seal = || envelope::seal_mode(mode, &key(sealer), key_ref, &tenant, &ctx, &plaintext).unwrap();
+        let sealed = seal();
         let parsed = envelope::parse(&sealed).unwrap();
         prop_assert_eq!(parsed.key_ref, key_ref);
+        prop_assert_eq!(parsed.mode, mode);
+        prop_assert_eq!(mode == Mode::Deterministic, seal() == sealed);
         prop_assert_eq!(envelope::open(&key(opener), &parsed, &tenant, &ctx), Ok(plaintext));
     }
 
@@ -139,8 +149,9 @@ proptest! {
         flip in 1u8..=255,
         cut in any::<prop::sample::Index>(),
         extra in any::<u8>(),
+        mode in mode(),
     ) {
-        let sealed = envelope::seal(&key(Provider::default()), key_ref, "acme", &ctx, &plaintext).unwrap();
+        let sealed = envelope::seal_mode(mode, &key(Provider::default()), key_ref, "acme", &ctx, &plaintext).unwrap();
         let mut changed = sealed.clone();
         changed[at.index(sealed.len())] ^= flip;
         prop_assert_eq!(open(Provider::default(), &changed, "acme", &ctx), None);

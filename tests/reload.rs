@@ -250,6 +250,7 @@ async fn encrypt(
             subject_id: String::new(),
             context: BTreeMap::new(),
             plaintext: b"hello".to_vec(),
+            deterministic: false,
         })
         .await
         .map(|r| r.into_inner().ciphertext)

@@ -88,6 +88,7 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
                             subject_id: subject.into(),
                             context: BTreeMap::new(),
                             plaintext: plaintext.clone(),
+                            deterministic: false,
                         })
                         .await
                         .unwrap()

@@ -208,6 +208,7 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
                 subject_id: SUBJECT.into(),
                 context: Default::default(),
                 plaintext: PLAINTEXT.as_bytes().to_vec(),
+                deterministic: false,
             },
             &format!("00-{TRACE}-{PARENT}-01"),
         ))

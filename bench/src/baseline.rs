@@ -3,7 +3,9 @@
 //!
 //! - the envelope's seal loop (`envelope::seal` of the same plaintext, tenant
 //!   and context as the run's items, one fresh salt and nonce per item), with
-//!   each crypto provider;
+//!   each crypto provider; for a `--deterministic` run,
+//!   `envelope::seal_deterministic` instead (AES-256-SIV, the same code for
+//!   both providers, its SIV key derived per item as the sidecar does);
 //! - the raw AES-256-GCM seal of the same plaintext with a fixed key and a
 //!   counter nonce, no key derivation and no associated data, with each
 //!   provider: the fastest of these is "the fastest AES-256-GCM here".
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use keywarden::{
-    envelope::{self, Context, EnvelopeKey, KeyRef, NONCE_LEN, Provider},
+    envelope::{self, Context, EnvelopeKey, KeyRef, Mode, NONCE_LEN, Provider},
     secret::Key256,
 };
 
@@ -49,6 +51,7 @@ pub fn measure(
     plaintext: &[u8],
     tenant: &str,
     context: &Context,
+    deterministic: bool,
     length: Duration,
 ) -> Vec<Baseline> {
     let key = Key256::generate().expect("the OS random number generator works");
@@ -62,8 +65,14 @@ pub fn measure(
     };
     for provider in Provider::ALL {
         let sealing = EnvelopeKey::new(provider, &key);
+        let mode = if deterministic {
+            Mode::Deterministic
+        } else {
+            Mode::Randomized
+        };
         let per_second = rate(length, || {
-            let sealed = envelope::seal(
+            let sealed = envelope::seal_mode(
+                mode,
                 &sealing,
                 KeyRef::Tenant { version: 1 },
                 tenant,
@@ -73,7 +82,8 @@ pub fn measure(
             .expect("sealing a benchmark item works");
             std::hint::black_box(sealed);
         });
-        push(format!("envelope seal ({provider})"), per_second);
+        let kind = if deterministic { " deterministic" } else { "" };
+        push(format!("envelope seal{kind} ({provider})"), per_second);
     }
     for provider in Provider::ALL {
         let aead = provider.aead(key.expose());

@@ -2,9 +2,10 @@
 //!
 //! No crypto, no authentication, no audit. Encrypt answers the plaintext
 //! followed by [`TENANT_OVERHEAD`] zero bytes with key version 1, the size of
-//! a real tenant-key ciphertext, and Decrypt answers the ciphertext less that
-//! overhead; the batch calls do the same per item, and Rewrap echoes. It is
-//! served by the sidecar's own [`server::serve`] (the same tonic server
+//! a real tenant-key ciphertext (with `deterministic`, the
+//! [`DETERMINISTIC_TENANT_OVERHEAD`] of a deterministic one), and Decrypt
+//! answers the ciphertext less the overhead its suite byte names; the batch
+//! calls do the same per item, and Rewrap echoes. It is served by the sidecar's own [`server::serve`] (the same tonic server
 //! builder, TCP_NODELAY, connection handling and message size limit) on the
 //! same kind of tokio runtime (multi-thread, `--worker-threads` as the
 //! sidecar's `worker_threads`), so what it costs is what gRPC over this
@@ -23,7 +24,9 @@ use tonic::{Request, Response, Status, Streaming, service::Routes};
 use keywarden::{
     api::{pb, streams::ResponseStream},
     config::{ListenAddr, RequestLimits},
-    envelope::TENANT_OVERHEAD,
+    envelope::{
+        SUITE_DETERMINISTIC, TENANT_OVERHEAD, deterministic::DETERMINISTIC_TENANT_OVERHEAD,
+    },
     server,
 };
 
@@ -31,9 +34,19 @@ use keywarden::{
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Echo;
 
-/// An "envelope" of the real size: the plaintext and zeros.
-pub fn seal(mut plaintext: Vec<u8>) -> pb::EncryptResponse {
-    plaintext.resize(plaintext.len() + TENANT_OVERHEAD, 0);
+/// An "envelope" of the real size: the plaintext and zeros, the last of
+/// them the suite byte for a deterministic one (so [`open`] knows its
+/// overhead).
+pub fn seal(mut plaintext: Vec<u8>, deterministic: bool) -> pb::EncryptResponse {
+    let overhead = if deterministic {
+        DETERMINISTIC_TENANT_OVERHEAD
+    } else {
+        TENANT_OVERHEAD
+    };
+    plaintext.resize(plaintext.len() + overhead, 0);
+    if deterministic && let Some(last) = plaintext.last_mut() {
+        *last = SUITE_DETERMINISTIC;
+    }
     pb::EncryptResponse {
         ciphertext: plaintext,
         key_version: 1,
@@ -42,7 +55,12 @@ pub fn seal(mut plaintext: Vec<u8>) -> pb::EncryptResponse {
 
 /// The "plaintext" of [`seal`]'s output.
 pub fn open(mut ciphertext: Vec<u8>) -> pb::DecryptResponse {
-    ciphertext.truncate(ciphertext.len().saturating_sub(TENANT_OVERHEAD));
+    let overhead = if ciphertext.last() == Some(&SUITE_DETERMINISTIC) {
+        DETERMINISTIC_TENANT_OVERHEAD
+    } else {
+        TENANT_OVERHEAD
+    };
+    ciphertext.truncate(ciphertext.len().saturating_sub(overhead));
     pb::DecryptResponse {
         plaintext: ciphertext,
         key_version: 1,
@@ -109,7 +127,11 @@ impl pb::crypto_server::Crypto for Echo {
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        Ok(Response::new(seal(request.into_inner().plaintext)))
+        let request = request.into_inner();
+        Ok(Response::new(seal(
+            request.plaintext,
+            request.deterministic,
+        )))
     }
 
     async fn decrypt(
@@ -128,7 +150,10 @@ impl pb::crypto_server::Crypto for Echo {
             .items
             .into_iter()
             .map(|item| pb::EncryptResult {
-                result: Some(pb::encrypt_result::Result::Ok(seal(item.plaintext))),
+                result: Some(pb::encrypt_result::Result::Ok(seal(
+                    item.plaintext,
+                    item.deterministic,
+                ))),
             })
             .collect();
         Ok(Response::new(pb::EncryptBatchResponse { results }))

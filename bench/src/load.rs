@@ -31,7 +31,7 @@ use crate::{Op, tenants::TenantPicker};
 use keywarden::{
     api::{pb, status::code_name},
     client::Authed,
-    envelope::{Context, TENANT_OVERHEAD},
+    envelope::{Context, TENANT_OVERHEAD, deterministic::DETERMINISTIC_TENANT_OVERHEAD},
 };
 
 type CryptoClient = pb::crypto_client::CryptoClient<Authed>;
@@ -48,6 +48,8 @@ const MAX_MICROS: u64 = 3_600_000_000;
 #[derive(Clone, Debug)]
 pub struct Workload {
     pub op: Op,
+    /// Encrypt deterministically (suite 0x04).
+    pub deterministic: bool,
     /// One item's plaintext.
     pub plaintext: Vec<u8>,
     /// Items per call; 1 = the unary call.
@@ -376,7 +378,12 @@ async fn call(
     cursor: &mut usize,
 ) -> Result<(), Failures> {
     let tenant_id = w.tenant_ids[tenant].clone();
-    let sealed_len = w.plaintext.len() + TENANT_OVERHEAD;
+    let sealed_len = w.plaintext.len()
+        + if w.deterministic {
+            DETERMINISTIC_TENANT_OVERHEAD
+        } else {
+            TENANT_OVERHEAD
+        };
     let mut next_ciphertext = || {
         let pool = &w.pool[tenant];
         *cursor = cursor.wrapping_add(1);
@@ -389,6 +396,7 @@ async fn call(
                 subject_id: String::new(),
                 context: w.context.clone(),
                 plaintext: w.plaintext.clone(),
+                deterministic: w.deterministic,
             };
             let answer = client.encrypt(request).await.map_err(rpc_failed)?;
             bad_unless(answer.get_ref().ciphertext.len() == sealed_len)
@@ -399,6 +407,7 @@ async fn call(
                     subject_id: String::new(),
                     context: w.context.clone(),
                     plaintext: w.plaintext.clone(),
+                    deterministic: w.deterministic,
                 })
                 .collect();
             let answer = client

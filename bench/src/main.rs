@@ -100,6 +100,13 @@ pub struct RunArgs {
     /// Plaintext bytes per item (a fixed pattern).
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
+    /// Encrypt with `deterministic = true` (AES-256-SIV, envelope suite
+    /// 0x04; issue 17): every item is the same plaintext, tenant and
+    /// context, so every answer is the same ciphertext. With --op decrypt,
+    /// the pool is deterministic ciphertexts; with --baseline, the seal loop
+    /// is the deterministic envelope's.
+    #[arg(long)]
+    pub deterministic: bool,
     /// Items per call: 1 = unary Encrypt/Decrypt, more = EncryptBatch/DecryptBatch.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
@@ -305,6 +312,7 @@ fn workload(args: &RunArgs) -> Result<Workload, String> {
     let picker = TenantPicker::new(args.tenants, args.distribution, args.zipf_exponent)?;
     Ok(Workload {
         op: args.op,
+        deterministic: args.deterministic,
         plaintext: vec![0x5a; args.payload],
         batch: args.batch as usize,
         context: bench_context(),
@@ -388,15 +396,16 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
     }
     let mut report = Report::new(&args, results, notes);
     if args.baseline && args.op == Op::Encrypt {
-        let (plaintext, tenant, context) = (
+        let (plaintext, tenant, context, deterministic) = (
             workload.plaintext.clone(),
             workload.tenant_ids[0].clone(),
             workload.context.clone(),
+            workload.deterministic,
         );
         let length = Duration::from_secs(2);
         report.set_baselines(
             tokio::task::spawn_blocking(move || {
-                baseline::measure(&plaintext, &tenant, &context, length)
+                baseline::measure(&plaintext, &tenant, &context, deterministic, length)
             })
             .await
             .map_err(|e| format!("the baseline measurement failed: {e}"))?,
@@ -548,6 +557,7 @@ pub async fn touch_tenants(
             subject_id: String::new(),
             context: context.clone(),
             plaintext: vec![0x5a; 16],
+            deterministic: false,
         };
         async move {
             client
@@ -584,6 +594,7 @@ async fn encrypt_pool(
             subject_id: String::new(),
             context: workload.context.clone(),
             plaintext: workload.plaintext.clone(),
+            deterministic: workload.deterministic,
         };
         let slots = &slots;
         async move {

@@ -10,6 +10,8 @@ use crate::{CacheMode, Distribution, Op, RunArgs, baseline::Baseline, load::Outc
 #[derive(Debug, Serialize)]
 pub struct Workload {
     pub op: Op,
+    /// Deterministic encryption (`--deterministic`).
+    pub deterministic: bool,
     /// "Encrypt", "EncryptBatch", "Decrypt" or "DecryptBatch".
     pub rpc: &'static str,
     pub payload_bytes: usize,
@@ -162,6 +164,7 @@ impl Report {
         Report {
             workload: Workload {
                 op: args.op,
+                deterministic: args.deterministic,
                 rpc,
                 payload_bytes: args.payload,
                 batch: args.batch,

@@ -234,6 +234,7 @@ async fn echo_answers_the_sizes_of_the_sidecar() {
                 subject_id: String::new(),
                 context: context.clone(),
                 plaintext: plaintext.clone(),
+                deterministic: false,
             }))
             .await
             .unwrap()
@@ -259,6 +260,7 @@ async fn echo_answers_the_sizes_of_the_sidecar() {
                         subject_id: String::new(),
                         context: context.clone(),
                         plaintext: plaintext.clone(),
+                        deterministic: false,
                     };
                     3
                 ],
@@ -328,4 +330,39 @@ fn medians() {
     assert_eq!(median(&mut []), 0.0);
     assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
     assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+}
+
+#[tokio::test]
+async fn echo_answers_the_sizes_of_deterministic_envelopes() {
+    use keywarden::envelope::deterministic::DETERMINISTIC_TENANT_OVERHEAD;
+    for size in [0usize, 1, 128] {
+        let plaintext = vec![0x5a; size];
+        let sealed = Echo
+            .encrypt(Request::new(pb::EncryptRequest {
+                tenant_id: "t".into(),
+                subject_id: String::new(),
+                context: super::bench_context(),
+                plaintext: plaintext.clone(),
+                deterministic: true,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            sealed.ciphertext.len(),
+            size + DETERMINISTIC_TENANT_OVERHEAD
+        );
+        let opened = Echo
+            .decrypt(Request::new(pb::DecryptRequest {
+                tenant_id: "t".into(),
+                context: super::bench_context(),
+                ciphertext: sealed.ciphertext,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(opened.plaintext, plaintext);
+    }
+    let args = run_args(&["--deterministic", "--batch", "1000"]).unwrap();
+    assert!(args.deterministic);
 }

@@ -347,6 +347,7 @@ mod tests {
                     subject_id: String::new(),
                     context: context(entries),
                     plaintext: vec![],
+                    deterministic: false,
                 })
                 .collect(),
         };

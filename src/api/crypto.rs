@@ -8,7 +8,7 @@ use super::{
 };
 use crate::{
     auth::Permission,
-    envelope::Context,
+    envelope::{Context, Mode},
     error::Error,
     ids::{SubjectId, TenantId},
     keys::{ActiveTenant, Decrypted, Sealed},
@@ -29,6 +29,7 @@ impl CryptoService {
         subject_id: &str,
         context: &Context,
         plaintext: &[u8],
+        deterministic: bool,
     ) -> Result<Sealed, Error> {
         let subject = match subject_id {
             "" => None,
@@ -50,7 +51,13 @@ impl CryptoService {
         }
         self.shared
             .keys
-            .encrypt(tenant, subject.as_ref(), context, plaintext)
+            .encrypt(
+                tenant,
+                subject.as_ref(),
+                context,
+                plaintext,
+                mode(deterministic),
+            )
             .await
     }
 
@@ -98,6 +105,15 @@ impl CryptoService {
             results.push(R::from(step(item).await));
         }
         Ok(results)
+    }
+}
+
+/// The envelope suite a request's `deterministic` flag asks for.
+fn mode(deterministic: bool) -> Mode {
+    if deterministic {
+        Mode::Deterministic
+    } else {
+        Mode::Randomized
     }
 }
 
@@ -179,7 +195,13 @@ impl pb::crypto_server::Crypto for CryptoService {
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
             let sealed = self
-                .encrypt_one(&tenant, &r.subject_id, &r.context, &r.plaintext)
+                .encrypt_one(
+                    &tenant,
+                    &r.subject_id,
+                    &r.context,
+                    &r.plaintext,
+                    r.deterministic,
+                )
                 .await?;
             Ok(Response::new(encrypted(sealed)))
         }
@@ -219,7 +241,13 @@ impl pb::crypto_server::Crypto for CryptoService {
             let tenant = &self.tenant(&r.tenant_id).await?;
             let results = self
                 .batch(tenant, &r.items, |item| {
-                    self.encrypt_one(tenant, &item.subject_id, &item.context, &item.plaintext)
+                    self.encrypt_one(
+                        tenant,
+                        &item.subject_id,
+                        &item.context,
+                        &item.plaintext,
+                        item.deterministic,
+                    )
                 })
                 .await?;
             Ok(Response::new(pb::EncryptBatchResponse { results }))

@@ -55,11 +55,11 @@ macro_rules! redacted_debug {
 }
 
 redacted_debug! {
-    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes }
+    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
     EncryptResponse { ciphertext: bytes, key_version: shown }
     DecryptRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     DecryptResponse { plaintext: bytes, key_version: shown }
-    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes }
+    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
     DecryptItem { context: entries, ciphertext: bytes }
     RewrapRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     RewrapResponse { ciphertext: bytes, key_version: shown, previous_key_version: shown }
@@ -145,6 +145,7 @@ mod tests {
             subject_id: SUBJECT.into(),
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
+            deterministic: true,
         };
         let decrypt_item = DecryptItem {
             context: context(),
@@ -168,6 +169,7 @@ mod tests {
                     subject_id: SUBJECT.into(),
                     context: context(),
                     plaintext: PLAINTEXT.to_vec(),
+                    deterministic: false,
                 }),
             ),
             ("EncryptResponse", both(&encrypt_response)),
@@ -311,11 +313,12 @@ mod tests {
             subject_id: SUBJECT.into(),
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
+            deterministic: true,
         };
         assert_eq!(
             format!("{request:?}"),
             "EncryptRequest { tenant_id: \"acme\", subject_id: <24 bytes>, \
-             context: <1 entries>, plaintext: <32 bytes> }"
+             context: <1 entries>, plaintext: <32 bytes>, deterministic: true }"
         );
         let chunk = DecryptStreamRequest {
             part: Some(decrypt_stream_request::Part::Chunk(CHUNK.to_vec())),

@@ -32,6 +32,11 @@ pub struct EncryptArgs {
     /// key=value bound into the ciphertext; repeat for several.
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_pair)]
     context: Vec<(String, String)>,
+    /// Deterministic encryption: the same tenant, key, context and plaintext
+    /// always give the same ciphertext (for equality lookups; it reveals
+    /// which values are equal).
+    #[arg(long)]
+    deterministic: bool,
     /// The plaintext, or '-' to read standard input.
     #[arg(default_value = "-")]
     text: String,
@@ -67,6 +72,7 @@ pub async fn run(connection: &Connection, command: CryptoCommand) -> Result<(), 
                     subject_id: args.subject.unwrap_or_default(),
                     context: args.context.into_iter().collect(),
                     plaintext,
+                    deterministic: args.deterministic,
                 })
                 .await?
                 .into_inner();

@@ -6,6 +6,10 @@
 //! message key = K_1 || K_2
 //! ```
 //!
+//! The deterministic envelope's AES-256-SIV key is the same KDF with
+//! `L = 512` and four outputs, `K_1 || .. || K_4` ([`derive_512`], label
+//! `kw1.siv`, 16 zero bytes in place of the salt).
+//!
 //! With the 7-byte label each PRF input is exactly 32 bytes, two whole AES
 //! blocks `B1_i || B2`, so by SP 800-38B's definition
 //! `CMAC(K, B1_i || B2) = AES_K(AES_K(B1_i) xor B2 xor K1)`, where the subkey
@@ -25,6 +29,7 @@
 //! memory against time per seal).
 //!
 //! [`derive`]: MessageKeyDeriver::derive
+//! [`derive_512`]: MessageKeyDeriver::derive_512
 
 use aes::{
     Aes256Enc,
@@ -39,6 +44,8 @@ use crate::secret::Key256;
 pub const LABEL: &[u8; 7] = b"kw1.dek";
 /// The KDF's label for streaming envelopes' stream keys.
 pub const STREAM_LABEL: &[u8; 7] = b"kw1.stm";
+/// The KDF's label for the AES-256-SIV key of deterministic envelopes.
+pub const SIV_LABEL: &[u8; 7] = b"kw1.siv";
 
 /// Derives per-message keys from one tenant or subject key.
 pub struct MessageKeyDeriver {
@@ -68,32 +75,61 @@ impl MessageKeyDeriver {
 
     /// The 256-bit key for `label` (the purpose) and `salt`.
     pub fn derive_for(&self, label: &[u8; 7], salt: &[u8; super::SALT_LEN]) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        self.derive_into(label, salt, &mut *out);
+        out
+    }
+
+    /// The 512-bit key for `label` and `context`: the same KDF with `L = 512`
+    /// and four PRF outputs, for AES-256-SIV's double-length key
+    /// ([`super::deterministic`]).
+    pub fn derive_512(
+        &self,
+        label: &[u8; 7],
+        context: &[u8; super::SALT_LEN],
+    ) -> Zeroizing<[u8; 64]> {
+        let mut out = Zeroizing::new([0u8; 64]);
+        self.derive_into(label, context, &mut *out);
+        out
+    }
+
+    /// Fills `out` (2 or 4 AES blocks: `L` = 256 or 512 bits) with
+    /// `K(1) || K(2) || ...` for `label` and `context`.
+    fn derive_into(&self, label: &[u8; 7], context: &[u8; super::SALT_LEN], out: &mut [u8]) {
+        const MAX_BLOCKS: usize = 4;
+        let n = out.len() / 16;
+        assert!(
+            out.len().is_multiple_of(16) && (1..=MAX_BLOCKS).contains(&n),
+            "the KDF derives whole blocks"
+        );
+        let l = u32::try_from(out.len() * 8).expect("at most 512 bits");
         let cipher = Aes256Enc::new(GenericArray::from_slice(&*self.key));
-        // B1_i = [i]_32 || Label || 0x00 || salt[..4]; B2 = salt[4..] || [256]_32.
-        let mut blocks = [GenericArray::default(), GenericArray::default()];
+        // B1_i = [i]_32 || Label || 0x00 || context[..4];
+        // B2 = context[4..] || [L]_32.
+        let mut blocks = [GenericArray::default(); MAX_BLOCKS];
+        let blocks = &mut blocks[..n];
         for (i, block) in (1u32..).zip(blocks.iter_mut()) {
             block[..4].copy_from_slice(&i.to_be_bytes());
             block[4..11].copy_from_slice(label);
             block[11] = 0x00;
-            block[12..].copy_from_slice(&salt[..4]);
+            block[12..].copy_from_slice(&context[..4]);
         }
-        cipher.encrypt_blocks(&mut blocks);
-        for block in &mut blocks {
+        cipher.encrypt_blocks(blocks);
+        for block in blocks.iter_mut() {
             for (j, byte) in block.iter_mut().enumerate() {
                 let b2 = if j < 12 {
-                    salt[4 + j]
+                    context[4 + j]
                 } else {
-                    256u32.to_be_bytes()[j - 12]
+                    l.to_be_bytes()[j - 12]
                 };
                 *byte ^= b2 ^ self.k1[j];
             }
         }
-        cipher.encrypt_blocks(&mut blocks);
-        let mut out = Zeroizing::new([0u8; 32]);
-        out[..16].copy_from_slice(&blocks[0]);
-        out[16..].copy_from_slice(&blocks[1]);
-        blocks.iter_mut().for_each(|b| b.as_mut_slice().zeroize());
-        out
+        cipher.encrypt_blocks(blocks);
+        for (chunk, block) in out.chunks_exact_mut(16).zip(blocks.iter_mut()) {
+            chunk.copy_from_slice(block);
+            block.as_mut_slice().zeroize();
+        }
     }
 }
 
@@ -118,16 +154,17 @@ mod tests {
     use super::*;
 
     /// The KDF as SP 800-108r1 writes it, on the `cmac` crate.
-    fn by_the_book(key: &[u8; 32], salt: &[u8; 16]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, half) in (1u32..).zip(out.chunks_exact_mut(16)) {
+    fn by_the_book<const N: usize>(key: &[u8; 32], label: &[u8; 7], salt: &[u8; 16]) -> [u8; N] {
+        let mut out = [0u8; N];
+        let l = u32::try_from(N * 8).unwrap();
+        for (i, block) in (1u32..).zip(out.chunks_exact_mut(16)) {
             let mut prf = <Cmac<Aes256> as Mac>::new_from_slice(key).unwrap();
             prf.update(&i.to_be_bytes());
-            prf.update(LABEL);
+            prf.update(label);
             prf.update(&[0x00]);
             prf.update(salt);
-            prf.update(&256u32.to_be_bytes());
-            half.copy_from_slice(&prf.finalize().into_bytes());
+            prf.update(&l.to_be_bytes());
+            block.copy_from_slice(&prf.finalize().into_bytes());
         }
         out
     }
@@ -140,8 +177,13 @@ mod tests {
             let deriver = MessageKeyDeriver::new(&Key256::from_slice(&key).unwrap());
             assert_eq!(
                 *deriver.derive(&salt),
-                by_the_book(&key, &salt),
+                by_the_book::<32>(&key, LABEL, &salt),
                 "seed {seed}"
+            );
+            assert_eq!(
+                *deriver.derive_512(SIV_LABEL, &salt),
+                by_the_book::<64>(&key, SIV_LABEL, &salt),
+                "seed {seed}, L = 512"
             );
         }
     }

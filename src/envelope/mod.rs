@@ -22,7 +22,12 @@
 //! header, then the tenant id and the caller's context, encoded canonically
 //! (see [`associated_data`]), so a ciphertext moved to another tenant, field or
 //! record fails to authenticate.
+//!
+//! The one-shot reader ([`parse`], [`open`]) also reads suite 0x04, the
+//! deterministic envelope ([`deterministic`]): the same key references and
+//! associated data, AES-256-SIV instead of a random salt and nonce.
 
+pub mod deterministic;
 mod kdf;
 pub mod provider;
 pub mod stream;
@@ -33,6 +38,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+pub use deterministic::{SUITE_DETERMINISTIC, seal_deterministic};
 pub use kdf::MessageKeyDeriver;
 pub use provider::Provider;
 
@@ -92,13 +98,36 @@ pub enum SealError {
     TooLong,
 }
 
+/// How a one-shot envelope is sealed: its suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Suite 0x01: a random salt and nonce, so two seals of one plaintext
+    /// differ.
+    Randomized,
+    /// Suite 0x04: AES-256-SIV, so equal inputs give equal envelopes.
+    Deterministic,
+}
+
+impl Mode {
+    fn of_suite(suite: u8) -> Option<Self> {
+        match suite {
+            SUITE_AES256GCM_CMAC_KDF => Some(Mode::Randomized),
+            SUITE_DETERMINISTIC => Some(Mode::Deterministic),
+            _ => None,
+        }
+    }
+}
+
 /// The parsed, not yet authenticated, parts of a ciphertext.
 #[derive(Clone, Copy)]
 pub struct Parsed<'a> {
     /// The key the ciphertext claims to be sealed under.
     pub key_ref: KeyRef,
+    /// The suite the ciphertext claims.
+    pub mode: Mode,
     header: &'a [u8],
     body: &'a [u8],
+    /// The AES-GCM tag, or the SIV of a deterministic envelope.
     tag: &'a [u8],
 }
 
@@ -106,6 +135,7 @@ impl std::fmt::Debug for Parsed<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parsed")
             .field("key_ref", &self.key_ref)
+            .field("mode", &self.mode)
             .field("body_len", &self.body.len())
             .finish_non_exhaustive()
     }
@@ -151,6 +181,21 @@ impl std::fmt::Debug for EnvelopeKey {
     }
 }
 
+/// Seals `plaintext` in `mode`: [`seal`] or [`seal_deterministic`].
+pub fn seal_mode(
+    mode: Mode,
+    key: &EnvelopeKey,
+    key_ref: KeyRef,
+    tenant: &str,
+    context: &Context,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    match mode {
+        Mode::Randomized => seal(key, key_ref, tenant, context, plaintext),
+        Mode::Deterministic => seal_deterministic(key, key_ref, tenant, context, plaintext),
+    }
+}
+
 /// Seals `plaintext` for `tenant` and `context` under `key`, which `key_ref`
 /// names. Salt and nonce are random ([`provider::fill_random`]).
 pub fn seal(
@@ -187,13 +232,11 @@ pub fn seal_with(
     salt: &[u8; SALT_LEN],
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Vec<u8>, SealError> {
-    let overhead = match key_ref {
-        KeyRef::Tenant { .. } => TENANT_OVERHEAD,
-        KeyRef::Subject { .. } => SUBJECT_OVERHEAD,
-    };
-    let mut out = Vec::with_capacity(overhead + plaintext.len());
-    out.extend_from_slice(&[FORMAT_V1, SUITE_AES256GCM_CMAC_KDF]);
-    push_key_ref(&mut out, key_ref);
+    let mut out = start_envelope(
+        SUITE_AES256GCM_CMAC_KDF,
+        key_ref,
+        SALT_LEN + NONCE_LEN + plaintext.len() + TAG_LEN,
+    );
     out.extend_from_slice(salt);
     out.extend_from_slice(nonce);
     let header_len = out.len();
@@ -207,25 +250,42 @@ pub fn seal_with(
     Ok(out)
 }
 
-/// Reads the header of a ciphertext, to learn which key it needs. Nothing is
-/// authenticated yet: a caller must not act on the key reference beyond
-/// looking the key up.
+/// Reads the header of a ciphertext (suite 0x01 or 0x04), to learn which
+/// key it needs. Nothing is authenticated yet: a caller must not act on the
+/// key reference beyond looking the key up.
 pub fn parse(ciphertext: &[u8]) -> Result<Parsed<'_>, Undecryptable> {
     let [version, suite, kind, rest @ ..] = ciphertext else {
         return Err(Undecryptable);
     };
-    if *version != FORMAT_V1 || *suite != SUITE_AES256GCM_CMAC_KDF {
+    if *version != FORMAT_V1 {
         return Err(Undecryptable);
     }
+    let mode = Mode::of_suite(*suite).ok_or(Undecryptable)?;
     let (key_ref, rest) = parse_key_ref(*kind, rest)?;
-    if rest.len() < SALT_LEN + NONCE_LEN + TAG_LEN {
-        return Err(Undecryptable);
-    }
-    let header_len = ciphertext.len() - rest.len() + SALT_LEN + NONCE_LEN;
-    let (header, sealed) = ciphertext.split_at(header_len);
-    let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+    let key_ref_end = ciphertext.len() - rest.len();
+    let (header, body, tag) = match mode {
+        // header (salt and nonce included) || C || T
+        Mode::Randomized => {
+            if rest.len() < SALT_LEN + NONCE_LEN + TAG_LEN {
+                return Err(Undecryptable);
+            }
+            let (header, sealed) = ciphertext.split_at(key_ref_end + SALT_LEN + NONCE_LEN);
+            let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+            (header, body, tag)
+        }
+        // header || SIV || C
+        Mode::Deterministic => {
+            if rest.len() < deterministic::SIV_LEN {
+                return Err(Undecryptable);
+            }
+            let (header, sealed) = ciphertext.split_at(key_ref_end);
+            let (tag, body) = sealed.split_at(deterministic::SIV_LEN);
+            (header, body, tag)
+        }
+    };
     Ok(Parsed {
         key_ref,
+        mode,
         header,
         body,
         tag,
@@ -240,6 +300,9 @@ pub fn open(
     tenant: &str,
     context: &Context,
 ) -> Result<Vec<u8>, Undecryptable> {
+    if parsed.mode == Mode::Deterministic {
+        return deterministic::open(key, parsed, tenant, context);
+    }
     let salt_at = parsed.header.len() - SALT_LEN - NONCE_LEN;
     let (salt, nonce) = parsed.header[salt_at..].split_at(SALT_LEN);
     let salt: &[u8; SALT_LEN] = salt.try_into().expect("header ends with salt and nonce");
@@ -317,6 +380,19 @@ fn parse_key_ref(kind: u8, bytes: &[u8]) -> Result<(KeyRef, &[u8]), Undecryptabl
         }
         _ => Err(Undecryptable),
     }
+}
+
+/// The first bytes of a one-shot envelope of `suite`: the format version,
+/// the suite and the key reference, in a buffer with room for `rest` more.
+fn start_envelope(suite: u8, key_ref: KeyRef, rest: usize) -> Vec<u8> {
+    let key_ref_len = match key_ref {
+        KeyRef::Tenant { .. } => 4,
+        KeyRef::Subject { .. } => SUBJECT_KEY_ID_LEN + 4,
+    };
+    let mut out = Vec::with_capacity(3 + key_ref_len + rest);
+    out.extend_from_slice(&[FORMAT_V1, suite]);
+    push_key_ref(&mut out, key_ref);
+    out
 }
 
 /// Appends the key reference's kind byte and fields.

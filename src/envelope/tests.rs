@@ -5,14 +5,14 @@ fn deriver(byte: u8) -> MessageKeyDeriver {
 }
 
 /// An envelope key with the build's default provider.
-fn key(byte: u8) -> EnvelopeKey {
+pub(super) fn key(byte: u8) -> EnvelopeKey {
     EnvelopeKey::new(
         Provider::default(),
         &Key256::from_slice(&[byte; 32]).unwrap(),
     )
 }
 
-fn context(pairs: &[(&str, &str)]) -> Context {
+pub(super) fn context(pairs: &[(&str, &str)]) -> Context {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -158,6 +158,7 @@ fn debug_of_deriver_and_parsed_shows_no_secret() {
     assert_eq!(
         printed,
         "MessageKeyDeriver([REDACTED]) EnvelopeKey { provider: AwsLc, .. } \
-         Parsed { key_ref: Tenant { version: 1 }, body_len: 16, .. } AeadKey([REDACTED])"
+         Parsed { key_ref: Tenant { version: 1 }, mode: Randomized, body_len: 16, .. } \
+         AeadKey([REDACTED])"
     );
 }

@@ -21,15 +21,16 @@
 //! 16-byte subject key id), so a wrapped key moved to another tenant, another
 //! subject or another domain fails to authenticate.
 //!
-//! Why no data-plane call can reach these: the data plane's parser
-//! ([`super::parse`], and the stream header parser) accepts suites 0x01 and
-//! 0x02 only, so a wrapped key sent to Decrypt is refused before any key is
-//! looked up; and even if its suite byte were rewritten, the message key of
-//! a wrapped key is derived with the domain's label (`kw1.skw`), which no
-//! data-plane seal or open ever uses (they use `kw1.dek` and `kw1.stm`), so
-//! the tag cannot verify. The converse holds too: nothing Encrypt produces
-//! is a valid wrapped key. docs/FORMAT.md, "How subject keys are stored",
-//! is the specification, with test vectors.
+//! Why no data-plane call can reach these: the data plane's parsers
+//! ([`super::parse`]: suites 0x01 and 0x04; the stream header parser: 0x02)
+//! accept no other suite, so a wrapped key sent to Decrypt is refused
+//! before any key is looked up; and even if its suite byte were rewritten,
+//! the message key of a wrapped key is derived with the domain's label
+//! (`kw1.skw`), which no data-plane seal or open ever uses (they use
+//! `kw1.dek`, `kw1.stm` and `kw1.siv`), so the tag cannot verify. The
+//! converse holds too: nothing Encrypt produces, randomized or
+//! deterministic, is a valid wrapped key. docs/FORMAT.md, "How subject keys
+//! are stored", is the specification, with test vectors.
 
 use super::{
     EnvelopeKey, FORMAT_V1, NONCE_LEN, SALT_LEN, SealError, TAG_LEN, Undecryptable,
@@ -269,6 +270,12 @@ mod tests {
         ] {
             assert!(envelope::open(&tenant_key, &parsed, "acme", &context).is_err());
         }
+        // Rewritten to suite 0x04 (deterministic), its salt is read as a SIV
+        // under the SIV key (label kw1.siv): it fails alike.
+        forged[1] = envelope::SUITE_DETERMINISTIC;
+        let parsed = envelope::parse(&forged).unwrap();
+        assert_eq!(parsed.key_ref, KeyRef::Tenant { version: 1 });
+        assert!(envelope::open(&tenant_key, &parsed, "acme", &Context::new()).is_err());
     }
 
     #[test]
@@ -287,6 +294,29 @@ mod tests {
         assert_eq!(sealed.len(), WRAPPED_LEN);
         assert!(unwrap_key(&tenant_key, KeyDomain::SubjectKey, &sealed, "acme", &ID).is_err());
         let mut forged = sealed;
+        forged[1] = SUITE_KEY_WRAP;
+        assert!(unwrap_key(&tenant_key, KeyDomain::SubjectKey, &forged, "acme", &ID).is_err());
+        // Nor is a deterministic envelope of the same length (23 + 60).
+        let deterministic = envelope::seal_deterministic(
+            &tenant_key,
+            KeyRef::Tenant { version: 1 },
+            "acme",
+            &Context::new(),
+            &[2; WRAPPED_LEN - 23],
+        )
+        .unwrap();
+        assert_eq!(deterministic.len(), WRAPPED_LEN);
+        assert!(
+            unwrap_key(
+                &tenant_key,
+                KeyDomain::SubjectKey,
+                &deterministic,
+                "acme",
+                &ID
+            )
+            .is_err()
+        );
+        let mut forged = deterministic;
         forged[1] = SUITE_KEY_WRAP;
         assert!(unwrap_key(&tenant_key, KeyDomain::SubjectKey, &forged, "acme", &ID).is_err());
     }

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::{
     envelope::{
-        self, Context, KeyRef,
+        self, Context, KeyRef, Mode,
         stream::{self, StreamOpener, StreamSealer},
     },
     error::{Error, Result},
@@ -16,18 +16,27 @@ use crate::{
 };
 
 impl KeyManager {
-    /// Seals under the tenant's primary key, or the subject's key.
+    /// Seals under the tenant's primary key, or the subject's key, in
+    /// `mode` (suite 0x01, or deterministic 0x04).
     pub async fn encrypt(
         &self,
         tenant: &ActiveTenant,
         subject: Option<&SubjectId>,
         context: &Context,
         plaintext: &[u8],
+        mode: Mode,
     ) -> Result<Sealed> {
         let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
         let key = handle.get()?;
-        let ciphertext = envelope::seal(&key.key, key_ref, tenant.id.as_str(), context, plaintext)
-            .map_err(Error::internal)?;
+        let ciphertext = envelope::seal_mode(
+            mode,
+            &key.key,
+            key_ref,
+            tenant.id.as_str(),
+            context,
+            plaintext,
+        )
+        .map_err(Error::internal)?;
         Ok(Sealed {
             ciphertext,
             key_version: key.tenant_version,
@@ -120,9 +129,11 @@ impl KeyManager {
         })
     }
 
-    /// Re-seals a ciphertext with a fresh salt and nonce: a tenant-key
-    /// ciphertext under the primary version; a subject-key ciphertext under
-    /// its subject key (so shredding the subject still erases it).
+    /// Re-seals a ciphertext in its own suite: a tenant-key ciphertext under
+    /// the primary version; a subject-key ciphertext under its subject key
+    /// (so shredding the subject still erases it). A randomized envelope gets
+    /// a fresh salt and nonce; a deterministic one stays deterministic, so
+    /// once every row is rewrapped equal values are equal again.
     pub async fn rewrap(
         &self,
         tenant: &ActiveTenant,
@@ -146,7 +157,8 @@ impl KeyManager {
             ),
             subject @ KeyRef::Subject { .. } => (old_key, subject),
         };
-        let ciphertext = envelope::seal(
+        let ciphertext = envelope::seal_mode(
+            parsed.mode,
             &new_key.key,
             new_ref,
             tenant.id.as_str(),

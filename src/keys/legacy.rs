@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 
 use super::{ActiveTenant, KeyManager};
 use crate::{
-    envelope::{self, Context, EnvelopeKey, KeyRef},
+    envelope::{self, Context, EnvelopeKey, KeyRef, Mode},
     error::{Error, Result},
     ids::{SubjectKeyId, TenantId},
     secret::Key256,
@@ -58,10 +58,11 @@ pub(super) fn unwrap_subject_key(
     record: &SubjectKeyRecord,
 ) -> Option<Key256> {
     let parsed = envelope::parse(&record.wrapped).ok()?;
-    if parsed.key_ref
-        != (KeyRef::Tenant {
-            version: record.tenant_version,
-        })
+    if parsed.mode != Mode::Randomized
+        || parsed.key_ref
+            != (KeyRef::Tenant {
+                version: record.tenant_version,
+            })
     {
         return None;
     }

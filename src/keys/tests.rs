@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::{
-    envelope::{self, Context, KeyRef},
+    envelope::{self, Context, KeyRef, Mode},
     ids::SubjectId,
     kms::{Purpose, WrapContext, local::LocalRootKey, metered::Metered},
     store::{SubjectKeyRecord, SubjectLookup, sqlite::SqliteKeystore},
@@ -67,7 +67,7 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
         let id = &id;
         async move {
             let t = keys.active_tenant(id).await.unwrap();
-            keys.encrypt(&t, None, &Context::new(), plaintext)
+            keys.encrypt(&t, None, &Context::new(), plaintext, Mode::Randomized)
                 .await
                 .unwrap();
         }
@@ -115,14 +115,26 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
     let subject = || SubjectId::parse("subject_id", "alice").unwrap();
     let (a, b) = tokio::join!(
         async {
-            one.encrypt(&t1, Some(&subject()), &context, b"from one")
-                .await
-                .unwrap()
+            one.encrypt(
+                &t1,
+                Some(&subject()),
+                &context,
+                b"from one",
+                Mode::Randomized,
+            )
+            .await
+            .unwrap()
         },
         async {
-            two.encrypt(&t2, Some(&subject()), &context, b"from two")
-                .await
-                .unwrap()
+            two.encrypt(
+                &t2,
+                Some(&subject()),
+                &context,
+                b"from two",
+                Mode::Randomized,
+            )
+            .await
+            .unwrap()
         },
     );
     // Same subject key id in both headers, and each side opens the other's.
@@ -188,7 +200,13 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
     let plaintext = b"CANARY-PLAINTEXT-0123456789";
     let subject = SubjectId::parse("subject_id", "subject-canary@example.com").unwrap();
     let sealed = keys
-        .encrypt(&t, Some(&subject), &Context::new(), plaintext)
+        .encrypt(
+            &t,
+            Some(&subject),
+            &Context::new(),
+            plaintext,
+            Mode::Randomized,
+        )
         .await
         .unwrap();
     let opened = keys

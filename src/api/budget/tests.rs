@@ -62,6 +62,7 @@ fn a_batch_over_its_item_limit_is_seen_while_it_arrives() {
                 subject_id: "s".into(),
                 context: [("k".to_owned(), "v".to_owned())].into(),
                 plaintext: vec![1; 200],
+                deterministic: true,
             };
             2
         ],
