@@ -23,6 +23,7 @@
 //! (see [`associated_data`]), so a ciphertext moved to another tenant, field or
 //! record fails to authenticate.
 
+pub mod datakey;
 mod kdf;
 pub mod provider;
 pub mod stream;
