@@ -705,3 +705,66 @@ async fn data_key_calls_are_audited_like_decrypts_and_no_key_reaches_the_log() {
     }
     sidecar.stop().await;
 }
+
+/// The client side of issue 17: a large object sealed by the client as a
+/// client stream (suite 0x06) under a data key from GenerateDataKey; a
+/// reader with only the envelope asks DecryptDataKey for the key its header
+/// carries. The sidecar's own readers refuse the envelope.
+#[tokio::test]
+async fn a_client_stream_opens_with_decrypt_data_key_alone_and_no_sidecar_reader_takes_it() {
+    use keywarden::{
+        envelope::{Provider, client_stream},
+        secret::Key256,
+    };
+    let sidecar = TestSidecar::start().await;
+    create(&mut sidecar.admin().await, "acme").await;
+    let mut crypto = sidecar.crypto().await;
+    let ctx = context("export-7");
+    let object: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+
+    let made = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    let key = Key256::from_slice(&made.data_key).unwrap();
+    let envelope = client_stream::seal(
+        Provider::default(),
+        &key,
+        &made.wrapped_data_key,
+        "acme",
+        &ctx,
+        &object,
+    )
+    .unwrap();
+    drop(key);
+
+    // The reader: the envelope, the tenant and the context.
+    let header = client_stream::parse_header(&envelope).unwrap().unwrap();
+    let opened = decrypt_key(&mut crypto, "acme", &ctx, header.wrapped_data_key)
+        .await
+        .unwrap();
+    let key = Key256::from_slice(&opened.data_key).unwrap();
+    let plaintext =
+        client_stream::open(Provider::default(), &key, &envelope, "acme", &ctx).unwrap();
+    assert!(*plaintext == object);
+
+    expect_code(
+        decrypt_stream(&mut crypto, "acme", &ctx, &envelope).await,
+        Code::InvalidArgument,
+        UNDECRYPTABLE,
+    );
+    expect_code(
+        crypto
+            .decrypt(pb::DecryptRequest {
+                tenant_id: "acme".into(),
+                context: ctx.clone(),
+                ciphertext: envelope[..1000].to_vec(),
+            })
+            .await,
+        Code::InvalidArgument,
+        UNDECRYPTABLE,
+    );
+    expect_code(
+        decrypt_key(&mut crypto, "acme", &ctx, &envelope[..header.len]).await,
+        Code::InvalidArgument,
+        UNDECRYPTABLE,
+    );
+    sidecar.stop().await;
+}

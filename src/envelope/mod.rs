@@ -23,6 +23,7 @@
 //! (see [`associated_data`]), so a ciphertext moved to another tenant, field or
 //! record fails to authenticate.
 
+pub mod client_stream;
 pub mod datakey;
 mod kdf;
 pub mod provider;
@@ -91,6 +92,9 @@ pub enum SealError {
     /// The plaintext is longer than AES-GCM can seal in one message.
     #[error("plaintext too long for one message")]
     TooLong,
+    /// A client stream's header must carry a wrapped data key (suite 0x05).
+    #[error("not a wrapped data key")]
+    NotAWrappedDataKey,
 }
 
 /// The parsed, not yet authenticated, parts of a ciphertext.
