@@ -768,3 +768,107 @@ async fn a_client_stream_opens_with_decrypt_data_key_alone_and_no_sidecar_reader
     );
     sidecar.stop().await;
 }
+
+/// `keywarden datakey generate|decrypt`, `seal-file` and `open-file`, against
+/// a real `keywarden serve` (the CLI uses the embedded admin token, whose
+/// default grant names `datakey`).
+#[test]
+fn the_cli_generates_and_decrypts_data_keys_and_seals_and_opens_files() {
+    use common::process::Sidecar;
+    let tmp = tempfile::tempdir().unwrap();
+    let sidecar = Sidecar::start(&tmp.path().join("data"), &tmp.path().join("kw.sock"));
+    sidecar.ok(&["tenant", "create", "acme"]);
+
+    let line = sidecar.ok(&[
+        "datakey",
+        "generate",
+        "--tenant",
+        "acme",
+        "--context",
+        "object=x",
+    ]);
+    let made: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let key = made["data_key"].as_str().unwrap();
+    assert_eq!(key.len(), 64);
+    let wrapped = made["wrapped_data_key"].as_str().unwrap();
+    assert!(wrapped.starts_with("kw1:"), "{line}");
+    assert_eq!(made["key_version"], 1);
+    let opened = sidecar.ok(&[
+        "datakey",
+        "decrypt",
+        "--tenant",
+        "acme",
+        "--context",
+        "object=x",
+        wrapped,
+    ]);
+    assert_eq!(opened, format!("{key}\n"));
+    sidecar
+        .cli(&[
+            "datakey",
+            "decrypt",
+            "--tenant",
+            "acme",
+            "--context",
+            "object=y",
+            wrapped,
+        ])
+        .assert_failure("INVALID_ARGUMENT", "another context");
+    // The wrapped data key is no ciphertext for `decrypt`.
+    sidecar
+        .cli(&[
+            "decrypt",
+            "--tenant",
+            "acme",
+            "--context",
+            "object=x",
+            wrapped,
+        ])
+        .assert_failure("INVALID_ARGUMENT", "decrypt of a wrapped data key");
+
+    let object: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let plain = tmp.path().join("export.csv");
+    let sealed = tmp.path().join("export.kw");
+    let back = tmp.path().join("export.back.csv");
+    std::fs::write(&plain, &object).unwrap();
+    let p = |path: &Path| path.to_str().unwrap().to_owned();
+    sidecar.ok(&[
+        "seal-file",
+        "--tenant",
+        "acme",
+        "--context",
+        "object=export",
+        &p(&plain),
+        &p(&sealed),
+    ]);
+    let envelope = std::fs::read(&sealed).unwrap();
+    assert_eq!(envelope[..2], [0x01, 0x06]);
+    // 144-byte header, five segments of 16 bytes of tag each.
+    assert_eq!(envelope.len(), 144 + object.len() + 16 * 5);
+    sidecar.ok(&[
+        "open-file",
+        "--tenant",
+        "acme",
+        "--context",
+        "object=export",
+        &p(&sealed),
+        &p(&back),
+    ]);
+    assert!(std::fs::read(&back).unwrap() == object);
+    // A changed byte in the last segment: the command fails.
+    let mut bad = envelope.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    let tampered = tmp.path().join("tampered.kw");
+    std::fs::write(&tampered, &bad).unwrap();
+    sidecar
+        .cli(&[
+            "open-file",
+            "--tenant",
+            "acme",
+            "--context",
+            "object=export",
+            &p(&tampered),
+            &p(&tmp.path().join("tampered.out")),
+        ])
+        .assert_failure("INVALID_ARGUMENT", "open-file of a tampered file");
+}

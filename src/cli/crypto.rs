@@ -49,7 +49,7 @@ pub struct DecryptArgs {
     ciphertext: String,
 }
 
-fn parse_pair(raw: &str) -> Result<(String, String), String> {
+pub(super) fn parse_pair(raw: &str) -> Result<(String, String), String> {
     raw.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| "expected KEY=VALUE".to_owned())

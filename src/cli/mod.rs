@@ -1,6 +1,7 @@
 //! The command line: `keywarden serve` runs the sidecar ([`serve`]); the
 //! admin and crypto commands are clients of a running sidecar, for people
-//! trying things and operators ([`admin`], [`tenant`], [`crypto`]); a few
+//! trying things and operators ([`admin`], [`tenant`], [`crypto`],
+//! [`datakey`]); a few
 //! commands check files with no sidecar at all ([`offline`]).
 //!
 //! On failure a client command exits 1 and prints the gRPC code's canonical
@@ -9,6 +10,7 @@
 
 mod admin;
 mod crypto;
+mod datakey;
 mod error;
 mod offline;
 mod serve;
@@ -52,6 +54,8 @@ enum Command {
     Offline(offline::OfflineCommand),
     #[command(flatten)]
     Crypto(crypto::CryptoCommand),
+    #[command(flatten)]
+    DataKey(datakey::DataKeyCommand),
 }
 
 /// One of each kind: verifying needs only the log, the head is the
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => offline::verify_audit(args),
         Command::Offline(command) => offline::run(command),
         Command::Crypto(command) => client_command(crypto::run(connection, command)),
+        Command::DataKey(command) => client_command(datakey::run(connection, command)),
     }
 }
 
