@@ -7,7 +7,7 @@
 use std::{
     fs::File,
     io::{BufReader, BufWriter, IsTerminal, Read, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use clap::{Args, Subcommand};
@@ -273,13 +273,13 @@ fn data_key(bytes: &[u8]) -> Result<Key256, CliError> {
     })
 }
 
-fn open(path: &PathBuf) -> Result<BufReader<File>, CliError> {
+fn open(path: &Path) -> Result<BufReader<File>, CliError> {
     File::open(path)
         .map(BufReader::new)
         .map_err(|e| read_error(path, e))
 }
 
-fn create(path: &PathBuf) -> Result<BufWriter<File>, CliError> {
+fn create(path: &Path) -> Result<BufWriter<File>, CliError> {
     File::options()
         .write(true)
         .create_new(true)
@@ -289,16 +289,16 @@ fn create(path: &PathBuf) -> Result<BufWriter<File>, CliError> {
 }
 
 /// Writes out what `out` holds and empties it.
-fn write(to: &mut BufWriter<File>, out: &mut Vec<u8>, path: &PathBuf) -> Result<(), CliError> {
+fn write(to: &mut BufWriter<File>, out: &mut Vec<u8>, path: &Path) -> Result<(), CliError> {
     to.write_all(out).map_err(|e| write_error(path, e))?;
     out.clear();
     Ok(())
 }
 
-fn read_error(path: &PathBuf, e: std::io::Error) -> CliError {
+fn read_error(path: &Path, e: std::io::Error) -> CliError {
     CliError::Input(format!("cannot read {}: {e}", path.display()))
 }
 
-fn write_error(path: &PathBuf, e: std::io::Error) -> CliError {
+fn write_error(path: &Path, e: std::io::Error) -> CliError {
     CliError::Output(format!("cannot write {}: {e}", path.display()))
 }
