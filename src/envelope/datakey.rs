@@ -197,6 +197,15 @@ mod tests {
         forged[1] = envelope::SUITE_AES256GCM_CMAC_KDF;
         let parsed = envelope::parse(&forged).unwrap();
         assert!(envelope::open(&k, &parsed, "acme", &context()).is_err());
+        // As a stored-key wrap (domain 0x01, version 3) it parses, and fails
+        // its tag for the same reason.
+        let mut forged = wrapped.clone();
+        forged[1] = stored::SUITE_KEY_WRAP;
+        assert!(stored::parse_wrapped(&forged).is_ok());
+        assert!(
+            stored::unwrap_key(&k, stored::KeyDomain::SubjectKey, &forged, "acme", &[0; 16])
+                .is_err()
+        );
     }
 
     #[test]
