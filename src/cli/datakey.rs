@@ -18,7 +18,7 @@ use keywarden::{
     secret::Key256,
 };
 
-use super::{CliError, crypto::parse_pair, input};
+use super::{CliError, crypto::parse_pair, text_input};
 
 #[derive(Subcommand)]
 pub enum DataKeyCommand {
@@ -123,16 +123,7 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
             Ok(())
         }
         DataKeyCommand::Datakey(Datakey::Decrypt(args)) => {
-            let raw = input(&args.wrapped).map_err(CliError::Input)?;
-            let wrapped = std::str::from_utf8(&raw)
-                .ok()
-                .and_then(|t| text::decode(t).ok())
-                .ok_or_else(|| {
-                    CliError::Input(format!(
-                        "the wrapped data key is not in the text form {}<base64url>",
-                        text::PREFIX
-                    ))
-                })?;
+            let wrapped = text_input(&args.wrapped, "the wrapped data key")?;
             let r = crypto
                 .decrypt_data_key(pb::DecryptDataKeyRequest {
                     tenant_id: args.tenant,

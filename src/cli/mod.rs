@@ -132,6 +132,22 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), CliError>
     Ok((channel, bearer))
 }
 
+/// An envelope in the text form (`kw1:` and base64url) from the argument, or
+/// from standard input for '-'; `what` names it in the error.
+fn text_input(arg: &str, what: &str) -> Result<Vec<u8>, CliError> {
+    use keywarden::envelope::text;
+    let raw = input(arg).map_err(CliError::Input)?;
+    std::str::from_utf8(&raw)
+        .ok()
+        .and_then(|t| text::decode(t).ok())
+        .ok_or_else(|| {
+            CliError::Input(format!(
+                "{what} is not in the text form {}<base64url>",
+                text::PREFIX
+            ))
+        })
+}
+
 /// The argument itself, or standard input for '-'.
 fn input(arg: &str) -> Result<Vec<u8>, String> {
     if arg != "-" {
