@@ -872,3 +872,50 @@ fn the_cli_generates_and_decrypts_data_keys_and_seals_and_opens_files() {
         ])
         .assert_failure("INVALID_ARGUMENT", "open-file of a tampered file");
 }
+
+/// A tenant policy's minimum decryption version applies to wrapped data keys
+/// as to data: one wrapped under an older version is refused by
+/// DecryptDataKey and RewrapDataKey alike, so they are rewrapped before the
+/// minimum is raised; a rewrapped one opens to the same key.
+#[tokio::test]
+async fn min_decrypt_version_refuses_older_wrapped_data_keys() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme").await;
+    let mut crypto = sidecar.crypto().await;
+    let ctx = context("a");
+    let old = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    admin
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let moved = rewrap_key(&mut crypto, "acme", &ctx, &old.wrapped_data_key)
+        .await
+        .unwrap();
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                min_decrypt_version: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let refused = "tenant acme's policy refuses data of key version 1";
+    expect_failed_precondition(
+        decrypt_key(&mut crypto, "acme", &ctx, &old.wrapped_data_key).await,
+        refused,
+    );
+    expect_failed_precondition(
+        rewrap_key(&mut crypto, "acme", &ctx, &old.wrapped_data_key).await,
+        refused,
+    );
+    let opened = decrypt_key(&mut crypto, "acme", &ctx, &moved.wrapped_data_key)
+        .await
+        .unwrap();
+    assert_eq!(opened.data_key, old.data_key);
+    sidecar.stop().await;
+}
