@@ -17,6 +17,7 @@ use keywarden::{
     envelope::{Context, Provider, client_stream, text},
     secret::Key256,
 };
+use zeroize::Zeroize;
 
 use super::{CliError, crypto::parse_pair, text_input};
 
@@ -139,7 +140,7 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
             let context: Context = args.context.into_iter().collect();
             let mut from = open(&args.input)?;
             let mut to = create(&args.output)?;
-            let r = crypto
+            let mut r = crypto
                 .generate_data_key(pb::GenerateDataKeyRequest {
                     tenant_id: args.tenant.clone(),
                     subject_id: args.subject.unwrap_or_default(),
@@ -147,7 +148,7 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
                 })
                 .await?
                 .into_inner();
-            let key = data_key(&r.data_key)?;
+            let key = data_key(&mut r.data_key)?;
             let (mut sealer, mut out) = client_stream::seal_start(
                 Provider::default(),
                 &key,
@@ -212,7 +213,7 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
                 .ok_or_else(undecryptable)?
                 .wrapped_data_key
                 .to_vec();
-            let r = crypto
+            let mut r = crypto
                 .decrypt_data_key(pb::DecryptDataKeyRequest {
                     tenant_id: args.tenant.clone(),
                     context: Clone::clone(&context),
@@ -220,7 +221,7 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
                 })
                 .await?
                 .into_inner();
-            let key = data_key(&r.data_key)?;
+            let key = data_key(&mut r.data_key)?;
             let mut opener = client_stream::open_start(
                 Provider::default(),
                 &key,
@@ -258,8 +259,12 @@ pub async fn run(connection: &Connection, command: DataKeyCommand) -> Result<(),
     }
 }
 
-fn data_key(bytes: &[u8]) -> Result<Key256, CliError> {
-    Key256::from_slice(bytes).ok_or_else(|| {
+/// The data key the sidecar answered, taken out of the response (its bytes
+/// there are zeroed).
+fn data_key(bytes: &mut Vec<u8>) -> Result<Key256, CliError> {
+    let key = Key256::from_slice(bytes);
+    bytes.zeroize();
+    key.ok_or_else(|| {
         CliError::Output("the sidecar answered a data key that is not 32 bytes".into())
     })
 }
