@@ -919,3 +919,38 @@ async fn min_decrypt_version_refuses_older_wrapped_data_keys() {
     assert_eq!(opened.data_key, old.data_key);
     sidecar.stop().await;
 }
+
+/// Each data-key call is one item against the tenant's rate, as Decrypt is.
+#[tokio::test]
+async fn every_data_key_call_takes_one_item_of_the_tenants_rate() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme").await;
+    let mut crypto = sidecar.crypto().await;
+    let ctx = context("a");
+    let made = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                max_items_per_second: 1,
+                burst: 3,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // A burst of 3: one call of each kind, then the fourth is refused.
+    generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    decrypt_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+        .await
+        .unwrap();
+    rewrap_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+        .await
+        .unwrap();
+    let status = decrypt_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    sidecar.stop().await;
+}
