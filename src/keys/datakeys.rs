@@ -139,3 +139,53 @@ impl KeyManager {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_key_bytes() {
+        let key = || Key256::from_slice(&[0xab; 32]).unwrap();
+        let printed = [
+            format!(
+                "{:?}",
+                GeneratedDataKey {
+                    key: key(),
+                    wrapped: vec![0xcd; 83],
+                    key_version: 1,
+                }
+            ),
+            format!(
+                "{:?}",
+                OpenedDataKey {
+                    key: key(),
+                    key_version: 1,
+                }
+            ),
+            format!(
+                "{:?}",
+                RewrappedDataKey {
+                    wrapped: vec![0xcd; 83],
+                    key_version: 2,
+                    previous_key_version: 1,
+                }
+            ),
+        ];
+        for text in printed {
+            for secret in ["ab", "AB", "171", "cd", "205"] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
+        assert_eq!(
+            format!(
+                "{:?}",
+                OpenedDataKey {
+                    key: key(),
+                    key_version: 7
+                }
+            ),
+            "OpenedDataKey { key_version: 7, .. }"
+        );
+    }
+}
