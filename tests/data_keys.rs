@@ -954,3 +954,42 @@ async fn every_data_key_call_takes_one_item_of_the_tenants_rate() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     sidecar.stop().await;
 }
+
+/// The gRPC metrics name the data-key calls like every other method (the
+/// recorder of this test process, rendered as the admin listener would;
+/// other tests of this binary may add to the counts, never take from them).
+#[tokio::test]
+async fn data_key_calls_are_metered_by_method_and_code() {
+    let handle = keywarden::observe::metrics::install();
+    let sidecar = TestSidecar::start().await;
+    create(&mut sidecar.admin().await, "acme").await;
+    let mut crypto = sidecar.crypto().await;
+    let ctx = context("a");
+    let made = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+    decrypt_key(&mut crypto, "acme", &context("b"), &made.wrapped_data_key)
+        .await
+        .unwrap_err();
+    rewrap_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+        .await
+        .unwrap();
+    let text = keywarden::observe::metrics::render(&handle);
+    let handled = |method: &str, code: &str| -> f64 {
+        let series = format!(
+            "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"keywarden.v1.Crypto\",\
+             grpc_method=\"{method}\",grpc_code=\"{code}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(handled("GenerateDataKey", "OK") >= 2.0, "{text}");
+    assert!(
+        handled("DecryptDataKey", "INVALID_ARGUMENT") >= 1.0,
+        "{text}"
+    );
+    assert!(handled("RewrapDataKey", "OK") >= 1.0, "{text}");
+    assert!(!text.contains(&hex::encode(&made.data_key)));
+    sidecar.stop().await;
+}
