@@ -666,44 +666,67 @@ async fn the_datakey_permission_is_needed_and_the_data_role_does_not_hold_it() {
     sidecar.stop().await;
 }
 
+/// In both modes of `audit.data_plane`, as for Decrypt: counted (the
+/// default) or one `answered` record per call; never a key's bytes.
 #[tokio::test]
 async fn data_key_calls_are_audited_like_decrypts_and_no_key_reaches_the_log() {
-    let sidecar = TestSidecar::start().await;
-    create(&mut sidecar.admin().await, "acme").await;
-    let mut crypto = sidecar.crypto().await;
-    let ctx = context("a");
-    let made = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
-    decrypt_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
-        .await
-        .unwrap();
-    decrypt_key(&mut crypto, "acme", &context("b"), &made.wrapped_data_key)
-        .await
-        .unwrap_err();
-    rewrap_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
-        .await
-        .unwrap();
-    sidecar.flush_audit_counts().await;
-    let log = std::fs::read_to_string(sidecar.dir.path().join("audit.log")).unwrap();
-    let records: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let outcome = |action: &str, outcome: &str| {
-        records
-            .iter()
-            .any(|r| r["action"] == action && r["outcome"] == outcome && r["tenant"] == "acme")
-    };
-    assert!(outcome("GenerateDataKey", "OK"), "{log}");
-    assert!(outcome("DecryptDataKey", "OK"), "{log}");
-    assert!(outcome("DecryptDataKey", "INVALID_ARGUMENT"), "{log}");
-    assert!(outcome("RewrapDataKey", "OK"), "{log}");
-    for secret in [
-        hex::encode(&made.data_key),
-        hex::encode(&made.wrapped_data_key),
-    ] {
-        assert!(!log.contains(&secret));
+    use keywarden::config::{AuditConfig, DataPlaneAudit};
+    for mode in [DataPlaneAudit::Counts, DataPlaneAudit::Every] {
+        let sidecar = TestSidecar::start_with(Options {
+            audit_config: AuditConfig {
+                data_plane: mode,
+                ..AuditConfig::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        create(&mut sidecar.admin().await, "acme").await;
+        let mut crypto = sidecar.crypto().await;
+        let ctx = context("a");
+        let made = generate(&mut crypto, "acme", "", &ctx).await.unwrap();
+        decrypt_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+            .await
+            .unwrap();
+        decrypt_key(&mut crypto, "acme", &context("b"), &made.wrapped_data_key)
+            .await
+            .unwrap_err();
+        rewrap_key(&mut crypto, "acme", &ctx, &made.wrapped_data_key)
+            .await
+            .unwrap();
+        sidecar.flush_audit_counts().await;
+        let log = std::fs::read_to_string(sidecar.dir.path().join("audit.log")).unwrap();
+        let records: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let phase = match mode {
+            DataPlaneAudit::Every => "answered",
+            _ => "counted",
+        };
+        let recorded = |action: &str, outcome: &str| {
+            records
+                .iter()
+                .filter(|r| {
+                    r["action"] == action
+                        && r["outcome"] == outcome
+                        && r["tenant"] == "acme"
+                        && r["caller"] == "token:admin"
+                        && r["phase"] == phase
+                })
+                .count()
+        };
+        assert_eq!(recorded("GenerateDataKey", "OK"), 1, "{log}");
+        assert_eq!(recorded("DecryptDataKey", "OK"), 1, "{log}");
+        assert_eq!(recorded("DecryptDataKey", "INVALID_ARGUMENT"), 1, "{log}");
+        assert_eq!(recorded("RewrapDataKey", "OK"), 1, "{log}");
+        for secret in [
+            hex::encode(&made.data_key),
+            hex::encode(&made.wrapped_data_key),
+        ] {
+            assert!(!log.contains(&secret));
+        }
+        sidecar.stop().await;
     }
-    sidecar.stop().await;
 }
 
 /// The client side of issue 17: a large object sealed by the client as a
