@@ -19,7 +19,7 @@ use crate::{
     config::Config,
     envelope::{
         self, Context, EnvelopeKey, KeyRef, Mode, NONCE_LEN, Provider, SALT_LEN,
-        SUBJECT_KEY_ID_LEN,
+        SUBJECT_KEY_ID_LEN, client_stream, datakey,
         stream::{self, StreamOpener, StreamSealer},
         text,
     },
@@ -66,6 +66,105 @@ impl Stir {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 % bound.max(1) as u64) as usize
+    }
+}
+
+/// The data-key formats: wrapped data keys (`envelope::datakey`, suite
+/// 0x05) and client streams (`envelope::client_stream`, suite 0x06).
+///
+/// - mode 0: the bytes as a wrapped data key. Parsing never panics; every
+///   provider answers alike; one that opens is exactly what `wrap_with`
+///   makes of its data key, salt and nonce.
+/// - mode 1: the bytes as a client stream. Its header parses only when
+///   whole (no shorter prefix parses), and opening it under a fixed data key
+///   never panics and never passes the commitment by chance.
+/// - mode 2: the bytes as a plaintext, sealed as a client stream and opened
+///   again; then one byte changed, and it no longer opens.
+pub fn data_key(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let data_key = Key256::from_slice(&[0x17; 32]).expect("32 bytes");
+    let ctx = context();
+    match mode % 3 {
+        0 => {
+            let Ok(key_ref) = datakey::parse(rest) else {
+                return;
+            };
+            let mut opened = providers().map(|p| datakey::unwrap(&key(p), rest, TENANT, &ctx));
+            let first = opened.next().expect("at least one provider");
+            for other in opened {
+                assert_eq!(
+                    first.as_ref().map(|k| *k.expose()).ok(),
+                    other.as_ref().map(|k| *k.expose()).ok(),
+                    "providers disagree on a wrapped data key"
+                );
+            }
+            if let Ok(opened) = first {
+                let h = rest.len() - 32 - 16;
+                let again = datakey::wrap_with(
+                    &key(Provider::default()),
+                    key_ref,
+                    TENANT,
+                    &ctx,
+                    &opened,
+                    rest[h - 28..h - 12].try_into().expect("salt"),
+                    rest[h - 12..h].try_into().expect("nonce"),
+                )
+                .expect("wraps");
+                assert_eq!(again, rest, "a wrapped data key has one encoding");
+            }
+        }
+        1 => {
+            let header = match client_stream::parse_header(rest) {
+                Ok(Some(header)) => header,
+                Ok(None) => {
+                    assert!(rest.len() < client_stream::SUBJECT_HEADER_LEN);
+                    return;
+                }
+                Err(_) => return,
+            };
+            for cut in 0..header.len {
+                assert!(
+                    !matches!(client_stream::parse_header(&rest[..cut]), Ok(Some(_))),
+                    "a prefix of {cut} bytes parses as a whole header"
+                );
+            }
+            for provider in providers() {
+                // Only a header made under this data key passes the
+                // commitment; the fuzzer cannot make one.
+                assert!(
+                    client_stream::open(provider, &data_key, rest, TENANT, &ctx).is_err(),
+                    "a made-up client stream opened"
+                );
+            }
+        }
+        _ => {
+            let wrapped = datakey::wrap(
+                &key(Provider::default()),
+                KeyRef::Tenant { version: 1 },
+                TENANT,
+                &ctx,
+                &data_key,
+            )
+            .expect("wraps");
+            let providers: Vec<Provider> = providers().collect();
+            let mut stir = Stir::new(rest);
+            let sealer = providers[stir.below(providers.len())];
+            let opener = providers[stir.below(providers.len())];
+            let sealed = client_stream::seal(sealer, &data_key, &wrapped, TENANT, &ctx, rest)
+                .expect("seals");
+            let opened = client_stream::open(opener, &data_key, &sealed, TENANT, &ctx)
+                .expect("opens what was sealed");
+            assert!(*opened == rest, "opens to the plaintext");
+            let mut changed = sealed.clone();
+            let at = stir.below(changed.len());
+            changed[at] ^= 1 << stir.below(8);
+            assert!(
+                client_stream::open(opener, &data_key, &changed, TENANT, &ctx).is_err(),
+                "a changed byte at {at} opened"
+            );
+        }
     }
 }
 

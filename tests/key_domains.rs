@@ -578,3 +578,107 @@ async fn a_legacy_postgres_keystore_is_upgraded_and_its_old_rows_are_gone() {
     assert_eq!(forms, [(3, 3)]);
     assert!(store.invariant_violations().await.unwrap().is_empty());
 }
+
+/// The data-key calls (issue 17) against the same attacks: a copied
+/// subject-key row, and the reserved context, refused by GenerateDataKey,
+/// DecryptDataKey and RewrapDataKey; and the data-key kinds (a wrapped data
+/// key, suite 0x05, and a client stream's header, suite 0x06) refused by
+/// every data-plane reader, with the reserved context or without.
+#[tokio::test]
+async fn the_data_key_kinds_are_key_domains_of_their_own() {
+    use keywarden::{
+        envelope::{Provider, client_stream},
+        secret::Key256,
+    };
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut crypto = sidecar.crypto().await;
+    crypto
+        .encrypt(pb::EncryptRequest {
+            tenant_id: "acme".into(),
+            subject_id: "ada@example.com".into(),
+            context: BTreeMap::new(),
+            plaintext: b"x".to_vec(),
+            deterministic: false,
+        })
+        .await
+        .unwrap();
+    let rows = sqlite_rows(&sidecar.dir.path().join("keystore.sqlite3")).await;
+    let (_, id, row) = rows.into_iter().next().unwrap();
+
+    // A stored subject key is no wrapped data key, with the context it was
+    // sealed with (reserved) or without; and no call mints one under the
+    // reserved context.
+    for (context, message) in [
+        (row_context(&id), RESERVED_MESSAGE),
+        (BTreeMap::new(), UNDECRYPTABLE),
+    ] {
+        expect_code(
+            crypto
+                .decrypt_data_key(pb::DecryptDataKeyRequest {
+                    tenant_id: "acme".into(),
+                    context: context.clone(),
+                    wrapped_data_key: row.clone(),
+                })
+                .await,
+            Code::InvalidArgument,
+            message,
+        );
+        expect_code(
+            crypto
+                .rewrap_data_key(pb::RewrapDataKeyRequest {
+                    tenant_id: "acme".into(),
+                    context: context.clone(),
+                    wrapped_data_key: row.clone(),
+                })
+                .await,
+            Code::InvalidArgument,
+            message,
+        );
+    }
+    for subject in ["", "ada@example.com"] {
+        expect_code(
+            crypto
+                .generate_data_key(pb::GenerateDataKeyRequest {
+                    tenant_id: "acme".into(),
+                    subject_id: subject.into(),
+                    context: row_context(&id),
+                })
+                .await,
+            Code::InvalidArgument,
+            RESERVED_MESSAGE,
+        );
+    }
+
+    // A wrapped data key and a client stream, each sent to every data-plane
+    // reader as a copied row was.
+    let made = crypto
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            tenant_id: "acme".into(),
+            subject_id: "ada@example.com".into(),
+            context: BTreeMap::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    replay_the_attack(&mut crypto, "acme", &id, &made.wrapped_data_key).await;
+    let key = Key256::from_slice(&made.data_key).unwrap();
+    let envelope = client_stream::seal(
+        Provider::default(),
+        &key,
+        &made.wrapped_data_key,
+        "acme",
+        &Context::new(),
+        b"object",
+    )
+    .unwrap();
+    replay_the_attack(&mut crypto, "acme", &id, &envelope).await;
+    sidecar.stop().await;
+}

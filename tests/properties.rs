@@ -102,6 +102,7 @@ proptest! {
         // Every mode of every fuzz target: each panics on a broken invariant.
         fuzzing::envelope(&bytes);
         fuzzing::stream(&bytes);
+        fuzzing::data_key(&bytes);
         fuzzing::receipt(&bytes);
         fuzzing::audit(&bytes);
         fuzzing::config(&bytes);

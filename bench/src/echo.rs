@@ -5,7 +5,9 @@
 //! a real tenant-key ciphertext (with `deterministic`, the
 //! [`DETERMINISTIC_TENANT_OVERHEAD`] of a deterministic one), and Decrypt
 //! answers the ciphertext less the overhead its suite byte names; the batch
-//! calls do the same per item, and Rewrap echoes. It is served by the sidecar's own [`server::serve`] (the same tonic server
+//! calls do the same per item, and Rewrap echoes; GenerateDataKey answers a
+//! zero key and a zero wrapped form of the real sizes. It is served by the
+//! sidecar's own [`server::serve`] (the same tonic server
 //! builder, TCP_NODELAY, connection handling and message size limit) on the
 //! same kind of tokio runtime (multi-thread, `--worker-threads` as the
 //! sidecar's `worker_threads`), so what it costs is what gRPC over this
@@ -25,7 +27,7 @@ use keywarden::{
     api::{pb, streams::ResponseStream},
     config::{ListenAddr, RequestLimits},
     envelope::{
-        SUITE_DETERMINISTIC, TENANT_OVERHEAD, deterministic::DETERMINISTIC_TENANT_OVERHEAD,
+        SUITE_DETERMINISTIC, TENANT_OVERHEAD, datakey, deterministic::DETERMINISTIC_TENANT_OVERHEAD,
     },
     server,
 };
@@ -180,6 +182,39 @@ impl pb::crypto_server::Crypto for Echo {
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         Ok(Response::new(pb::RewrapResponse {
             ciphertext: request.into_inner().ciphertext,
+            key_version: 1,
+            previous_key_version: 1,
+        }))
+    }
+
+    /// A data key and a wrapped form of the real sizes, all zeros.
+    async fn generate_data_key(
+        &self,
+        _: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            data_key: vec![0; 32],
+            wrapped_data_key: vec![0; datakey::TENANT_WRAPPED_LEN],
+            key_version: 1,
+        }))
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        _: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
+        Ok(Response::new(pb::DecryptDataKeyResponse {
+            data_key: vec![0; 32],
+            key_version: 1,
+        }))
+    }
+
+    async fn rewrap_data_key(
+        &self,
+        request: Request<pb::RewrapDataKeyRequest>,
+    ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
+        Ok(Response::new(pb::RewrapDataKeyResponse {
+            wrapped_data_key: request.into_inner().wrapped_data_key,
             key_version: 1,
             previous_key_version: 1,
         }))

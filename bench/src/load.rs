@@ -28,10 +28,16 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tonic::{Code, Status};
 
 use crate::{Op, tenants::TenantPicker};
+
+/// Bytes of a data key.
+const DATA_KEY_LEN: usize = 32;
 use keywarden::{
     api::{pb, status::code_name},
     client::Authed,
-    envelope::{Context, TENANT_OVERHEAD, deterministic::DETERMINISTIC_TENANT_OVERHEAD},
+    envelope::{
+        Context, TENANT_OVERHEAD, datakey::TENANT_WRAPPED_LEN as WRAPPED_DATA_KEY_LEN,
+        deterministic::DETERMINISTIC_TENANT_OVERHEAD,
+    },
 };
 
 type CryptoClient = pb::crypto_client::CryptoClient<Authed>;
@@ -428,6 +434,22 @@ async fn call(
             };
             let answer = client.decrypt(request).await.map_err(rpc_failed)?;
             bad_unless(answer.get_ref().plaintext == w.plaintext)
+        }
+        (Op::GenerateDataKey, _) => {
+            let request = pb::GenerateDataKeyRequest {
+                tenant_id,
+                subject_id: String::new(),
+                context: w.context.clone(),
+            };
+            let answer = client
+                .generate_data_key(request)
+                .await
+                .map_err(rpc_failed)?;
+            let answer = answer.get_ref();
+            bad_unless(
+                answer.data_key.len() == DATA_KEY_LEN
+                    && answer.wrapped_data_key.len() == WRAPPED_DATA_KEY_LEN,
+            )
         }
         (Op::Decrypt, n) => {
             let items = (0..n)

@@ -94,7 +94,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
     /// What every call does. decrypt first encrypts a pool of ciphertexts
-    /// per tenant (not measured), then measures decrypting them.
+    /// per tenant (not measured), then measures decrypting them;
+    /// generate-data-key makes a data key per call (it needs the `datakey`
+    /// permission, which the embedded admin token has).
     #[arg(long, value_enum, default_value_t = Op::Encrypt)]
     pub op: Op,
     /// Plaintext bytes per item (a fixed pattern).
@@ -180,6 +182,11 @@ pub struct EchoArgs {
 pub enum Op {
     Encrypt,
     Decrypt,
+    /// GenerateDataKey under the tenant key (unary only; --payload is not
+    /// used): a fresh data key and its wrapped form per call.
+    #[value(name = "generate-data-key")]
+    #[serde(rename = "generate-data-key")]
+    GenerateDataKey,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -309,6 +316,9 @@ fn workload(args: &RunArgs) -> Result<Workload, String> {
     {
         return Err("--rate must be a positive number of calls per second".into());
     }
+    if args.op == Op::GenerateDataKey && args.batch != 1 {
+        return Err("--op generate-data-key has no batch form: --batch must be 1".into());
+    }
     let picker = TenantPicker::new(args.tenants, args.distribution, args.zipf_exponent)?;
     Ok(Workload {
         op: args.op,
@@ -353,13 +363,13 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
                     .into(),
             );
         }
-        (Op::Encrypt, CacheMode::Warm) => {
+        (Op::Encrypt | Op::GenerateDataKey, CacheMode::Warm) => {
             touch_tenants(&clients, &workload.tenant_ids, &workload.context).await?;
             notes.push(
                 "cache warm: every tenant was touched by one Encrypt before measuring".into(),
             );
         }
-        (Op::Encrypt, CacheMode::Cold) => notes.push(
+        (Op::Encrypt | Op::GenerateDataKey, CacheMode::Cold) => notes.push(
             "cache cold: this run did not touch the tenants before measuring; keys cached by \
              earlier calls may still be cached"
                 .into(),

@@ -134,6 +134,7 @@ impl Report {
             (Op::Encrypt, _) => "EncryptBatch",
             (Op::Decrypt, 1) => "Decrypt",
             (Op::Decrypt, _) => "DecryptBatch",
+            (Op::GenerateDataKey, _) => "GenerateDataKey",
         };
         let find = |target| results.iter().find(|r| r.target == target);
         // In the open loop both answer the offered rate: no ratio to tell.

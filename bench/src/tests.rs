@@ -366,3 +366,28 @@ async fn echo_answers_the_sizes_of_deterministic_envelopes() {
     let args = run_args(&["--deterministic", "--batch", "1000"]).unwrap();
     assert!(args.deterministic);
 }
+
+#[test]
+fn generate_data_key_is_an_op_without_a_batch_form() {
+    let args = run_args(&["--op", "generate-data-key"]).unwrap();
+    assert_eq!(args.op, Op::GenerateDataKey);
+    assert!(super::workload(&args).is_ok());
+    let batched = run_args(&["--op", "generate-data-key", "--batch", "10"]).unwrap();
+    assert_eq!(
+        super::workload(&batched).err().unwrap(),
+        "--op generate-data-key has no batch form: --batch must be 1"
+    );
+}
+
+#[tokio::test]
+async fn the_echo_service_answers_data_keys_of_the_real_sizes() {
+    let made = Echo
+        .generate_data_key(Request::new(pb::GenerateDataKeyRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (made.data_key.len(), made.wrapped_data_key.len()),
+        (32, keywarden::envelope::datakey::TENANT_WRAPPED_LEN)
+    );
+}

@@ -124,6 +124,13 @@ shapes!(
     pb::ShredSubjectResponse => Shape::Plain,
     pb::RotateRootKeyProgress => Shape::Plain,
     pb::AuditHead => Shape::Plain,
+    // ---- data keys ----
+    pb::GenerateDataKeyRequest => Shape::Context(3),
+    pb::DecryptDataKeyRequest => Shape::Context(2),
+    pb::RewrapDataKeyRequest => Shape::Context(2),
+    pb::GenerateDataKeyResponse => Shape::Plain,
+    pb::DecryptDataKeyResponse => Shape::Plain,
+    pb::RewrapDataKeyResponse => Shape::Plain,
 );
 
 /// The wire form is not protobuf, or a count is over its limit.

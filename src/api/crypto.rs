@@ -1,4 +1,5 @@
-//! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap.
+//! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap (streams in
+//! `streams.rs`, data keys in `datakeys.rs`).
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -306,5 +307,26 @@ impl pb::crypto_server::Crypto for CryptoService {
         self.shared
             .record_data_plane("Rewrap", &caller, &r.tenant_id, result)
             .await
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        super::datakeys::generate(&self.shared, request).await
+    }
+
+    async fn decrypt_data_key(
+        &self,
+        request: Request<pb::DecryptDataKeyRequest>,
+    ) -> Result<Response<pb::DecryptDataKeyResponse>, Status> {
+        super::datakeys::decrypt(&self.shared, request).await
+    }
+
+    async fn rewrap_data_key(
+        &self,
+        request: Request<pb::RewrapDataKeyRequest>,
+    ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
+        super::datakeys::rewrap(&self.shared, request).await
     }
 }

@@ -111,7 +111,7 @@ const CRYPTO_PREFIX: &str = "/keywarden.v1.Crypto/";
 const ADMIN_PREFIX: &str = "/keywarden.v1.Admin/";
 
 /// Every method of `keywarden.v1.Crypto` and `keywarden.v1.Admin`.
-pub const METHODS: [Method; 16] = {
+pub const METHODS: [Method; 19] = {
     use Permission as P;
     use Service::{Admin, Crypto};
     [
@@ -169,6 +169,30 @@ pub const METHODS: [Method; 16] = {
             P::Decrypt,
             true,
             BIDI,
+            Crypto,
+        ),
+        method(
+            "/keywarden.v1.Crypto/GenerateDataKey",
+            "GenerateDataKey",
+            P::DataKey,
+            true,
+            UNARY,
+            Crypto,
+        ),
+        method(
+            "/keywarden.v1.Crypto/DecryptDataKey",
+            "DecryptDataKey",
+            P::DataKey,
+            true,
+            UNARY,
+            Crypto,
+        ),
+        method(
+            "/keywarden.v1.Crypto/RewrapDataKey",
+            "RewrapDataKey",
+            P::DataKey,
+            true,
+            UNARY,
             Crypto,
         ),
         method(

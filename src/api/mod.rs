@@ -7,6 +7,7 @@ pub mod admin;
 pub mod budget;
 pub mod codec;
 pub mod crypto;
+pub mod datakeys;
 pub mod edge;
 pub mod status;
 pub mod streams;
@@ -229,6 +230,9 @@ tenant_requests!(
     pb::EncryptBatchRequest,
     pb::DecryptBatchRequest,
     pb::RewrapRequest,
+    pb::GenerateDataKeyRequest,
+    pb::DecryptDataKeyRequest,
+    pb::RewrapDataKeyRequest,
     pb::CreateTenantRequest,
     pb::GetTenantRequest,
     pb::RotateTenantKeyRequest,

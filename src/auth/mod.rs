@@ -64,10 +64,13 @@ pub enum Permission {
     AdminPolicy,
     /// GetAuditHead: the audit log's latest hash, to anchor elsewhere.
     AuditRead,
+    /// GenerateDataKey, DecryptDataKey, RewrapDataKey: data keys in the
+    /// clear, for client-side encryption. Not in the `data` role.
+    DataKey,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 9] = [
+    pub const ALL: [Permission; 10] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Rewrap,
@@ -77,6 +80,7 @@ impl Permission {
         Permission::AdminShred,
         Permission::AdminPolicy,
         Permission::AuditRead,
+        Permission::DataKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +94,7 @@ impl Permission {
             Permission::AdminShred => "admin:shred",
             Permission::AdminPolicy => "admin:policy",
             Permission::AuditRead => "audit:read",
+            Permission::DataKey => "datakey",
         }
     }
 
@@ -101,7 +106,7 @@ impl Permission {
     pub fn is_data_plane(self) -> bool {
         matches!(
             self,
-            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap
+            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap | Permission::DataKey
         )
     }
 }

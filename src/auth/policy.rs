@@ -21,7 +21,10 @@
 //! Built-in roles: `data` (encrypt, decrypt, rewrap) and `admin` (every
 //! admin:* permission and audit:read). The data plane and the control plane
 //! are separate: no built-in role holds both; a grant gives both only when
-//! it lists both.
+//! it lists both. `datakey` (GenerateDataKey, DecryptDataKey,
+//! RewrapDataKey) is in no built-in role: those calls hand keys to the
+//! caller, so only a grant that names it (or a role of your own that lists
+//! it) allows them.
 //!
 //! Whatever the grant, a JWT that names tenants narrows it to those tenants.
 //! An operation across all tenants (ListTenants, RotateRootKey, GetAuditHead)
@@ -57,10 +60,11 @@ identity = "unix"
 allow = ["data"]
 tenants = ["*"]
 
-# The embedded admin token (admin.token in the data directory).
+# The embedded admin token (admin.token in the data directory): the
+# operator's credential, which the CLI uses; it may do everything.
 [[grant]]
 identity = "token:admin"
-allow = ["admin", "data"]
+allow = ["admin", "data", "datakey"]
 tenants = ["*"]
 "#;
 
@@ -244,6 +248,8 @@ mod tests {
         };
         assert!(policy.allows(&unix, Permission::Encrypt, Some("acme")));
         assert!(!policy.allows(&unix, Permission::AdminShred, Some("acme")));
+        // The data role hands out no keys.
+        assert!(!policy.allows(&unix, Permission::DataKey, Some("acme")));
         assert!(!policy.allows(&unix, Permission::AdminRead, None));
         let anonymous = caller("anonymous", None);
         for p in Permission::ALL {

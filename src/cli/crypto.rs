@@ -10,7 +10,7 @@ use keywarden::{
     envelope::text,
 };
 
-use super::{CliError, input};
+use super::{CliError, input, text_input};
 
 #[derive(Subcommand)]
 pub enum CryptoCommand {
@@ -54,7 +54,7 @@ pub struct DecryptArgs {
     ciphertext: String,
 }
 
-fn parse_pair(raw: &str) -> Result<(String, String), String> {
+pub(super) fn parse_pair(raw: &str) -> Result<(String, String), String> {
     raw.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| "expected KEY=VALUE".to_owned())
@@ -80,16 +80,7 @@ pub async fn run(connection: &Connection, command: CryptoCommand) -> Result<(), 
             Ok(())
         }
         CryptoCommand::Decrypt(args) => {
-            let raw = input(&args.ciphertext).map_err(CliError::Input)?;
-            let ciphertext = std::str::from_utf8(&raw)
-                .ok()
-                .and_then(|t| text::decode(t).ok())
-                .ok_or_else(|| {
-                    CliError::Input(format!(
-                        "the ciphertext is not in the text form {}<base64url>",
-                        text::PREFIX
-                    ))
-                })?;
+            let ciphertext = text_input(&args.ciphertext, "the ciphertext")?;
             let r = crypto
                 .decrypt(pb::DecryptRequest {
                     tenant_id: args.tenant,

@@ -1,6 +1,7 @@
 //! The command line: `keywarden serve` runs the sidecar ([`serve`]); the
 //! admin and crypto commands are clients of a running sidecar, for people
-//! trying things and operators ([`admin`], [`tenant`], [`crypto`]); a few
+//! trying things and operators ([`admin`], [`tenant`], [`crypto`],
+//! [`datakey`]); a few
 //! commands check files with no sidecar at all ([`offline`]).
 //!
 //! On failure a client command exits 1 and prints the gRPC code's canonical
@@ -9,6 +10,7 @@
 
 mod admin;
 mod crypto;
+mod datakey;
 mod error;
 mod offline;
 mod serve;
@@ -52,6 +54,8 @@ enum Command {
     Offline(offline::OfflineCommand),
     #[command(flatten)]
     Crypto(crypto::CryptoCommand),
+    #[command(flatten)]
+    DataKey(datakey::DataKeyCommand),
 }
 
 /// One of each kind: verifying needs only the log, the head is the
@@ -80,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => offline::verify_audit(args),
         Command::Offline(command) => offline::run(command),
         Command::Crypto(command) => client_command(crypto::run(connection, command)),
+        Command::DataKey(command) => client_command(datakey::run(connection, command)),
     }
 }
 
@@ -125,6 +130,22 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), CliError>
         .await
         .map_err(CliError::Unreachable)?;
     Ok((channel, bearer))
+}
+
+/// An envelope in the text form (`kw1:` and base64url) from the argument, or
+/// from standard input for '-'; `what` names it in the error.
+fn text_input(arg: &str, what: &str) -> Result<Vec<u8>, CliError> {
+    use keywarden::envelope::text;
+    let raw = input(arg).map_err(CliError::Input)?;
+    std::str::from_utf8(&raw)
+        .ok()
+        .and_then(|t| text::decode(t).ok())
+        .ok_or_else(|| {
+            CliError::Input(format!(
+                "{what} is not in the text form {}<base64url>",
+                text::PREFIX
+            ))
+        })
 }
 
 /// The argument itself, or standard input for '-'.

@@ -27,6 +27,8 @@
 //! deterministic envelope ([`deterministic`]): the same key references and
 //! associated data, AES-256-SIV instead of a random salt and nonce.
 
+pub mod client_stream;
+pub mod datakey;
 pub mod deterministic;
 mod kdf;
 pub mod provider;
@@ -96,6 +98,9 @@ pub enum SealError {
     /// The plaintext is longer than AES-GCM can seal in one message.
     #[error("plaintext too long for one message")]
     TooLong,
+    /// A client stream's header must carry a wrapped data key (suite 0x05).
+    #[error("not a wrapped data key")]
+    NotAWrappedDataKey,
 }
 
 /// How a one-shot envelope is sealed: its suite.

@@ -45,8 +45,10 @@ pub const SUBJECT_HEADER_LEN: usize =
     3 + super::SUBJECT_KEY_ID_LEN + 4 + SALT_LEN + NONCE_PREFIX_LEN;
 
 /// What both directions share: the stream's AES-GCM key, its nonce prefix,
-/// its associated data, and the number of the next segment.
-struct Segments {
+/// its associated data, and the number of the next segment. The client
+/// stream of suite 0x06 ([`super::client_stream`]) shares it too: the same
+/// segments under a key derived from a data key.
+pub(super) struct Segments {
     aead: provider::AeadKey,
     nonce_prefix: [u8; NONCE_PREFIX_LEN],
     aad: Vec<u8>,
@@ -69,6 +71,20 @@ impl Segments {
             aad: associated_data(header, tenant, context)?,
             next: 0,
         })
+    }
+
+    /// Segments under `aead`, with `nonce_prefix` and `aad`, from segment 0.
+    pub(super) fn with_key(
+        aead: provider::AeadKey,
+        nonce_prefix: [u8; NONCE_PREFIX_LEN],
+        aad: Vec<u8>,
+    ) -> Self {
+        Self {
+            aead,
+            nonce_prefix,
+            aad,
+            next: 0,
+        }
     }
 
     /// The nonce of the next segment, which then counts as used.
@@ -122,11 +138,15 @@ impl StreamSealer {
         push_key_ref(&mut header, key_ref);
         header.extend_from_slice(salt_and_prefix);
         let segments = Segments::new(key, &header, tenant, context).ok_or(SealError::TooLong)?;
-        let sealer = Self {
+        Ok((Self::over(segments), header))
+    }
+
+    /// A sealer of `segments`, from the first.
+    pub(super) fn over(segments: Segments) -> Self {
+        Self {
             segments,
             pending: Vec::with_capacity(SEGMENT_PLAINTEXT_LEN),
-        };
-        Ok((sealer, header))
+        }
     }
 
     /// Takes the next plaintext bytes, in any amount, and appends to `out`
@@ -269,11 +289,18 @@ impl StreamOpener {
             Some(parsed) if parsed.len == header.len() => {}
             _ => return Err(Undecryptable),
         }
-        Ok(Self {
-            segments: Segments::new(key, header, tenant, context).ok_or(Undecryptable)?,
+        Ok(Self::over(
+            Segments::new(key, header, tenant, context).ok_or(Undecryptable)?,
+        ))
+    }
+
+    /// An opener of `segments`, from the first.
+    pub(super) fn over(segments: Segments) -> Self {
+        Self {
+            segments,
             pending: Vec::with_capacity(SEGMENT_LEN),
             failed: false,
-        })
+        }
     }
 
     /// Takes the next envelope bytes after the header, in any amount, and

@@ -26,6 +26,7 @@
 //! | `tenants.rs`  | creating, reading, rotating and shredding tenants; shredding subjects |
 //! | `resolve.rs`  | the tenant and the key a call needs, cache first; subject keys        |
 //! | `data.rs`     | the data plane: encrypt, decrypt, rewrap, streams                     |
+//! | `datakeys.rs` | data keys for client-side encryption: generate, decrypt, rewrap       |
 //! | `root.rs`     | moving keys onto a new shared root key                                |
 //! | `schedule.rs` | tenant policies and the scheduler that applies them                   |
 //! | `legacy.rs`   | subject keys in the legacy form, and their upgrade                    |
@@ -36,6 +37,7 @@
 
 pub mod cache;
 mod data;
+mod datakeys;
 mod errors;
 mod evict;
 mod legacy;
@@ -60,6 +62,7 @@ use crate::{
     },
 };
 use cache::{CacheLimits, Cached, TtlCache};
+pub use datakeys::{GeneratedDataKey, OpenedDataKey, RewrappedDataKey};
 pub use legacy::{SubjectKeyUpgrade, legacy_wrap};
 pub use watch::KeyWatch;
 
