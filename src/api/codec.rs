@@ -34,6 +34,7 @@ use tonic::{
 use tonic_prost::ProstEncoder;
 
 use super::{MAX_CONTEXT_ENTRIES, pb};
+use crate::envelope::blind::{MAX_TRANSFORMATIONS, MAX_VALUES};
 
 tokio::task_local! {
     /// The batch item limit of the server decoding this call: set by the
@@ -76,6 +77,15 @@ pub enum Shape {
     /// A oneof whose field `start` is a message with a context map at
     /// `context`.
     StreamStart { start: u32, context: u32 },
+    /// A blind-index request: a context map at `context`, index values at
+    /// `values`, each with its transformations at field 2.
+    Index { context: u32, values: u32 },
+    /// Batch items at `items`, each of [`Shape::Index`].
+    IndexBatch {
+        items: u32,
+        context: u32,
+        values: u32,
+    },
 }
 
 /// Every message the codec decodes declares its [`Shape`].
@@ -110,6 +120,11 @@ shapes!(
     pb::RotateRootKeyRequest => Shape::Plain,
     pb::UpdateTenantPolicyRequest => Shape::Plain,
     pb::GetAuditHeadRequest => Shape::Plain,
+    pb::BlindIndexRequest => Shape::Index { context: 2, values: 3 },
+    pb::BlindIndexBatchRequest => Shape::IndexBatch { items: 2, context: 1, values: 2 },
+    pb::RotateIndexKeyRequest => Shape::Plain,
+    pb::RetireIndexKeyRequest => Shape::Plain,
+    pb::GetIndexKeysRequest => Shape::Plain,
     // Responses, which the clients decode: they come from the sidecar.
     pb::EncryptResponse => Shape::Plain,
     pb::DecryptResponse => Shape::Plain,
@@ -124,6 +139,9 @@ shapes!(
     pb::ShredSubjectResponse => Shape::Plain,
     pb::RotateRootKeyProgress => Shape::Plain,
     pb::AuditHead => Shape::Plain,
+    pb::BlindIndexResponse => Shape::Plain,
+    pb::BlindIndexBatchResponse => Shape::Plain,
+    pb::IndexKeys => Shape::Plain,
 );
 
 /// The wire form is not protobuf, or a count is over its limit.
@@ -235,6 +253,46 @@ fn check_context(bytes: &[u8], field: u32) -> Result<(), Status> {
     Ok(())
 }
 
+/// `IndexValue.transformations`.
+const TRANSFORMATIONS_FIELD: u32 = 2;
+
+/// What a blind-index request says when it has too many values.
+pub fn too_many_index_values() -> Status {
+    refuse(format!(
+        "values: more than {MAX_VALUES}; a token takes 1 to {MAX_VALUES} values"
+    ))
+}
+
+/// What a blind-index request says when a value has too many
+/// transformations.
+pub fn too_many_transformations() -> Status {
+    refuse(format!(
+        "transformations: more than {MAX_TRANSFORMATIONS} for one value"
+    ))
+}
+
+fn check_index(bytes: &[u8], context: u32, values: u32) -> Result<(), Status> {
+    check_context(bytes, context)?;
+    let mut n = 0usize;
+    for f in fields(bytes) {
+        let (number, payload) = f.map_err(|()| malformed())?;
+        if number != values {
+            continue;
+        }
+        n += 1;
+        if n > MAX_VALUES {
+            return Err(too_many_index_values());
+        }
+        if let Some(value) = payload
+            && count(value, TRANSFORMATIONS_FIELD, MAX_TRANSFORMATIONS).map_err(|()| malformed())?
+                > MAX_TRANSFORMATIONS
+        {
+            return Err(too_many_transformations());
+        }
+    }
+    Ok(())
+}
+
 /// Checks the counts of a message's wire form against the limits.
 pub fn check(shape: Shape, bytes: &[u8]) -> Result<(), Status> {
     match shape {
@@ -254,6 +312,29 @@ pub fn check(shape: Shape, bytes: &[u8]) -> Result<(), Status> {
                 }
                 if let Some(item) = payload {
                     check_context(item, context)?;
+                }
+            }
+            Ok(())
+        }
+        Shape::Index { context, values } => check_index(bytes, context, values),
+        Shape::IndexBatch {
+            items,
+            context,
+            values,
+        } => {
+            let max = max_batch_items();
+            let mut n = 0usize;
+            for f in fields(bytes) {
+                let (number, payload) = f.map_err(|()| malformed())?;
+                if number != items {
+                    continue;
+                }
+                n += 1;
+                if n > max {
+                    return Err(too_many_items(max));
+                }
+                if let Some(item) = payload {
+                    check_index(item, context, values)?;
                 }
             }
             Ok(())
@@ -468,6 +549,25 @@ mod tests {
                 items: number("DecryptBatchRequest", "items"),
                 context: number("DecryptItem", "context")
             }
+        );
+        assert_eq!(
+            <pb::BlindIndexRequest as WireShape>::SHAPE,
+            Shape::Index {
+                context: number("BlindIndexRequest", "context"),
+                values: number("BlindIndexRequest", "values")
+            }
+        );
+        assert_eq!(
+            <pb::BlindIndexBatchRequest as WireShape>::SHAPE,
+            Shape::IndexBatch {
+                items: number("BlindIndexBatchRequest", "items"),
+                context: number("BlindIndexItem", "context"),
+                values: number("BlindIndexItem", "values")
+            }
+        );
+        assert_eq!(
+            TRANSFORMATIONS_FIELD,
+            number("IndexValue", "transformations")
         );
         assert_eq!(
             <pb::EncryptStreamRequest as WireShape>::SHAPE,

@@ -111,7 +111,7 @@ const CRYPTO_PREFIX: &str = "/keywarden.v1.Crypto/";
 const ADMIN_PREFIX: &str = "/keywarden.v1.Admin/";
 
 /// Every method of `keywarden.v1.Crypto` and `keywarden.v1.Admin`.
-pub const METHODS: [Method; 16] = {
+pub const METHODS: [Method; 21] = {
     use Permission as P;
     use Service::{Admin, Crypto};
     [
@@ -240,6 +240,46 @@ pub const METHODS: [Method; 16] = {
             "GetAuditHead",
             P::AuditRead,
             false,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Crypto/BlindIndex",
+            "BlindIndex",
+            P::Index,
+            true,
+            UNARY,
+            Crypto,
+        ),
+        batch(method(
+            "/keywarden.v1.Crypto/BlindIndexBatch",
+            "BlindIndexBatch",
+            P::Index,
+            true,
+            UNARY,
+            Crypto,
+        )),
+        method(
+            "/keywarden.v1.Admin/RotateIndexKey",
+            "RotateIndexKey",
+            P::AdminRotate,
+            true,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Admin/RetireIndexKey",
+            "RetireIndexKey",
+            P::AdminRotate,
+            true,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Admin/GetIndexKeys",
+            "GetIndexKeys",
+            P::AdminRead,
+            true,
             UNARY,
             Admin,
         ),

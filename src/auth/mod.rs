@@ -64,10 +64,12 @@ pub enum Permission {
     AdminPolicy,
     /// GetAuditHead: the audit log's latest hash, to anchor elsewhere.
     AuditRead,
+    /// BlindIndex, BlindIndexBatch.
+    Index,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 9] = [
+    pub const ALL: [Permission; 10] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Rewrap,
@@ -77,6 +79,7 @@ impl Permission {
         Permission::AdminShred,
         Permission::AdminPolicy,
         Permission::AuditRead,
+        Permission::Index,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Permission {
             Permission::AdminShred => "admin:shred",
             Permission::AdminPolicy => "admin:policy",
             Permission::AuditRead => "audit:read",
+            Permission::Index => "index",
         }
     }
 
@@ -101,7 +105,7 @@ impl Permission {
     pub fn is_data_plane(self) -> bool {
         matches!(
             self,
-            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap
+            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap | Permission::Index
         )
     }
 }

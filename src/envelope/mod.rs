@@ -23,6 +23,7 @@
 //! (see [`associated_data`]), so a ciphertext moved to another tenant, field or
 //! record fails to authenticate.
 
+pub mod blind;
 mod kdf;
 pub mod provider;
 pub mod stream;
