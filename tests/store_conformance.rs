@@ -2041,7 +2041,6 @@ async fn lists_legacy_subject_keys_in_order_across_tenants(store: Store) {
     );
 }
 
-/// Runs each named test on each backend, then checks the invariants.
 // ---------------------------------------------------------------------------
 // Blind-index keys (issue 17).
 
@@ -2244,6 +2243,7 @@ async fn concurrent_first_index_keys_make_one_version(store: Store) {
     );
 }
 
+/// Runs each named test on each backend, then checks the invariants.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
