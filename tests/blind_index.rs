@@ -1001,3 +1001,143 @@ async fn a_batch_answers_each_item_as_the_unary_call_would() {
     );
     sidecar.stop().await;
 }
+
+/// `keywarden` (the client commands) against `sidecar`, with its admin token.
+async fn cli(sidecar: &TestSidecar, args: &[&str]) -> (bool, String, String) {
+    let token =
+        secrecy::ExposeSecret::expose_secret(sidecar.admin_token.as_ref().unwrap()).to_owned();
+    let addr = sidecar.addr.clone();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let output = common::process::keywarden()
+            .env("KEYWARDEN_DATA_DIR", "/nonexistent/keywarden-test")
+            .env("KEYWARDEN_TOKEN", token)
+            .arg("--addr")
+            .arg(addr)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_computes_tokens_and_rotates_retires_and_lists_index_keys() {
+    let sidecar = TestSidecar::start().await;
+    create(&mut sidecar.admin().await, "acme", None).await;
+    let mut c = sidecar.crypto().await;
+    let expected = token(
+        &mut c,
+        pb::BlindIndexRequest {
+            bits: 48,
+            ..request(
+                "acme",
+                "email",
+                vec![transformed(
+                    " ADA@Example.com",
+                    &[(Kind::Trim, 0), (Kind::CaseFold, 0), (Kind::LastChars, 11)],
+                )],
+            )
+        },
+    )
+    .await;
+    let args = [
+        "blind-index",
+        "--tenant",
+        "acme",
+        "--context",
+        "table=users",
+        "--context",
+        "column=email",
+        "--bits",
+        "48",
+        "--transform",
+        "trim",
+        "--transform",
+        "case-fold",
+        "--transform",
+        "last-chars:11",
+        " ADA@Example.com",
+    ];
+    let (ok, out, err) = cli(&sidecar, &args).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{}\n", hex::encode(&expected)));
+    // A compound of two values.
+    let compound = token(
+        &mut c,
+        request(
+            "acme",
+            "name+year",
+            vec![value(b"lovelace"), value(b"1815")],
+        ),
+    )
+    .await;
+    let (ok, out, err) = cli(
+        &sidecar,
+        &[
+            "blind-index",
+            "--tenant",
+            "acme",
+            "--context",
+            "table=users",
+            "--context",
+            "column=name+year",
+            "lovelace",
+            "1815",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{}\n", hex::encode(&compound)));
+    let (ok, out, err) = cli(&sidecar, &["index-key", "rotate", "--tenant", "acme"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("primary index key version: 2"), "{out}");
+    let (ok, out, err) = cli(&sidecar, &[&args[..], &["--all-versions"]].concat()).await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("00000002"), "{out}");
+    assert_eq!(lines[1], hex::encode(&expected));
+    let (ok, out, err) = cli(
+        &sidecar,
+        &["index-key", "retire", "--tenant", "acme", "--version", "1"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("version 1: retired at"), "{out}");
+    let (ok, out, _) = cli(&sidecar, &["index-key", "list", "--tenant", "acme"]).await;
+    assert!(ok);
+    assert!(out.contains("version 2: live"), "{out}");
+    // Errors as every client command prints them.
+    let (ok, _, err) = cli(&sidecar, &[&args[..], &["--key-version", "1"]].concat()).await;
+    assert!(!ok);
+    assert_eq!(
+        err.trim(),
+        "FAILED_PRECONDITION: tenant acme's blind-index key version 1 is retired"
+    );
+    let (ok, _, err) = cli(
+        &sidecar,
+        &[
+            "blind-index",
+            "--tenant",
+            "acme",
+            "--transform",
+            "upper",
+            "x",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("expected nfc, nfkc, case-fold, trim or last-chars:N"),
+        "{err}"
+    );
+    sidecar.stop().await;
+}
