@@ -3,7 +3,8 @@
 //! No crypto, no authentication, no audit. Encrypt answers the plaintext
 //! followed by [`TENANT_OVERHEAD`] zero bytes with key version 1, the size of
 //! a real tenant-key ciphertext, and Decrypt answers the ciphertext less that
-//! overhead; the batch calls do the same per item, and Rewrap echoes. It is
+//! overhead; the batch calls do the same per item, and Rewrap echoes;
+//! BlindIndex answers a zero token of the size asked for. It is
 //! served by the sidecar's own [`server::serve`] (the same tonic server
 //! builder, TCP_NODELAY, connection handling and message size limit) on the
 //! same kind of tokio runtime (multi-thread, `--worker-threads` as the
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming, service::Routes};
 use keywarden::{
     api::{pb, streams::ResponseStream},
     config::{ListenAddr, RequestLimits},
-    envelope::TENANT_OVERHEAD,
+    envelope::{TENANT_OVERHEAD, blind},
     server,
 };
 
@@ -36,6 +37,18 @@ pub fn seal(mut plaintext: Vec<u8>) -> pb::EncryptResponse {
     plaintext.resize(plaintext.len() + TENANT_OVERHEAD, 0);
     pb::EncryptResponse {
         ciphertext: plaintext,
+        key_version: 1,
+    }
+}
+
+/// A token of the real size for `bits` (clamped to what BlindIndex takes),
+/// all zeros, of key version 1.
+pub fn zero_token(bits: u32) -> pb::BlindIndexResponse {
+    let bits = bits.clamp(blind::MIN_BITS, blind::MAX_BITS);
+    let mut token = vec![0u8; blind::token_len(bits)];
+    token[3] = 1;
+    pb::BlindIndexResponse {
+        tokens: vec![token],
         key_version: 1,
     }
 }
@@ -158,6 +171,28 @@ impl pb::crypto_server::Crypto for Echo {
             key_version: 1,
             previous_key_version: 1,
         }))
+    }
+
+    async fn blind_index(
+        &self,
+        request: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        Ok(Response::new(zero_token(request.into_inner().bits)))
+    }
+
+    async fn blind_index_batch(
+        &self,
+        request: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        let results = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| pb::BlindIndexResult {
+                result: Some(pb::blind_index_result::Result::Ok(zero_token(item.bits))),
+            })
+            .collect();
+        Ok(Response::new(pb::BlindIndexBatchResponse { results }))
     }
 }
 

@@ -94,13 +94,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: u32,
     /// What every call does. decrypt first encrypts a pool of ciphertexts
-    /// per tenant (not measured), then measures decrypting them.
+    /// per tenant (not measured), then measures decrypting them;
+    /// blind-index computes a 32-bit token of the payload.
     #[arg(long, value_enum, default_value_t = Op::Encrypt)]
     pub op: Op,
     /// Plaintext bytes per item (a fixed pattern).
     #[arg(long, default_value_t = 128)]
     pub payload: usize,
-    /// Items per call: 1 = unary Encrypt/Decrypt, more = EncryptBatch/DecryptBatch.
+    /// Items per call: 1 = unary Encrypt/Decrypt/BlindIndex, more =
+    /// EncryptBatch/DecryptBatch/BlindIndexBatch.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
     /// Tenants PREFIX-0 .. PREFIX-(T-1); each call picks one.
@@ -173,6 +175,10 @@ pub struct EchoArgs {
 pub enum Op {
     Encrypt,
     Decrypt,
+    /// BlindIndex (BlindIndexBatch with --batch): the payload is the one
+    /// value, 32 bits, no transformation.
+    #[serde(rename = "blind-index")]
+    BlindIndex,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -351,6 +357,19 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
                 "cache warm: every tenant was touched by one Encrypt before measuring".into(),
             );
         }
+        (Op::BlindIndex, CacheMode::Warm) => {
+            touch_index_keys(&clients, &workload.tenant_ids, &workload.context).await?;
+            notes.push(
+                "cache warm: every tenant was touched by one BlindIndex before measuring (which \
+                 also made its index key)"
+                    .into(),
+            );
+        }
+        (Op::BlindIndex, CacheMode::Cold) => notes.push(
+            "cache cold: this run did not touch the tenants before measuring; a tenant's first \
+             BlindIndex makes its index key"
+                .into(),
+        ),
         (Op::Encrypt, CacheMode::Cold) => notes.push(
             "cache cold: this run did not touch the tenants before measuring; keys cached by \
              earlier calls may still be cached"
@@ -387,16 +406,20 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
         drop(echo);
     }
     let mut report = Report::new(&args, results, notes);
-    if args.baseline && args.op == Op::Encrypt {
-        let (plaintext, tenant, context) = (
+    if args.baseline && args.op != Op::Decrypt {
+        let (plaintext, tenant, context, op) = (
             workload.plaintext.clone(),
             workload.tenant_ids[0].clone(),
             workload.context.clone(),
+            args.op,
         );
         let length = Duration::from_secs(2);
         report.set_baselines(
-            tokio::task::spawn_blocking(move || {
-                baseline::measure(&plaintext, &tenant, &context, length)
+            tokio::task::spawn_blocking(move || match op {
+                Op::BlindIndex => {
+                    baseline::measure_blind_index(&plaintext, &tenant, &context, length)
+                }
+                _ => baseline::measure(&plaintext, &tenant, &context, length),
             })
             .await
             .map_err(|e| format!("the baseline measurement failed: {e}"))?,
@@ -552,6 +575,36 @@ pub async fn touch_tenants(
         async move {
             client
                 .encrypt(request)
+                .await
+                .map(drop)
+                .map_err(|status| failed(&ids[i], &status))
+        }
+    })
+    .await
+}
+
+/// One BlindIndex per tenant: caches its keys, and makes its index key.
+pub async fn touch_index_keys(
+    clients: &[pb::crypto_client::CryptoClient<client::Authed>],
+    ids: &[String],
+    context: &Context,
+) -> Result<(), String> {
+    for_each(ids.len(), clients.len(), "touching tenants", |i| {
+        let mut client = clients[i % clients.len()].clone();
+        let request = pb::BlindIndexRequest {
+            tenant_id: ids[i].clone(),
+            context: context.clone(),
+            values: vec![pb::IndexValue {
+                value: vec![0x5a; 16],
+                transformations: vec![],
+            }],
+            bits: load::INDEX_BITS,
+            key_version: 0,
+            all_versions: false,
+        };
+        async move {
+            client
+                .blind_index(request)
                 .await
                 .map(drop)
                 .map_err(|status| failed(&ids[i], &status))
