@@ -293,52 +293,45 @@ fn check_index(bytes: &[u8], context: u32, values: u32) -> Result<(), Status> {
     Ok(())
 }
 
+/// Counts a batch's items (field `items`) against the batch limit, and
+/// checks each with `check_item`.
+fn check_items(
+    bytes: &[u8],
+    items: u32,
+    check_item: impl Fn(&[u8]) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let max = max_batch_items();
+    let mut n = 0usize;
+    for f in fields(bytes) {
+        let (number, payload) = f.map_err(|()| malformed())?;
+        if number != items {
+            continue;
+        }
+        n += 1;
+        if n > max {
+            return Err(too_many_items(max));
+        }
+        if let Some(item) = payload {
+            check_item(item)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks the counts of a message's wire form against the limits.
 pub fn check(shape: Shape, bytes: &[u8]) -> Result<(), Status> {
     match shape {
         Shape::Plain => Ok(()),
         Shape::Context(field) => check_context(bytes, field),
         Shape::Batch { items, context } => {
-            let max = max_batch_items();
-            let mut n = 0usize;
-            for f in fields(bytes) {
-                let (number, payload) = f.map_err(|()| malformed())?;
-                if number != items {
-                    continue;
-                }
-                n += 1;
-                if n > max {
-                    return Err(too_many_items(max));
-                }
-                if let Some(item) = payload {
-                    check_context(item, context)?;
-                }
-            }
-            Ok(())
+            check_items(bytes, items, |item| check_context(item, context))
         }
         Shape::Index { context, values } => check_index(bytes, context, values),
         Shape::IndexBatch {
             items,
             context,
             values,
-        } => {
-            let max = max_batch_items();
-            let mut n = 0usize;
-            for f in fields(bytes) {
-                let (number, payload) = f.map_err(|()| malformed())?;
-                if number != items {
-                    continue;
-                }
-                n += 1;
-                if n > max {
-                    return Err(too_many_items(max));
-                }
-                if let Some(item) = payload {
-                    check_index(item, context, values)?;
-                }
-            }
-            Ok(())
-        }
+        } => check_items(bytes, items, |item| check_index(item, context, values)),
         Shape::StreamStart { start, context } => {
             for f in fields(bytes) {
                 if let (number, Some(payload)) = f.map_err(|()| malformed())?
@@ -583,6 +576,42 @@ mod tests {
                 context: number("DecryptStreamStart", "context")
             }
         );
+    }
+
+    #[test]
+    fn blind_index_values_and_transformations_are_counted_on_the_wire() {
+        let value = |steps: usize| pb::IndexValue {
+            value: b"v".to_vec(),
+            transformations: vec![pb::IndexTransformation::default(); steps],
+        };
+        let request = |values: usize, steps: usize| pb::BlindIndexRequest {
+            values: vec![value(steps); values],
+            ..Default::default()
+        };
+        let shape = <pb::BlindIndexRequest as WireShape>::SHAPE;
+        assert!(
+            check(
+                shape,
+                &request(MAX_VALUES, MAX_TRANSFORMATIONS).encode_to_vec()
+            )
+            .is_ok()
+        );
+        let refused = check(shape, &request(MAX_VALUES + 1, 0).encode_to_vec()).unwrap_err();
+        assert_eq!(refused.message(), too_many_index_values().message());
+        let refused =
+            check(shape, &request(1, MAX_TRANSFORMATIONS + 1).encode_to_vec()).unwrap_err();
+        assert_eq!(refused.message(), too_many_transformations().message());
+        let batch = |steps: usize| pb::BlindIndexBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![pb::BlindIndexItem {
+                values: vec![value(steps)],
+                ..Default::default()
+            }],
+        };
+        raise_max_batch_items(10);
+        let shape = <pb::BlindIndexBatchRequest as WireShape>::SHAPE;
+        assert!(check(shape, &batch(MAX_TRANSFORMATIONS).encode_to_vec()).is_ok());
+        assert!(check(shape, &batch(MAX_TRANSFORMATIONS + 1).encode_to_vec()).is_err());
     }
 
     #[test]

@@ -219,6 +219,14 @@ mod tests {
     }
 
     #[test]
+    fn the_unicode_versions_are_the_ones_format_md_names() {
+        // docs/FORMAT.md, "Transformations", names them: a dependency update
+        // that changes one must update the document too.
+        assert_eq!(unicode_normalization::UNICODE_VERSION, (18, 0, 0));
+        assert_eq!(caseless::UNICODE_VERSION, (16, 0, 0));
+    }
+
+    #[test]
     fn transformations_follow_their_definitions() {
         let apply = |v: &str, t: &[Transformation]| {
             String::from_utf8(transform(v.as_bytes(), t).unwrap().into_owned()).unwrap()

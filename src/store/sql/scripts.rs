@@ -578,30 +578,23 @@ impl<B: Backend> Keystore for SqlKeystore<B> {
         if destroyed.is_some() {
             return Ok(false);
         }
-        // Every writer of the tenant's subject keys holds its lock: none is
-        // added or moved to this version until the commit.
-        let wrapping = self
-            .fetch_optional(
-                Via::Tx(&mut tx),
-                "SELECT 1 AS wrapping FROM subject_keys \
-                 WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1",
-                &this_version,
-            )
-            .await?;
-        if wrapping.is_some() {
-            return Err(StoreError::Conflict);
-        }
-        // Nor a blind-index key: their writers hold the lock too.
-        let wrapping_index = self
-            .fetch_optional(
-                Via::Tx(&mut tx),
-                "SELECT 1 AS wrapping FROM blind_index_keys \
-                 WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1",
-                &this_version,
-            )
-            .await?;
-        if wrapping_index.is_some() {
-            return Err(StoreError::Conflict);
+        // Every writer of the tenant's subject keys and blind-index keys
+        // holds its lock: none is added or moved to this version until the
+        // commit.
+        for table in ["subject_keys", "blind_index_keys"] {
+            let wrapping = self
+                .fetch_optional(
+                    Via::Tx(&mut tx),
+                    &format!(
+                        "SELECT 1 AS wrapping FROM {table} \
+                         WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1"
+                    ),
+                    &this_version,
+                )
+                .await?;
+            if wrapping.is_some() {
+                return Err(StoreError::Conflict);
+            }
         }
         let deleted = self
             .execute(
