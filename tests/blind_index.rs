@@ -338,6 +338,26 @@ impl Table {
     }
 }
 
+/// The request for user0's email token under `key_version` (0: primary),
+/// for every live version with `all_versions`.
+fn user0(key_version: u32, all_versions: bool) -> pb::BlindIndexRequest {
+    pb::BlindIndexRequest {
+        key_version,
+        all_versions,
+        ..request("acme", "email", vec![value(b"user0@example.com")])
+    }
+}
+
+async fn retire(admin: &mut Admin, version: u32) -> Result<pb::IndexKeys, Status> {
+    admin
+        .retire_index_key(pb::RetireIndexKeyRequest {
+            tenant_id: "acme".into(),
+            version,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 #[tokio::test]
 async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
     let sidecar = TestSidecar::start().await;
@@ -362,15 +382,7 @@ async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
         .into_inner();
     assert_eq!(rotated.primary_version, 2);
     assert_eq!(versions(&rotated), vec![(1, false), (2, false)]);
-    let both = index(
-        &mut c,
-        pb::BlindIndexRequest {
-            all_versions: true,
-            ..request("acme", "email", vec![value(b"user0@example.com")])
-        },
-    )
-    .await
-    .unwrap();
+    let both = index(&mut c, user0(0, true)).await.unwrap();
     assert_eq!(both.key_version, 2);
     assert_eq!(both.tokens.len(), 2);
     assert_eq!(both.tokens[0][..4], [0, 0, 0, 2]);
@@ -378,17 +390,7 @@ async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
     // Versions differ in their hash, not only in their prefix.
     assert_ne!(both.tokens[0][4..], both.tokens[1][4..]);
     // Asked for version 1 alone: the stored token.
-    assert_eq!(
-        token(
-            &mut c,
-            pb::BlindIndexRequest {
-                key_version: 1,
-                ..request("acme", "email", vec![value(b"user0@example.com")])
-            }
-        )
-        .await,
-        table.rows[0].1
-    );
+    assert_eq!(token(&mut c, user0(1, false)).await, table.rows[0].1);
     table.every_row_is_found(&mut c).await;
 
     // Re-index row by row (the primary's token), querying throughout; a
@@ -406,75 +408,30 @@ async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
 
     // Done: version 1 is retired and computes nothing; the primary cannot be.
     expect_code(
-        admin
-            .retire_index_key(pb::RetireIndexKeyRequest {
-                tenant_id: "acme".into(),
-                version: 2,
-            })
-            .await,
+        retire(&mut admin, 2).await,
         Code::FailedPrecondition,
         "blind-index key version 2 is tenant acme's primary: rotate first",
     );
-    let retired = admin
-        .retire_index_key(pb::RetireIndexKeyRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let retired = retire(&mut admin, 1).await.unwrap();
     assert_eq!(versions(&retired), vec![(1, true), (2, false)]);
     assert!(retired.versions[0].retired_at.is_some());
     // Idempotent.
-    admin
-        .retire_index_key(pb::RetireIndexKeyRequest {
-            tenant_id: "acme".into(),
-            version: 1,
-        })
-        .await
-        .unwrap();
+    retire(&mut admin, 1).await.unwrap();
     table.every_row_is_found(&mut c).await;
-    let only = index(
-        &mut c,
-        pb::BlindIndexRequest {
-            all_versions: true,
-            ..request("acme", "email", vec![value(b"user0@example.com")])
-        },
-    )
-    .await
-    .unwrap();
+    let only = index(&mut c, user0(0, true)).await.unwrap();
     assert_eq!(only.tokens.len(), 1);
     expect_code(
-        index(
-            &mut c,
-            pb::BlindIndexRequest {
-                key_version: 1,
-                ..request("acme", "email", vec![value(b"user0@example.com")])
-            },
-        )
-        .await,
+        index(&mut c, user0(1, false)).await,
         Code::FailedPrecondition,
         "tenant acme's blind-index key version 1 is retired",
     );
     expect_code(
-        index(
-            &mut c,
-            pb::BlindIndexRequest {
-                key_version: 3,
-                ..request("acme", "email", vec![value(b"user0@example.com")])
-            },
-        )
-        .await,
+        index(&mut c, user0(3, false)).await,
         Code::InvalidArgument,
         "key_version: tenant acme has no blind-index key version 3",
     );
     expect_code(
-        admin
-            .retire_index_key(pb::RetireIndexKeyRequest {
-                tenant_id: "acme".into(),
-                version: 7,
-            })
-            .await,
+        retire(&mut admin, 7).await,
         Code::InvalidArgument,
         "version: tenant acme has no blind-index key version 7",
     );
@@ -623,6 +580,26 @@ async fn a_keystore_copy_taken_before_a_tenant_shred_yields_no_token() {
     restarted.stop().await;
 }
 
+/// Waits (20 s at most) until tenant acme is as `done` says: the policy
+/// scheduler has acted.
+async fn until(admin: &mut Admin, done: impl Fn(&pb::Tenant) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let tenant = admin
+            .get_tenant(pb::GetTenantRequest {
+                tenant_id: "acme".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&tenant) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{tenant:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn retention_moves_index_keys_off_a_tenant_key_version_before_destroying_it() {
     let sidecar = TestSidecar::start_with(Options {
@@ -651,39 +628,11 @@ async fn retention_moves_index_keys_off_a_tenant_key_version_before_destroying_i
         tokio::time::pause();
         tokio::time::advance(Duration::from_secs(DAY + 120)).await;
         tokio::time::resume();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let tenant = admin
-                .get_tenant(pb::GetTenantRequest {
-                    tenant_id: "acme".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if tenant.primary_version == day + 1 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "day {day}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until(&mut admin, |t| t.primary_version == day + 1).await;
     }
     // Version 1 is destroyed (day 3 passes its retention of 2 days); the
     // index key was moved first, and its tokens are unchanged.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let tenant = admin
-            .get_tenant(pb::GetTenantRequest {
-                tenant_id: "acme".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if tenant.destroyed_versions.contains(&1) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&mut admin, |t| t.destroyed_versions.contains(&1)).await;
     let rows = index_key_rows(&keystore).await;
     assert!(rows[0].3 != Some(1), "still wrapped by version 1");
     assert_eq!(email(&mut c, "acme", "ada@example.com").await, ada);
@@ -920,12 +869,7 @@ async fn bad_inputs_are_refused_before_any_key_is_made() {
         Code::InvalidArgument
     );
     expect_code(
-        admin
-            .retire_index_key(pb::RetireIndexKeyRequest {
-                tenant_id: "acme".into(),
-                version: 0,
-            })
-            .await,
+        retire(&mut admin, 0).await,
         Code::InvalidArgument,
         "version: must be 1 or more",
     );
