@@ -412,7 +412,10 @@ async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
         Code::FailedPrecondition,
         "blind-index key version 2 is tenant acme's primary: rotate first",
     );
+    let keystore = sidecar.dir.path().join("keystore.sqlite3");
+    let version_1 = index_key_rows(&keystore).await[0].2.clone().unwrap();
     let retired = retire(&mut admin, 1).await.unwrap();
+    assert_gone_from_the_files(sidecar.dir.path(), &[version_1]).await;
     assert_eq!(versions(&retired), vec![(1, true), (2, false)]);
     assert!(retired.versions[0].retired_at.is_some());
     // Idempotent.
@@ -436,9 +439,7 @@ async fn rotation_with_a_reindex_in_between_finds_every_row_throughout() {
         "version: tenant acme has no blind-index key version 7",
     );
     // The keystore is consistent.
-    let store = SqliteKeystore::open(&sidecar.dir.path().join("keystore.sqlite3"))
-        .await
-        .unwrap();
+    let store = SqliteKeystore::open(&keystore).await.unwrap();
     assert_eq!(
         store.invariant_violations().await.unwrap(),
         Vec::<String>::new()
@@ -459,6 +460,36 @@ async fn index_key_rows(path: &Path) -> Vec<(String, i64, Option<Vec<u8>>, Optio
     .fetch_all(&mut db)
     .await
     .unwrap()
+}
+
+/// Asserts that no byte string of `wrapped` keys (by their 16-byte tags,
+/// which no other row shares) is left in the SQLite keystore's files, after
+/// a checkpoint of its WAL.
+async fn assert_gone_from_the_files(dir: &Path, wrapped: &[Vec<u8>]) {
+    let path = dir.join("keystore.sqlite3");
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if !entry.file_name().to_string_lossy().starts_with("keystore") {
+            continue;
+        }
+        let file = std::fs::read(entry.path()).unwrap();
+        for key in wrapped {
+            let tag = &key[key.len() - 16..];
+            assert!(
+                !file.windows(tag.len()).any(|w| w == tag),
+                "a destroyed index key's bytes are still in {}",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -498,6 +529,7 @@ async fn a_keystore_copy_taken_before_a_tenant_shred_yields_no_token() {
         .await
         .unwrap();
     assert!(index_key_rows(&keystore).await.is_empty());
+    assert_gone_from_the_files(sidecar.dir.path(), std::slice::from_ref(&wrapped)).await;
     let shredded = |status: Result<pb::BlindIndexResponse, Status>| {
         let status = status.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
