@@ -876,7 +876,21 @@ async fn bad_inputs_are_refused_before_any_key_is_made() {
     for (bad, message) in refusals {
         expect_code(index(&mut c, bad).await, Code::InvalidArgument, message);
     }
-    // A value over the plaintext limit.
+    // A value with transformations over 64 KiB, and one over the plaintext
+    // limit.
+    expect_code(
+        index(
+            &mut c,
+            request(
+                "acme",
+                "email",
+                vec![transformed(&"x".repeat((64 << 10) + 1), &[(Kind::Nfkc, 0)])],
+            ),
+        )
+        .await,
+        Code::InvalidArgument,
+        "values: a value with transformations is at most 65536 bytes",
+    );
     expect_code(
         index(
             &mut c,

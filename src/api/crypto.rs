@@ -106,14 +106,17 @@ impl CryptoService {
     }
 }
 
-/// A blind-index request, checked and its values transformed: everything
-/// but the keyed hash, done before the tenant is looked up.
+/// A blind-index request, checked before the tenant is looked up. Its
+/// values are transformed only when its item is hashed, one item at a time:
+/// a transformation can make a value longer (NFKC up to 11 times), and a
+/// batch transformed at once would hold every item's longer form.
 struct IndexQuery<'a> {
     context: &'a Context,
     bits: u32,
     versions: IndexVersions,
-    /// Each value after its transformations, and the transformations.
-    values: Vec<(Cow<'a, [u8]>, Vec<Transformation>)>,
+    /// Each value as given (UTF-8 when it has transformations), and its
+    /// transformations.
+    values: Vec<(&'a [u8], Vec<Transformation>)>,
 }
 
 impl CryptoService {
@@ -161,20 +164,29 @@ impl CryptoService {
                 ));
             }
         };
-        let mut transformed = Vec::with_capacity(values.len());
+        let mut checked = Vec::with_capacity(values.len());
         for value in values {
             self.shared.check_plaintext("values", &value.value)?;
             let steps = transformations(&value.transformations)?;
-            let text = blind::transform(&value.value, &steps).map_err(|_| {
-                Error::invalid("values", "a value with transformations must be UTF-8 text")
-            })?;
-            transformed.push((text, steps));
+            if !steps.is_empty() {
+                if value.value.len() > blind::MAX_TEXT_VALUE_BYTES {
+                    return Err(Error::invalid(
+                        "values",
+                        format!(
+                            "a value with transformations is at most {} bytes",
+                            blind::MAX_TEXT_VALUE_BYTES
+                        ),
+                    ));
+                }
+                std::str::from_utf8(&value.value).map_err(|_| not_text())?;
+            }
+            checked.push((value.value.as_slice(), steps));
         }
         Ok(IndexQuery {
             context,
             bits,
             versions,
-            values: transformed,
+            values: checked,
         })
     }
 
@@ -183,10 +195,15 @@ impl CryptoService {
         tenant: &ActiveTenant,
         query: &IndexQuery<'_>,
     ) -> Result<BlindIndexed, Error> {
-        let fields: Vec<Field<'_>> = query
+        let transformed = query
             .values
             .iter()
-            .map(|(value, steps)| Field {
+            .map(|(value, steps)| blind::transform(value, steps).map_err(|_| not_text()))
+            .collect::<Result<Vec<Cow<'_, [u8]>>, Error>>()?;
+        let fields: Vec<Field<'_>> = transformed
+            .iter()
+            .zip(&query.values)
+            .map(|(value, (_, steps))| Field {
                 value,
                 transformations: steps,
             })
@@ -196,6 +213,10 @@ impl CryptoService {
             .blind_index(tenant, query.versions, query.bits, query.context, &fields)
             .await
     }
+}
+
+fn not_text() -> Error {
+    Error::invalid("values", "a value with transformations must be UTF-8 text")
 }
 
 /// A value's transformations as the API gives them, checked.

@@ -39,6 +39,10 @@ pub const MAX_VALUES: usize = 16;
 pub const MAX_TRANSFORMATIONS: usize = 8;
 /// Largest N of a last-N-characters transformation.
 pub const MAX_LAST_CHARS: u32 = 4096;
+/// Largest value that takes transformations (any value without them may
+/// be as large as a plaintext): a transformation may make text longer (NFKC
+/// up to 11 times its UTF-8 bytes), so its input is kept small.
+pub const MAX_TEXT_VALUE_BYTES: usize = 64 << 10;
 /// Bytes of the version before the hash.
 pub const VERSION_LEN: usize = 4;
 
