@@ -120,8 +120,8 @@ struct IndexQuery<'a> {
 }
 
 impl CryptoService {
-    /// Checks a blind-index request's fields against the limits and applies
-    /// the transformations.
+    /// Checks a blind-index request's fields against the limits and parses
+    /// its transformations (applied later, by [`Self::blind_index_one`]).
     fn index_query<'a>(
         &self,
         context: &'a Context,

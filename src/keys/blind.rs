@@ -105,7 +105,7 @@ impl KeyManager {
         fields: &[Field<'_>],
     ) -> Result<BlindIndexed> {
         let keys = self.blind_index_keys(tenant).await?;
-        let (primary_version, _) = keys
+        let primary = keys
             .live
             .first()
             .ok_or_else(|| Error::internal("a tenant's blind-index keys have no live version"))?;
@@ -113,7 +113,7 @@ impl KeyManager {
             blind::token(key, *version, bits, tenant.id.as_str(), context, fields)
         };
         let tokens = match versions {
-            IndexVersions::Primary => vec![token(&keys.live[0])],
+            IndexVersions::Primary => vec![token(primary)],
             IndexVersions::AllLive => keys.live.iter().map(token).collect(),
             IndexVersions::Exactly(v) => match keys.live.iter().find(|(live, _)| *live == v) {
                 Some(entry) => vec![token(entry)],
@@ -133,7 +133,7 @@ impl KeyManager {
         };
         Ok(BlindIndexed {
             tokens,
-            primary_version: *primary_version,
+            primary_version: primary.0,
         })
     }
 
