@@ -24,6 +24,10 @@ const REDACTED_MESSAGES: &[&str] = &[
     "DecryptStreamRequest",
     "DecryptStreamResponse",
     "ShredSubjectRequest",
+    "IndexValue",
+    "BlindIndexRequest",
+    "BlindIndexResponse",
+    "BlindIndexItem",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

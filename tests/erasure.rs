@@ -805,6 +805,28 @@ fn no_secret_reaches_the_log_the_cli_output_or_the_audit_log() {
     decrypt(&mut hay, "decrypt subject", &of_subject);
     decrypt(&mut hay, "decrypt stdin's", &from_stdin);
 
+    // A blind index of the canary (issue 17): its token is a secret too.
+    let index_args = [
+        "blind-index",
+        "--tenant",
+        "acme",
+        "--context",
+        "column=canary",
+        "--bits",
+        "256",
+        "--transform",
+        "case-fold",
+        &canary,
+    ];
+    let out = sidecar.cli(&index_args);
+    out.assert_success(&index_args);
+    hay.run("blind-index", &out, false);
+    let index_token = stdout_text(&out).trim_end().to_owned();
+    assert_eq!(index_token.len(), 2 * (4 + 32), "{index_token}");
+    let out = sidecar.cli(&["index-key", "rotate", "--tenant", "acme"]);
+    out.assert_success(&["index-key rotate"]);
+    hay.run("index-key rotate", &out, true);
+
     // Rotate, then rewrap: the CLI has no rewrap command, so through gRPC.
     let out = sidecar.cli(&["tenant", "rotate", "acme"]);
     out.assert_success(&["tenant rotate"]);
@@ -892,6 +914,16 @@ fn no_secret_reaches_the_log_the_cli_output_or_the_audit_log() {
             "encrypt for an unknown tenant",
             "NOT_FOUND",
             sidecar.cli(&["encrypt", "--tenant", "nobody", &canary]),
+        ),
+        (
+            "blind-index with bits out of range",
+            "INVALID_ARGUMENT",
+            sidecar.cli(&["blind-index", "--tenant", "acme", "--bits", "300", &canary]),
+        ),
+        (
+            "blind-index for an unknown tenant",
+            "NOT_FOUND",
+            sidecar.cli(&["blind-index", "--tenant", "nobody", &canary]),
         ),
         (
             "decrypt of a shredded subject",
@@ -1046,6 +1078,11 @@ fn no_secret_reaches_the_log_the_cli_output_or_the_audit_log() {
         ("the bogus non-kwt token".into(), bogus_jwt.clone()),
     ];
     needles.extend(forms_of_bytes("the canary", canary.as_bytes()));
+    needles.push(("the blind-index token (hex)".into(), index_token.clone()));
+    needles.extend(forms_of_bytes(
+        "the blind-index token",
+        &hex::decode(&index_token).unwrap(),
+    ));
     needles.extend(forms_of_bytes("the subject id", subject.as_bytes()));
     for (i, ciphertext) in ciphertexts.iter().enumerate() {
         let body = ciphertext.strip_prefix("kw1:").expect("kw1: text");

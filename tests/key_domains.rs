@@ -305,6 +305,65 @@ async fn a_row_copied_before_a_subject_shred_opens_nowhere_and_nothing_mints_one
     sidecar.stop().await;
 }
 
+/// Issue 17: a blind-index key row (domain 0x02), copied from the keystore,
+/// opens nowhere on the data plane and nothing there mints one; and a
+/// subject key row is not an index key (nor the converse: domains differ).
+#[tokio::test]
+async fn a_copied_blind_index_key_row_opens_nowhere_and_nothing_mints_one() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut crypto = sidecar.crypto().await;
+    let ask = pb::BlindIndexRequest {
+        tenant_id: "acme".into(),
+        context: BTreeMap::from([("column".to_owned(), "email".to_owned())]),
+        values: vec![pb::IndexValue {
+            value: b"ada@example.com".to_vec(),
+            transformations: vec![],
+        }],
+        bits: 64,
+        key_version: 0,
+        all_versions: false,
+    };
+    let token = crypto.blind_index(ask.clone()).await.unwrap().into_inner();
+    let path = sidecar.dir.path().join("keystore.sqlite3");
+    let mut db = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=ro", path.display()))
+        .await
+        .unwrap();
+    let (version, row): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT version, wrapped FROM blind_index_keys WHERE tenant_id = 'acme'")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    drop(db);
+    assert_eq!((row.len(), row[1], row[2]), (83, 0x03, 0x02));
+    let binding = u32::try_from(version).unwrap().to_be_bytes();
+    replay_the_attack(&mut crypto, "acme", &binding, &row).await;
+    // A BlindIndex call with the reserved context is refused like the others.
+    expect_code(
+        crypto
+            .blind_index(pb::BlindIndexRequest {
+                context: row_context(&binding),
+                ..ask.clone()
+            })
+            .await,
+        Code::InvalidArgument,
+        RESERVED_MESSAGE,
+    );
+    // Nothing above changed the index key.
+    assert_eq!(
+        crypto.blind_index(ask).await.unwrap().into_inner().tokens,
+        token.tokens
+    );
+    sidecar.stop().await;
+}
+
 /// A ciphertext of the fixtures: made by the keywarden of df0a846.
 #[derive(Deserialize)]
 struct Fixture {

@@ -33,18 +33,26 @@ fn key_bytes() -> Vec<u8> {
     bytes
 }
 
-/// The wrapped keys of one tenant: the subject-index key, version 1 and
-/// three subject keys.
+/// The wrapped keys of one tenant: the subject-index key, version 1, three
+/// subject keys and a blind-index key.
 struct TenantKeys {
     id: TenantId,
     index: Vec<u8>,
     version: Vec<u8>,
     subjects: Vec<Vec<u8>>,
+    blind_index: Vec<u8>,
 }
+
+/// Wrapped keys per tenant.
+const KEYS: usize = 6;
 
 impl TenantKeys {
     fn all(&self) -> Vec<&[u8]> {
-        let mut all = vec![self.index.as_slice(), self.version.as_slice()];
+        let mut all = vec![
+            self.index.as_slice(),
+            self.version.as_slice(),
+            self.blind_index.as_slice(),
+        ];
         all.extend(self.subjects.iter().map(Vec::as_slice));
         all
     }
@@ -56,6 +64,7 @@ async fn create(store: &Arc<PostgresKeystore>, id: &str) -> TenantKeys {
         index: key_bytes(),
         version: key_bytes(),
         subjects: (0..3).map(|_| key_bytes()).collect(),
+        blind_index: key_bytes(),
     };
     let wrapped = |bytes: &[u8]| WrappedKey {
         root_key_id: "local:0123456789abcdef".into(),
@@ -86,6 +95,12 @@ async fn create(store: &Arc<PostgresKeystore>, id: &str) -> TenantKeys {
             .await
             .unwrap();
     }
+    assert!(
+        store
+            .add_blind_index_key(&keys.id, 1, &keys.blind_index, 1, UnixMillis(2_500))
+            .await
+            .unwrap()
+    );
     keys
 }
 
@@ -169,13 +184,13 @@ async fn sql(connection: &mut PgConnection, statement: &str) {
 
 /// `command TABLE` for each table that holds wrapped keys.
 async fn for_each_key_table(connection: &mut PgConnection, command: &str) {
-    for table in ["tenants", "tenant_keys", "subject_keys"] {
+    for table in ["tenants", "tenant_keys", "subject_keys", "blind_index_keys"] {
         sql(connection, &format!("{command} {table}")).await;
     }
 }
 
 /// Runs the README's procedure after a shred and shows, step by step, where
-/// the shredded tenant's five wrapped keys are: a plain VACUUM leaves them in
+/// the shredded tenant's six wrapped keys are: a plain VACUUM leaves them in
 /// the heap's free space, VACUUM FULL takes them out of the heap but not out
 /// of the WAL, and a WAL switch and a checkpoint (with `wal_recycle = off`)
 /// remove them from the data directory. The other tenant's keys stay.
@@ -205,7 +220,11 @@ async fn the_readme_procedure_removes_a_shredded_tenants_keys_from_heap_and_wal(
     sql(&mut admin, "CHECKPOINT").await;
     let before = scan(&data, &victim_keys);
     eprintln!("before the shred: {before:?}");
-    assert_eq!((before.outside_wal, before.in_wal), (5, 5), "{before:?}");
+    assert_eq!(
+        (before.outside_wal, before.in_wal),
+        (KEYS, KEYS),
+        "{before:?}"
+    );
 
     let shred = store
         .shred_tenant(&victim.id, UnixMillis(3_000))
@@ -220,7 +239,7 @@ async fn the_readme_procedure_removes_a_shredded_tenants_keys_from_heap_and_wal(
     eprintln!("after the shred and a checkpoint: {shredded:?}");
     assert_eq!(
         (shredded.outside_wal, shredded.in_wal),
-        (5, 5),
+        (KEYS, KEYS),
         "dead tuples hold every key: {shredded:?}"
     );
 
@@ -230,7 +249,7 @@ async fn the_readme_procedure_removes_a_shredded_tenants_keys_from_heap_and_wal(
     sql(&mut admin, "CHECKPOINT").await;
     let vacuumed = scan(&data, &victim_keys);
     eprintln!("after VACUUM and a checkpoint: {vacuumed:?}");
-    assert_eq!(vacuumed.in_wal, 5, "{vacuumed:?}");
+    assert_eq!(vacuumed.in_wal, KEYS, "{vacuumed:?}");
     assert!(
         vacuumed.outside_wal >= 1,
         "the freed space still holds keys: {vacuumed:?}"
@@ -246,7 +265,7 @@ async fn the_readme_procedure_removes_a_shredded_tenants_keys_from_heap_and_wal(
     eprintln!("after VACUUM FULL and a checkpoint: {rewritten:?}");
     assert_eq!(rewritten.outside_wal, 0, "{rewritten:?}");
     assert_eq!(
-        rewritten.in_wal, 5,
+        rewritten.in_wal, KEYS,
         "the WAL still holds every key: {rewritten:?}"
     );
 
@@ -267,7 +286,7 @@ async fn the_readme_procedure_removes_a_shredded_tenants_keys_from_heap_and_wal(
 
     // The scan finds what is there: the bystander's keys, live in the heap.
     let live = scan(&data, &bystander_keys);
-    assert_eq!(live.outside_wal, 5, "{live:?}");
+    assert_eq!(live.outside_wal, KEYS, "{live:?}");
     assert!(store.tenant(&bystander.id).await.unwrap().is_some());
     admin.close().await.unwrap();
 }

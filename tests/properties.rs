@@ -9,11 +9,15 @@
 //!   its inputs);
 //! - any single-byte change, truncation or extension of an envelope (one-shot
 //!   or streaming) fails to open;
-//! - the text form round trips, and has one text per envelope.
+//! - the text form round trips, and has one text per envelope;
+//! - blind-index transformations never panic on any text, are idempotent
+//!   where Unicode says so (NFC, NFKC, trim), and a token has its length
+//!   and unused bits zero.
 
 use keywarden::{
     envelope::{
         self, Context, EnvelopeKey, KeyRef, Mode, Provider, SUBJECT_KEY_ID_LEN,
+        blind::{self, Field, Transformation},
         stream::{self, SEGMENT_PLAINTEXT_LEN, StreamOpener, StreamSealer},
         text,
     },
@@ -212,5 +216,49 @@ proptest! {
         let (opened, out) = open_stream(opener, &sealed[..cut.index(sealed.len())], &ctx, pull);
         prop_assert_eq!(opened, Err(()));
         prop_assert!(plaintext.starts_with(&out), "a cut stream gave out other bytes");
+    }
+
+    #[test]
+    fn blind_index_transformations_and_tokens_hold_their_shape(
+        text in "\\PC{0,40}",
+        raw in proptest::collection::vec(any::<u8>(), 0..64),
+        steps in proptest::collection::vec(
+            prop_oneof![
+                Just(Transformation::Nfc),
+                Just(Transformation::Nfkc),
+                Just(Transformation::CaseFold),
+                Just(Transformation::Trim),
+                (1u32..8).prop_map(Transformation::LastChars),
+            ],
+            0..blind::MAX_TRANSFORMATIONS,
+        ),
+        bits in blind::MIN_BITS..=blind::MAX_BITS,
+        version in any::<u32>(),
+        ctx in context(),
+    ) {
+        let out = blind::transform(text.as_bytes(), &steps).unwrap();
+        prop_assert!(std::str::from_utf8(&out).is_ok());
+        for step in [Transformation::Nfc, Transformation::Nfkc, Transformation::Trim] {
+            let once = blind::transform(text.as_bytes(), &[step]).unwrap().into_owned();
+            let twice = blind::transform(&once, &[step]).unwrap().into_owned();
+            prop_assert_eq!(once, twice);
+        }
+        // Bytes that are not text: as given without steps, refused with them.
+        let as_given = blind::transform(&raw, &[]).unwrap().into_owned();
+        prop_assert_eq!(as_given, raw.clone());
+        if std::str::from_utf8(&raw).is_err() {
+            prop_assert!(blind::transform(&raw, &[Transformation::Trim]).is_err());
+        }
+        let key = Key256::from_slice(&[0x17; 32]).unwrap();
+        let fields = [
+            Field { value: &out, transformations: &steps },
+            Field { value: &raw, transformations: &[] },
+        ];
+        let token = blind::token(&key, version, bits, "acme", &ctx, &fields);
+        prop_assert_eq!(token.len(), blind::token_len(bits));
+        prop_assert_eq!(&token[..4], &version.to_be_bytes()[..]);
+        let unused = (8 - bits % 8) % 8;
+        prop_assert_eq!(token[token.len() - 1] & ((1u8 << unused) - 1), 0);
+        prop_assert_eq!(token.clone(), blind::token(&key, version, bits, "acme", &ctx, &fields));
     }
 }

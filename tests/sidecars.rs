@@ -659,3 +659,93 @@ async fn a_stream_open_on_one_sidecar_ends_when_another_shreds_its_tenant() {
     );
     drop(tx);
 }
+
+/// Issue 17: blind-index keys shared through PostgreSQL. Two sidecars making
+/// a tenant's first index key at once agree on one key; a rotation, a
+/// retirement and a shred on one reach the other's cache (TTL 5 min) within
+/// a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_share_blind_index_keys_and_see_each_others_rotations_and_shreds() {
+    let url = postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        sidecar(dir.path(), "a", &url),
+        sidecar(dir.path(), "b", &url),
+    );
+    let (ca, cb) = (channel(&a).await, channel(&b).await);
+    create(&ca, "idx").await;
+    let ask = |key_version: u32, all_versions: bool| pb::BlindIndexRequest {
+        tenant_id: "idx".into(),
+        context: BTreeMap::from([("column".to_owned(), "email".to_owned())]),
+        values: vec![pb::IndexValue {
+            value: b"ada@example.com".to_vec(),
+            transformations: vec![],
+        }],
+        bits: 64,
+        key_version,
+        all_versions,
+    };
+    let tokens = |c: Client, key_version: u32, all_versions: bool| async move {
+        c.crypto()
+            .blind_index(ask(key_version, all_versions))
+            .await
+            .map(|r| r.into_inner().tokens)
+    };
+    // The first BlindIndex on both at once: one index key wins.
+    let (ta, tb) = tokio::join!(tokens(ca.clone(), 0, false), tokens(cb.clone(), 0, false));
+    let (ta, tb) = (ta.unwrap(), tb.unwrap());
+    assert_eq!(ta, tb);
+    assert_eq!(ta[0][..4], [0, 0, 0, 1]);
+
+    /// Polls `check` on b until it holds; fails after a second.
+    async fn within_a_second<F, Fut>(what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let since = Instant::now();
+        while !check().await {
+            assert!(since.elapsed() < Duration::from_secs(1), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    ca.admin()
+        .rotate_index_key(pb::RotateIndexKeyRequest {
+            tenant_id: "idx".into(),
+        })
+        .await
+        .unwrap();
+    within_a_second("b did not see the rotation", || {
+        let cb = cb.clone();
+        async move { tokens(cb, 0, true).await.unwrap().len() == 2 }
+    })
+    .await;
+    assert_eq!(tokens(cb.clone(), 1, false).await.unwrap(), ta);
+    ca.admin()
+        .retire_index_key(pb::RetireIndexKeyRequest {
+            tenant_id: "idx".into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    within_a_second("b did not see the retirement", || {
+        let cb = cb.clone();
+        async move {
+            tokens(cb, 1, false)
+                .await
+                .is_err_and(|s| s.code() == Code::FailedPrecondition)
+        }
+    })
+    .await;
+    shred(&ca, "idx").await;
+    within_a_second("b did not see the shred", || {
+        let cb = cb.clone();
+        async move {
+            tokens(cb, 0, false)
+                .await
+                .is_err_and(|s| s.code() == Code::FailedPrecondition)
+        }
+    })
+    .await;
+    assert_invariants(&url).await;
+}

@@ -17,9 +17,9 @@ use keywarden::{
     ids::{SubjectKeyId, TenantId},
     kms::WrappedKey,
     store::{
-        Keystore, NewTenant, Placement, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
-        SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
-        TenantState, Tier, UnixMillis,
+        BlindIndexKeyRecord, BlindIndexKeyState, Keystore, NewTenant, Placement, RootWrapped,
+        RootWrappedSlot, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+        TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, TenantState, Tier, UnixMillis,
         postgres::{PostgresKeystore, PostgresOptions},
         sqlite::{KEYSTORE_FILE, SqliteKeystore},
     },
@@ -2041,6 +2041,208 @@ async fn lists_legacy_subject_keys_in_order_across_tenants(store: Store) {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Blind-index keys (issue 17).
+
+/// A blind-index key version as comparable values: (version, wrapped and
+/// its tenant version while live, retired at once retired).
+type IndexKey = (u32, Option<(Vec<u8>, u32)>, Option<UnixMillis>);
+
+fn index_view(record: &BlindIndexKeyRecord) -> IndexKey {
+    match &record.state {
+        BlindIndexKeyState::Live {
+            wrapped,
+            tenant_version,
+        } => (
+            record.version,
+            Some((wrapped.clone(), *tenant_version)),
+            None,
+        ),
+        BlindIndexKeyState::Retired { at } => (record.version, None, Some(*at)),
+    }
+}
+
+async fn index_keys(store: &Store, id: &TenantId) -> Vec<IndexKey> {
+    store
+        .blind_index_keys(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(index_view)
+        .collect()
+}
+
+async fn blind_index_keys_are_versioned_moved_retired_and_shredded(store: Store) {
+    let nobody = tid("nobody");
+    assert!(store.blind_index_keys(&nobody).await.unwrap().is_empty());
+    assert_err!(
+        store
+            .add_blind_index_key(&nobody, 1, &fake("x"), 1, at(1))
+            .await,
+        StoreError::TenantNotFound(_)
+    );
+    let acme = create(&store, "acme").await;
+    assert!(index_keys(&store, &acme).await.is_empty());
+    // Version 1 first, once; never a gap; wrapped by a live version only.
+    assert_err!(
+        store
+            .add_blind_index_key(&acme, 2, &fake("i2"), 1, at(1))
+            .await,
+        StoreError::Corrupt(_)
+    );
+    assert_err!(
+        store
+            .add_blind_index_key(&acme, 1, &fake("i1"), 9, at(1))
+            .await,
+        StoreError::Corrupt(_)
+    );
+    assert!(
+        store
+            .add_blind_index_key(&acme, 1, &fake("i1"), 1, at(1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .add_blind_index_key(&acme, 1, &fake("i1 again"), 1, at(2))
+            .await
+            .unwrap()
+    );
+    rotate_to(&store, &acme, 2).await;
+    assert!(
+        store
+            .add_blind_index_key(&acme, 2, &fake("i2"), 2, at(3))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        index_keys(&store, &acme).await,
+        vec![
+            (1, Some((fake("i1"), 1)), None),
+            (2, Some((fake("i2"), 2)), None)
+        ]
+    );
+    let created: Vec<UnixMillis> = store
+        .blind_index_keys(&acme)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.created_at)
+        .collect();
+    assert_eq!(created, vec![at(1), at(3)]);
+    // Tenant key version 1 wraps index key 1: not destroyed until moved.
+    assert_eq!(
+        store.blind_index_keys_wrapped_by(&acme, 1).await.unwrap(),
+        vec![(1, fake("i1"))]
+    );
+    assert_err!(
+        store.destroy_tenant_key(&acme, 1, at(4)).await,
+        StoreError::Conflict
+    );
+    assert_err!(
+        store
+            .replace_blind_index_wrap(&acme, 1, 1, &fake("i1 by v9"), 9)
+            .await,
+        StoreError::Corrupt(_)
+    );
+    assert!(
+        !store
+            .replace_blind_index_wrap(&acme, 1, 2, &fake("i1 by v2"), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .replace_blind_index_wrap(&acme, 1, 1, &fake("i1 by v2"), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .blind_index_keys_wrapped_by(&acme, 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.destroy_tenant_key(&acme, 1, at(5)).await.unwrap());
+    // Retiring: never the newest; a version that exists; once.
+    assert_err!(
+        store.retire_blind_index_key(&acme, 2, at(6)).await,
+        StoreError::Conflict
+    );
+    for missing in [0, 3] {
+        assert_err!(
+            store.retire_blind_index_key(&acme, missing, at(6)).await,
+            StoreError::Corrupt(_)
+        );
+    }
+    assert!(store.retire_blind_index_key(&acme, 1, at(6)).await.unwrap());
+    assert!(!store.retire_blind_index_key(&acme, 1, at(7)).await.unwrap());
+    assert_eq!(
+        index_keys(&store, &acme).await,
+        vec![(1, None, Some(at(6))), (2, Some((fake("i2"), 2)), None)]
+    );
+    // A retired version is not live: nothing moves it, no version it had
+    // is ever made again.
+    assert!(
+        !store
+            .replace_blind_index_wrap(&acme, 1, 2, &fake("back"), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .add_blind_index_key(&acme, 1, &fake("i1 anew"), 2, at(8))
+            .await
+            .unwrap()
+    );
+    assert_consistent(&store).await;
+    // A shred deletes them all, retired rows included.
+    store.shred_tenant(&acme, at(9)).await.unwrap();
+    assert!(index_keys(&store, &acme).await.is_empty());
+    assert_err!(
+        store
+            .add_blind_index_key(&acme, 3, &fake("i3"), 2, at(10))
+            .await,
+        StoreError::TenantShredded { .. }
+    );
+    assert!(
+        !store
+            .replace_blind_index_wrap(&acme, 2, 2, &fake("x"), 2)
+            .await
+            .unwrap()
+    );
+}
+
+async fn concurrent_first_index_keys_make_one_version(store: Store) {
+    const TASKS: usize = 10;
+    let acme = create(&store, "acme").await;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (store, acme, barrier) = (store.clone(), acme.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .add_blind_index_key(&acme, 1, &fake(&format!("task {task}")), 1, at(1))
+                    .await
+                    .unwrap_or_else(|e| panic!("task {task}: {e:?}"))
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        won += usize::from(task.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    let keys = index_keys(&store, &acme).await;
+    assert_eq!(keys.len(), 1);
+    assert!(
+        (0..TASKS).any(|task| keys[0].1 == Some((fake(&format!("task {task}")), 1))),
+        "{keys:?}"
+    );
+}
+
 /// Runs each named test on each backend, then checks the invariants.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -2081,6 +2283,8 @@ conformance!(
     destroying_a_version_needs_it_unused_and_not_primary,
     destroying_a_version_racing_writes_that_use_it,
     lists_legacy_subject_keys_in_order_across_tenants,
+    blind_index_keys_are_versioned_moved_retired_and_shredded,
+    concurrent_first_index_keys_make_one_version,
 );
 
 /// The test server itself: stopped, it makes the keystore unavailable (not

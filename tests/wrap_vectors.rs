@@ -39,7 +39,10 @@ struct Case {
     wrapping_key: [u8; 32],
     tenant_version: u32,
     tenant: &'static str,
-    subject_key_id: [u8; 16],
+    domain: KeyDomain,
+    /// What names the key in its domain: a subject key id, or an index
+    /// key's `[version]_32`.
+    binding: Vec<u8>,
     key: [u8; 32],
     salt: [u8; 16],
     nonce: [u8; 12],
@@ -54,7 +57,8 @@ fn cases() -> Vec<Case> {
             wrapping_key: pattern(0x80, 0x05),
             tenant_version: 0x0102,
             tenant: "acme",
-            subject_key_id: SUBJECT_KEY_ID,
+            domain: KeyDomain::SubjectKey,
+            binding: SUBJECT_KEY_ID.to_vec(),
             key: SUBJECT_KEY,
             salt: pattern(0x6d, 0x29),
             nonce: pattern(0x0f, 0x31),
@@ -64,10 +68,24 @@ fn cases() -> Vec<Case> {
             wrapping_key: pattern(0x00, 0x01),
             tenant_version: 1,
             tenant: "acme-corp.eu_1",
-            subject_key_id: pattern(0xf0, 0x03),
+            domain: KeyDomain::SubjectKey,
+            binding: pattern::<16>(0xf0, 0x03).to_vec(),
             key: pattern(0x11, 0x07),
             salt: [0u8; 16],
             nonce: [0xff; 12],
+        },
+        Case {
+            // Issue 17: blind-index key version 2 (binding [2]_32), domain
+            // 0x02, wrapped by tenant key version 3.
+            name: "blind-index-key-version-2-wrapped-by-tenant-key-version-3",
+            wrapping_key: pattern(0x80, 0x05),
+            tenant_version: 3,
+            tenant: "acme",
+            domain: KeyDomain::BlindIndexKey,
+            binding: 2u32.to_be_bytes().to_vec(),
+            key: pattern(0xf0, 0x03),
+            salt: pattern(0x21, 0x13),
+            nonce: pattern(0x5a, 0x01),
         },
     ]
 }
@@ -103,6 +121,30 @@ fn spec_associated_data(header: &[u8], tenant: &str, binding: &[u8]) -> Vec<u8> 
     aad
 }
 
+/// The domain's name in the vector file.
+fn domain_name(domain: KeyDomain) -> &'static str {
+    match domain {
+        KeyDomain::SubjectKey => "subject-key",
+        KeyDomain::BlindIndexKey => "blind-index-key",
+    }
+}
+
+/// The domain's KDF label, from the specification.
+fn label(domain: KeyDomain) -> &'static [u8; 7] {
+    match domain {
+        KeyDomain::SubjectKey => b"kw1.skw",
+        KeyDomain::BlindIndexKey => b"kw1.ikw",
+    }
+}
+
+fn domain_of(name: &str) -> KeyDomain {
+    match name {
+        "subject-key" => KeyDomain::SubjectKey,
+        "blind-index-key" => KeyDomain::BlindIndexKey,
+        other => panic!("unknown domain {other:?}"),
+    }
+}
+
 fn seal(case: &Case) -> Vector<'_> {
     let wrapping = Key256::from_slice(&case.wrapping_key).unwrap();
     let key = Key256::from_slice(&case.key).unwrap();
@@ -111,10 +153,10 @@ fn seal(case: &Case) -> Vector<'_> {
         .map(|&provider| {
             wrap::wrap_key_with(
                 &EnvelopeKey::new(provider, &wrapping),
-                KeyDomain::SubjectKey,
+                case.domain,
                 case.tenant_version,
                 case.tenant,
-                &case.subject_key_id,
+                &case.binding,
                 &key,
                 &case.salt,
                 &case.nonce,
@@ -132,22 +174,18 @@ fn seal(case: &Case) -> Vector<'_> {
     let header = &wrapped[..wrap::WRAP_HEADER_LEN];
     Vector {
         name: case.name,
-        domain: "subject-key",
+        domain: domain_name(case.domain),
         wrapping_key: hex::encode(case.wrapping_key),
         tenant_version: case.tenant_version,
         tenant: case.tenant,
-        binding: hex::encode(case.subject_key_id),
+        binding: hex::encode(&case.binding),
         key: hex::encode(case.key),
         salt: hex::encode(case.salt),
         nonce: hex::encode(case.nonce),
         wrap_key: hex::encode(
-            *MessageKeyDeriver::new(&wrapping).derive_for(b"kw1.skw", &case.salt),
+            *MessageKeyDeriver::new(&wrapping).derive_for(label(case.domain), &case.salt),
         ),
-        associated_data: hex::encode(spec_associated_data(
-            header,
-            case.tenant,
-            &case.subject_key_id,
-        )),
+        associated_data: hex::encode(spec_associated_data(header, case.tenant, &case.binding)),
         wrapped: hex::encode(&wrapped),
     }
 }
@@ -174,18 +212,22 @@ fn every_stored_vector_unwraps_for_its_binding_only_and_never_on_the_data_plane(
         let wrapped = hex_field(vector, "wrapped");
         let tenant = str_field(vector, "tenant");
         let binding = hex_field(vector, "binding");
+        let domain = domain_of(str_field(vector, "domain"));
+        let other_domain = match domain {
+            KeyDomain::SubjectKey => KeyDomain::BlindIndexKey,
+            KeyDomain::BlindIndexKey => KeyDomain::SubjectKey,
+        };
         assert_eq!(
             wrap::parse_wrapped(&wrapped),
             Ok(WrapHeader {
-                domain: KeyDomain::SubjectKey,
+                domain,
                 tenant_version: u32_field(vector, "tenant_version"),
             }),
             "{name}"
         );
         for provider in Provider::ALL {
             let key = EnvelopeKey::new(provider, &wrapping);
-            let opened =
-                wrap::unwrap_key(&key, KeyDomain::SubjectKey, &wrapped, tenant, &binding).unwrap();
+            let opened = wrap::unwrap_key(&key, domain, &wrapped, tenant, &binding).unwrap();
             assert_eq!(
                 hex::encode(opened.expose()),
                 str_field(vector, "key"),
@@ -193,9 +235,12 @@ fn every_stored_vector_unwraps_for_its_binding_only_and_never_on_the_data_plane(
             );
             let mut other = binding.clone();
             other[0] ^= 1;
-            assert!(
-                wrap::unwrap_key(&key, KeyDomain::SubjectKey, &wrapped, tenant, &other).is_err()
-            );
+            assert!(wrap::unwrap_key(&key, domain, &wrapped, tenant, &other).is_err());
+            // Not in another domain, even with the domain byte rewritten.
+            assert!(wrap::unwrap_key(&key, other_domain, &wrapped, tenant, &binding).is_err());
+            let mut moved = wrapped.clone();
+            moved[2] ^= 0x03;
+            assert!(wrap::unwrap_key(&key, other_domain, &moved, tenant, &binding).is_err());
             // The data plane refuses it outright.
             assert!(envelope::parse(&wrapped).is_err(), "{name}");
         }

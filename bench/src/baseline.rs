@@ -8,14 +8,16 @@
 //!   both providers, its SIV key derived per item as the sidecar does);
 //! - the raw AES-256-GCM seal of the same plaintext with a fixed key and a
 //!   counter nonce, no key derivation and no associated data, with each
-//!   provider: the fastest of these is "the fastest AES-256-GCM here".
+//!   provider: the fastest of these is "the fastest AES-256-GCM here";
+//! - for `--op blind-index`, the token loop instead: `envelope::blind::token`
+//!   of the payload as one value, 32 bits, the run's tenant and context.
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use keywarden::{
-    envelope::{self, Context, EnvelopeKey, KeyRef, Mode, NONCE_LEN, Provider},
+    envelope::{self, Context, EnvelopeKey, KeyRef, Mode, NONCE_LEN, Provider, blind},
     secret::Key256,
 };
 
@@ -103,4 +105,27 @@ pub fn measure(
         push(format!("raw AES-256-GCM ({provider})"), per_second);
     }
     baselines
+}
+
+/// The blind-index token loop for `value`, for about `length`.
+pub fn measure_blind_index(
+    value: &[u8],
+    tenant: &str,
+    context: &Context,
+    length: Duration,
+) -> Vec<Baseline> {
+    let key = Key256::generate().expect("the OS random number generator works");
+    let per_second = rate(length, || {
+        let fields = [blind::Field {
+            value: std::hint::black_box(value),
+            transformations: &[],
+        }];
+        let token = blind::token(&key, 1, crate::load::INDEX_BITS, tenant, context, &fields);
+        std::hint::black_box(token);
+    });
+    vec![Baseline {
+        name: "blind-index token loop".into(),
+        items_per_second: per_second,
+        plaintext_mb_per_second: per_second * value.len() as f64 / 1e6,
+    }]
 }

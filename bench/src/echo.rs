@@ -6,8 +6,9 @@
 //! [`DETERMINISTIC_TENANT_OVERHEAD`] of a deterministic one), and Decrypt
 //! answers the ciphertext less the overhead its suite byte names; the batch
 //! calls do the same per item, and Rewrap echoes; GenerateDataKey answers a
-//! zero key and a zero wrapped form of the real sizes. It is served by the
-//! sidecar's own [`server::serve`] (the same tonic server
+//! zero key and a zero wrapped form of the real sizes; BlindIndex answers a
+//! zero token of the size asked for. It is served by the sidecar's own
+//! [`server::serve`] (the same tonic server
 //! builder, TCP_NODELAY, connection handling and message size limit) on the
 //! same kind of tokio runtime (multi-thread, `--worker-threads` as the
 //! sidecar's `worker_threads`), so what it costs is what gRPC over this
@@ -27,7 +28,8 @@ use keywarden::{
     api::{pb, streams::ResponseStream},
     config::{ListenAddr, RequestLimits},
     envelope::{
-        SUITE_DETERMINISTIC, TENANT_OVERHEAD, datakey, deterministic::DETERMINISTIC_TENANT_OVERHEAD,
+        SUITE_DETERMINISTIC, TENANT_OVERHEAD, blind, datakey,
+        deterministic::DETERMINISTIC_TENANT_OVERHEAD,
     },
     server,
 };
@@ -51,6 +53,18 @@ pub fn seal(mut plaintext: Vec<u8>, deterministic: bool) -> pb::EncryptResponse 
     }
     pb::EncryptResponse {
         ciphertext: plaintext,
+        key_version: 1,
+    }
+}
+
+/// A token of the real size for `bits` (clamped to what BlindIndex takes),
+/// all zeros, of key version 1.
+pub fn zero_token(bits: u32) -> pb::BlindIndexResponse {
+    let bits = bits.clamp(blind::MIN_BITS, blind::MAX_BITS);
+    let mut token = vec![0u8; blind::token_len(bits)];
+    token[3] = 1;
+    pb::BlindIndexResponse {
+        tokens: vec![token],
         key_version: 1,
     }
 }
@@ -218,6 +232,28 @@ impl pb::crypto_server::Crypto for Echo {
             key_version: 1,
             previous_key_version: 1,
         }))
+    }
+
+    async fn blind_index(
+        &self,
+        request: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        Ok(Response::new(zero_token(request.into_inner().bits)))
+    }
+
+    async fn blind_index_batch(
+        &self,
+        request: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        let results = request
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| pb::BlindIndexResult {
+                result: Some(pb::blind_index_result::Result::Ok(zero_token(item.bits))),
+            })
+            .collect();
+        Ok(Response::new(pb::BlindIndexBatchResponse { results }))
     }
 }
 

@@ -35,7 +35,7 @@ use keywarden::{
     api::{pb, status::code_name},
     client::Authed,
     envelope::{
-        Context, TENANT_OVERHEAD, datakey::TENANT_WRAPPED_LEN as WRAPPED_DATA_KEY_LEN,
+        Context, TENANT_OVERHEAD, blind, datakey::TENANT_WRAPPED_LEN as WRAPPED_DATA_KEY_LEN,
         deterministic::DETERMINISTIC_TENANT_OVERHEAD,
     },
 };
@@ -376,6 +376,17 @@ fn items_ok<T>(
     }
 }
 
+/// Bits of the tokens `--op blind-index` asks for.
+pub const INDEX_BITS: u32 = 32;
+
+/// The one value of a blind-index call: the payload.
+fn index_values(w: &Workload) -> Vec<pb::IndexValue> {
+    vec![pb::IndexValue {
+        value: w.plaintext.clone(),
+        transformations: vec![],
+    }]
+}
+
 /// One call of the workload for `tenant`.
 async fn call(
     client: &mut CryptoClient,
@@ -390,6 +401,7 @@ async fn call(
         } else {
             TENANT_OVERHEAD
         };
+    let token_len = blind::token_len(INDEX_BITS);
     let mut next_ciphertext = || {
         let pool = &w.pool[tenant];
         *cursor = cursor.wrapping_add(1);
@@ -423,6 +435,40 @@ async fn call(
             items_ok(answer.into_inner().results, n, |r| match r.result {
                 Some(pb::encrypt_result::Result::Ok(ok)) => Ok(ok.ciphertext.len() == sealed_len),
                 Some(pb::encrypt_result::Result::Error(e)) => Err(e.code),
+                None => Ok(false),
+            })
+        }
+        (Op::BlindIndex, 1) => {
+            let request = pb::BlindIndexRequest {
+                tenant_id,
+                context: w.context.clone(),
+                values: index_values(w),
+                bits: INDEX_BITS,
+                key_version: 0,
+                all_versions: false,
+            };
+            let answer = client.blind_index(request).await.map_err(rpc_failed)?;
+            bad_unless(answer.get_ref().tokens.first().map(Vec::len) == Some(token_len))
+        }
+        (Op::BlindIndex, n) => {
+            let items = (0..n)
+                .map(|_| pb::BlindIndexItem {
+                    context: w.context.clone(),
+                    values: index_values(w),
+                    bits: INDEX_BITS,
+                    key_version: 0,
+                    all_versions: false,
+                })
+                .collect();
+            let answer = client
+                .blind_index_batch(pb::BlindIndexBatchRequest { tenant_id, items })
+                .await
+                .map_err(rpc_failed)?;
+            items_ok(answer.into_inner().results, n, |r| match r.result {
+                Some(pb::blind_index_result::Result::Ok(ok)) => {
+                    Ok(ok.tokens.first().map(Vec::len) == Some(token_len))
+                }
+                Some(pb::blind_index_result::Result::Error(e)) => Err(e.code),
                 None => Ok(false),
             })
         }

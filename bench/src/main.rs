@@ -96,7 +96,8 @@ pub struct RunArgs {
     /// What every call does. decrypt first encrypts a pool of ciphertexts
     /// per tenant (not measured), then measures decrypting them;
     /// generate-data-key makes a data key per call (it needs the `datakey`
-    /// permission, which the embedded admin token has).
+    /// permission, which the embedded admin token has). blind-index computes
+    /// a 32-bit token of the payload.
     #[arg(long, value_enum, default_value_t = Op::Encrypt)]
     pub op: Op,
     /// Plaintext bytes per item (a fixed pattern).
@@ -109,7 +110,8 @@ pub struct RunArgs {
     /// is the deterministic envelope's.
     #[arg(long)]
     pub deterministic: bool,
-    /// Items per call: 1 = unary Encrypt/Decrypt, more = EncryptBatch/DecryptBatch.
+    /// Items per call: 1 = unary Encrypt/Decrypt/BlindIndex, more =
+    /// EncryptBatch/DecryptBatch/BlindIndexBatch.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
     /// Tenants PREFIX-0 .. PREFIX-(T-1); each call picks one.
@@ -187,6 +189,10 @@ pub enum Op {
     #[value(name = "generate-data-key")]
     #[serde(rename = "generate-data-key")]
     GenerateDataKey,
+    /// BlindIndex (BlindIndexBatch with --batch): the payload is the one
+    /// value, 32 bits, no transformation.
+    #[serde(rename = "blind-index")]
+    BlindIndex,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -369,6 +375,19 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
                 "cache warm: every tenant was touched by one Encrypt before measuring".into(),
             );
         }
+        (Op::BlindIndex, CacheMode::Warm) => {
+            touch_index_keys(&clients, &workload.tenant_ids, &workload.context).await?;
+            notes.push(
+                "cache warm: every tenant was touched by one BlindIndex before measuring (which \
+                 also made its index key)"
+                    .into(),
+            );
+        }
+        (Op::BlindIndex, CacheMode::Cold) => notes.push(
+            "cache cold: this run did not touch the tenants before measuring; a tenant's first \
+             BlindIndex makes its index key"
+                .into(),
+        ),
         (Op::Encrypt | Op::GenerateDataKey, CacheMode::Cold) => notes.push(
             "cache cold: this run did not touch the tenants before measuring; keys cached by \
              earlier calls may still be cached"
@@ -405,17 +424,21 @@ pub async fn run(args: RunArgs, sidecar: SidecarAddr) -> Result<Report, String> 
         drop(echo);
     }
     let mut report = Report::new(&args, results, notes);
-    if args.baseline && args.op == Op::Encrypt {
-        let (plaintext, tenant, context, deterministic) = (
+    if args.baseline && matches!(args.op, Op::Encrypt | Op::BlindIndex) {
+        let (plaintext, tenant, context, op, deterministic) = (
             workload.plaintext.clone(),
             workload.tenant_ids[0].clone(),
             workload.context.clone(),
+            args.op,
             workload.deterministic,
         );
         let length = Duration::from_secs(2);
         report.set_baselines(
-            tokio::task::spawn_blocking(move || {
-                baseline::measure(&plaintext, &tenant, &context, deterministic, length)
+            tokio::task::spawn_blocking(move || match op {
+                Op::BlindIndex => {
+                    baseline::measure_blind_index(&plaintext, &tenant, &context, length)
+                }
+                _ => baseline::measure(&plaintext, &tenant, &context, deterministic, length),
             })
             .await
             .map_err(|e| format!("the baseline measurement failed: {e}"))?,
@@ -572,6 +595,36 @@ pub async fn touch_tenants(
         async move {
             client
                 .encrypt(request)
+                .await
+                .map(drop)
+                .map_err(|status| failed(&ids[i], &status))
+        }
+    })
+    .await
+}
+
+/// One BlindIndex per tenant: caches its keys, and makes its index key.
+pub async fn touch_index_keys(
+    clients: &[pb::crypto_client::CryptoClient<client::Authed>],
+    ids: &[String],
+    context: &Context,
+) -> Result<(), String> {
+    for_each(ids.len(), clients.len(), "touching tenants", |i| {
+        let mut client = clients[i % clients.len()].clone();
+        let request = pb::BlindIndexRequest {
+            tenant_id: ids[i].clone(),
+            context: context.clone(),
+            values: vec![pb::IndexValue {
+                value: vec![0x5a; 16],
+                transformations: vec![],
+            }],
+            bits: load::INDEX_BITS,
+            key_version: 0,
+            all_versions: false,
+        };
+        async move {
+            client
+                .blind_index(request)
                 .await
                 .map(drop)
                 .map_err(|status| failed(&ids[i], &status))

@@ -122,6 +122,9 @@ pub struct Report {
     /// The sidecar's item throughput over the envelope's in-process seal
     /// loop with the faster provider.
     pub sidecar_to_seal_loop: Option<f64>,
+    /// `--op blind-index`: the sidecar's item throughput over the
+    /// in-process token loop.
+    pub sidecar_to_token_loop: Option<f64>,
     /// The sidecar's plaintext throughput over the fastest raw AES-256-GCM.
     pub sidecar_to_fastest_aes_gcm: Option<f64>,
     pub notes: Vec<String>,
@@ -135,6 +138,8 @@ impl Report {
             (Op::Decrypt, 1) => "Decrypt",
             (Op::Decrypt, _) => "DecryptBatch",
             (Op::GenerateDataKey, _) => "GenerateDataKey",
+            (Op::BlindIndex, 1) => "BlindIndex",
+            (Op::BlindIndex, _) => "BlindIndexBatch",
         };
         let find = |target| results.iter().find(|r| r.target == target);
         // In the open loop both answer the offered rate: no ratio to tell.
@@ -190,6 +195,7 @@ impl Report {
             sidecar_to_echo_throughput: ratio,
             baselines: Vec::new(),
             sidecar_to_seal_loop: None,
+            sidecar_to_token_loop: None,
             sidecar_to_fastest_aes_gcm: None,
             notes,
         }
@@ -206,8 +212,10 @@ impl Report {
         };
         let seal = best("envelope seal", |b| b.items_per_second);
         let raw = best("raw AES-256-GCM", |b| b.plaintext_mb_per_second);
+        let token = best("blind-index token", |b| b.items_per_second);
         if let Some(sidecar) = self.results.iter().find(|r| r.target == "sidecar") {
             self.sidecar_to_seal_loop = (seal > 0.0).then(|| sidecar.items_per_second / seal);
+            self.sidecar_to_token_loop = (token > 0.0).then(|| sidecar.items_per_second / token);
             self.sidecar_to_fastest_aes_gcm =
                 (raw > 0.0).then(|| sidecar.plaintext_mb_per_second / raw);
         }
@@ -308,6 +316,9 @@ impl Report {
                 out,
                 "items/s sidecar / fastest envelope seal loop: {ratio:.2}"
             );
+        }
+        if let Some(ratio) = self.sidecar_to_token_loop {
+            let _ = writeln!(out, "items/s sidecar / blind-index token loop: {ratio:.2}");
         }
         if let Some(ratio) = self.sidecar_to_fastest_aes_gcm {
             let _ = writeln!(out, "MB/s sidecar / fastest raw AES-256-GCM: {ratio:.3}");

@@ -391,3 +391,15 @@ async fn the_echo_service_answers_data_keys_of_the_real_sizes() {
         (32, keywarden::envelope::datakey::TENANT_WRAPPED_LEN)
     );
 }
+
+#[test]
+fn blind_index_parses_and_the_echo_answers_tokens_of_the_real_size() {
+    let args = run_args(&["--op", "blind-index", "--batch", "1000"]).unwrap();
+    assert_eq!(args.op, Op::BlindIndex);
+    let echo = super::echo::zero_token(32);
+    assert_eq!(echo.tokens, vec![vec![0, 0, 0, 1, 0, 0, 0, 0]]);
+    assert_eq!(
+        super::echo::zero_token(7).tokens[0].len(),
+        keywarden::envelope::blind::token_len(8)
+    );
+}

@@ -243,6 +243,41 @@ fn bench_run_measures_the_sidecar_beside_the_echo_service() {
             .to_string()
             .contains("3 tenant(s) created, 1 existed")
     );
+
+    // Blind indexes, unary and in batches (issue 17): every answer is a
+    // token of the size asked for, from the echo service too.
+    let report = bench_run(
+        &sidecar,
+        &[
+            "--count",
+            "50",
+            "--warmup",
+            "0s",
+            "--echo",
+            "--op",
+            "blind-index",
+        ],
+    );
+    assert_eq!(report["workload"]["rpc"], "BlindIndex", "{report:#}");
+    assert_eq!(report["workload"]["op"], "blind-index");
+    let results = report["results"].as_array().unwrap();
+    assert_clean(&results[0], "sidecar", 50, 1);
+    assert_clean(&results[1], "echo", 50, 1);
+    let report = bench_run(
+        &sidecar,
+        &[
+            "--count",
+            "20",
+            "--warmup",
+            "0s",
+            "--op",
+            "blind-index",
+            "--batch",
+            "10",
+        ],
+    );
+    assert_eq!(report["workload"]["rpc"], "BlindIndexBatch", "{report:#}");
+    assert_clean(&report["results"][0], "sidecar", 20, 10);
 }
 
 #[test]

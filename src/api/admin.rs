@@ -11,10 +11,10 @@ use crate::{
     auth::{Caller, Permission},
     error::{Dependency, Error},
     ids::{SubjectId, SubjectIds, TenantId},
-    keys::{PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
+    keys::{BlindIndexKeyInfo, PlacementRequest, RootKeyChoice, RootRotationProgress, TenantInfo},
     observe::metrics::SHREDS,
     receipt::{RECEIPT_VERSION, Receipt, ReceiptKind},
-    store::{TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis},
+    store::{BlindIndexKeyState, TenantPolicy, TenantRecord, TenantState, Tier, UnixMillis},
 };
 
 /// ListTenants page size when the request says 0, and the most it may ask.
@@ -617,6 +617,85 @@ impl pb::admin_server::Admin for AdminService {
             },
         )
         .await
+    }
+
+    async fn rotate_index_key(
+        &self,
+        request: Request<pb::RotateIndexKeyRequest>,
+    ) -> Result<Response<pb::IndexKeys>, Status> {
+        self.call(
+            "RotateIndexKey",
+            Permission::AdminRotate,
+            request,
+            async |r, _| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                let info = self.shared.keys.rotate_blind_index_key(&id).await?;
+                Ok(index_keys(&id, &info))
+            },
+        )
+        .await
+    }
+
+    async fn retire_index_key(
+        &self,
+        request: Request<pb::RetireIndexKeyRequest>,
+    ) -> Result<Response<pb::IndexKeys>, Status> {
+        self.call(
+            "RetireIndexKey",
+            Permission::AdminRotate,
+            request,
+            async |r, _| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                if r.version == 0 {
+                    return Err(Error::invalid("version", "must be 1 or more").into());
+                }
+                let info = self
+                    .shared
+                    .keys
+                    .retire_blind_index_key(&id, r.version)
+                    .await?;
+                Ok(index_keys(&id, &info))
+            },
+        )
+        .await
+    }
+
+    async fn get_index_keys(
+        &self,
+        request: Request<pb::GetIndexKeysRequest>,
+    ) -> Result<Response<pb::IndexKeys>, Status> {
+        self.call(
+            "GetIndexKeys",
+            Permission::AdminRead,
+            request,
+            async |r, _| {
+                let id = TenantId::parse("tenant_id", &r.tenant_id)?;
+                let info = self.shared.keys.blind_index_key_info(&id).await?;
+                Ok(index_keys(&id, &info))
+            },
+        )
+        .await
+    }
+}
+
+/// A tenant's blind-index key versions as the API answers them.
+fn index_keys(id: &TenantId, info: &BlindIndexKeyInfo) -> pb::IndexKeys {
+    pb::IndexKeys {
+        tenant_id: id.to_string(),
+        primary_version: info.primary_version(),
+        versions: info
+            .versions
+            .iter()
+            .map(|record| pb::IndexKeyVersion {
+                version: record.version,
+                created_at: Some(timestamp(record.created_at)),
+                retired: matches!(record.state, BlindIndexKeyState::Retired { .. }),
+                retired_at: match record.state {
+                    BlindIndexKeyState::Retired { at } => Some(timestamp(at)),
+                    BlindIndexKeyState::Live { .. } => None,
+                },
+            })
+            .collect(),
     }
 }
 

@@ -34,6 +34,7 @@ use tonic::{
 use tonic_prost::ProstEncoder;
 
 use super::{MAX_CONTEXT_ENTRIES, pb};
+use crate::envelope::blind::{MAX_TRANSFORMATIONS, MAX_VALUES};
 
 tokio::task_local! {
     /// The batch item limit of the server decoding this call: set by the
@@ -76,6 +77,15 @@ pub enum Shape {
     /// A oneof whose field `start` is a message with a context map at
     /// `context`.
     StreamStart { start: u32, context: u32 },
+    /// A blind-index request: a context map at `context`, index values at
+    /// `values`, each with its transformations at field 2.
+    Index { context: u32, values: u32 },
+    /// Batch items at `items`, each of [`Shape::Index`].
+    IndexBatch {
+        items: u32,
+        context: u32,
+        values: u32,
+    },
 }
 
 /// Every message the codec decodes declares its [`Shape`].
@@ -110,6 +120,11 @@ shapes!(
     pb::RotateRootKeyRequest => Shape::Plain,
     pb::UpdateTenantPolicyRequest => Shape::Plain,
     pb::GetAuditHeadRequest => Shape::Plain,
+    pb::BlindIndexRequest => Shape::Index { context: 2, values: 3 },
+    pb::BlindIndexBatchRequest => Shape::IndexBatch { items: 2, context: 1, values: 2 },
+    pb::RotateIndexKeyRequest => Shape::Plain,
+    pb::RetireIndexKeyRequest => Shape::Plain,
+    pb::GetIndexKeysRequest => Shape::Plain,
     // Responses, which the clients decode: they come from the sidecar.
     pb::EncryptResponse => Shape::Plain,
     pb::DecryptResponse => Shape::Plain,
@@ -131,6 +146,9 @@ shapes!(
     pb::GenerateDataKeyResponse => Shape::Plain,
     pb::DecryptDataKeyResponse => Shape::Plain,
     pb::RewrapDataKeyResponse => Shape::Plain,
+    pb::BlindIndexResponse => Shape::Plain,
+    pb::BlindIndexBatchResponse => Shape::Plain,
+    pb::IndexKeys => Shape::Plain,
 );
 
 /// The wire form is not protobuf, or a count is over its limit.
@@ -242,29 +260,85 @@ fn check_context(bytes: &[u8], field: u32) -> Result<(), Status> {
     Ok(())
 }
 
+/// `IndexValue.transformations`.
+const TRANSFORMATIONS_FIELD: u32 = 2;
+
+/// What a blind-index request says when it has too many values.
+pub fn too_many_index_values() -> Status {
+    refuse(format!(
+        "values: more than {MAX_VALUES}; a token takes 1 to {MAX_VALUES} values"
+    ))
+}
+
+/// What a blind-index request says when a value has too many
+/// transformations.
+pub fn too_many_transformations() -> Status {
+    refuse(format!(
+        "transformations: more than {MAX_TRANSFORMATIONS} for one value"
+    ))
+}
+
+fn check_index(bytes: &[u8], context: u32, values: u32) -> Result<(), Status> {
+    check_context(bytes, context)?;
+    let mut n = 0usize;
+    for f in fields(bytes) {
+        let (number, payload) = f.map_err(|()| malformed())?;
+        if number != values {
+            continue;
+        }
+        n += 1;
+        if n > MAX_VALUES {
+            return Err(too_many_index_values());
+        }
+        if let Some(value) = payload
+            && count(value, TRANSFORMATIONS_FIELD, MAX_TRANSFORMATIONS).map_err(|()| malformed())?
+                > MAX_TRANSFORMATIONS
+        {
+            return Err(too_many_transformations());
+        }
+    }
+    Ok(())
+}
+
+/// Counts a batch's items (field `items`) against the batch limit, and
+/// checks each with `check_item`.
+fn check_items(
+    bytes: &[u8],
+    items: u32,
+    check_item: impl Fn(&[u8]) -> Result<(), Status>,
+) -> Result<(), Status> {
+    let max = max_batch_items();
+    let mut n = 0usize;
+    for f in fields(bytes) {
+        let (number, payload) = f.map_err(|()| malformed())?;
+        if number != items {
+            continue;
+        }
+        n += 1;
+        if n > max {
+            return Err(too_many_items(max));
+        }
+        if let Some(item) = payload {
+            check_item(item)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks the counts of a message's wire form against the limits.
 pub fn check(shape: Shape, bytes: &[u8]) -> Result<(), Status> {
     match shape {
         Shape::Plain => Ok(()),
         Shape::Context(field) => check_context(bytes, field),
         Shape::Batch { items, context } => {
-            let max = max_batch_items();
-            let mut n = 0usize;
-            for f in fields(bytes) {
-                let (number, payload) = f.map_err(|()| malformed())?;
-                if number != items {
-                    continue;
-                }
-                n += 1;
-                if n > max {
-                    return Err(too_many_items(max));
-                }
-                if let Some(item) = payload {
-                    check_context(item, context)?;
-                }
-            }
-            Ok(())
+            check_items(bytes, items, |item| check_context(item, context))
         }
+        Shape::Index { context, values } => check_index(bytes, context, values),
+        Shape::IndexBatch {
+            items,
+            context,
+            values,
+        } => check_items(bytes, items, |item| check_index(item, context, values)),
         Shape::StreamStart { start, context } => {
             for f in fields(bytes) {
                 if let (number, Some(payload)) = f.map_err(|()| malformed())?
@@ -478,6 +552,25 @@ mod tests {
             }
         );
         assert_eq!(
+            <pb::BlindIndexRequest as WireShape>::SHAPE,
+            Shape::Index {
+                context: number("BlindIndexRequest", "context"),
+                values: number("BlindIndexRequest", "values")
+            }
+        );
+        assert_eq!(
+            <pb::BlindIndexBatchRequest as WireShape>::SHAPE,
+            Shape::IndexBatch {
+                items: number("BlindIndexBatchRequest", "items"),
+                context: number("BlindIndexItem", "context"),
+                values: number("BlindIndexItem", "values")
+            }
+        );
+        assert_eq!(
+            TRANSFORMATIONS_FIELD,
+            number("IndexValue", "transformations")
+        );
+        assert_eq!(
             <pb::EncryptStreamRequest as WireShape>::SHAPE,
             Shape::StreamStart {
                 start: number("EncryptStreamRequest", "start"),
@@ -491,6 +584,42 @@ mod tests {
                 context: number("DecryptStreamStart", "context")
             }
         );
+    }
+
+    #[test]
+    fn blind_index_values_and_transformations_are_counted_on_the_wire() {
+        let value = |steps: usize| pb::IndexValue {
+            value: b"v".to_vec(),
+            transformations: vec![pb::IndexTransformation::default(); steps],
+        };
+        let request = |values: usize, steps: usize| pb::BlindIndexRequest {
+            values: vec![value(steps); values],
+            ..Default::default()
+        };
+        let shape = <pb::BlindIndexRequest as WireShape>::SHAPE;
+        assert!(
+            check(
+                shape,
+                &request(MAX_VALUES, MAX_TRANSFORMATIONS).encode_to_vec()
+            )
+            .is_ok()
+        );
+        let refused = check(shape, &request(MAX_VALUES + 1, 0).encode_to_vec()).unwrap_err();
+        assert_eq!(refused.message(), too_many_index_values().message());
+        let refused =
+            check(shape, &request(1, MAX_TRANSFORMATIONS + 1).encode_to_vec()).unwrap_err();
+        assert_eq!(refused.message(), too_many_transformations().message());
+        let batch = |steps: usize| pb::BlindIndexBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![pb::BlindIndexItem {
+                values: vec![value(steps)],
+                ..Default::default()
+            }],
+        };
+        raise_max_batch_items(10);
+        let shape = <pb::BlindIndexBatchRequest as WireShape>::SHAPE;
+        assert!(check(shape, &batch(MAX_TRANSFORMATIONS).encode_to_vec()).is_ok());
+        assert!(check(shape, &batch(MAX_TRANSFORMATIONS + 1).encode_to_vec()).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap (streams in
-//! `streams.rs`, data keys in `datakeys.rs`).
+//! `keywarden.v1.Crypto`: encrypt, decrypt, batches, rewrap, blind indexes
+//! (streams in `streams.rs`, data keys in `datakeys.rs`).
+
+use std::borrow::Cow;
 
 use tonic::{Request, Response, Status, Streaming};
 
@@ -9,10 +11,13 @@ use super::{
 };
 use crate::{
     auth::Permission,
-    envelope::{Context, Mode},
+    envelope::{
+        Context, Mode,
+        blind::{self, Field, Transformation},
+    },
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{ActiveTenant, Decrypted, Sealed},
+    keys::{ActiveTenant, BlindIndexed, Decrypted, IndexVersions, Sealed},
 };
 
 pub struct CryptoService {
@@ -115,6 +120,179 @@ fn mode(deterministic: bool) -> Mode {
         Mode::Deterministic
     } else {
         Mode::Randomized
+    }
+}
+
+/// A blind-index request, checked before the tenant is looked up. Its
+/// values are transformed only when its item is hashed, one item at a time:
+/// a transformation can make a value longer (NFKC up to 11 times), and a
+/// batch transformed at once would hold every item's longer form.
+struct IndexQuery<'a> {
+    context: &'a Context,
+    bits: u32,
+    versions: IndexVersions,
+    /// Each value as given (UTF-8 when it has transformations), and its
+    /// transformations.
+    values: Vec<(&'a [u8], Vec<Transformation>)>,
+}
+
+impl CryptoService {
+    /// Checks a blind-index request's fields against the limits and parses
+    /// its transformations (applied later, by [`Self::blind_index_one`]).
+    fn index_query<'a>(
+        &self,
+        context: &'a Context,
+        values: &'a [pb::IndexValue],
+        bits: u32,
+        key_version: u32,
+        all_versions: bool,
+    ) -> Result<IndexQuery<'a>, Error> {
+        check_context(context)?;
+        if !(blind::MIN_BITS..=blind::MAX_BITS).contains(&bits) {
+            return Err(Error::invalid(
+                "bits",
+                format!(
+                    "is {bits}; it must be {} to {}",
+                    blind::MIN_BITS,
+                    blind::MAX_BITS
+                ),
+            ));
+        }
+        if values.is_empty() {
+            return Err(Error::invalid("values", "a token needs at least one value"));
+        }
+        if values.len() > blind::MAX_VALUES {
+            return Err(Error::invalid(
+                "values",
+                format!(
+                    "more than {0}; a token takes 1 to {0} values",
+                    blind::MAX_VALUES
+                ),
+            ));
+        }
+        let versions = match (key_version, all_versions) {
+            (0, false) => IndexVersions::Primary,
+            (0, true) => IndexVersions::AllLive,
+            (v, false) => IndexVersions::Exactly(v),
+            (_, true) => {
+                return Err(Error::invalid(
+                    "all_versions",
+                    "is allowed only with key_version 0",
+                ));
+            }
+        };
+        let mut checked = Vec::with_capacity(values.len());
+        for value in values {
+            self.shared.check_plaintext("values", &value.value)?;
+            let steps = transformations(&value.transformations)?;
+            if !steps.is_empty() {
+                if value.value.len() > blind::MAX_TEXT_VALUE_BYTES {
+                    return Err(Error::invalid(
+                        "values",
+                        format!(
+                            "a value with transformations is at most {} bytes",
+                            blind::MAX_TEXT_VALUE_BYTES
+                        ),
+                    ));
+                }
+                std::str::from_utf8(&value.value).map_err(|_| not_text())?;
+            }
+            checked.push((value.value.as_slice(), steps));
+        }
+        Ok(IndexQuery {
+            context,
+            bits,
+            versions,
+            values: checked,
+        })
+    }
+
+    async fn blind_index_one(
+        &self,
+        tenant: &ActiveTenant,
+        query: &IndexQuery<'_>,
+    ) -> Result<BlindIndexed, Error> {
+        let transformed = query
+            .values
+            .iter()
+            .map(|(value, steps)| blind::transform(value, steps).map_err(|_| not_text()))
+            .collect::<Result<Vec<Cow<'_, [u8]>>, Error>>()?;
+        let fields: Vec<Field<'_>> = transformed
+            .iter()
+            .zip(&query.values)
+            .map(|(value, (_, steps))| Field {
+                value,
+                transformations: steps,
+            })
+            .collect();
+        self.shared
+            .keys
+            .blind_index(tenant, query.versions, query.bits, query.context, &fields)
+            .await
+    }
+}
+
+fn not_text() -> Error {
+    Error::invalid("values", "a value with transformations must be UTF-8 text")
+}
+
+/// A value's transformations as the API gives them, checked.
+fn transformations(asked: &[pb::IndexTransformation]) -> Result<Vec<Transformation>, Error> {
+    use pb::index_transformation::Kind;
+    if asked.len() > blind::MAX_TRANSFORMATIONS {
+        return Err(Error::invalid(
+            "transformations",
+            format!("more than {} for one value", blind::MAX_TRANSFORMATIONS),
+        ));
+    }
+    asked
+        .iter()
+        .map(|t| {
+            let kind = Kind::try_from(t.kind).unwrap_or(Kind::Unspecified);
+            let simple = |step: Transformation| {
+                if t.count == 0 {
+                    Ok(step)
+                } else {
+                    Err(Error::invalid(
+                        "transformations",
+                        "count is for LAST_CHARS only",
+                    ))
+                }
+            };
+            match kind {
+                Kind::Unspecified => Err(Error::invalid(
+                    "transformations",
+                    "kind must be NFC, NFKC, CASE_FOLD, TRIM or LAST_CHARS",
+                )),
+                Kind::Nfc => simple(Transformation::Nfc),
+                Kind::Nfkc => simple(Transformation::Nfkc),
+                Kind::CaseFold => simple(Transformation::CaseFold),
+                Kind::Trim => simple(Transformation::Trim),
+                Kind::LastChars if (1..=blind::MAX_LAST_CHARS).contains(&t.count) => {
+                    Ok(Transformation::LastChars(t.count))
+                }
+                Kind::LastChars => Err(Error::invalid(
+                    "transformations",
+                    format!("LAST_CHARS needs a count of 1 to {}", blind::MAX_LAST_CHARS),
+                )),
+            }
+        })
+        .collect()
+}
+
+fn indexed(answer: BlindIndexed) -> pb::BlindIndexResponse {
+    pb::BlindIndexResponse {
+        tokens: answer.tokens,
+        key_version: answer.primary_version,
+    }
+}
+
+impl From<Result<BlindIndexed, Error>> for pb::BlindIndexResult {
+    fn from(outcome: Result<BlindIndexed, Error>) -> Self {
+        use pb::blind_index_result::Result as Item;
+        Self {
+            result: item(outcome, |a| Item::Ok(indexed(a)), Item::Error),
+        }
     }
 }
 
@@ -328,5 +506,79 @@ impl pb::crypto_server::Crypto for CryptoService {
         request: Request<pb::RewrapDataKeyRequest>,
     ) -> Result<Response<pb::RewrapDataKeyResponse>, Status> {
         super::datakeys::rewrap(&self.shared, request).await
+    }
+
+    async fn blind_index(
+        &self,
+        request: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        let (caller, r) = self
+            .shared
+            .admit_request(request, "BlindIndex", Permission::Index)?;
+        let result = async {
+            let query =
+                self.index_query(&r.context, &r.values, r.bits, r.key_version, r.all_versions)?;
+            let tenant = self.tenant(&r.tenant_id).await?;
+            self.limit(&tenant, 1)?;
+            let answer = self.blind_index_one(&tenant, &query).await?;
+            Ok(Response::new(indexed(answer)))
+        }
+        .await;
+        self.shared
+            .record_data_plane("BlindIndex", &caller, &r.tenant_id, result)
+            .await
+    }
+
+    async fn blind_index_batch(
+        &self,
+        request: Request<pb::BlindIndexBatchRequest>,
+    ) -> Result<Response<pb::BlindIndexBatchResponse>, Status> {
+        let (caller, r) =
+            self.shared
+                .admit_request(request, "BlindIndexBatch", Permission::Index)?;
+        let result = async {
+            self.shared.check_batch(r.items.len())?;
+            // Every item checked and transformed before the tenant's keys
+            // are looked up; an item that fails fails alone.
+            let queries: Vec<Result<IndexQuery<'_>, Error>> = r
+                .items
+                .iter()
+                .map(|item| {
+                    self.index_query(
+                        &item.context,
+                        &item.values,
+                        item.bits,
+                        item.key_version,
+                        item.all_versions,
+                    )
+                })
+                .collect();
+            let tenant = &self.tenant(&r.tenant_id).await?;
+            let results = self
+                .batch(tenant, &queries, |query| async move {
+                    match query {
+                        Ok(query) => self.blind_index_one(tenant, query).await,
+                        Err(e) => Err(clone_refusal(e)),
+                    }
+                })
+                .await?;
+            Ok(Response::new(pb::BlindIndexBatchResponse { results }))
+        }
+        .await;
+        self.shared
+            .record_data_plane("BlindIndexBatch", &caller, &r.tenant_id, result)
+            .await
+    }
+}
+
+/// An item's refusal, answered as its own error. Only refusals made by
+/// [`CryptoService::index_query`] reach here: all INVALID_ARGUMENT.
+fn clone_refusal(e: &Error) -> Error {
+    match e {
+        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+            field,
+            reason: reason.clone(),
+        },
+        other => Error::invalid("values", other.to_string()),
     }
 }

@@ -111,7 +111,7 @@ const CRYPTO_PREFIX: &str = "/keywarden.v1.Crypto/";
 const ADMIN_PREFIX: &str = "/keywarden.v1.Admin/";
 
 /// Every method of `keywarden.v1.Crypto` and `keywarden.v1.Admin`.
-pub const METHODS: [Method; 19] = {
+pub const METHODS: [Method; 24] = {
     use Permission as P;
     use Service::{Admin, Crypto};
     [
@@ -264,6 +264,46 @@ pub const METHODS: [Method; 19] = {
             "GetAuditHead",
             P::AuditRead,
             false,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Crypto/BlindIndex",
+            "BlindIndex",
+            P::Index,
+            true,
+            UNARY,
+            Crypto,
+        ),
+        batch(method(
+            "/keywarden.v1.Crypto/BlindIndexBatch",
+            "BlindIndexBatch",
+            P::Index,
+            true,
+            UNARY,
+            Crypto,
+        )),
+        method(
+            "/keywarden.v1.Admin/RotateIndexKey",
+            "RotateIndexKey",
+            P::AdminRotate,
+            true,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Admin/RetireIndexKey",
+            "RetireIndexKey",
+            P::AdminRotate,
+            true,
+            UNARY,
+            Admin,
+        ),
+        method(
+            "/keywarden.v1.Admin/GetIndexKeys",
+            "GetIndexKeys",
+            P::AdminRead,
+            true,
             UNARY,
             Admin,
         ),

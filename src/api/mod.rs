@@ -238,7 +238,12 @@ tenant_requests!(
     pb::RotateTenantKeyRequest,
     pb::ShredTenantRequest,
     pb::ShredSubjectRequest,
-    pb::UpdateTenantPolicyRequest;
+    pb::UpdateTenantPolicyRequest,
+    pb::BlindIndexRequest,
+    pb::BlindIndexBatchRequest,
+    pb::RotateIndexKeyRequest,
+    pb::RetireIndexKeyRequest,
+    pb::GetIndexKeysRequest;
     none:
     pb::RotateRootKeyRequest,
     pb::ListTenantsRequest,

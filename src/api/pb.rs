@@ -69,6 +69,10 @@ redacted_debug! {
     DecryptStreamRequest { part: shown }
     DecryptStreamResponse { chunk: bytes, key_version: shown }
     ShredSubjectRequest { tenant_id: shown, subject_id: bytes }
+    IndexValue { value: bytes, transformations: shown }
+    BlindIndexRequest { tenant_id: shown, context: entries, values: shown, bits: shown, key_version: shown, all_versions: shown }
+    BlindIndexResponse { tokens: entries, key_version: shown }
+    BlindIndexItem { context: entries, values: shown, bits: shown, key_version: shown, all_versions: shown }
 }
 
 /// Debug for a stream request's part: its start as it prints, a chunk as
@@ -159,6 +163,17 @@ mod tests {
         let decrypt_start = DecryptStreamStart {
             tenant_id: "acme".into(),
             context: BTreeMap::new(),
+        };
+        let index_value = IndexValue {
+            value: PLAINTEXT.to_vec(),
+            transformations: vec![IndexTransformation {
+                kind: index_transformation::Kind::CaseFold as i32,
+                count: 0,
+            }],
+        };
+        let index_response = BlindIndexResponse {
+            tokens: vec![CIPHERTEXT.to_vec()],
+            key_version: 1,
         };
         let both = |value: &dyn fmt::Debug| format!("{value:?}\n{value:#?}");
         vec![
@@ -276,6 +291,39 @@ mod tests {
                     subject_id: SUBJECT.into(),
                 }),
             ),
+            (
+                "BlindIndexRequest",
+                both(&BlindIndexRequest {
+                    tenant_id: "acme".into(),
+                    context: context(),
+                    values: vec![index_value.clone()],
+                    bits: 32,
+                    key_version: 0,
+                    all_versions: true,
+                }),
+            ),
+            ("BlindIndexResponse", both(&index_response)),
+            (
+                "BlindIndexBatchRequest",
+                both(&BlindIndexBatchRequest {
+                    tenant_id: "acme".into(),
+                    items: vec![BlindIndexItem {
+                        context: context(),
+                        values: vec![index_value],
+                        bits: 32,
+                        key_version: 0,
+                        all_versions: false,
+                    }],
+                }),
+            ),
+            (
+                "BlindIndexBatchResponse",
+                both(&BlindIndexBatchResponse {
+                    results: vec![BlindIndexResult {
+                        result: Some(blind_index_result::Result::Ok(index_response)),
+                    }],
+                }),
+            ),
         ]
     }
 
@@ -289,7 +337,7 @@ mod tests {
             CONTEXT_VALUE.as_bytes(),
         ];
         let messages = messages();
-        assert_eq!(messages.len(), 20);
+        assert_eq!(messages.len(), 24);
         for (name, printed) in &messages {
             assert!(
                 printed.contains(name.split(' ').next().unwrap()),

@@ -67,10 +67,12 @@ pub enum Permission {
     /// GenerateDataKey, DecryptDataKey, RewrapDataKey: data keys in the
     /// clear, for client-side encryption. Not in the `data` role.
     DataKey,
+    /// BlindIndex, BlindIndexBatch.
+    Index,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 10] = [
+    pub const ALL: [Permission; 11] = [
         Permission::Encrypt,
         Permission::Decrypt,
         Permission::Rewrap,
@@ -81,6 +83,7 @@ impl Permission {
         Permission::AdminPolicy,
         Permission::AuditRead,
         Permission::DataKey,
+        Permission::Index,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +98,7 @@ impl Permission {
             Permission::AdminPolicy => "admin:policy",
             Permission::AuditRead => "audit:read",
             Permission::DataKey => "datakey",
+            Permission::Index => "index",
         }
     }
 
@@ -106,7 +110,11 @@ impl Permission {
     pub fn is_data_plane(self) -> bool {
         matches!(
             self,
-            Permission::Encrypt | Permission::Decrypt | Permission::Rewrap | Permission::DataKey
+            Permission::Encrypt
+                | Permission::Decrypt
+                | Permission::Rewrap
+                | Permission::DataKey
+                | Permission::Index
         )
     }
 }

@@ -18,7 +18,7 @@
 //! tenants_from_token = true      # only the tenants the JWT names; none named, none allowed
 //! ```
 //!
-//! Built-in roles: `data` (encrypt, decrypt, rewrap) and `admin` (every
+//! Built-in roles: `data` (encrypt, decrypt, rewrap, index) and `admin` (every
 //! admin:* permission and audit:read). The data plane and the control plane
 //! are separate: no built-in role holds both; a grant gives both only when
 //! it lists both. `datakey` (GenerateDataKey, DecryptDataKey,
@@ -41,7 +41,12 @@ use serde::Deserialize;
 use super::SettingsError;
 use super::{Caller, Permission, matches};
 
-const DATA_ROLE: [Permission; 3] = [Permission::Encrypt, Permission::Decrypt, Permission::Rewrap];
+const DATA_ROLE: [Permission; 4] = [
+    Permission::Encrypt,
+    Permission::Decrypt,
+    Permission::Rewrap,
+    Permission::Index,
+];
 const ADMIN_ROLE: [Permission; 6] = [
     Permission::AdminCreate,
     Permission::AdminRead,

@@ -26,6 +26,31 @@ pub enum AdminCommand {
     /// Operate on root keys.
     #[command(subcommand)]
     Root(RootCommand),
+    /// Rotate, retire and list a tenant's blind-index key versions.
+    #[command(subcommand)]
+    IndexKey(IndexKeyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum IndexKeyCommand {
+    /// Add a blind-index key version and make it the primary (admin:rotate).
+    Rotate {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Destroy a non-primary blind-index key version (admin:rotate).
+    /// Irreversible: tokens under it can no longer be computed.
+    Retire {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        version: u32,
+    },
+    /// List the tenant's blind-index key versions (admin:read).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,7 +104,44 @@ pub async fn run(connection: &Connection, command: AdminCommand) -> Result<(), C
             region,
             page_size,
         }) => rotate_root(admin, to, region, page_size).await,
+        AdminCommand::IndexKey(command) => index_key(admin, command).await,
     }
+}
+
+async fn index_key(mut admin: AdminClient, command: IndexKeyCommand) -> Result<(), CliError> {
+    let keys = match command {
+        IndexKeyCommand::Rotate { tenant } => {
+            admin
+                .rotate_index_key(pb::RotateIndexKeyRequest { tenant_id: tenant })
+                .await?
+        }
+        IndexKeyCommand::Retire { tenant, version } => {
+            admin
+                .retire_index_key(pb::RetireIndexKeyRequest {
+                    tenant_id: tenant,
+                    version,
+                })
+                .await?
+        }
+        IndexKeyCommand::List { tenant } => {
+            admin
+                .get_index_keys(pb::GetIndexKeysRequest { tenant_id: tenant })
+                .await?
+        }
+    }
+    .into_inner();
+    println!(
+        "tenant: {}
+primary index key version: {}",
+        keys.tenant_id, keys.primary_version
+    );
+    for v in keys.versions {
+        match v.retired_at {
+            Some(at) => println!("  version {}: retired at {}", v.version, time(Some(at))),
+            None => println!("  version {}: live, made {}", v.version, time(v.created_at)),
+        }
+    }
+    Ok(())
 }
 
 /// `audit head`.

@@ -27,6 +27,7 @@
 //! deterministic envelope ([`deterministic`]): the same key references and
 //! associated data, AES-256-SIV instead of a random salt and nonce.
 
+pub mod blind;
 pub mod client_stream;
 pub mod datakey;
 pub mod deterministic;

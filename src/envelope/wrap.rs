@@ -8,7 +8,7 @@
 //! 1       1     algorithm suite         0x03 = stored-key wrap: AES-256-GCM under a key
 //!                                              derived by SP 800-108 (AES-256-CMAC) with
 //!                                              the domain's own label
-//! 2       1     key domain              0x01 = subject key
+//! 2       1     key domain              0x01 = subject key, 0x02 = blind-index key
 //! 3       4     tenant key version      u32 big-endian: the version that wraps
 //! 7       16    salt
 //! 23      12    nonce
@@ -18,7 +18,8 @@
 //!
 //! The associated data is `header || enc(tenant id) || enc(binding)`, where
 //! the binding names the key inside its domain (for a subject key, its
-//! 16-byte subject key id), so a wrapped key moved to another tenant, another
+//! 16-byte subject key id; for a blind-index key, its version as
+//! `[version]_32`), so a wrapped key moved to another tenant, another
 //! subject or another domain fails to authenticate.
 //!
 //! Why no data-plane call can reach these: the data plane's parsers
@@ -26,8 +27,8 @@
 //! accept no other suite, so a wrapped key sent to Decrypt is refused
 //! before any key is looked up; and even if its suite byte were rewritten,
 //! the message key of a wrapped key is derived with the domain's label
-//! (`kw1.skw`), which no data-plane seal or open ever uses (they use
-//! `kw1.dek`, `kw1.stm` and `kw1.siv`), so the tag cannot verify. The
+//! (`kw1.skw`, `kw1.ikw`), which no data-plane seal or open ever uses (they
+//! use `kw1.dek`, `kw1.stm` and `kw1.siv`), so the tag cannot verify. The
 //! converse holds too: nothing Encrypt produces, randomized or
 //! deterministic, is a valid wrapped key. docs/FORMAT.md, "How subject keys
 //! are stored", is the specification, with test vectors.
@@ -51,18 +52,22 @@ pub const WRAPPED_LEN: usize = WRAP_HEADER_LEN + KEY_LEN + TAG_LEN;
 pub enum KeyDomain {
     /// A data subject's key; bound to its subject key id.
     SubjectKey,
+    /// A version of the tenant's blind-index key; bound to `[version]_32`.
+    BlindIndexKey,
 }
 
 impl KeyDomain {
     fn byte(self) -> u8 {
         match self {
             KeyDomain::SubjectKey => 0x01,
+            KeyDomain::BlindIndexKey => 0x02,
         }
     }
 
     fn of_byte(byte: u8) -> Option<Self> {
         match byte {
             0x01 => Some(KeyDomain::SubjectKey),
+            0x02 => Some(KeyDomain::BlindIndexKey),
             _ => None,
         }
     }
@@ -72,6 +77,7 @@ impl KeyDomain {
     fn label(self) -> &'static [u8; 7] {
         match self {
             KeyDomain::SubjectKey => b"kw1.skw",
+            KeyDomain::BlindIndexKey => b"kw1.ikw",
         }
     }
 }
@@ -319,5 +325,65 @@ mod tests {
         let mut forged = deterministic;
         forged[1] = SUITE_KEY_WRAP;
         assert!(unwrap_key(&tenant_key, KeyDomain::SubjectKey, &forged, "acme", &ID).is_err());
+    }
+
+    #[test]
+    fn a_key_of_one_domain_does_not_unwrap_in_another() {
+        let tenant_key = EnvelopeKey::new(Provider::RustCrypto, &key(1));
+        let binding = 1u32.to_be_bytes();
+        let wrapped = wrap_key(
+            &tenant_key,
+            KeyDomain::BlindIndexKey,
+            1,
+            "acme",
+            &binding,
+            &key(2),
+        )
+        .unwrap();
+        assert_eq!(wrapped[2], 0x02);
+        let back = unwrap_key(
+            &tenant_key,
+            KeyDomain::BlindIndexKey,
+            &wrapped,
+            "acme",
+            &binding,
+        )
+        .unwrap();
+        assert_eq!(back.expose(), key(2).expose());
+        // Asked as a subject key: refused by its domain byte; with the byte
+        // rewritten, by its tag (another label).
+        assert!(
+            unwrap_key(
+                &tenant_key,
+                KeyDomain::SubjectKey,
+                &wrapped,
+                "acme",
+                &binding
+            )
+            .is_err()
+        );
+        let mut forged = wrapped.clone();
+        forged[2] = 0x01;
+        assert!(
+            unwrap_key(
+                &tenant_key,
+                KeyDomain::SubjectKey,
+                &forged,
+                "acme",
+                &binding
+            )
+            .is_err()
+        );
+        // Another version's binding.
+        assert!(
+            unwrap_key(
+                &tenant_key,
+                KeyDomain::BlindIndexKey,
+                &wrapped,
+                "acme",
+                &2u32.to_be_bytes()
+            )
+            .is_err()
+        );
     }
 }

@@ -29,6 +29,7 @@ impl KeyManager {
         self.tenants.invalidate_all();
         self.sealing.invalidate_all();
         self.index.invalidate_all();
+        self.blind.invalidate_all();
         self.absent.invalidate_all();
         self.watchers.all();
     }
@@ -36,6 +37,7 @@ impl KeyManager {
     pub(super) fn evict_tenant(&self, id: &TenantId) {
         self.tenants.invalidate(id);
         self.index.invalidate(id);
+        self.blind.invalidate(id);
         self.sealing.invalidate_if(|k| &k.tenant == id);
         self.absent.invalidate_if(|k| &k.tenant == id);
         self.watchers.tenant(id);
@@ -48,6 +50,7 @@ impl KeyManager {
         self.tenants.sweep();
         self.sealing.sweep();
         self.index.sweep();
+        self.blind.sweep();
         self.absent.sweep();
     }
 

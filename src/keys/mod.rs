@@ -4,6 +4,8 @@
 //! root key (kms)                      never leaves the provider
 //!  +- tenant key vN                   wrapped by the root key; seals the tenant's data
 //!  |   +- subject keys                wrapped by a tenant key version; one per data subject
+//!  |   +- blind-index keys vN         wrapped by a tenant key version; key the tenant's
+//!  |                                  blind-index tokens
 //!  +- subject-index key               wrapped by the root key; hashes subject ids into
 //!                                     subject key ids, so the keystore never holds an id
 //! ```
@@ -25,6 +27,7 @@
 //! | `mod.rs`      | the types, [`KeyManager`] and its caches                              |
 //! | `tenants.rs`  | creating, reading, rotating and shredding tenants; shredding subjects |
 //! | `resolve.rs`  | the tenant and the key a call needs, cache first; subject keys        |
+//! | `blind.rs`    | blind-index keys: made on first use, rotated, retired; tokens         |
 //! | `data.rs`     | the data plane: encrypt, decrypt, rewrap, streams                     |
 //! | `datakeys.rs` | data keys for client-side encryption: generate, decrypt, rewrap       |
 //! | `root.rs`     | moving keys onto a new shared root key                                |
@@ -35,6 +38,7 @@
 //! | `cache.rs`    | the cache they are built on: bounds, expiry, one load per miss        |
 //! | `errors.rs`   | keystore and KMS errors as the crate's [`Error`]                      |
 
+mod blind;
 pub mod cache;
 mod data;
 mod datakeys;
@@ -61,6 +65,7 @@ use crate::{
         Keystore, Placement, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, UnixMillis,
     },
 };
+pub use blind::{BlindIndexKeyInfo, BlindIndexKeys, BlindIndexed, IndexVersions};
 use cache::{CacheLimits, Cached, TtlCache};
 pub use datakeys::{GeneratedDataKey, OpenedDataKey, RewrappedDataKey};
 pub use legacy::{SubjectKeyUpgrade, legacy_wrap};
@@ -320,6 +325,9 @@ pub struct KeyManager {
     sealing: TtlCache<SealingKeyId, SealingKey>,
     /// Unwrapped subject-index keys.
     index: TtlCache<TenantId, Key256>,
+    /// Unwrapped blind-index keys, every live version of a tenant in one
+    /// entry (`blind.rs`).
+    blind: TtlCache<TenantId, BlindIndexKeys>,
     /// Subject key ids the keystore did not know when a ciphertext named
     /// them (forged or altered references): answered without another
     /// keystore read for a cache lifetime. A subject key id is a keyed hash
@@ -349,6 +357,7 @@ impl KeyManager {
             tenants: TtlCache::new("tenant", limits),
             sealing: TtlCache::new("sealing", limits),
             index: TtlCache::new("subject_index", limits),
+            blind: TtlCache::new("blind_index", limits),
             absent: TtlCache::new("absent", limits),
             watchers: Arc::default(),
             recheck_every: limits.time_to_live,

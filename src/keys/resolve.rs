@@ -92,7 +92,11 @@ impl KeyManager {
 
     /// A tenant key version: the primary from the tenant's entry; another
     /// from the key cache or unwrapped by the root key.
-    async fn tenant_key(&self, tenant: &ActiveTenant, version: u32) -> Result<KeyHandle> {
+    pub(super) async fn tenant_key(
+        &self,
+        tenant: &ActiveTenant,
+        version: u32,
+    ) -> Result<KeyHandle> {
         if version == tenant.primary_version {
             return Ok(tenant.primary_key());
         }

@@ -148,8 +148,8 @@ impl KeyManager {
         Ok(())
     }
 
-    /// Moves every subject key sealed by `version` to the primary version,
-    /// then destroys `version`. Returns how many subject keys moved.
+    /// Moves every subject key and blind-index key sealed by `version` to
+    /// the primary version, then destroys `version`. Returns how many subject keys moved.
     async fn retire_version(&self, id: &TenantId, version: u32) -> Result<u64> {
         // A fresh view: the primary may have just changed.
         self.tenants.invalidate(id);
@@ -181,6 +181,7 @@ impl KeyManager {
                 }
             }
         }
+        let moved_index_keys = self.move_blind_index_keys(&tenant, version).await?;
         let destroyed = self.store.destroy_tenant_key(id, version, self.now()).await;
         // Drop the destroyed version's key (and moved subject keys' stale
         // versions) from this sidecar's cache.
@@ -188,7 +189,7 @@ impl KeyManager {
         match destroyed {
             Ok(fresh) => {
                 if fresh {
-                    tracing::info!(tenant = %id, version, moved_subject_keys = moved, "key version destroyed by the tenant's retention");
+                    tracing::info!(tenant = %id, version, moved_subject_keys = moved, moved_index_keys, "key version destroyed by the tenant's retention");
                 }
                 Ok(moved)
             }

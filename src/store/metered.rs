@@ -243,4 +243,66 @@ impl Keystore for MeteredKeystore {
             destroy_tenant_key(id, version, at)
         )
     }
+
+    async fn blind_index_keys(
+        &self,
+        id: &TenantId,
+    ) -> Result<Vec<BlindIndexKeyRecord>, StoreError> {
+        metered!(self, "blind_index_keys", blind_index_keys(id))
+    }
+
+    async fn add_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        wrapped: &[u8],
+        tenant_version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        metered!(
+            self,
+            "add_blind_index_key",
+            add_blind_index_key(id, version, wrapped, tenant_version, at)
+        )
+    }
+
+    async fn retire_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        metered!(
+            self,
+            "retire_blind_index_key",
+            retire_blind_index_key(id, version, at)
+        )
+    }
+
+    async fn blind_index_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        tenant_version: u32,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        metered!(
+            self,
+            "blind_index_keys_wrapped_by",
+            blind_index_keys_wrapped_by(id, tenant_version)
+        )
+    }
+
+    async fn replace_blind_index_wrap(
+        &self,
+        id: &TenantId,
+        version: u32,
+        expected_version: u32,
+        wrapped: &[u8],
+        new_version: u32,
+    ) -> Result<bool, StoreError> {
+        metered!(
+            self,
+            "replace_blind_index_wrap",
+            replace_blind_index_wrap(id, version, expected_version, wrapped, new_version)
+        )
+    }
 }

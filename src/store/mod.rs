@@ -198,6 +198,46 @@ impl fmt::Debug for SubjectKeyRecord {
     }
 }
 
+/// One version of a tenant's blind-index key.
+#[derive(Clone)]
+pub struct BlindIndexKeyRecord {
+    pub version: u32,
+    pub created_at: UnixMillis,
+    pub state: BlindIndexKeyState,
+}
+
+/// A blind-index key version: live, wrapped by a tenant key version in the
+/// blind-index-key domain ([`crate::envelope::wrap`]), or retired (no key
+/// material left; the version is never made again).
+#[derive(Clone)]
+pub enum BlindIndexKeyState {
+    Live {
+        wrapped: Vec<u8>,
+        tenant_version: u32,
+    },
+    Retired {
+        at: UnixMillis,
+    },
+}
+
+impl fmt::Debug for BlindIndexKeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("BlindIndexKeyRecord");
+        d.field("version", &self.version)
+            .field("created_at", &self.created_at);
+        match &self.state {
+            BlindIndexKeyState::Live {
+                wrapped,
+                tenant_version,
+            } => d
+                .field("wrapped_len", &wrapped.len())
+                .field("tenant_version", tenant_version),
+            BlindIndexKeyState::Retired { at } => d.field("retired_at", at),
+        };
+        d.finish()
+    }
+}
+
 /// What the keystore knows of one subject.
 #[derive(Clone, Debug)]
 pub enum SubjectLookup {
@@ -443,7 +483,8 @@ pub trait Keystore: Send + Sync + 'static {
     /// records it in [`Keystore::destroyed_versions`], in one transaction.
     /// `Ok(true)` when destroyed now, `Ok(false)` when it already was.
     /// Refused with [`StoreError::Conflict`], changing nothing, when `version`
-    /// is the primary or any subject key is still wrapped by it. A version
+    /// is the primary or any subject key or blind-index key is still wrapped
+    /// by it. A version
     /// that never existed (0, or above the primary) is [`StoreError::Corrupt`],
     /// as for [`Keystore::add_tenant_key`]. [`StoreError::TenantNotFound`] /
     /// [`StoreError::TenantShredded`] as usual.
@@ -452,6 +493,61 @@ pub trait Keystore: Send + Sync + 'static {
         id: &TenantId,
         version: u32,
         at: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// Every version of the tenant's blind-index key, live and retired,
+    /// oldest first. Empty for an unknown or shredded tenant, and for a
+    /// tenant that never used one.
+    async fn blind_index_keys(&self, id: &TenantId)
+    -> Result<Vec<BlindIndexKeyRecord>, StoreError>;
+
+    /// Adds blind-index key `version`, wrapped by tenant key
+    /// `tenant_version`, if and only if it follows the newest version (1 for
+    /// the first): `Ok(true)` when added, `Ok(false)` when that version
+    /// exists already (another call won the race: read it). A version past
+    /// the next one is [`StoreError::Corrupt`], as is a wrapping version that
+    /// is not live. [`StoreError::TenantNotFound`] /
+    /// [`StoreError::TenantShredded`] as usual.
+    async fn add_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        wrapped: &[u8],
+        tenant_version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// Retires blind-index key `version`: deletes its key material, keeps its
+    /// number. `Ok(true)` when retired now, `Ok(false)` when it already was.
+    /// Refused with [`StoreError::Conflict`] when it is the newest version
+    /// (the primary); a version that does not exist is
+    /// [`StoreError::Corrupt`].
+    async fn retire_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError>;
+
+    /// The live blind-index keys wrapped by tenant key `tenant_version`, as
+    /// (index key version, wrapped), in version order.
+    async fn blind_index_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        tenant_version: u32,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError>;
+
+    /// Compare and swap, as [`Keystore::replace_subject_wrap`]: replaces a
+    /// live blind-index key's wrap only if it is still wrapped by
+    /// `expected_version`; `new_version` must be live, else
+    /// [`StoreError::Corrupt`].
+    async fn replace_blind_index_wrap(
+        &self,
+        id: &TenantId,
+        version: u32,
+        expected_version: u32,
+        wrapped: &[u8],
+        new_version: u32,
     ) -> Result<bool, StoreError>;
 }
 

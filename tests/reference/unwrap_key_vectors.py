@@ -3,7 +3,8 @@
 "How subject keys are stored"), written from FORMAT.md alone.
 
 For each vector it parses the 83-byte wrapped key, derives the wrap key with
-the SP 800-108r1 KDF under the domain's label (kw1.skw for subject keys),
+the SP 800-108r1 KDF under the domain's label (kw1.skw for subject keys,
+kw1.ikw for blind-index keys),
 builds the associated data (header || enc(tenant) || enc(binding)), unwraps
 with AES-256-GCM and checks the key. It also checks that the wrap does not
 open with the data plane's label (kw1.dek), nor for another tenant or
@@ -22,7 +23,8 @@ from decrypt_vectors import LABEL, Undecryptable, derive, run, u32
 
 FORMAT_V1 = 0x01
 SUITE_KEY_WRAP = 0x03
-DOMAINS = {0x01: ("subject-key", b"kw1.skw")}
+DOMAINS = {0x01: ("subject-key", b"kw1.skw"), 0x02: ("blind-index-key", b"kw1.ikw")}
+LABELS = {name: label for name, label in DOMAINS.values()}
 HEADER_LEN = 3 + 4 + 16 + 12
 WRAPPED_LEN = HEADER_LEN + 32 + 16
 
@@ -64,7 +66,8 @@ def check_vector(vector: dict) -> list[str]:
     tenant = vector["tenant"]
     binding = bytes.fromhex(vector["binding"])
     salt = wrapped[7:23]
-    expect("wrap_key", derive(wrapping_key, b"kw1.skw", salt).hex(), vector["wrap_key"])
+    label = LABELS[vector["domain"]]
+    expect("wrap_key", derive(wrapping_key, label, salt).hex(), vector["wrap_key"])
     expect(
         "associated_data",
         (wrapped[:HEADER_LEN] + enc(tenant.encode("utf-8")) + enc(binding)).hex(),
@@ -86,6 +89,9 @@ def check_vector(vector: dict) -> list[str]:
             pass
 
     refused("with the data plane's label", wrapped, wrapping_key, tenant, binding, LABEL)
+    for other in LABELS.values():
+        if other != label:
+            refused(f"with another domain's label {other!r}", wrapped, wrapping_key, tenant, binding, other)
     refused("for another tenant", wrapped, wrapping_key, tenant + "x", binding)
     refused("for another binding", wrapped, wrapping_key, tenant, bytes([binding[0] ^ 1]) + binding[1:])
     for bit in range(len(wrapped) * 8):

@@ -41,7 +41,8 @@ pub const INVARIANTS: &[(&str, &str)] = &[
         "SELECT t.tenant_id AS tenant_id FROM tenants t WHERE t.shredded_at_ms IS NOT NULL AND (\
          t.index_key_wrapped IS NOT NULL \
          OR EXISTS (SELECT 1 FROM tenant_keys k WHERE k.tenant_id = t.tenant_id) \
-         OR EXISTS (SELECT 1 FROM subject_keys s WHERE s.tenant_id = t.tenant_id))",
+         OR EXISTS (SELECT 1 FROM subject_keys s WHERE s.tenant_id = t.tenant_id) \
+         OR EXISTS (SELECT 1 FROM blind_index_keys b WHERE b.tenant_id = t.tenant_id))",
     ),
     (
         "a subject key is wrapped by a tenant key version that does not exist (never made, or destroyed)",
@@ -52,5 +53,16 @@ pub const INVARIANTS: &[(&str, &str)] = &[
         "a shredded subject still has a key",
         "SELECT s.tenant_id AS tenant_id FROM subject_keys s JOIN subject_tombstones d \
          ON d.tenant_id = s.tenant_id AND d.subject_key_id = s.subject_key_id",
+    ),
+    (
+        "a blind-index key is wrapped by a tenant key version that does not exist (never made, or destroyed)",
+        "SELECT b.tenant_id AS tenant_id FROM blind_index_keys b WHERE b.tenant_version IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM tenant_keys k \
+         WHERE k.tenant_id = b.tenant_id AND k.version = b.tenant_version)",
+    ),
+    (
+        "a tenant's newest blind-index key version is retired",
+        "SELECT b.tenant_id AS tenant_id FROM blind_index_keys b WHERE b.retired_at_ms IS NOT NULL \
+         AND b.version = (SELECT max(c.version) FROM blind_index_keys c WHERE c.tenant_id = b.tenant_id)",
     ),
 ];

@@ -382,6 +382,23 @@ impl<B: Backend> SqlKeystore<B> {
         }
     }
 
+    /// The newest blind-index key version of the tenant (0: none yet).
+    async fn newest_blind_index_version(
+        &self,
+        tx: &mut Tx<B>,
+        id: &TenantId,
+    ) -> Result<u32, StoreError> {
+        let row = self
+            .fetch_optional(
+                Via::Tx(tx),
+                "SELECT coalesce(max(version), 0) AS newest FROM blind_index_keys \
+                 WHERE tenant_id = $1",
+                &[id.into()],
+            )
+            .await?;
+        row.map_or(Ok(0), |row| rows::version(row.int("newest")?))
+    }
+
     async fn insert_tenant_key(
         &self,
         tx: &mut Tx<B>,

@@ -15,9 +15,10 @@ use crate::{
     ids::{SubjectKeyId, TenantId},
     kms::WrappedKey,
     store::{
-        Event, Keystore, NewTenant, RootWrapped, RootWrappedSlot, StoreError, SubjectKeyRecord,
-        SubjectLookup, SubjectShred, TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred,
-        TenantState, TenantWithPrimary, UnixMillis,
+        BlindIndexKeyRecord, BlindIndexKeyState, Event, Keystore, NewTenant, RootWrapped,
+        RootWrappedSlot, StoreError, SubjectKeyRecord, SubjectLookup, SubjectShred,
+        TenantKeyRecord, TenantPolicy, TenantRecord, TenantShred, TenantState, TenantWithPrimary,
+        UnixMillis,
     },
 };
 
@@ -244,6 +245,8 @@ impl<B: Backend> Keystore for SqlKeystore<B> {
         }
         let subjects = self
             .delete_where_tenant(&mut tx, "subject_keys", id)
+            .await?;
+        self.delete_where_tenant(&mut tx, "blind_index_keys", id)
             .await?;
         self.delete_where_tenant(&mut tx, "subject_tombstones", id)
             .await?;
@@ -575,18 +578,23 @@ impl<B: Backend> Keystore for SqlKeystore<B> {
         if destroyed.is_some() {
             return Ok(false);
         }
-        // Every writer of the tenant's subject keys holds its lock: none is
-        // added or moved to this version until the commit.
-        let wrapping = self
-            .fetch_optional(
-                Via::Tx(&mut tx),
-                "SELECT 1 AS wrapping FROM subject_keys \
-                 WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1",
-                &this_version,
-            )
-            .await?;
-        if wrapping.is_some() {
-            return Err(StoreError::Conflict);
+        // Every writer of the tenant's subject keys and blind-index keys
+        // holds its lock: none is added or moved to this version until the
+        // commit.
+        for table in ["subject_keys", "blind_index_keys"] {
+            let wrapping = self
+                .fetch_optional(
+                    Via::Tx(&mut tx),
+                    &format!(
+                        "SELECT 1 AS wrapping FROM {table} \
+                         WHERE tenant_id = $1 AND tenant_version = $2 LIMIT 1"
+                    ),
+                    &this_version,
+                )
+                .await?;
+            if wrapping.is_some() {
+                return Err(StoreError::Conflict);
+            }
         }
         let deleted = self
             .execute(
@@ -611,4 +619,178 @@ impl<B: Backend> Keystore for SqlKeystore<B> {
         self.backend.destroyed().await;
         Ok(true)
     }
+
+    async fn blind_index_keys(
+        &self,
+        id: &TenantId,
+    ) -> Result<Vec<BlindIndexKeyRecord>, StoreError> {
+        self.fetch_all(
+            Via::Pool,
+            "SELECT version, wrapped, tenant_version, created_at_ms, retired_at_ms \
+             FROM blind_index_keys WHERE tenant_id = $1 ORDER BY version",
+            &[id.into()],
+        )
+        .await?
+        .iter()
+        .map(blind_index_key_from_row)
+        .collect()
+    }
+
+    async fn add_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        wrapped: &[u8],
+        tenant_version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.backend.begin_write().await?;
+        self.lock_active_tenant(&mut tx, id).await?;
+        let newest = self.newest_blind_index_version(&mut tx, id).await?;
+        if version <= newest {
+            return Ok(false);
+        }
+        if newest.checked_add(1) != Some(version) {
+            return Err(StoreError::Corrupt(format!(
+                "blind-index key version {version} of tenant {id} does not follow {newest}"
+            )));
+        }
+        if !self.version_is_live(&mut tx, id, tenant_version).await? {
+            return Err(StoreError::Corrupt(format!(
+                "a blind-index key of tenant {id} names wrapping version {tenant_version}, \
+                 which does not exist"
+            )));
+        }
+        self.execute(
+            Via::Tx(&mut tx),
+            "INSERT INTO blind_index_keys (tenant_id, version, wrapped, tenant_version, \
+             created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            &[
+                id.into(),
+                version.into(),
+                wrapped.into(),
+                tenant_version.into(),
+                at.into(),
+            ],
+        )
+        .await?;
+        self.commit_change(tx, Event::Tenant(id.clone())).await?;
+        Ok(true)
+    }
+
+    async fn retire_blind_index_key(
+        &self,
+        id: &TenantId,
+        version: u32,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.backend.begin_write().await?;
+        self.lock_active_tenant(&mut tx, id).await?;
+        let newest = self.newest_blind_index_version(&mut tx, id).await?;
+        if version == 0 || version > newest {
+            return Err(StoreError::Corrupt(format!(
+                "tenant {id} has no blind-index key version {version} to retire"
+            )));
+        }
+        if version == newest {
+            return Err(StoreError::Conflict);
+        }
+        let retired = self
+            .execute(
+                Via::Tx(&mut tx),
+                "UPDATE blind_index_keys SET wrapped = NULL, tenant_version = NULL, \
+                 retired_at_ms = $1 WHERE tenant_id = $2 AND version = $3 \
+                 AND retired_at_ms IS NULL",
+                &[at.into(), id.into(), version.into()],
+            )
+            .await?;
+        if retired == 0 {
+            return Ok(false);
+        }
+        self.commit_change(tx, Event::Tenant(id.clone())).await?;
+        self.backend.destroyed().await;
+        Ok(true)
+    }
+
+    async fn blind_index_keys_wrapped_by(
+        &self,
+        id: &TenantId,
+        tenant_version: u32,
+    ) -> Result<Vec<(u32, Vec<u8>)>, StoreError> {
+        self.fetch_all(
+            Via::Pool,
+            "SELECT version, wrapped FROM blind_index_keys \
+             WHERE tenant_id = $1 AND tenant_version = $2 ORDER BY version",
+            &[id.into(), tenant_version.into()],
+        )
+        .await?
+        .iter()
+        .map(|row| Ok((rows::version(row.int("version")?)?, row.bytes("wrapped")?)))
+        .collect()
+    }
+
+    async fn replace_blind_index_wrap(
+        &self,
+        id: &TenantId,
+        version: u32,
+        expected_version: u32,
+        wrapped: &[u8],
+        new_version: u32,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.backend.begin_write().await?;
+        if self
+            .lock_tenant(&mut tx, id)
+            .await?
+            .is_none_or(|state| matches!(state, TenantState::Shredded { .. }))
+        {
+            return Ok(false);
+        }
+        if !self.version_is_live(&mut tx, id, new_version).await? {
+            return Err(StoreError::Corrupt(format!(
+                "a blind-index key of tenant {id} would be wrapped by version {new_version}, \
+                 which does not exist"
+            )));
+        }
+        let updated = self
+            .execute(
+                Via::Tx(&mut tx),
+                "UPDATE blind_index_keys SET wrapped = $1, tenant_version = $2 \
+                 WHERE tenant_id = $3 AND version = $4 AND tenant_version = $5",
+                &[
+                    wrapped.into(),
+                    new_version.into(),
+                    id.into(),
+                    version.into(),
+                    expected_version.into(),
+                ],
+            )
+            .await?;
+        self.commit(tx).await?;
+        Ok(updated == 1)
+    }
+}
+
+/// A row of `blind_index_keys`.
+fn blind_index_key_from_row(row: &impl KeystoreRow) -> Result<BlindIndexKeyRecord, StoreError> {
+    let state = match (
+        row.maybe_bytes("wrapped")?,
+        row.maybe_int("tenant_version")?,
+        row.maybe_int("retired_at_ms")?,
+    ) {
+        (Some(wrapped), Some(tenant_version), None) => BlindIndexKeyState::Live {
+            wrapped,
+            tenant_version: rows::version(tenant_version)?,
+        },
+        (None, None, Some(at)) => BlindIndexKeyState::Retired { at: UnixMillis(at) },
+        _ => {
+            return Err(StoreError::Corrupt(
+                "a blind-index key row is neither live nor retired".into(),
+            ));
+        }
+    };
+    Ok(BlindIndexKeyRecord {
+        version: rows::version(row.int("version")?)?,
+        created_at: UnixMillis(row.int("created_at_ms")?),
+        state,
+    })
 }
