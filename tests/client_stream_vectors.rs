@@ -22,6 +22,7 @@
 use std::path::PathBuf;
 
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, aead::Aead, aead::Payload};
+use hmac::{Hmac, Mac};
 use keywarden::envelope::{
     self, EnvelopeKey, KeyRef, MessageKeyDeriver, Provider, client_stream, datakey, stream,
 };
@@ -208,7 +209,7 @@ struct Vector<'a> {
     plaintext_pattern: Option<Pattern>,
     salt: String,
     nonce_prefix: String,
-    /// KDF(data key, "kw1.cmt", salt).
+    /// HMAC-SHA256(data key, "kw1.cmt" || 0x00 || salt).
     commitment: String,
     /// KDF(data key, "kw1.cst", salt).
     stream_key: String,
@@ -259,9 +260,10 @@ fn seal(case: &Case) -> Vector<'_> {
 
     // The header, from the specification.
     let data_key = Key256::from_slice(&case.key.data_key).unwrap();
-    let kdf = MessageKeyDeriver::new(&data_key);
-    let commitment = kdf.derive_for(b"kw1.cmt", &case.salt);
-    let stream_key = kdf.derive_for(b"kw1.cst", &case.salt);
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&case.key.data_key).unwrap();
+    mac.update(&[&b"kw1.cmt"[..], &[0x00], &case.salt].concat());
+    let commitment: [u8; 32] = mac.finalize().into_bytes().into();
+    let stream_key = MessageKeyDeriver::new(&data_key).derive_for(b"kw1.cst", &case.salt);
     let header = [
         &[0x01, 0x06][..],
         &u32::try_from(case.key.wrapped.len()).unwrap().to_be_bytes(),
@@ -337,7 +339,7 @@ fn seal(case: &Case) -> Vector<'_> {
         plaintext_pattern,
         salt: hex::encode(case.salt),
         nonce_prefix: hex::encode(case.nonce_prefix),
-        commitment: hex::encode(*commitment),
+        commitment: hex::encode(commitment),
         stream_key: hex::encode(*stream_key),
         header: hex::encode(&header),
         associated_data: hex::encode(&aad),

@@ -12,8 +12,10 @@
 //! Unlike the sidecar's suites, the key here is in a caller's hands, so the
 //! format commits to it (FORMAT.md, "Key commitment: not in suites 0x01 and
 //! 0x02, and why", demands it): the header carries
-//! `KDF(data key, "kw1.cmt", salt)`, which a reader recomputes and compares in
-//! constant time before it opens any segment; the segments are sealed under
+//! `HMAC-SHA256(data key, "kw1.cmt" || 0x00 || salt)`, which a reader
+//! recomputes and compares in constant time before it opens any segment (a
+//! hash-based value, collision resistant as SHA-256 is; FORMAT.md, "Why this
+//! suite commits to its key"); the segments are sealed under
 //! `KDF(data key, "kw1.cst", salt)`. The associated data of every segment is
 //! the whole header, the tenant and the context, as in suite 0x02.
 //!
@@ -24,6 +26,8 @@
 //! both then work exactly as for suite 0x02. [`seal`] and [`open`] do it
 //! whole, for objects that fit in memory.
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -38,7 +42,8 @@ use crate::secret::Key256;
 pub const SUITE_CLIENT_STREAM: u8 = 0x06;
 /// The KDF label of a client stream's stream key.
 pub const STREAM_LABEL: &[u8; 7] = b"kw1.cst";
-/// The KDF label of a client stream's key commitment.
+/// The label of a client stream's key commitment, the start of the HMAC
+/// message `label || 0x00 || salt`.
 pub const COMMIT_LABEL: &[u8; 7] = b"kw1.cmt";
 /// Bytes of the key commitment.
 pub const COMMITMENT_LEN: usize = 32;
@@ -59,13 +64,27 @@ pub struct ClientStreamHeader<'a> {
     pub len: usize,
 }
 
-/// The data key's two derived values for `salt`: the key commitment and
-/// the stream key.
-fn derive(data_key: &Key256, salt: &[u8; SALT_LEN]) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
-    let kdf = MessageKeyDeriver::new(data_key);
+/// The key commitment for `salt`:
+/// `HMAC-SHA256(data key, "kw1.cmt" || 0x00 || salt)`. A hash-based value,
+/// so two data keys with one commitment are a SHA-256 collision (FORMAT.md,
+/// "Why this suite commits to its key"). It is public (it is in the header);
+/// the HMAC state is not zeroized, and yields commitments, not the data key
+/// or the stream key.
+fn commitment(data_key: &Key256, salt: &[u8; SALT_LEN]) -> [u8; COMMITMENT_LEN] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(data_key.expose())
+        .expect("HMAC takes any key length");
+    mac.update(COMMIT_LABEL);
+    mac.update(&[0x00]);
+    mac.update(salt);
+    mac.finalize().into_bytes().into()
+}
+
+/// The data key's two values for `salt`: the key commitment and the stream
+/// key, `KDF(data key, "kw1.cst", salt)`.
+fn derive(data_key: &Key256, salt: &[u8; SALT_LEN]) -> ([u8; COMMITMENT_LEN], Zeroizing<[u8; 32]>) {
     (
-        kdf.derive_for(COMMIT_LABEL, salt),
-        kdf.derive_for(STREAM_LABEL, salt),
+        commitment(data_key, salt),
+        MessageKeyDeriver::new(data_key).derive_for(STREAM_LABEL, salt),
     )
 }
 
@@ -290,11 +309,18 @@ mod tests {
         let header = &sealed[..TENANT_HEADER_LEN];
         assert!(open_start(Provider::AwsLc, &key(0x34), header, "acme", &context()).is_err());
         assert!(open_start(Provider::AwsLc, &dk, header, "acme", &context()).is_ok());
-        // The commitment is the KDF of the data key under its own label.
+        // The commitment is HMAC-SHA256 of the label, a zero byte and the
+        // salt under the data key; the stream key is another value.
         let salt: [u8; 16] = header[6 + 83..6 + 83 + 16].try_into().unwrap();
         let (commitment, stream_key) = derive(&dk, &salt);
         assert_eq!(&header[header.len() - 32..], &commitment[..]);
-        assert_ne!(*commitment, *stream_key);
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&[0x33; 32]).unwrap();
+        mac.update(&[b"kw1.cmt".as_slice(), &[0], &salt].concat());
+        assert_eq!(commitment[..], mac.finalize().into_bytes()[..]);
+        assert_ne!(commitment, *stream_key);
+        // Nor is it the CMAC KDF's value under that label.
+        let kdf = MessageKeyDeriver::new(&dk).derive_for(COMMIT_LABEL, &salt);
+        assert_ne!(commitment, *kdf);
     }
 
     #[test]

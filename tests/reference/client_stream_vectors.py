@@ -3,9 +3,10 @@
 (docs/FORMAT.md, "Client streams under a data key"), written from FORMAT.md
 alone and sharing no code with the other references.
 
-For each vector it rebuilds the plaintext, derives the key commitment and
-the stream key from the data key (SP 800-108r1 counter-mode KDF with
-CMAC-AES-256, labels kw1.cmt and kw1.cst), builds the header and the
+For each vector it rebuilds the plaintext, computes the key commitment from
+the data key (HMAC-SHA256 of "kw1.cmt" || 0x00 || salt, with Python's hmac
+and hashlib) and derives the stream key (SP 800-108r1 counter-mode KDF with
+CMAC-AES-256, label kw1.cst), builds the header and the
 associated data, seals the stream again with the vector's salt and nonce
 prefix and compares the envelope (whole, or by length and SHA-256) and every
 segment's nonce and tag, then opens it as a reader would. It checks that a
@@ -58,6 +59,10 @@ def derive(key: bytes, label: bytes, salt: bytes) -> bytes:
     ).derive(key)
 
 
+def commit(key: bytes, salt: bytes) -> bytes:
+    return hmac.new(key, b"kw1.cmt" + b"\x00" + salt, hashlib.sha256).digest()
+
+
 def enc(b: bytes) -> bytes:
     return u32(len(b)) + b
 
@@ -75,7 +80,7 @@ def nonce(prefix: bytes, i: int, last: bool) -> bytes:
 
 
 def header_for(data_key: bytes, wrapped: bytes, salt: bytes, prefix: bytes) -> bytes:
-    commitment = derive(data_key, b"kw1.cmt", salt)
+    commitment = commit(data_key, salt)
     return bytes([0x01, SUITE_CLIENT_STREAM]) + u32(len(wrapped)) + wrapped + salt + prefix + commitment
 
 
@@ -118,7 +123,7 @@ def open_header(envelope: bytes, data_key: bytes) -> tuple[int, bytes, bytes]:
     header = envelope[:h]
     salt = header[h - 55 : h - 39]
     prefix = header[h - 39 : h - 32]
-    if not hmac.compare_digest(derive(data_key, b"kw1.cmt", salt), header[h - 32 :]):
+    if not hmac.compare_digest(commit(data_key, salt), header[h - 32 :]):
         raise Undecryptable
     return h, derive(data_key, b"kw1.cst", salt), prefix
 
@@ -165,7 +170,7 @@ def check_vector(vector: dict) -> list[str]:
     salt, prefix = bytes.fromhex(vector["salt"]), bytes.fromhex(vector["nonce_prefix"])
     plaintext = plaintext_of(vector)
 
-    expect("commitment", derive(data_key, b"kw1.cmt", salt).hex(), vector["commitment"])
+    expect("commitment", commit(data_key, salt).hex(), vector["commitment"])
     expect("stream_key", derive(data_key, b"kw1.cst", salt).hex(), vector["stream_key"])
     header = header_for(data_key, wrapped, salt, prefix)
     expect("header", header.hex(), vector["header"])
