@@ -12,7 +12,7 @@ use crate::{
     envelope::{Context, Mode},
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{ActiveTenant, Decrypted, Sealed},
+    keys::{ActiveTenant, Decrypted, Sealed, check_key_version},
 };
 
 pub struct CryptoService {
@@ -31,7 +31,9 @@ impl CryptoService {
         context: &Context,
         plaintext: &[u8],
         deterministic: bool,
+        key_version: u32,
     ) -> Result<Sealed, Error> {
+        check_key_version(mode(deterministic), !subject_id.is_empty(), key_version)?;
         let subject = match subject_id {
             "" => None,
             raw => Some(SubjectId::parse("subject_id", raw)?),
@@ -58,6 +60,7 @@ impl CryptoService {
                 context,
                 plaintext,
                 mode(deterministic),
+                key_version,
             )
             .await
     }
@@ -193,6 +196,12 @@ impl pb::crypto_server::Crypto for CryptoService {
             .shared
             .admit_request(request, "Encrypt", Permission::Encrypt)?;
         let result = async {
+            // Before the tenant is read: a refusal costs no keystore read.
+            check_key_version(
+                mode(r.deterministic),
+                !r.subject_id.is_empty(),
+                r.key_version,
+            )?;
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
             let sealed = self
@@ -202,6 +211,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                     &r.context,
                     &r.plaintext,
                     r.deterministic,
+                    r.key_version,
                 )
                 .await?;
             Ok(Response::new(encrypted(sealed)))
@@ -248,6 +258,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                         &item.context,
                         &item.plaintext,
                         item.deterministic,
+                        item.key_version,
                     )
                 })
                 .await?;

@@ -55,11 +55,11 @@ macro_rules! redacted_debug {
 }
 
 redacted_debug! {
-    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
+    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown, key_version: shown }
     EncryptResponse { ciphertext: bytes, key_version: shown }
     DecryptRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     DecryptResponse { plaintext: bytes, key_version: shown }
-    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
+    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown, key_version: shown }
     DecryptItem { context: entries, ciphertext: bytes }
     RewrapRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     RewrapResponse { ciphertext: bytes, key_version: shown, previous_key_version: shown }
@@ -146,6 +146,7 @@ mod tests {
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
             deterministic: true,
+            key_version: 2,
         };
         let decrypt_item = DecryptItem {
             context: context(),
@@ -170,6 +171,7 @@ mod tests {
                     context: context(),
                     plaintext: PLAINTEXT.to_vec(),
                     deterministic: false,
+                    key_version: 0,
                 }),
             ),
             ("EncryptResponse", both(&encrypt_response)),
@@ -314,11 +316,13 @@ mod tests {
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
             deterministic: true,
+            key_version: 2,
         };
         assert_eq!(
             format!("{request:?}"),
             "EncryptRequest { tenant_id: \"acme\", subject_id: <24 bytes>, \
-             context: <1 entries>, plaintext: <32 bytes>, deterministic: true }"
+             context: <1 entries>, plaintext: <32 bytes>, deterministic: true, \
+             key_version: 2 }"
         );
         let chunk = DecryptStreamRequest {
             part: Some(decrypt_stream_request::Part::Chunk(CHUNK.to_vec())),

@@ -62,6 +62,7 @@ use crate::{
     },
 };
 use cache::{CacheLimits, Cached, TtlCache};
+pub use data::check_key_version;
 pub use datakeys::{GeneratedDataKey, OpenedDataKey, RewrappedDataKey};
 pub use legacy::{SubjectKeyUpgrade, legacy_wrap};
 pub use watch::KeyWatch;
