@@ -28,6 +28,13 @@ const REDACTED_MESSAGES: &[&str] = &[
     "BlindIndexRequest",
     "BlindIndexResponse",
     "BlindIndexItem",
+    "DecryptStreamStart",
+    "GenerateDataKeyRequest",
+    "GenerateDataKeyResponse",
+    "DecryptDataKeyRequest",
+    "DecryptDataKeyResponse",
+    "RewrapDataKeyRequest",
+    "RewrapDataKeyResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,6 +46,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=migrations");
     let descriptors = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
+    // The list, for src/api/pb.rs's test that every message holding a
+    // secret is on it.
+    fs::write(
+        out.join("redacted_messages.rs"),
+        format!("&{REDACTED_MESSAGES:?}\n"),
+    )?;
     fs::write(
         out.join("keywarden_descriptor.bin"),
         descriptors.encode_to_vec(),

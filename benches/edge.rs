@@ -114,6 +114,7 @@ fn edge(c: &mut Criterion) {
                     .collect(),
                 plaintext: vec![0x5a; 128],
                 deterministic: false,
+                key_version: 0,
             })
             .collect(),
     }

@@ -47,6 +47,7 @@ async fn encrypt(
         context: context.clone(),
         plaintext: plaintext.to_vec(),
         deterministic: false,
+        key_version: 0,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -604,6 +605,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing(kms: Kms) {
         context: ctx(&[]),
         plaintext: b"x".to_vec(),
         deterministic: false,
+        key_version: 0,
     };
     assert_status(
         c.encrypt_batch(pb::EncryptBatchRequest {
@@ -704,12 +706,14 @@ async fn batches_answer_per_item_so_one_bad_item_fails_alone(kms: Kms) {
             context: ctx(&[("row", &i.to_string())]),
             plaintext: format!("value {i}").into_bytes(),
             deterministic: false,
+            key_version: 0,
         })
         .chain([pb::EncryptItem {
             subject_id: String::new(),
             context: ctx(&[("", "empty key")]),
             plaintext: b"bad".to_vec(),
             deterministic: false,
+            key_version: 0,
         }])
         .collect();
     let sealed = c

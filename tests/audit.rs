@@ -65,6 +65,7 @@ async fn admin_calls_are_recorded_without_secrets_and_tampering_is_named() {
             context: BTreeMap::new(),
             plaintext: canary.to_vec(),
             deterministic: false,
+            key_version: 0,
         })
         .await
         .unwrap()
@@ -242,6 +243,7 @@ async fn encrypt_n(sidecar: &TestSidecar, n: usize) {
                 context: BTreeMap::new(),
                 plaintext: b"x".to_vec(),
                 deterministic: false,
+                key_version: 0,
             })
             .await
             .unwrap();

@@ -151,6 +151,7 @@ async fn encrypt(c: &mut Crypto, tenant: &str) -> Result<Vec<u8>, tonic::Status>
         context: BTreeMap::new(),
         plaintext: b"hello".to_vec(),
         deterministic: false,
+        key_version: 0,
     })
     .await
     .map(|r| r.into_inner().ciphertext)

@@ -761,6 +761,7 @@ async fn blind_index_needs_the_index_permission_which_the_data_role_grants() {
                 context: BTreeMap::new(),
                 plaintext: b"x".to_vec(),
                 deterministic: false,
+                key_version: 0,
             })
             .await
             .unwrap_err()

@@ -108,6 +108,7 @@ async fn encrypt(crypto: &mut Crypto, tenant: &str, subject: &str, plaintext: &[
             context: context("o"),
             plaintext: plaintext.to_vec(),
             deterministic: false,
+            key_version: 0,
         })
         .await
         .unwrap()

@@ -63,12 +63,26 @@ async fn encrypt_as(
     plaintext: &[u8],
     deterministic: bool,
 ) -> Result<pb::EncryptResponse, Status> {
+    encrypt_under(c, tenant, subject, context, plaintext, deterministic, 0).await
+}
+
+/// Encrypts with every field of EncryptRequest chosen.
+async fn encrypt_under(
+    c: &mut Crypto,
+    tenant: &str,
+    subject: &str,
+    context: &BTreeMap<String, String>,
+    plaintext: &[u8],
+    deterministic: bool,
+    key_version: u32,
+) -> Result<pb::EncryptResponse, Status> {
     c.encrypt(pb::EncryptRequest {
         tenant_id: tenant.into(),
         subject_id: subject.into(),
         context: context.clone(),
         plaintext: plaintext.to_vec(),
         deterministic,
+        key_version,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -365,6 +379,7 @@ async fn batch_items_choose_deterministic_each_and_decrypt_batch_opens_them() {
         context: ctx(&[("column", "email")]),
         plaintext: value.as_bytes().to_vec(),
         deterministic,
+        key_version: 0,
     };
     let items = vec![
         item("ada@example.com", "", true),
@@ -575,6 +590,7 @@ async fn bad_input_is_refused_as_for_an_ordinary_encrypt() {
         context: ctx(&[]),
         plaintext: b"x".to_vec(),
         deterministic: true,
+        key_version: 0,
     };
     assert_status(
         c.encrypt_batch(pb::EncryptBatchRequest {
@@ -595,12 +611,14 @@ async fn bad_input_is_refused_as_for_an_ordinary_encrypt() {
                     context: ctx(&[("keywarden.subject", "x")]),
                     plaintext: b"x".to_vec(),
                     deterministic: true,
+                    key_version: 0,
                 },
                 pb::EncryptItem {
                     subject_id: String::new(),
                     context: ctx(&[]),
                     plaintext: b"x".to_vec(),
                     deterministic: true,
+                    key_version: 0,
                 },
             ],
         })
@@ -725,4 +743,330 @@ async fn deterministic_encrypt_needs_the_encrypt_permission_and_nothing_else() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
+}
+
+// ---- key_version: sealing under an older tenant key version ----
+
+/// Encrypts deterministically under tenant key version `key_version`.
+async fn seal_at(
+    c: &mut Crypto,
+    tenant: &str,
+    subject: &str,
+    context: &BTreeMap<String, String>,
+    plaintext: &[u8],
+    key_version: u32,
+) -> Result<pb::EncryptResponse, Status> {
+    encrypt_under(c, tenant, subject, context, plaintext, true, key_version).await
+}
+
+fn item_at(
+    plaintext: &[u8],
+    subject: &str,
+    deterministic: bool,
+    key_version: u32,
+) -> pb::EncryptItem {
+    pb::EncryptItem {
+        subject_id: subject.into(),
+        context: ctx(&[("column", "email")]),
+        plaintext: plaintext.to_vec(),
+        deterministic,
+        key_version,
+    }
+}
+
+/// EncryptBatch for acme: per item, its response or its error's code and
+/// message.
+async fn batch_at(
+    c: &mut Crypto,
+    items: Vec<pb::EncryptItem>,
+) -> Vec<Result<pb::EncryptResponse, (Code, String)>> {
+    c.encrypt_batch(pb::EncryptBatchRequest {
+        tenant_id: "acme".into(),
+        items,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+    .into_iter()
+    .map(|r| match r.result.unwrap() {
+        pb::encrypt_result::Result::Ok(ok) => Ok(ok),
+        pb::encrypt_result::Result::Error(e) => Err((Code::from(e.code), e.message)),
+    })
+    .collect()
+}
+
+async fn set_min_decrypt_version(admin: &mut Admin, version: u32) {
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                min_decrypt_version: version,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// Admin GetTenant of acme.
+async fn acme(admin: &mut Admin) -> pb::Tenant {
+    admin
+        .get_tenant(pb::GetTenantRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The lookup procedure the README gives: the live versions from Admin
+/// GetTenant (at or above min_decrypt_version), one ciphertext per version
+/// from one EncryptBatch, then `WHERE col IN (...)` over `rows`.
+async fn lookup(admin: &mut Admin, c: &mut Crypto, rows: &[Vec<u8>], value: &[u8]) -> Vec<usize> {
+    let info = acme(admin).await;
+    let min = info.policy.map_or(0, |p| p.min_decrypt_version);
+    let items = info
+        .versions
+        .iter()
+        .filter(|v| v.version >= min)
+        .map(|v| item_at(value, "", true, v.version))
+        .collect();
+    let candidates: Vec<Vec<u8>> = batch_at(c, items)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().ciphertext)
+        .collect();
+    (0..rows.len())
+        .filter(|&i| candidates.contains(&rows[i]))
+        .collect()
+}
+
+/// Where ada's, bob's and eve's (no row) values are found in `rows`.
+async fn look_up_all(admin: &mut Admin, c: &mut Crypto, rows: &[Vec<u8>]) -> [Vec<usize>; 3] {
+    [
+        lookup(admin, c, rows, b"ada@example.com").await,
+        lookup(admin, c, rows, b"bob@example.com").await,
+        lookup(admin, c, rows, b"eve@example.com").await,
+    ]
+}
+
+#[tokio::test]
+async fn key_version_gives_the_old_rows_ciphertext_so_lookups_find_every_row_during_a_rotation() {
+    let (_sidecar, mut admin, mut c) = start().await;
+    create(&mut admin, "acme").await;
+    let context = ctx(&[("column", "email")]);
+    let ada_v1 = seal(&mut c, "acme", "", &context, b"ada@example.com").await;
+    assert_eq!(rotate(&mut admin, "acme").await, 2);
+    let bob_v2 = seal(&mut c, "acme", "", &context, b"bob@example.com").await;
+    assert_eq!(bob_v2.key_version, 2);
+
+    // Under version 1 the value gives the old row, byte for byte.
+    let at_v1 = seal_at(&mut c, "acme", "", &context, b"ada@example.com", 1)
+        .await
+        .unwrap();
+    assert_eq!(at_v1.key_version, 1);
+    assert_eq!(at_v1.ciphertext, ada_v1.ciphertext);
+    assert_eq!(at_v1.ciphertext[1], DETERMINISTIC);
+    assert_eq!(at_v1.ciphertext[3..7], 1u32.to_be_bytes());
+    // Naming the primary is the same as naming none.
+    let at_v2 = seal_at(&mut c, "acme", "", &context, b"ada@example.com", 2)
+        .await
+        .unwrap();
+    let at_0 = seal_at(&mut c, "acme", "", &context, b"ada@example.com", 0)
+        .await
+        .unwrap();
+    assert_eq!((at_v2.key_version, at_0.key_version), (2, 2));
+    assert_eq!(at_v2.ciphertext, at_0.ciphertext);
+    assert_ne!(at_v2.ciphertext, ada_v1.ciphertext);
+    // It decrypts like the row it equals.
+    let opened = decrypt(&mut c, "acme", &context, &at_v1.ciphertext)
+        .await
+        .unwrap();
+    assert_eq!(
+        (opened.plaintext.as_slice(), opened.key_version),
+        (&b"ada@example.com"[..], 1)
+    );
+
+    // The table mid-rotation: ada on version 1, bob on version 2. A lookup
+    // over every live version finds each, and keeps finding ada once her
+    // row is rewrapped.
+    let mut rows = vec![ada_v1.ciphertext.clone(), bob_v2.ciphertext.clone()];
+    let found = [vec![0], vec![1], vec![]];
+    assert_eq!(look_up_all(&mut admin, &mut c, &rows).await, found);
+    rows[0] = rewrap(&mut c, "acme", &context, &rows[0])
+        .await
+        .unwrap()
+        .ciphertext;
+    assert_eq!(rows[0], at_v2.ciphertext);
+    assert_eq!(look_up_all(&mut admin, &mut c, &rows).await, found);
+
+    // Every row rewrapped: version 1 can go (min_decrypt_version 2), the
+    // lookup computes one ciphertext and still finds both rows.
+    set_min_decrypt_version(&mut admin, 2).await;
+    assert_eq!(look_up_all(&mut admin, &mut c, &rows).await, found);
+}
+
+#[tokio::test]
+async fn key_version_is_refused_without_deterministic_with_a_subject_and_for_versions_that_cannot_seal()
+ {
+    let (_sidecar, mut admin, mut c) = start().await;
+    create(&mut admin, "acme").await;
+    let context = ctx(&[("column", "email")]);
+    assert_eq!(rotate(&mut admin, "acme").await, 2);
+
+    // Malformed requests are refused before any keystore read: even for a
+    // tenant that does not exist the answer is INVALID_ARGUMENT.
+    for tenant in ["acme", "nobody"] {
+        assert_status(
+            encrypt_under(&mut c, tenant, "", &context, b"x", false, 1).await,
+            Code::InvalidArgument,
+            "key_version: is allowed only with deterministic = true",
+        );
+        assert_status(
+            seal_at(&mut c, tenant, "ada", &context, b"x", 1).await,
+            Code::InvalidArgument,
+            "key_version: is not allowed with subject_id",
+        );
+    }
+    // A version above the primary does not exist (yet).
+    assert_status(
+        seal_at(&mut c, "acme", "", &context, b"x", 3).await,
+        Code::FailedPrecondition,
+        "tenant acme's primary key version is 2: key version 3 is above it",
+    );
+    // Below min_decrypt_version: refused as Decrypt refuses such a version.
+    let v1 = seal_at(&mut c, "acme", "", &context, b"x", 1)
+        .await
+        .unwrap();
+    set_min_decrypt_version(&mut admin, 2).await;
+    assert_status(
+        decrypt(&mut c, "acme", &context, &v1.ciphertext).await,
+        Code::FailedPrecondition,
+        "tenant acme's policy refuses data of key version 1",
+    );
+    assert_status(
+        seal_at(&mut c, "acme", "", &context, b"x", 1).await,
+        Code::FailedPrecondition,
+        "tenant acme's policy refuses sealing under key version 1: its minimum decryption version is 2",
+    );
+    assert_eq!(
+        seal_at(&mut c, "acme", "", &context, b"x", 2)
+            .await
+            .unwrap()
+            .key_version,
+        2
+    );
+
+    // In a batch each refusal is its own item's answer.
+    let answers: Vec<_> = batch_at(
+        &mut c,
+        vec![
+            item_at(b"x", "", true, 2),
+            item_at(b"x", "", false, 2),
+            item_at(b"x", "ada", true, 2),
+            item_at(b"x", "", true, 1),
+            item_at(b"x", "", true, 7),
+            item_at(b"x", "", true, 0),
+        ],
+    )
+    .await
+    .into_iter()
+    .map(|r| r.map(|ok| ok.key_version))
+    .collect();
+    let refused = |i: usize, code: Code, start: &str| match &answers[i] {
+        Err((c, message)) => assert!(*c == code && message.starts_with(start), "{c:?} {message}"),
+        Ok(v) => panic!("item {i} sealed under version {v}"),
+    };
+    assert_eq!((&answers[0], &answers[5]), (&Ok(2), &Ok(2)));
+    refused(
+        1,
+        Code::InvalidArgument,
+        "key_version: is allowed only with deterministic",
+    );
+    refused(
+        2,
+        Code::InvalidArgument,
+        "key_version: is not allowed with subject_id",
+    );
+    refused(
+        3,
+        Code::FailedPrecondition,
+        "tenant acme's policy refuses sealing under key version 1",
+    );
+    refused(
+        4,
+        Code::FailedPrecondition,
+        "tenant acme's primary key version is 2: key version 7",
+    );
+}
+
+#[tokio::test]
+async fn key_version_of_a_destroyed_version_is_refused() {
+    const DAY: u64 = 86_400;
+    let (_sidecar, mut admin, mut c) = start_with(Options {
+        clock: Some(common::tokio_clock()),
+        policy_interval: Some(std::time::Duration::from_secs(60)),
+        ..Options::default()
+    })
+    .await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                retention_seconds: DAY,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let context = ctx(&[("column", "email")]);
+    let v1 = seal(&mut c, "acme", "", &context, b"x").await;
+    assert_eq!(rotate(&mut admin, "acme").await, 2);
+    assert_eq!(
+        seal_at(&mut c, "acme", "", &context, b"x", 1)
+            .await
+            .unwrap()
+            .ciphertext,
+        v1.ciphertext
+    );
+
+    // A day later the retention policy destroys version 1.
+    tokio::time::pause();
+    tokio::time::advance(std::time::Duration::from_secs(DAY + 120)).await;
+    tokio::time::resume();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let info = acme(&mut admin).await;
+        if info.destroyed_versions == [1] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention did not destroy version 1: {info:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let gone = "key version 1 of tenant acme no longer exists";
+    assert_status(
+        decrypt(&mut c, "acme", &context, &v1.ciphertext).await,
+        Code::FailedPrecondition,
+        gone,
+    );
+    assert_status(
+        seal_at(&mut c, "acme", "", &context, b"x", 1).await,
+        Code::FailedPrecondition,
+        gone,
+    );
+    let results = batch_at(
+        &mut c,
+        vec![item_at(b"x", "", true, 1), item_at(b"x", "", true, 2)],
+    )
+    .await;
+    assert_eq!(
+        results[0].as_ref().unwrap_err(),
+        &(Code::FailedPrecondition, gone.to_owned())
+    );
+    assert_eq!(results[1].as_ref().unwrap().key_version, 2);
 }

@@ -184,6 +184,7 @@ async fn try_to_mint(crypto: &mut Crypto, tenant: &str, id: &[u8], deterministic
                 context: context.clone(),
                 plaintext: vec![7; 32],
                 deterministic,
+                key_version: 0,
             })
             .await,
         Code::InvalidArgument,
@@ -197,6 +198,7 @@ async fn try_to_mint(crypto: &mut Crypto, tenant: &str, id: &[u8], deterministic
                 context: context.clone(),
                 plaintext: vec![7; 32],
                 deterministic,
+                key_version: 0,
             }],
         })
         .await
@@ -235,6 +237,7 @@ async fn try_to_mint(crypto: &mut Crypto, tenant: &str, id: &[u8], deterministic
                 context: BTreeMap::from([("keywarden.anything".to_owned(), String::new())]),
                 plaintext: vec![],
                 deterministic,
+                key_version: 0,
             })
             .await,
         Code::InvalidArgument,
@@ -261,6 +264,7 @@ async fn a_row_copied_before_a_subject_shred_opens_nowhere_and_nothing_mints_one
             context: BTreeMap::from([("table".to_owned(), "users".to_owned())]),
             plaintext: b"ada's record".to_vec(),
             deterministic: false,
+            key_version: 0,
         })
         .await
         .unwrap()
@@ -541,6 +545,7 @@ async fn upgrade_and_check(
             &Context::new(),
             b"new",
             Mode::Randomized,
+            0,
         )
         .await
         .unwrap();
@@ -666,6 +671,7 @@ async fn the_data_key_kinds_are_key_domains_of_their_own() {
             context: BTreeMap::new(),
             plaintext: b"x".to_vec(),
             deterministic: false,
+            key_version: 0,
         })
         .await
         .unwrap();

@@ -107,6 +107,7 @@ async fn encrypt(
         context: no_context(),
         plaintext: plaintext.to_vec(),
         deterministic: false,
+        key_version: 0,
     })
     .await
     .map(tonic::Response::into_inner)

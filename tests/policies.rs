@@ -28,6 +28,7 @@ async fn encrypt(
         context: BTreeMap::new(),
         plaintext: plaintext.to_vec(),
         deterministic: false,
+        key_version: 0,
     })
     .await
     .map(tonic::Response::into_inner)
@@ -877,18 +878,21 @@ async fn the_subject_quota_bounds_new_subjects_on_every_path() {
                     context: BTreeMap::new(),
                     plaintext: b"x".to_vec(),
                     deterministic: false,
+                    key_version: 0,
                 },
                 pb::EncryptItem {
                     subject_id: "ada".into(),
                     context: BTreeMap::new(),
                     plaintext: b"more".to_vec(),
                     deterministic: false,
+                    key_version: 0,
                 },
                 pb::EncryptItem {
                     subject_id: String::new(),
                     context: BTreeMap::new(),
                     plaintext: b"no subject".to_vec(),
                     deterministic: false,
+                    key_version: 0,
                 },
             ],
         })

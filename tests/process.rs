@@ -274,6 +274,7 @@ fn batch(tenant: &str, items: usize) -> pb::EncryptBatchRequest {
                 context: [("row".to_owned(), i.to_string())].into(),
                 plaintext: vec![(i % 251) as u8; ITEM_BYTES],
                 deterministic: false,
+                key_version: 0,
             })
             .collect(),
     }
@@ -490,4 +491,10 @@ fn cli_encrypts_deterministically_with_the_flag_and_decrypts_the_line() {
         ),
         "ada@example.com"
     );
+    // After a rotation, --key-version 1 gives the old line again.
+    sidecar.ok(&["tenant", "rotate", "acme"]);
+    assert_ne!(sidecar.encrypt(&args), first);
+    let mut old = args.to_vec();
+    old.splice(5..5, ["--key-version", "1"]);
+    assert_eq!(sidecar.encrypt(&old), first);
 }

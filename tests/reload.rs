@@ -251,6 +251,7 @@ async fn encrypt(
             context: BTreeMap::new(),
             plaintext: b"hello".to_vec(),
             deterministic: false,
+            key_version: 0,
         })
         .await
         .map(|r| r.into_inner().ciphertext)

@@ -89,6 +89,7 @@ async fn root_rotation_over_1000_tenants_resumes_after_sigkill_and_leaves_nothin
                             context: BTreeMap::new(),
                             plaintext: plaintext.clone(),
                             deterministic: false,
+                            key_version: 0,
                         })
                         .await
                         .unwrap()

@@ -209,6 +209,7 @@ async fn a_calls_trace_reaches_its_span_its_audit_records_and_its_log_lines() {
                 context: Default::default(),
                 plaintext: PLAINTEXT.as_bytes().to_vec(),
                 deterministic: false,
+                key_version: 0,
             },
             &format!("00-{TRACE}-{PARENT}-01"),
         ))

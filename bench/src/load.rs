@@ -415,6 +415,7 @@ async fn call(
                 context: w.context.clone(),
                 plaintext: w.plaintext.clone(),
                 deterministic: w.deterministic,
+                key_version: 0,
             };
             let answer = client.encrypt(request).await.map_err(rpc_failed)?;
             bad_unless(answer.get_ref().ciphertext.len() == sealed_len)
@@ -426,6 +427,7 @@ async fn call(
                     context: w.context.clone(),
                     plaintext: w.plaintext.clone(),
                     deterministic: w.deterministic,
+                    key_version: 0,
                 })
                 .collect();
             let answer = client

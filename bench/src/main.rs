@@ -591,6 +591,7 @@ pub async fn touch_tenants(
             context: context.clone(),
             plaintext: vec![0x5a; 16],
             deterministic: false,
+            key_version: 0,
         };
         async move {
             client
@@ -658,6 +659,7 @@ async fn encrypt_pool(
             context: workload.context.clone(),
             plaintext: workload.plaintext.clone(),
             deterministic: workload.deterministic,
+            key_version: 0,
         };
         let slots = &slots;
         async move {

@@ -235,6 +235,7 @@ async fn echo_answers_the_sizes_of_the_sidecar() {
                 context: context.clone(),
                 plaintext: plaintext.clone(),
                 deterministic: false,
+                key_version: 0,
             }))
             .await
             .unwrap()
@@ -261,6 +262,7 @@ async fn echo_answers_the_sizes_of_the_sidecar() {
                         context: context.clone(),
                         plaintext: plaintext.clone(),
                         deterministic: false,
+                        key_version: 0,
                     };
                     3
                 ],
@@ -344,6 +346,7 @@ async fn echo_answers_the_sizes_of_deterministic_envelopes() {
                 context: super::bench_context(),
                 plaintext: plaintext.clone(),
                 deterministic: true,
+                key_version: 0,
             }))
             .await
             .unwrap()

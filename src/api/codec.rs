@@ -429,6 +429,7 @@ mod tests {
                     context: context(entries),
                     plaintext: vec![],
                     deterministic: false,
+                    key_version: 0,
                 })
                 .collect(),
         };

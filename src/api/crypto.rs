@@ -17,7 +17,7 @@ use crate::{
     },
     error::Error,
     ids::{SubjectId, TenantId},
-    keys::{ActiveTenant, BlindIndexed, Decrypted, IndexVersions, Sealed},
+    keys::{ActiveTenant, BlindIndexed, Decrypted, IndexVersions, Sealed, check_key_version},
 };
 
 pub struct CryptoService {
@@ -36,7 +36,9 @@ impl CryptoService {
         context: &Context,
         plaintext: &[u8],
         deterministic: bool,
+        key_version: u32,
     ) -> Result<Sealed, Error> {
+        check_key_version(mode(deterministic), !subject_id.is_empty(), key_version)?;
         let subject = match subject_id {
             "" => None,
             raw => Some(SubjectId::parse("subject_id", raw)?),
@@ -63,6 +65,7 @@ impl CryptoService {
                 context,
                 plaintext,
                 mode(deterministic),
+                key_version,
             )
             .await
     }
@@ -371,6 +374,12 @@ impl pb::crypto_server::Crypto for CryptoService {
             .shared
             .admit_request(request, "Encrypt", Permission::Encrypt)?;
         let result = async {
+            // Before the tenant is read: a refusal costs no keystore read.
+            check_key_version(
+                mode(r.deterministic),
+                !r.subject_id.is_empty(),
+                r.key_version,
+            )?;
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
             let sealed = self
@@ -380,6 +389,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                     &r.context,
                     &r.plaintext,
                     r.deterministic,
+                    r.key_version,
                 )
                 .await?;
             Ok(Response::new(encrypted(sealed)))
@@ -426,6 +436,7 @@ impl pb::crypto_server::Crypto for CryptoService {
                         &item.context,
                         &item.plaintext,
                         item.deterministic,
+                        item.key_version,
                     )
                 })
                 .await?;

@@ -55,11 +55,11 @@ macro_rules! redacted_debug {
 }
 
 redacted_debug! {
-    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
+    EncryptRequest { tenant_id: shown, subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown, key_version: shown }
     EncryptResponse { ciphertext: bytes, key_version: shown }
     DecryptRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     DecryptResponse { plaintext: bytes, key_version: shown }
-    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown }
+    EncryptItem { subject_id: bytes, context: entries, plaintext: bytes, deterministic: shown, key_version: shown }
     DecryptItem { context: entries, ciphertext: bytes }
     RewrapRequest { tenant_id: shown, context: entries, ciphertext: bytes }
     RewrapResponse { ciphertext: bytes, key_version: shown, previous_key_version: shown }
@@ -73,6 +73,13 @@ redacted_debug! {
     BlindIndexRequest { tenant_id: shown, context: entries, values: shown, bits: shown, key_version: shown, all_versions: shown }
     BlindIndexResponse { tokens: entries, key_version: shown }
     BlindIndexItem { context: entries, values: shown, bits: shown, key_version: shown, all_versions: shown }
+    DecryptStreamStart { tenant_id: shown, context: entries }
+    GenerateDataKeyRequest { tenant_id: shown, subject_id: bytes, context: entries }
+    GenerateDataKeyResponse { data_key: bytes, wrapped_data_key: bytes, key_version: shown }
+    DecryptDataKeyRequest { tenant_id: shown, context: entries, wrapped_data_key: bytes }
+    DecryptDataKeyResponse { data_key: bytes, key_version: shown }
+    RewrapDataKeyRequest { tenant_id: shown, context: entries, wrapped_data_key: bytes }
+    RewrapDataKeyResponse { wrapped_data_key: bytes, key_version: shown, previous_key_version: shown }
 }
 
 /// Debug for a stream request's part: its start as it prints, a chunk as
@@ -150,6 +157,7 @@ mod tests {
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
             deterministic: true,
+            key_version: 2,
         };
         let decrypt_item = DecryptItem {
             context: context(),
@@ -185,6 +193,7 @@ mod tests {
                     context: context(),
                     plaintext: PLAINTEXT.to_vec(),
                     deterministic: false,
+                    key_version: 0,
                 }),
             ),
             ("EncryptResponse", both(&encrypt_response)),
@@ -362,11 +371,13 @@ mod tests {
             context: context(),
             plaintext: PLAINTEXT.to_vec(),
             deterministic: true,
+            key_version: 2,
         };
         assert_eq!(
             format!("{request:?}"),
             "EncryptRequest { tenant_id: \"acme\", subject_id: <24 bytes>, \
-             context: <1 entries>, plaintext: <32 bytes>, deterministic: true }"
+             context: <1 entries>, plaintext: <32 bytes>, deterministic: true, \
+             key_version: 2 }"
         );
         let chunk = DecryptStreamRequest {
             part: Some(decrypt_stream_request::Part::Chunk(CHUNK.to_vec())),
@@ -384,5 +395,51 @@ mod tests {
             format!("{response:?}"),
             "RewrapResponse { ciphertext: <35 bytes>, key_version: 4, previous_key_version: 3 }"
         );
+    }
+
+    /// Every message with a field that can hold a secret (bytes, a subject
+    /// id, a context map) has the redacted Debug: a new message cannot
+    /// forget it.
+    #[test]
+    fn every_message_with_a_secret_field_is_redacted() {
+        use prost::Message as _;
+        use prost_types::field_descriptor_proto::Type;
+        const REDACTED_MESSAGES: &[&str] =
+            include!(concat!(env!("OUT_DIR"), "/redacted_messages.rs"));
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let file = set
+            .file
+            .iter()
+            .find(|f| f.package() == "keywarden.v1")
+            .unwrap();
+        let mut unredacted = Vec::new();
+        for message in &file.message_type {
+            let secret = message.field.iter().any(|field| {
+                field.r#type() == Type::Bytes
+                    || field.name() == "subject_id"
+                    || field.name() == "context"
+            });
+            if secret && !REDACTED_MESSAGES.contains(&message.name()) {
+                unredacted.push(message.name().to_owned());
+            }
+        }
+        assert!(unredacted.is_empty(), "not redacted: {unredacted:?}");
+        // And the data-key messages print no key.
+        let key = b"data-key-bytes-of-thirty-two-by!";
+        let shown = format!(
+            "{:?} {:?}",
+            GenerateDataKeyResponse {
+                data_key: key.to_vec(),
+                wrapped_data_key: CIPHERTEXT.to_vec(),
+                key_version: 1,
+            },
+            DecryptDataKeyResponse {
+                data_key: key.to_vec(),
+                key_version: 1,
+            }
+        );
+        for form in forms(key).into_iter().chain(forms(CIPHERTEXT)) {
+            assert!(!shown.contains(&form), "{shown}");
+        }
     }
 }

@@ -95,6 +95,10 @@ pub struct EncryptArgs {
     /// which values are equal).
     #[arg(long)]
     deterministic: bool,
+    /// With --deterministic: seal under this tenant key version instead of
+    /// the primary (to look up rows not yet rewrapped after a rotation).
+    #[arg(long, requires = "deterministic")]
+    key_version: Option<u32>,
     /// The plaintext, or '-' to read standard input.
     #[arg(default_value = "-")]
     text: String,
@@ -131,6 +135,7 @@ pub async fn run(connection: &Connection, command: CryptoCommand) -> Result<(), 
                     context: args.context.into_iter().collect(),
                     plaintext,
                     deterministic: args.deterministic,
+                    key_version: args.key_version.unwrap_or(0),
                 })
                 .await?
                 .into_inner();

@@ -17,7 +17,11 @@ use crate::{
 
 impl KeyManager {
     /// Seals under the tenant's primary key, or the subject's key, in
-    /// `mode` (suite 0x01, or deterministic 0x04).
+    /// `mode` (suite 0x01, or deterministic 0x04). A deterministic
+    /// tenant-key seal may name tenant key version `key_version` instead of
+    /// the primary (0), so a caller can compute a value's ciphertext under
+    /// every live version during a rotation; see [`check_key_version`] for
+    /// when a non-zero version is allowed.
     pub async fn encrypt(
         &self,
         tenant: &ActiveTenant,
@@ -25,8 +29,16 @@ impl KeyManager {
         context: &Context,
         plaintext: &[u8],
         mode: Mode,
+        key_version: u32,
     ) -> Result<Sealed> {
-        let (handle, key_ref) = self.encryption_key(tenant, subject).await?;
+        check_key_version(mode, subject.is_some(), key_version)?;
+        let (handle, key_ref) = match key_version {
+            0 => self.encryption_key(tenant, subject).await?,
+            version => (
+                self.sealing_version(tenant, version).await?,
+                KeyRef::Tenant { version },
+            ),
+        };
         let key = handle.get()?;
         let ciphertext = envelope::seal_mode(
             mode,
@@ -172,4 +184,27 @@ impl KeyManager {
             previous_key_version: old_key.tenant_version,
         })
     }
+}
+
+/// Whether an Encrypt may name tenant key version `key_version` (non-zero):
+/// only for a deterministic envelope (the one kind looked up by its bytes)
+/// under the tenant key (a subject key has one version, so the ciphertext
+/// would not change). Checked before any keystore read.
+pub fn check_key_version(mode: Mode, subject: bool, key_version: u32) -> Result<()> {
+    if key_version == 0 {
+        return Ok(());
+    }
+    if mode != Mode::Deterministic {
+        return Err(Error::invalid(
+            "key_version",
+            "is allowed only with deterministic = true",
+        ));
+    }
+    if subject {
+        return Err(Error::invalid(
+            "key_version",
+            "is not allowed with subject_id: a subject key has one version",
+        ));
+    }
+    Ok(())
 }

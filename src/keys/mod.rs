@@ -67,6 +67,7 @@ use crate::{
 };
 pub use blind::{BlindIndexKeyInfo, BlindIndexKeys, BlindIndexed, IndexVersions};
 use cache::{CacheLimits, Cached, TtlCache};
+pub use data::check_key_version;
 pub use datakeys::{GeneratedDataKey, OpenedDataKey, RewrappedDataKey};
 pub use legacy::{SubjectKeyUpgrade, legacy_wrap};
 pub use watch::KeyWatch;

@@ -90,6 +90,25 @@ impl KeyManager {
         }
     }
 
+    /// A tenant key version to seal new data under (EncryptRequest
+    /// .key_version): not above the primary, at or above the policy's
+    /// min_decrypt_version, and not destroyed; FAILED_PRECONDITION otherwise.
+    pub(super) async fn sealing_version(
+        &self,
+        tenant: &ActiveTenant,
+        version: u32,
+    ) -> Result<KeyHandle> {
+        if version > tenant.primary_version {
+            return Err(Error::FailedPrecondition(format!(
+                "tenant {}'s primary key version is {}: key version {version} is above it \
+                 (not made yet, or this sidecar has not seen the rotation; retry)",
+                tenant.id, tenant.primary_version
+            )));
+        }
+        check_min_version(tenant, version, "sealing under key version")?;
+        self.tenant_key(tenant, version).await
+    }
+
     /// A tenant key version: the primary from the tenant's entry; another
     /// from the key cache or unwrapped by the root key.
     pub(super) async fn tenant_key(

@@ -67,7 +67,7 @@ async fn a_cached_key_is_unwrapped_again_once_its_ttl_has_passed() {
         let id = &id;
         async move {
             let t = keys.active_tenant(id).await.unwrap();
-            keys.encrypt(&t, None, &Context::new(), plaintext, Mode::Randomized)
+            keys.encrypt(&t, None, &Context::new(), plaintext, Mode::Randomized, 0)
                 .await
                 .unwrap();
         }
@@ -121,6 +121,7 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
                 &context,
                 b"from one",
                 Mode::Randomized,
+                0,
             )
             .await
             .unwrap()
@@ -132,6 +133,7 @@ async fn concurrent_first_uses_of_a_subject_make_one_subject_key_across_sidecars
                 &context,
                 b"from two",
                 Mode::Randomized,
+                0,
             )
             .await
             .unwrap()
@@ -206,6 +208,7 @@ async fn debug_of_every_secret_bearing_type_shows_no_secret_bytes() {
             &Context::new(),
             plaintext,
             Mode::Randomized,
+            0,
         )
         .await
         .unwrap();

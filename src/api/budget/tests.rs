@@ -63,6 +63,7 @@ fn a_batch_over_its_item_limit_is_seen_while_it_arrives() {
                 context: [("k".to_owned(), "v".to_owned())].into(),
                 plaintext: vec![1; 200],
                 deterministic: true,
+                key_version: 0,
             };
             2
         ],
