@@ -1133,3 +1133,55 @@ async fn the_cli_computes_tokens_and_rotates_retires_and_lists_index_keys() {
     );
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn min_decrypt_version_refuses_an_index_key_wrapped_by_an_older_version() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme", None).await;
+    let mut c = sidecar.crypto().await;
+    // Index key version 1, wrapped by tenant key version 1.
+    let before = email(&mut c, "acme", "ada@example.com").await;
+    admin
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(email(&mut c, "acme", "ada@example.com").await, before);
+    admin
+        .update_tenant_policy(pb::UpdateTenantPolicyRequest {
+            tenant_id: "acme".into(),
+            policy: Some(pb::TenantPolicy {
+                min_decrypt_version: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // The cached index key is refused too: the check is at each use.
+    expect_code(
+        index(&mut c, request("acme", "email", vec![value(b"ada@example.com")])).await,
+        Code::FailedPrecondition,
+        "tenant acme's policy refuses a blind-index key wrapped by key version 1: its minimum \
+         decryption version is 2",
+    );
+    // A new index key version is wrapped by the primary, and computes.
+    admin
+        .rotate_index_key(pb::RotateIndexKeyRequest {
+            tenant_id: "acme".into(),
+        })
+        .await
+        .unwrap();
+    let after = email(&mut c, "acme", "ada@example.com").await;
+    assert_ne!(after, before);
+    assert_eq!(after[..4], 2u32.to_be_bytes());
+    // all_versions still includes version 1, and so is refused.
+    let mut all = request("acme", "email", vec![value(b"ada@example.com")]);
+    all.all_versions = true;
+    assert_eq!(
+        index(&mut c, all).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    sidecar.stop().await;
+}

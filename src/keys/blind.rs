@@ -15,7 +15,7 @@
 //! version, a retirement, a shred, a destroyed tenant key version) evicts
 //! it, here and, through the keystore's events, on other sidecars.
 
-use super::{ActiveTenant, KeyManager, cache::Cached};
+use super::{ActiveTenant, KeyManager, cache::Cached, resolve::check_min_version};
 use crate::{
     envelope::{
         Context,
@@ -33,8 +33,9 @@ const ROTATION_ATTEMPTS: usize = 5;
 
 /// A tenant's blind-index keys, unwrapped. Its Debug shows versions only.
 pub struct BlindIndexKeys {
-    /// Live versions, newest (the primary) first.
-    live: Vec<(u32, Key256)>,
+    /// Live versions, newest (the primary) first: (version, the tenant key
+    /// version that wraps it, the key).
+    live: Vec<(u32, u32, Key256)>,
     /// Retired versions: they compute nothing.
     retired: Vec<u32>,
 }
@@ -44,7 +45,7 @@ impl std::fmt::Debug for BlindIndexKeys {
         f.debug_struct("BlindIndexKeys")
             .field(
                 "live",
-                &self.live.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+                &self.live.iter().map(|(v, _, _)| *v).collect::<Vec<_>>(),
             )
             .field("retired", &self.retired)
             .finish()
@@ -109,14 +110,29 @@ impl KeyManager {
             .live
             .first()
             .ok_or_else(|| Error::internal("a tenant's blind-index keys have no live version"))?;
-        let token = |(version, key): &(u32, Key256)| {
-            blind::token(key, *version, bits, tenant.id.as_str(), context, fields)
+        // The tenant version that wraps an index key protects it: the
+        // tenant's minimum decryption version applies to it as to subject
+        // keys (checked at each use: the policy can change while cached).
+        let token = |(version, tenant_version, key): &(u32, u32, Key256)| {
+            check_min_version(
+                tenant,
+                *tenant_version,
+                "a blind-index key wrapped by key version",
+            )?;
+            Ok(blind::token(
+                key,
+                *version,
+                bits,
+                tenant.id.as_str(),
+                context,
+                fields,
+            ))
         };
         let tokens = match versions {
-            IndexVersions::Primary => vec![token(primary)],
-            IndexVersions::AllLive => keys.live.iter().map(token).collect(),
-            IndexVersions::Exactly(v) => match keys.live.iter().find(|(live, _)| *live == v) {
-                Some(entry) => vec![token(entry)],
+            IndexVersions::Primary => vec![token(primary)?],
+            IndexVersions::AllLive => keys.live.iter().map(token).collect::<Result<_>>()?,
+            IndexVersions::Exactly(v) => match keys.live.iter().find(|(live, _, _)| *live == v) {
+                Some(entry) => vec![token(entry)?],
                 None if keys.retired.contains(&v) => {
                     return Err(Error::FailedPrecondition(format!(
                         "tenant {}'s blind-index key version {v} is retired",
@@ -157,6 +173,7 @@ impl KeyManager {
                             tenant_version,
                         } => live.push((
                             record.version,
+                            *tenant_version,
                             self.unwrap_blind_index_key(
                                 tenant,
                                 record.version,

@@ -363,7 +363,7 @@ impl KeyManager {
 
 /// Refuses what tenant key `version` protects when the tenant's policy sets
 /// a higher minimum decryption version.
-fn check_min_version(tenant: &ActiveTenant, version: u32, what: &str) -> Result<()> {
+pub(super) fn check_min_version(tenant: &ActiveTenant, version: u32, what: &str) -> Result<()> {
     let min = tenant.policy().min_decrypt_version;
     if version < min {
         return Err(Error::FailedPrecondition(format!(
