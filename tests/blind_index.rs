@@ -1161,7 +1161,11 @@ async fn min_decrypt_version_refuses_an_index_key_wrapped_by_an_older_version() 
         .unwrap();
     // The cached index key is refused too: the check is at each use.
     expect_code(
-        index(&mut c, request("acme", "email", vec![value(b"ada@example.com")])).await,
+        index(
+            &mut c,
+            request("acme", "email", vec![value(b"ada@example.com")]),
+        )
+        .await,
         Code::FailedPrecondition,
         "tenant acme's policy refuses a blind-index key wrapped by key version 1: its minimum \
          decryption version is 2",
@@ -1183,5 +1187,84 @@ async fn min_decrypt_version_refuses_an_index_key_wrapped_by_an_older_version() 
         index(&mut c, all).await.unwrap_err().code(),
         Code::FailedPrecondition
     );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn the_work_of_transformations_is_bounded_per_value_and_per_call() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme", None).await;
+    let mut c = sidecar.crypto().await;
+    // U+FDFA is 3 bytes that NFKC turns into 33: 6 KiB of it would pass
+    // 64 KiB in one step, and is refused as it does.
+    let expanding = "\u{fdfa}".repeat(2048);
+    expect_code(
+        index(
+            &mut c,
+            request(
+                "acme",
+                "name",
+                vec![transformed(&expanding, &[(Kind::Nfkc, 0)])],
+            ),
+        )
+        .await,
+        Code::InvalidArgument,
+        "values: a transformation made a value longer than 65536 bytes",
+    );
+    // Within the cap, eight steps over the expanded text read about 240
+    // KiB a value: a batch's items are served until the call's 4 MiB are
+    // read, and every later item is refused on its own.
+    let fits = "\u{fdfa}".repeat(1024);
+    let steps = [
+        (Kind::Nfkc, 0),
+        (Kind::CaseFold, 0),
+        (Kind::Nfkc, 0),
+        (Kind::CaseFold, 0),
+        (Kind::Nfc, 0),
+        (Kind::Nfkc, 0),
+        (Kind::Trim, 0),
+        (Kind::CaseFold, 0),
+    ];
+    let item = pb::BlindIndexItem {
+        context: field("name"),
+        values: vec![transformed(&fits, &steps)],
+        bits: 32,
+        ..Default::default()
+    };
+    let results = c
+        .blind_index_batch(pb::BlindIndexBatchRequest {
+            tenant_id: "acme".into(),
+            items: vec![item; 40],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let served = results
+        .iter()
+        .take_while(|r| matches!(r.result, Some(pb::blind_index_result::Result::Ok(_))))
+        .count();
+    let per_value = fits.len() + 7 * 33 * 1024;
+    assert_eq!(served, (4 << 20) / per_value, "{results:?}");
+    for refused in &results[served..] {
+        match &refused.result {
+            Some(pb::blind_index_result::Result::Error(e)) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32);
+                assert_eq!(
+                    e.message,
+                    "values: the transformations of one call read at most 4194304 bytes of text"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The next call has a budget of its own.
+    index(
+        &mut c,
+        request("acme", "name", vec![transformed(&fits, &steps)]),
+    )
+    .await
+    .unwrap();
     sidecar.stop().await;
 }

@@ -236,18 +236,18 @@ proptest! {
         version in any::<u32>(),
         ctx in context(),
     ) {
-        let out = blind::transform(text.as_bytes(), &steps).unwrap();
+        let out = blind::transform(text.as_bytes(), &steps, &blind::TransformBudget::of(usize::MAX)).unwrap();
         prop_assert!(std::str::from_utf8(&out).is_ok());
         for step in [Transformation::Nfc, Transformation::Nfkc, Transformation::Trim] {
-            let once = blind::transform(text.as_bytes(), &[step]).unwrap().into_owned();
-            let twice = blind::transform(&once, &[step]).unwrap().into_owned();
+            let once = blind::transform(text.as_bytes(), &[step], &blind::TransformBudget::of(usize::MAX)).unwrap().into_owned();
+            let twice = blind::transform(&once, &[step], &blind::TransformBudget::of(usize::MAX)).unwrap().into_owned();
             prop_assert_eq!(once, twice);
         }
         // Bytes that are not text: as given without steps, refused with them.
-        let as_given = blind::transform(&raw, &[]).unwrap().into_owned();
+        let as_given = blind::transform(&raw, &[], &blind::TransformBudget::of(usize::MAX)).unwrap().into_owned();
         prop_assert_eq!(as_given, raw.clone());
         if std::str::from_utf8(&raw).is_err() {
-            prop_assert!(blind::transform(&raw, &[Transformation::Trim]).is_err());
+            prop_assert!(blind::transform(&raw, &[Transformation::Trim], &blind::TransformBudget::of(usize::MAX)).is_err());
         }
         let key = Key256::from_slice(&[0x17; 32]).unwrap();
         let fields = [

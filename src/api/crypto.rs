@@ -210,16 +210,23 @@ impl CryptoService {
         })
     }
 
+    /// One item's tokens; its transformations take from `budget`, the
+    /// call's ([`blind::TransformBudget`]).
     async fn blind_index_one(
         &self,
         tenant: &ActiveTenant,
         query: &IndexQuery<'_>,
+        budget: &blind::TransformBudget,
     ) -> Result<BlindIndexed, Error> {
-        let transformed = query
-            .values
-            .iter()
-            .map(|(value, steps)| blind::transform(value, steps).map_err(|_| not_text()))
-            .collect::<Result<Vec<Cow<'_, [u8]>>, Error>>()?;
+        let mut transformed: Vec<Cow<'_, [u8]>> = Vec::with_capacity(query.values.len());
+        for (value, steps) in &query.values {
+            transformed.push(blind::transform(value, steps, budget).map_err(untransformable)?);
+            if !steps.is_empty() {
+                // A value's transformations take up to milliseconds: let
+                // the worker thread serve other calls between values.
+                tokio::task::yield_now().await;
+            }
+        }
         let fields: Vec<Field<'_>> = transformed
             .iter()
             .zip(&query.values)
@@ -237,6 +244,26 @@ impl CryptoService {
 
 fn not_text() -> Error {
     Error::invalid("values", "a value with transformations must be UTF-8 text")
+}
+
+fn untransformable(e: blind::TransformError) -> Error {
+    match e {
+        blind::TransformError::NotText => not_text(),
+        blind::TransformError::TooLong => Error::invalid(
+            "values",
+            format!(
+                "a transformation made a value longer than {} bytes",
+                blind::MAX_TRANSFORMED_BYTES
+            ),
+        ),
+        blind::TransformError::OverBudget => Error::invalid(
+            "values",
+            format!(
+                "the transformations of one call read at most {} bytes of text",
+                blind::MAX_TRANSFORM_BYTES_PER_CALL
+            ),
+        ),
+    }
 }
 
 /// A value's transformations as the API gives them, checked.
@@ -531,7 +558,9 @@ impl pb::crypto_server::Crypto for CryptoService {
                 self.index_query(&r.context, &r.values, r.bits, r.key_version, r.all_versions)?;
             let tenant = self.tenant(&r.tenant_id).await?;
             self.limit(&tenant, 1)?;
-            let answer = self.blind_index_one(&tenant, &query).await?;
+            let answer = self
+                .blind_index_one(&tenant, &query, &blind::TransformBudget::per_call())
+                .await?;
             Ok(Response::new(indexed(answer)))
         }
         .await;
@@ -565,10 +594,11 @@ impl pb::crypto_server::Crypto for CryptoService {
                 })
                 .collect();
             let tenant = &self.tenant(&r.tenant_id).await?;
+            let budget = &blind::TransformBudget::per_call();
             let results = self
                 .batch(tenant, &queries, |query| async move {
                     match query {
-                        Ok(query) => self.blind_index_one(tenant, query).await,
+                        Ok(query) => self.blind_index_one(tenant, query, budget).await,
                         Err(e) => Err(clone_refusal(e)),
                     }
                 })

@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 
-use caseless::default_case_fold_str;
+use caseless::Caseless as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use unicode_normalization::UnicodeNormalization;
@@ -43,6 +43,15 @@ pub const MAX_LAST_CHARS: u32 = 4096;
 /// be as large as a plaintext): a transformation may make text longer (NFKC
 /// up to 11 times its UTF-8 bytes), so its input is kept small.
 pub const MAX_TEXT_VALUE_BYTES: usize = 64 << 10;
+/// Largest text any transformation may make: a step whose output would be
+/// longer is refused ([`TransformError::TooLong`]) as soon as it passes this,
+/// so NFKC's expansion cannot make the work larger than the input allows.
+pub const MAX_TRANSFORMED_BYTES: usize = MAX_TEXT_VALUE_BYTES;
+/// Text all the transformations of one call may read, summed over every
+/// step of every value of every item: [`TransformBudget`]. With the limits
+/// above, a call does at most this much Unicode work however its values are
+/// shaped (a few milliseconds in a release build).
+pub const MAX_TRANSFORM_BYTES_PER_CALL: usize = 4 << 20;
 /// Bytes of the version before the hash.
 pub const VERSION_LEN: usize = 4;
 
@@ -76,37 +85,89 @@ impl Transformation {
         }
     }
 
-    fn apply(self, text: &str) -> String {
+    fn apply(self, text: &str) -> Result<String, TransformError> {
         match self {
-            Transformation::Nfc => text.nfc().collect(),
-            Transformation::Nfkc => text.nfkc().collect(),
-            Transformation::CaseFold => default_case_fold_str(text),
-            Transformation::Trim => text.trim_matches(char::is_whitespace).to_owned(),
+            Transformation::Nfc => capped(text.nfc()),
+            Transformation::Nfkc => capped(text.nfkc()),
+            Transformation::CaseFold => capped(text.chars().default_case_fold()),
+            Transformation::Trim => Ok(text.trim_matches(char::is_whitespace).to_owned()),
             Transformation::LastChars(n) => {
                 let count = text.chars().count();
                 let skip = count.saturating_sub(n as usize);
-                text.chars().skip(skip).collect()
+                Ok(text.chars().skip(skip).collect())
             }
         }
     }
 }
 
-/// A value that the transformations cannot take: it is not UTF-8.
+/// `chars` as a string, refused once it passes [`MAX_TRANSFORMED_BYTES`].
+fn capped(chars: impl Iterator<Item = char>) -> Result<String, TransformError> {
+    let mut out = String::new();
+    for c in chars {
+        if out.len() + c.len_utf8() > MAX_TRANSFORMED_BYTES {
+            return Err(TransformError::TooLong);
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Why a value cannot be transformed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NotText;
+pub enum TransformError {
+    /// It is not UTF-8.
+    NotText,
+    /// A step made it longer than [`MAX_TRANSFORMED_BYTES`].
+    TooLong,
+    /// The call's transformations read more than
+    /// [`MAX_TRANSFORM_BYTES_PER_CALL`].
+    OverBudget,
+}
+
+/// What the transformations of one call may still read (bytes of text, each
+/// step's input counted); shared by the items of a batch.
+#[derive(Debug)]
+pub struct TransformBudget(std::sync::atomic::AtomicUsize);
+
+impl TransformBudget {
+    /// The budget of one call: [`MAX_TRANSFORM_BYTES_PER_CALL`].
+    pub fn per_call() -> Self {
+        Self::of(MAX_TRANSFORM_BYTES_PER_CALL)
+    }
+
+    /// A budget of `bytes` (tests and offline tools: `usize::MAX`).
+    pub fn of(bytes: usize) -> Self {
+        Self(std::sync::atomic::AtomicUsize::new(bytes))
+    }
+
+    /// Takes `bytes`, or refuses (taking nothing) if fewer are left.
+    fn take(&self, bytes: usize) -> Result<(), TransformError> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(bytes)
+            })
+            .map(|_| ())
+            .map_err(|_| TransformError::OverBudget)
+    }
+}
 
 /// A value after its transformations: as given when there are none (any
 /// bytes), else as UTF-8 text transformed in order.
 pub fn transform<'a>(
     value: &'a [u8],
     transformations: &[Transformation],
-) -> Result<Cow<'a, [u8]>, NotText> {
+    budget: &TransformBudget,
+) -> Result<Cow<'a, [u8]>, TransformError> {
     if transformations.is_empty() {
         return Ok(Cow::Borrowed(value));
     }
-    let mut text = std::str::from_utf8(value).map_err(|_| NotText)?.to_owned();
+    let mut text = std::str::from_utf8(value)
+        .map_err(|_| TransformError::NotText)?
+        .to_owned();
     for t in transformations {
-        text = t.apply(&text);
+        budget.take(text.len())?;
+        text = t.apply(&text)?;
     }
     Ok(Cow::Owned(text.into_bytes()))
 }
@@ -233,7 +294,12 @@ mod tests {
     #[test]
     fn transformations_follow_their_definitions() {
         let apply = |v: &str, t: &[Transformation]| {
-            String::from_utf8(transform(v.as_bytes(), t).unwrap().into_owned()).unwrap()
+            String::from_utf8(
+                transform(v.as_bytes(), t, &TransformBudget::per_call())
+                    .unwrap()
+                    .into_owned(),
+            )
+            .unwrap()
         };
         use Transformation::*;
         assert_eq!(apply("Straße", &[CaseFold]), "strasse");
@@ -248,7 +314,47 @@ mod tests {
         assert_eq!(apply("XXß", &[CaseFold, LastChars(2)]), "ss");
         assert_eq!(apply("XXß", &[LastChars(2), CaseFold]), "xss");
         // Bytes without transformations; text only with them.
-        assert_eq!(transform(&[0xff], &[]).unwrap().as_ref(), &[0xff]);
-        assert_eq!(transform(&[0xff], &[Nfc]), Err(NotText));
+        let budget = TransformBudget::per_call();
+        assert_eq!(transform(&[0xff], &[], &budget).unwrap().as_ref(), &[0xff]);
+        assert_eq!(
+            transform(&[0xff], &[Nfc], &budget),
+            Err(TransformError::NotText)
+        );
+    }
+
+    #[test]
+    fn the_work_of_transformations_is_bounded_before_it_is_done() {
+        use Transformation::*;
+        // U+FDFA grows 3 bytes to 33 under NFKC: 6 KiB of it passes the
+        // cap on a step's output, and is refused as it passes.
+        let expanding = "\u{fdfa}".repeat(2048);
+        assert!(expanding.len() <= MAX_TEXT_VALUE_BYTES);
+        let budget = TransformBudget::per_call();
+        assert_eq!(
+            transform(expanding.as_bytes(), &[Nfkc], &budget),
+            Err(TransformError::TooLong)
+        );
+        // Within the cap it transforms, and each step's input counts.
+        let fits = "\u{fdfa}".repeat(1024);
+        let budget = TransformBudget::of(fits.len() + 1);
+        let once = transform(fits.as_bytes(), &[Nfkc], &budget).unwrap();
+        assert!(once.len() > fits.len() && once.len() <= MAX_TRANSFORMED_BYTES);
+        // A second step reads the expanded text: over this budget.
+        let budget = TransformBudget::of(fits.len() + 1);
+        assert_eq!(
+            transform(fits.as_bytes(), &[Nfkc, CaseFold], &budget),
+            Err(TransformError::OverBudget)
+        );
+        // One call's budget runs out after a bounded number of such values.
+        let budget = TransformBudget::per_call();
+        let steps = [Nfkc, CaseFold, Nfkc, CaseFold, Nfc, Nfkc, Trim, CaseFold];
+        let mut done = 0;
+        while transform(fits.as_bytes(), &steps, &budget).is_ok() {
+            done += 1;
+        }
+        // (Every step after the first reads the expanded text, which the
+        // later steps leave as it is.)
+        let per_value = fits.len() + (steps.len() - 1) * once.len();
+        assert_eq!(done, MAX_TRANSFORM_BYTES_PER_CALL / per_value);
     }
 }

@@ -367,7 +367,7 @@ mod tests {
     #[test]
     fn debug_shows_versions_and_no_key_bytes() {
         let keys = BlindIndexKeys {
-            live: vec![(2, Key256::from_slice(&[0xAB; 32]).unwrap())],
+            live: vec![(2, 1, Key256::from_slice(&[0xAB; 32]).unwrap())],
             retired: vec![1],
         };
         let shown = format!("{keys:?}");
