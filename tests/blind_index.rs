@@ -1268,3 +1268,28 @@ async fn the_work_of_transformations_is_bounded_per_value_and_per_call() {
     .unwrap();
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn a_value_over_the_tenant_policys_size_limit_is_resource_exhausted() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(
+        &mut admin,
+        "acme",
+        Some(pb::TenantPolicy {
+            max_plaintext_bytes: 4,
+            ..Default::default()
+        }),
+    )
+    .await;
+    let mut c = sidecar.crypto().await;
+    index(&mut c, request("acme", "pin", vec![value(b"1234")]))
+        .await
+        .unwrap();
+    expect_code(
+        index(&mut c, request("acme", "pin", vec![value(b"12345")])).await,
+        Code::ResourceExhausted,
+        "a value is 5 bytes; tenant acme's policy allows 4",
+    );
+    sidecar.stop().await;
+}

@@ -45,18 +45,7 @@ impl CryptoService {
         };
         check_context(context)?;
         self.shared.check_plaintext("plaintext", plaintext)?;
-        let tenant_limit = tenant.policy().max_plaintext_bytes;
-        if tenant_limit > 0 && plaintext.len() as u64 > tenant_limit {
-            crate::observe::metrics::refused(crate::observe::metrics::Refusal::Size);
-            return Err(Error::ResourceExhausted {
-                reason: format!(
-                    "plaintext is {} bytes; tenant {}'s policy allows {tenant_limit}",
-                    plaintext.len(),
-                    tenant.id
-                ),
-                retry_after: None,
-            });
-        }
+        check_tenant_size(tenant, "plaintext", plaintext)?;
         self.shared
             .keys
             .encrypt(
@@ -220,6 +209,7 @@ impl CryptoService {
     ) -> Result<BlindIndexed, Error> {
         let mut transformed: Vec<Cow<'_, [u8]>> = Vec::with_capacity(query.values.len());
         for (value, steps) in &query.values {
+            check_tenant_size(tenant, "a value", value)?;
             transformed.push(blind::transform(value, steps, budget).map_err(untransformable)?);
             if !steps.is_empty() {
                 // A value's transformations take up to milliseconds: let
@@ -240,6 +230,24 @@ impl CryptoService {
             .blind_index(tenant, query.versions, query.bits, query.context, &fields)
             .await
     }
+}
+
+/// RESOURCE_EXHAUSTED when `bytes` pass the tenant policy's
+/// `max_plaintext_bytes` (0: no limit of its own).
+fn check_tenant_size(tenant: &ActiveTenant, field: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tenant_limit = tenant.policy().max_plaintext_bytes;
+    if tenant_limit > 0 && bytes.len() as u64 > tenant_limit {
+        crate::observe::metrics::refused(crate::observe::metrics::Refusal::Size);
+        return Err(Error::ResourceExhausted {
+            reason: format!(
+                "{field} is {} bytes; tenant {}'s policy allows {tenant_limit}",
+                bytes.len(),
+                tenant.id
+            ),
+            retry_after: None,
+        });
+    }
+    Ok(())
 }
 
 fn not_text() -> Error {
