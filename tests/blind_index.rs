@@ -1293,3 +1293,36 @@ async fn a_value_over_the_tenant_policys_size_limit_is_resource_exhausted() {
     );
     sidecar.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_holds_at_most_eight_live_index_key_versions() {
+    let sidecar = TestSidecar::start().await;
+    let mut admin = sidecar.admin().await;
+    create(&mut admin, "acme", None).await;
+    let mut c = sidecar.crypto().await;
+    email(&mut c, "acme", "ada@example.com").await;
+    let rotate = |admin: &mut Admin| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .rotate_index_key(pb::RotateIndexKeyRequest {
+                    tenant_id: "acme".into(),
+                })
+                .await
+        }
+    };
+    for _ in 2..=8 {
+        rotate(&mut admin).await.unwrap();
+    }
+    expect_code(
+        rotate(&mut admin).await,
+        Code::FailedPrecondition,
+        "tenant acme has 8 live blind-index key versions, the most it may hold: retire an old \
+         one first",
+    );
+    retire(&mut admin, 1).await.unwrap();
+    rotate(&mut admin).await.unwrap();
+    let keys = index_keys(&mut admin, "acme").await;
+    assert_eq!(keys.primary_version, 9);
+    sidecar.stop().await;
+}

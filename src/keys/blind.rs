@@ -28,6 +28,11 @@ use crate::{
     store::{BlindIndexKeyRecord, BlindIndexKeyState, StoreError},
 };
 
+/// Most live blind-index key versions a tenant may hold: every one is
+/// unwrapped into the cache and, with `all_versions`, hashed on each call,
+/// so RotateIndexKey refuses a rotation past it (FAILED_PRECONDITION).
+pub const MAX_LIVE_INDEX_KEYS: usize = 8;
+
 /// How often a rotation that lost a race is retried.
 const ROTATION_ATTEMPTS: usize = 5;
 
@@ -266,12 +271,20 @@ impl KeyManager {
     pub async fn rotate_blind_index_key(&self, id: &TenantId) -> Result<BlindIndexKeyInfo> {
         for _ in 0..ROTATION_ATTEMPTS {
             let tenant = self.active_tenant(id).await?;
-            let newest = self
-                .store
-                .blind_index_keys(id)
-                .await?
-                .last()
-                .map_or(0, |r| r.version);
+            let records = self.store.blind_index_keys(id).await?;
+            let live = records
+                .iter()
+                .filter(|r| matches!(r.state, BlindIndexKeyState::Live { .. }))
+                .count();
+            if live >= MAX_LIVE_INDEX_KEYS {
+                return Err(Error::FailedPrecondition(format!(
+                    "tenant {id} has {live} live blind-index key versions, the most it may \
+                     hold: retire an old one first"
+                )));
+            }
+            // Only newest + 1 can be added, so concurrent rotations are
+            // ordered by the version and the bound above holds exactly.
+            let newest = records.last().map_or(0, |r| r.version);
             let version = newest.checked_add(1).ok_or_else(|| {
                 Error::internal(format!(
                     "tenant {id} has used up its blind-index key versions"
